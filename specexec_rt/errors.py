@@ -1,0 +1,33 @@
+"""Errors users see. Each names the problem and, where there is one, the fix."""
+from __future__ import annotations
+
+
+class SpecExecError(Exception):
+    """Base class of every error specexec-rt raises on purpose."""
+
+
+class ModelLoadError(SpecExecError, ValueError):
+    """A checkpoint could not be read: missing, truncated, corrupt or incomplete."""
+
+
+class UnsupportedModelError(SpecExecError, ValueError):
+    def __init__(self, model_type, detail: str | None = None):
+        from .config import SUPPORTED_MODEL_TYPES
+
+        self.model_type = model_type
+        supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        msg = f"unsupported model_type {model_type!r}"
+        msg += f": {detail}" if detail else f" (supported: {supported})"
+        super().__init__(msg)
+
+
+class ContextLengthError(SpecExecError, ValueError):
+    """A prompt (plus what must be generated or drafted) does not fit in the KV cache."""
+
+
+class VocabularyMismatchError(SpecExecError, ValueError):
+    """The draft and target models do not share a vocabulary."""
+
+
+class SamplingParameterError(SpecExecError, ValueError):
+    """temperature, top_p, top_k, max_new_tokens ... out of range."""

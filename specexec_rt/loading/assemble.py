@@ -1,0 +1,94 @@
+"""Turn per-tensor getters (HF names) into ModelWeights: fuse q/k/v and gate/up, cast, quantize."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ModelConfig
+from ..weights import LayerWeights, ModelWeights
+
+# get_matrix(name) -> float tensor [out, in] or Int4Weight; get_vector(name) -> tensor or None.
+MatrixGetter = Callable[[str], object]
+VectorGetter = Callable[[str], Optional[torch.Tensor]]
+
+
+def int4_group_size(in_features: int) -> int:
+    for g in (128, 64, 32):
+        if in_features % g == 0:
+            return g
+    raise ValueError(f"in_features={in_features} is not a multiple of 32: cannot quantize to int4")
+
+
+def _is_dense(m) -> bool:
+    return isinstance(m, torch.Tensor)
+
+
+def fuse_rows(mats: list):
+    """Concatenate matrices along out_features (dense or 4-bit; a mix is dequantized to dense)."""
+    if all(_is_dense(m) for m in mats):
+        return torch.cat(mats, dim=0)
+    if not any(_is_dense(m) for m in mats):
+        from ..kernels.int4_matmul import Int4Weight
+
+        return Int4Weight.concat_out_features(mats)
+    return torch.cat([m if _is_dense(m) else m.dequantize(torch.float32) for m in mats], dim=0)
+
+
+def finish_matrix(m, dtype: torch.dtype, quantize: str):
+    """Cast a dense matrix, quantize it when asked, or dequantize a 4-bit one for quantize="none"."""
+    if _is_dense(m):
+        if quantize == "int4":
+            from ..kernels.int4_matmul import quantize_int4
+
+            return quantize_int4(m.float(), group_size=int4_group_size(m.shape[1]))
+        return m.to(dtype)
+    if quantize == "none":
+        return m.dequantize(torch.float32).to(dtype)
+    return m
+
+
+def assemble_weights(cfg: ModelConfig, get_matrix: MatrixGetter, get_vector: VectorGetter,
+                     dtype: torch.dtype, quantize: str, layer_device, resident_device,
+                     desc: str = "loading") -> ModelWeights:
+    """Names follow HF Llama: ``model.layers.{i}.self_attn.q_proj.weight`` etc. Layers are placed
+    on ``layer_device`` (the host when offloading), the rest on ``resident_device``."""
+    layers = []
+    for i in tqdm(range(cfg.n_layers), desc=desc, unit="layer", leave=False):
+        p = f"model.layers.{i}."
+        att = p + "self_attn."
+        wqkv = fuse_rows([get_matrix(att + f"{x}_proj.weight") for x in "qkv"])
+        bqkv = None
+        if cfg.qkv_bias:
+            bqkv = torch.cat([get_vector(att + f"{x}_proj.bias") for x in "qkv"]).to(dtype)
+        bo = get_vector(att + "o_proj.bias") if cfg.o_bias else None
+        w_gate_up = fuse_rows([get_matrix(p + "mlp.gate_proj.weight"), get_matrix(p + "mlp.up_proj.weight")])
+        layer = LayerWeights(
+            attn_norm=get_vector(p + "input_layernorm.weight").to(dtype),
+            wqkv=finish_matrix(wqkv, dtype, quantize),
+            bqkv=bqkv,
+            wo=finish_matrix(get_matrix(att + "o_proj.weight"), dtype, quantize),
+            bo=bo.to(dtype) if bo is not None else None,
+            ffn_norm=get_vector(p + "post_attention_layernorm.weight").to(dtype),
+            w_gate_up=finish_matrix(w_gate_up, dtype, quantize),
+            w_down=finish_matrix(get_matrix(p + "mlp.down_proj.weight"), dtype, quantize),
+        )
+        layers.append(move_layer(layer, layer_device))
+    embed = get_matrix("model.embed_tokens.weight")
+    embed = (embed.dequantize(torch.float32) if not _is_dense(embed) else embed).to(dtype).to(resident_device)
+    if cfg.tie_word_embeddings:
+        lm_head = embed
+    else:
+        lm_head = get_matrix("lm_head.weight")
+        lm_head = finish_matrix(lm_head, dtype, "none" if quantize == "none" else "auto")
+        lm_head = lm_head.to(resident_device) if _is_dense(lm_head) else lm_head.to(resident_device)
+    final_norm = get_vector("model.norm.weight").to(dtype).to(resident_device)
+    return ModelWeights(embed=embed, final_norm=final_norm, lm_head=lm_head, layers=layers)
+
+
+def move_layer(layer: LayerWeights, device) -> LayerWeights:
+    from ..weights import replace_leaves
+
+    device = torch.device(device)
+    return replace_leaves(layer, lambda _, t: t if t.device == device else t.to(device))

@@ -1,0 +1,161 @@
+"""GGUF files (llama.cpp): config from metadata, tensors dequantized or kept 4-bit."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError, UnsupportedModelError
+
+# GGUF architecture -> our model_type
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+DENSE_TYPES = ("F32", "F16", "BF16", "Q8_0")
+INT4_TYPES = ("Q4_0", "Q4_1")
+
+# HF name suffix -> GGUF name suffix, per layer
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}
+
+
+def open_gguf(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # truncated files fail in numpy memmap / struct parsing
+        raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): "
+                             f"{type(e).__name__}: {e}") from e
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception:
+        return default
+
+
+def gguf_config(reader, path: Path) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise UnsupportedModelError(arch, f"GGUF architecture {arch!r} is not supported "
+                                          f"(supported: {', '.join(GGUF_ARCHS)})")
+
+    def req(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return v
+
+    n_heads = int(req("attention.head_count"))
+    hidden = int(req("embedding_length"))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    names = {t.name for t in reader.tensors}
+    scaling = None
+    stype = _field(reader, f"{arch}.rope.scaling.type")
+    if stype == "linear":
+        scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    elif stype not in (None, "none"):
+        raise UnsupportedModelError(arch, f"GGUF rope scaling {stype!r} is not supported")
+    if "rope_freqs.weight" in names:
+        raise UnsupportedModelError(arch, "GGUF rope_freqs (llama3 rope scaling baked as a tensor) is not "
+                                          "supported; load the HF checkpoint instead")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        model_type=GGUF_ARCHS[arch],
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(req("feed_forward_length")),
+        n_layers=int(req("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // n_heads)),
+        rms_norm_eps=float(req("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        o_bias="blk.0.attn_output.bias" in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[int(eos)] if eos is not None else [],
+    )
+
+
+def _unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (its rotary pairs interleaved; HF's are half-split)."""
+    out = rows.shape[0]
+    return (rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:])
+            .swapaxes(1, 2).reshape(rows.shape))
+
+
+def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in reader.tensors}
+
+    def gguf_name(hf_name: str) -> str:
+        if hf_name in _GLOBAL_NAMES:
+            return _GLOBAL_NAMES[hf_name]
+        _, _, i, rest = hf_name.split(".", 3)          # model.layers.{i}.{rest}
+        module, kind = rest.rsplit(".", 1)
+        return f"blk.{i}.{_LAYER_NAMES[module]}.{kind}"
+
+    def lookup(hf_name: str):
+        name = gguf_name(hf_name)
+        if name not in tensors:
+            raise ModelLoadError(f"{path}: tensor {name!r} (for {hf_name}) is missing")
+        t = tensors[name]
+        qtype = GGMLQuantizationType(t.tensor_type).name
+        if qtype not in DENSE_TYPES + INT4_TYPES:
+            raise ModelLoadError(f"{path}: tensor {name} has type {qtype}; supported: "
+                                 f"{', '.join(DENSE_TYPES + INT4_TYPES)}")
+        return name, t, qtype
+
+    def n_head_for(hf_name: str):
+        if ".q_proj." in hf_name:
+            return cfg.n_heads
+        if ".k_proj." in hf_name:
+            return cfg.n_kv_heads
+        return None
+
+    def get_matrix(hf_name: str):
+        name, t, qtype = lookup(hf_name)
+        rows = np.asarray(t.data)                      # [out_features, bytes or elements per row]
+        n_head = n_head_for(hf_name)
+        if n_head is not None:
+            rows = _unpermute_rows(rows, n_head)
+        out_features, in_features = int(t.shape[1]), int(t.shape[0])
+        if keep_int4 and qtype in INT4_TYPES:
+            from ..kernels import int4_matmul as q4
+
+            convert = q4.from_gguf_q4_0 if qtype == "Q4_0" else q4.from_gguf_q4_1
+            return convert(np.ascontiguousarray(rows), (out_features, in_features))
+        w = dequantize(rows, t.tensor_type).reshape(out_features, in_features)
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+
+    def get_vector(hf_name: str):
+        name, t, qtype = lookup(hf_name)
+        data = dequantize(np.asarray(t.data), t.tensor_type).reshape(-1)
+        if n_head_for(hf_name) is not None:  # q/k biases are permuted like their rows
+            data = _unpermute_rows(data, n_head_for(hf_name))
+        return torch.from_numpy(np.array(data, dtype=np.float32))
+
+    return get_matrix, get_vector
+
+
+def gguf_has_int4(reader) -> bool:
+    from gguf import GGMLQuantizationType
+
+    return any(GGMLQuantizationType(t.tensor_type).name in INT4_TYPES for t in reader.tensors)

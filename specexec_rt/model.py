@@ -1,0 +1,110 @@
+"""The transformer: one forward path for prefill, decode, draft-tree growth and tree verification.
+
+A chain is a tree: prefill is a causal chain over the prompt, decode a one-node tree, and both
+draft growth and verification pass an explicit ancestor mask over the tree region of the cache.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .weights import LayerWeights, ModelWeights, ResidentLayers
+
+
+def causal_mask(n: int, device) -> torch.Tensor:
+    """The tree mask of a chain: bool ``[n, n]``, lower triangular."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+
+
+def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: torch.Tensor,
+                      sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                      slots: torch.Tensor, meta: ops.AttentionMeta) -> torch.Tensor:
+    """``x`` ``[n, hidden]`` -> ``[n, hidden]``; writes this layer's K/V for the new tokens."""
+    n = x.shape[0]
+    h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    qkv = ops.linear(ops.rms_norm(x, w.attn_norm, cfg.rms_norm_eps), w.wqkv, w.bqkv)
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+    q = ops.apply_rope(q.view(n, h, d), cos, sin)
+    k = ops.apply_rope(k.view(n, hkv, d), cos, sin)
+    cache_k.index_copy_(0, slots, k)
+    cache_v.index_copy_(0, slots, v.view(n, hkv, d))
+    attn = ops.attention(q, cache_k[:meta.n_k], cache_v[:meta.n_k], meta)
+    x = x + ops.linear(attn.reshape(n, h * d), w.wo, w.bo)
+    gate, up = ops.linear(ops.rms_norm(x, w.ffn_norm, cfg.rms_norm_eps), w.w_gate_up).chunk(2, dim=-1)
+    return x + ops.linear(F.silu(gate) * up, w.w_down)
+
+
+class Transformer:
+    """A decoder-only Llama-family model with a static KV cache.
+
+    ``weights.layers`` are served through ``layer_source`` (resident by default, or an offload
+    ``LayerStreamer``); everything else is resident on ``device``.
+    """
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, max_len: int,
+                 device: torch.device, dtype: torch.dtype, layer_source=None):
+        self.config = config
+        self.weights = weights
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_len = int(max_len)
+        self.layer_source = layer_source if layer_source is not None else ResidentLayers(weights.layers)
+        self.cos, self.sin = ops.rope_tables(config.head_dim, config.rope_theta, config.rope_scaling,
+                                             self.max_len, self.device)
+        self.cache = KVCache(config.n_layers, self.max_len, config.n_kv_heads, config.head_dim,
+                             dtype, self.device)
+        self.source = None          # where the weights came from (path), set by the loader
+        self.quantization = None    # None or "int4"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def new_cache(self, max_len: Optional[int] = None) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layers, max_len or self.max_len, c.n_kv_heads, c.head_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, prefix_len: int,
+                tree_mask: Optional[torch.Tensor] = None, cache_slots: Optional[torch.Tensor] = None,
+                logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (float32 ``[rows, vocab]``) of new tokens ``token_ids`` at absolute ``positions``.
+
+        New token i attends to every prefix slot ``[0, prefix_len)`` and to tree slot
+        ``prefix_len + j`` where ``tree_mask[i, j]``; ``tree_mask=None`` is a causal chain. Its K/V
+        go to ``cache_slots`` (default: the last ``n`` slots of the tree region). See docs/DESIGN.md.
+        """
+        n = int(token_ids.shape[0])
+        if tree_mask is None:
+            tree_mask = causal_mask(n, self.device)
+        n_tree = int(tree_mask.shape[1])
+        if tree_mask.shape[0] != n or positions.shape[0] != n:
+            raise ValueError(f"token_ids [{n}], positions {list(positions.shape)} and tree_mask "
+                             f"{list(tree_mask.shape)} disagree on the number of new tokens")
+        cache.check_fits(prefix_len + n_tree)
+        if cache_slots is None:
+            cache_slots = torch.arange(prefix_len + n_tree - n, prefix_len + n_tree, device=self.device)
+        meta = ops.prepare_attention(tree_mask, prefix_len)
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = self.weights.embed[token_ids].to(self.dtype)
+        for i, layer in enumerate(self.layer_source.iter_layers()):
+            x = transformer_block(x, layer, self.config, cos, sin, cache.k[i], cache.v[i], cache_slots, meta)
+        if logits_rows is not None:
+            x = x[logits_rows]
+        x = ops.rms_norm(x, self.weights.final_norm, self.config.rms_norm_eps)
+        return ops.linear(x, self.weights.lm_head).float()
+
+    __call__ = forward
+
+    def prefill(self, token_ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Run the prompt as a chain from slot 0; returns the last token's logits ``[vocab]``."""
+        cache = cache if cache is not None else self.cache
+        n = int(token_ids.shape[0])
+        positions = torch.arange(n, device=self.device)
+        last = torch.tensor([n - 1], device=self.device)
+        return self.forward(token_ids, positions, cache, 0, logits_rows=last)[0]

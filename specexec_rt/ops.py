@@ -1,0 +1,127 @@
+"""The few operations the model is made of, each dispatching to a Triton kernel or a PyTorch
+reference.
+
+On CUDA the Triton kernels run. On CPU the references run, unless ``SPECEXEC_TRITON_INTERPRET=1``
+is set, which sends CPU tensors through the Triton kernels in Triton's interpreter (that switch
+sets ``TRITON_INTERPRET=1`` before Triton is first imported, so set it before importing
+specexec_rt).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+if os.environ.get("SPECEXEC_TRITON_INTERPRET") == "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("SPECEXEC_TRITON_INTERPRET") == "1"
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether the Triton kernels serve tensors on ``device``."""
+    if device.type == "cuda":
+        return os.environ.get("SPECEXEC_DISABLE_TRITON") != "1"
+    return triton_interpret()
+
+
+# --------------------------------------------------------------------------- linear layers
+
+def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w.T + bias`` for ``x`` ``[M, in_features]`` and a dense or 4-bit ``w``."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    from .kernels.int4_matmul import int4_matmul
+
+    y = int4_matmul(x, w)
+    return y + bias if bias is not None else y
+
+
+# --------------------------------------------------------------------------- norms and RoPE
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, like HF Llama: normalise, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]`` (float32), with linear or llama3 scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(head_dim: int, theta: float, scaling: Optional[dict], max_len: int, device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[max_len, head_dim]`` in float32, halves repeated (rotate-half layout)."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[n, heads, head_dim]`` by per-row ``cos``/``sin`` ``[n, head_dim]``."""
+    cos = cos[:, None, :].to(x.dtype)
+    sin = sin[:, None, :].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------- attention
+
+@dataclass
+class AttentionMeta:
+    """Everything about a pass's mask that is the same for every layer, built once per forward."""
+
+    prefix_len: int
+    n_tree: int                      # tree-region slots visible to this pass
+    tree_mask: torch.Tensor          # bool [n_q, n_tree]
+    packed_mask: Optional[torch.Tensor] = None   # Triton path: bit-packed tree mask
+    full_mask: Optional[torch.Tensor] = None     # reference path: bool [n_q, prefix_len + n_tree]
+
+    @property
+    def n_k(self) -> int:
+        return self.prefix_len + self.n_tree
+
+
+def prepare_attention(tree_mask: torch.Tensor, prefix_len: int) -> AttentionMeta:
+    meta = AttentionMeta(prefix_len=prefix_len, n_tree=int(tree_mask.shape[1]), tree_mask=tree_mask)
+    if use_triton(tree_mask.device):
+        from .kernels.tree_attention import pack_tree_mask
+
+        meta.packed_mask = pack_tree_mask(tree_mask)
+    return meta
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    """Tree-masked attention: ``q`` ``[n_q, H, D]``, ``k``/``v`` ``[n_k, H_kv, D]`` -> ``[n_q, H, D]``."""
+    if meta.packed_mask is not None:
+        from .kernels.tree_attention import tree_attention_packed
+
+        return tree_attention_packed(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree)
+    from .kernels.tree_attention import tree_attention_reference
+
+    return tree_attention_reference(q, k, v, meta.tree_mask, meta.prefix_len)
