@@ -86,6 +86,9 @@ def config_from_hf(hf) -> ModelConfig:
     theta, scaling = _rope_from_hf(hf)
     qkv_bias = model_type == "qwen2" or bool(getattr(hf, "attention_bias", False))
     o_bias = model_type != "qwen2" and bool(getattr(hf, "attention_bias", False))
+    act = getattr(hf, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(model_type, f"hidden_act={act!r} is not supported (only silu)")
     if getattr(hf, "mlp_bias", False):
         raise UnsupportedModelError(model_type, "mlp_bias=True is not supported")
     sliding = getattr(hf, "sliding_window", None)

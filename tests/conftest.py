@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random models (ours built directly, or HF models saved to disk)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# Tests run the Triton kernels through the interpreter when asked (CI does for kernel tests).
+sys.path.insert(0, os.path.dirname(__file__))
+
+from specexec_rt.config import ModelConfig  # noqa: E402
+from specexec_rt.model import Transformer  # noqa: E402
+from specexec_rt.weights import LayerWeights, ModelWeights  # noqa: E402
+
+
+def tiny_config(model_type: str = "llama", **overrides) -> ModelConfig:
+    base = dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48, n_layers=2,
+                n_heads=4, n_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
+                max_position_embeddings=256, tie_word_embeddings=False,
+                qkv_bias=model_type == "qwen2", eos_token_ids=[])
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0, scale: float = 0.2) -> ModelWeights:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm():
+        return 1.0 + 0.1 * torch.randn(cfg.hidden_size, generator=g)
+
+    layers = []
+    for _ in range(cfg.n_layers):
+        layers.append(LayerWeights(
+            attn_norm=norm(), wqkv=r(cfg.qkv_size, cfg.hidden_size),
+            bqkv=r(cfg.qkv_size) if cfg.qkv_bias else None,
+            wo=r(cfg.hidden_size, cfg.n_heads * cfg.head_dim), bo=r(cfg.hidden_size) if cfg.o_bias else None,
+            ffn_norm=norm(), w_gate_up=r(2 * cfg.intermediate_size, cfg.hidden_size),
+            w_down=r(cfg.hidden_size, cfg.intermediate_size)))
+    embed = r(cfg.vocab_size, cfg.hidden_size) * 5
+    lm_head = embed if cfg.tie_word_embeddings else r(cfg.vocab_size, cfg.hidden_size)
+    return ModelWeights(embed=embed, final_norm=norm(), lm_head=lm_head, layers=layers)
+
+
+def build_tiny_model(model_type: str = "llama", seed: int = 0, max_len: int = 256, **overrides) -> Transformer:
+    """A tiny random float32 model on the CPU, built without any checkpoint."""
+    cfg = tiny_config(model_type, **overrides)
+    return Transformer(cfg, random_weights(cfg, seed), max_len, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model(model_type="llama", seed=0, max_len=256, **config_overrides)``."""
+    return build_tiny_model
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

