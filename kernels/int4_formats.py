@@ -1,0 +1,150 @@
+"""Converters from 4-bit checkpoint formats to ``Int4Weight`` (no fp16 weight materialised).
+
+- GPTQ (AutoGPTQ / optimum / GPTQModel, "gptq" v1 and "gptq_v2" checkpoint formats),
+  including act-order (``desc_act``) ``g_idx`` via a K permutation applied to activations.
+- GGUF Q4_0 and Q4_1 raw blocks: their nibble order is ``Int4Weight``'s, so the nibble
+  bytes are copied as-is and only d (and m) become scales/mins.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .int4_matmul import Int4Weight, _pack_nibbles
+
+__all__ = ["from_gptq", "from_gguf_q4_0", "from_gguf_q4_1"]
+
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble j of an int32 at bits 4j
+
+
+def _unpack_int32_nibbles(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """Split each int32 into its 8 nibbles (nibble j at bits 4j) along ``dim``: uint8."""
+    shifts = _SHIFTS.to(words.device)
+    if dim == 0:  # [R, C] -> [8R, C], word i holds rows 8i..8i+7
+        q = (words[:, None, :] >> shifts[None, :, None]) & 0xF
+        return q.reshape(words.shape[0] * 8, words.shape[1]).to(torch.uint8)
+    q = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [R, C] -> [R, 8C]
+    return q.reshape(words.shape[0], words.shape[1] * 8).to(torch.uint8)
+
+
+def from_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: Optional[torch.Tensor] = None,
+    sym: Optional[bool] = None,
+    checkpoint_format: str = "gptq",
+    bits: int = 4,
+    scale_dtype: torch.dtype = torch.float16,
+) -> Tuple[Int4Weight, Optional[torch.Tensor]]:
+    """GPTQ tensors -> ``(Int4Weight [N, K], perm)``.
+
+    qweight int32 ``[K/8, N]`` (8 nibbles along K), qzeros int32 ``[K/G, N/8]`` (8 zero
+    points along N), scales ``[K/G, N]``, g_idx int32 ``[K]`` or None. ``"gptq"`` (v1)
+    stores zero - 1, ``"gptq_v2"`` the zero itself. ``w[k, n] = s[g, n] * (q[k, n] - z[g, n])``.
+
+    ``perm`` is None when groups are contiguous (``g_idx[k] == k // G``); otherwise an int64
+    ``[K]`` permutation (rows sorted by g_idx) such that ``x[..., perm] @ W.T`` equals the
+    original ``x @ W_gptq``: the caller permutes activations (or the previous layer's rows).
+    ``sym=True`` checks that every zero is 8, which catches a v1/v2 mix-up.
+    ``mins = -z * s`` is rounded to ``scale_dtype`` (fp16: error <= 2**-11 * |z * s|, under
+    1% of a step; pass torch.float32 for an exact copy at 2x the scale bytes).
+    The layer's bias, if any, is unchanged by this conversion: the caller keeps it as is.
+    """
+    if bits != 4:
+        raise ValueError(f"from_gptq: only 4-bit GPTQ is supported, got bits={bits}")
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"from_gptq: checkpoint_format must be 'gptq' or 'gptq_v2', "
+                         f"got {checkpoint_format!r}")
+    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise TypeError(f"from_gptq: {name} must be a 2-D int32 tensor, got "
+                            f"{t.dtype} {tuple(t.shape)}")
+    if scales.dim() != 2 or not scales.is_floating_point():
+        raise TypeError(f"from_gptq: scales must be a 2-D float tensor, got {scales.dtype}")
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    n_groups = scales.shape[0]
+    if scales.shape[1] != n or k % n_groups:
+        raise ValueError(f"from_gptq: scales {tuple(scales.shape)} do not fit qweight "
+                         f"{tuple(qweight.shape)} (K={k}, N={n})")
+    if tuple(qzeros.shape) != (n_groups, (n + 7) // 8):
+        raise ValueError(f"from_gptq: qzeros {tuple(qzeros.shape)} != ({n_groups}, {(n + 7) // 8})")
+    group = k // n_groups
+
+    q = _unpack_int32_nibbles(qweight, dim=0)  # [K, N]
+    z = _unpack_int32_nibbles(qzeros, dim=1)[:, :n].to(torch.float32)  # [K/G, N]
+    if checkpoint_format == "gptq":
+        z = z + 1
+    if sym and not bool((z == 8).all()):
+        raise ValueError("from_gptq: sym=True but zero points are not all 8: wrong "
+                         "checkpoint_format (v1 stores 7, v2 stores 8)?")
+
+    perm = None
+    if g_idx is not None:
+        g_idx = g_idx.to(torch.int64).reshape(-1)
+        if g_idx.numel() != k:
+            raise ValueError(f"from_gptq: g_idx has {g_idx.numel()} entries, expected K={k}")
+        trivial = torch.arange(k, device=g_idx.device) // group
+        if not torch.equal(g_idx, trivial):
+            counts = torch.bincount(g_idx, minlength=n_groups)
+            if g_idx.min() < 0 or counts.numel() != n_groups or not bool((counts == group).all()):
+                raise ValueError("from_gptq: g_idx must assign exactly group_size rows to each group")
+            perm = torch.sort(g_idx, stable=True).indices
+            q = q[perm]
+
+    s = scales.to(torch.float32)
+    mins = -z * s
+    w = Int4Weight(
+        qweight=_pack_nibbles(q.T.contiguous()),
+        scales=s.T.contiguous().to(scale_dtype),
+        mins=mins.T.contiguous().to(scale_dtype),
+        out_features=n,
+        in_features=k,
+        group_size=group,
+    )
+    return w, perm
+
+
+def _gguf_blocks(raw, shape, block_bytes: int, name: str) -> Tuple[torch.Tensor, int, int]:
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2):
+        raise ValueError(f"{name}: shape must be (out_features, in_features), got {shape!r}")
+    n, k = int(shape[0]), int(shape[1])
+    if k % 32:
+        raise ValueError(f"{name}: in_features ({k}) must be a multiple of 32")
+    t = torch.from_numpy(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+        raise TypeError(f"{name}: raw blocks must be a uint8 numpy array or tensor, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
+    expected = n * (k // 32) * block_bytes
+    if t.numel() != expected:
+        raise ValueError(f"{name}: {t.numel()} bytes for shape {(n, k)}, expected {expected}")
+    return t.reshape(n, k // 32, block_bytes), n, k
+
+
+def _fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    return blocks[..., start:start + 2].contiguous().view(torch.float16).squeeze(-1)
+
+
+def from_gguf_q4_0(raw_blocks, shape) -> Int4Weight:
+    """GGUF Q4_0 (18-byte blocks: fp16 d, 16 nibble bytes; ``w = d * (q - 8)``)."""
+    blocks, n, k = _gguf_blocks(raw_blocks, shape, 18, "from_gguf_q4_0")
+    d = _fp16_field(blocks, 0)
+    return Int4Weight(
+        qweight=blocks[..., 2:18].reshape(n, k // 2).contiguous(),
+        scales=d.contiguous(),
+        mins=(d * -8).contiguous(),  # exact: power-of-two multiple of an fp16
+        out_features=n, in_features=k, group_size=32,
+    )
+
+
+def from_gguf_q4_1(raw_blocks, shape) -> Int4Weight:
+    """GGUF Q4_1 (20-byte blocks: fp16 d, fp16 m, 16 nibble bytes; ``w = d * q + m``)."""
+    blocks, n, k = _gguf_blocks(raw_blocks, shape, 20, "from_gguf_q4_1")
+    return Int4Weight(
+        qweight=blocks[..., 4:20].reshape(n, k // 2).contiguous(),
+        scales=_fp16_field(blocks, 0).contiguous(),
+        mins=_fp16_field(blocks, 2).contiguous(),
+        out_features=n, in_features=k, group_size=32,
+    )
