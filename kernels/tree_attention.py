@@ -1,0 +1,498 @@
+"""Tree-masked attention: a Triton flash-attention kernel and its PyTorch reference.
+
+The keys are a committed prefix (seen by every query, no mask) followed by ``n_tree`` tree
+entries whose visibility is given per query by a boolean tree mask, bit-packed into int32
+words once per forward (:func:`pack_tree_mask`) and read only by the tree tiles.
+
+Kernel layout (``_tree_attn_fwd``): one program owns ``BLOCK_M`` rows, a row being a
+(query, query-head-in-group) pair of one KV head, so each K/V tile is loaded once per KV
+head for the whole GQA group. Keys are walked in ``BLOCK_N`` tiles: full prefix tiles with
+no mask, the prefix tail tile with a bound mask, then the tree tiles with the packed bits.
+Tree tiles no row of the block can see are skipped (a short scan of the block's mask words
+finds the visible tile range, which halves the tree work for causal/ancestor masks). For
+short query sets the tile range is split across programs (flash-decoding): each split writes
+its partial (max, sum, unnormalised accumulator) and ``_tree_attn_merge`` combines them.
+
+Shapes: ``q [n_q, n_heads, D]``; ``k, v [n_k, n_kv_heads, D]`` (any strides, e.g. slices of a
+``[max_len, n_kv_heads, D]`` cache); ``tree_mask`` bool ``[n_q, n_k - prefix_len]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "TileConfig",
+    "pack_tree_mask",
+    "tree_attention",
+    "tree_attention_packed",
+    "tree_attention_reference",
+]
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _softmax_step(q, k, v, visible, acc, m_i, l_i, qk_scale, MASKED: tl.constexpr):
+    """One online-softmax update with a [BLOCK_N, D] K/V tile; scores in the log2 domain."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row that has seen no key yet keeps m = -inf; shifting by 0 instead makes its
+        # p and alpha exactly 0 rather than NaN (-inf - -inf).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _load_kv(k_ptrs, v_ptrs, key_ok, d_ok, BOUND: tl.constexpr, EVEN_D: tl.constexpr):
+    if BOUND:
+        if EVEN_D:
+            k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _tree_attn_fwd(
+    Q, K, V, PM, Out, PartM, PartL, PartAcc,
+    n_q, n_heads, prefix_len, n_tree, n_words, tiles_per_split, qk_scale,
+    sq_n, sq_h, sq_d, sk_n, sk_h, sk_d, sv_n, sv_h, sv_d, so_n, so_h, so_d, spm_q, spm_w,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Grid: (cdiv(n_q * GROUP, BLOCK_M), n_kv_heads, n_splits)."""
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+    WORDS: tl.constexpr = BLOCK_N // 32
+    pid_m = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q * GROUP
+    qi = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + qi[:, None] * sq_n + head[:, None] * sq_h + offs_d[None, :] * sq_d
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + kvh * sk_h + offs_d[None, :] * sk_d
+    v_base = V + kvh * sv_h + offs_d[None, :] * sv_d
+    pm_rows = PM + qi * spm_q
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+
+    n_pre_full = prefix_len // BLOCK_N
+    n_pre_tiles = (prefix_len + BLOCK_N - 1) // BLOCK_N
+    n_tiles = n_pre_tiles + (n_tree + BLOCK_N - 1) // BLOCK_N
+    t_lo = split * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    arange_n = tl.arange(0, BLOCK_N)
+
+    # Prefix tiles that lie wholly inside the prefix: no mask of any kind.
+    for t in range(t_lo, tl.minimum(t_hi, n_pre_full)):
+        offs_n = t * BLOCK_N + arange_n
+        k, v = _load_kv(k_base + offs_n[:, None] * sk_n, v_base + offs_n[:, None] * sv_n,
+                        offs_n < prefix_len, d_ok, False, EVEN_D)
+        acc, m_i, l_i = _softmax_step(q, k, v, None, acc, m_i, l_i, qk_scale, False)
+
+    # The prefix tail tile (0 or 1 iteration): keys past prefix_len belong to the tree part.
+    for t in range(tl.maximum(t_lo, n_pre_full), tl.minimum(t_hi, n_pre_tiles)):
+        offs_n = t * BLOCK_N + arange_n
+        key_ok = offs_n < prefix_len
+        k, v = _load_kv(k_base + offs_n[:, None] * sk_n, v_base + offs_n[:, None] * sv_n,
+                        key_ok, d_ok, True, EVEN_D)
+        acc, m_i, l_i = _softmax_step(q, k, v, key_ok[None, :], acc, m_i, l_i, qk_scale, True)
+
+    # Range of mask words any row of this block has a bit in; tree tiles outside it are
+    # invisible to the whole block and skipped.
+    first_w = tl.zeros([BLOCK_M], tl.int32) + n_words  # n_words = "no bit": empty range
+    last_w = tl.zeros([BLOCK_M], tl.int32)
+    for w0 in range(0, n_words, 32):
+        widx = w0 + tl.arange(0, 32)
+        words = tl.load(pm_rows[:, None] + widx[None, :] * spm_w,
+                        mask=row_ok[:, None] & (widx < n_words)[None, :], other=0)
+        nz = words != 0
+        first_w = tl.minimum(first_w, tl.min(tl.where(nz, widx[None, :], n_words), 1))
+        last_w = tl.maximum(last_w, tl.max(tl.where(nz, widx[None, :] + 1, 0), 1))
+    tree_t_lo = n_pre_tiles + (tl.min(first_w, 0) * 32) // BLOCK_N
+    tree_t_hi = n_pre_tiles + (tl.max(last_w, 0) * 32 + BLOCK_N - 1) // BLOCK_N
+    tree_t_hi = tl.minimum(tree_t_hi, n_tiles)
+
+    shifts = tl.arange(0, 32)
+    for t in range(tl.maximum(t_lo, tree_t_lo), tl.minimum(t_hi, tree_t_hi)):
+        j0 = (t - n_pre_tiles) * BLOCK_N
+        offs_n = prefix_len + j0 + arange_n
+        key_ok = j0 + arange_n < n_tree
+        k, v = _load_kv(k_base + offs_n[:, None] * sk_n, v_base + offs_n[:, None] * sv_n,
+                        key_ok, d_ok, True, EVEN_D)
+        widx = j0 // 32 + tl.arange(0, WORDS)
+        words = tl.load(pm_rows[:, None] + widx[None, :] * spm_w,
+                        mask=row_ok[:, None] & (widx < n_words)[None, :], other=0)
+        # Bits past n_tree are zero (pack_tree_mask pads with False), so the bits alone
+        # mask the tile's out-of-range keys too.
+        bits = (words[:, :, None] >> shifts[None, None, :]) & 1
+        visible = tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
+        acc, m_i, l_i = _softmax_step(q, k, v, visible, acc, m_i, l_i, qk_scale, True)
+
+    if SPLIT:
+        # Partial results, indexed [split, query, head]; m in the log2 domain.
+        r = (split.to(tl.int64) * n_q + qi) * n_heads + head
+        tl.store(PartM + r, m_i, mask=row_ok)
+        tl.store(PartL + r, l_i, mask=row_ok)
+        tl.store(PartAcc + r[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+    else:
+        # l == 0 only for padding rows (or an unvalidated fully masked row, which gives 0).
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        o = acc / l_safe[:, None]
+        o_ptrs = Out + qi[:, None] * so_n + head[:, None] * so_h + offs_d[None, :] * so_d
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _tree_attn_merge(
+    PartM, PartL, PartAcc, Out, n_splits, n_rows, n_heads, so_n, so_h, so_d,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """Grid: (n_q * n_heads,). Log-sum-exp merge of the split partials of one output row."""
+    r = tl.program_id(0)
+    s = tl.arange(0, S_PAD)
+    s_ok = s < n_splits
+    offs_d = tl.arange(0, D_PAD)
+    m = tl.load(PartM + s * n_rows + r, mask=s_ok, other=float("-inf"))
+    l = tl.load(PartL + s * n_rows + r, mask=s_ok, other=0.0)
+    acc = tl.load(PartAcc + (s[:, None] * n_rows + r) * D_PAD + offs_d[None, :],
+                  mask=s_ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # splits that saw no key have m = -inf: weight 0
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    den = tl.where(den == 0.0, 1.0, den)
+    qi = r // n_heads
+    h = r % n_heads
+    tl.store(Out + qi * so_n + h * so_h + offs_d * so_d, (num / den).to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+class TileConfig(NamedTuple):
+    """Block sizes and launch parameters of ``_tree_attn_fwd`` (BLOCK_N a multiple of 32)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _choose_config(rows: int, d_pad: int, interpreted: bool) -> TileConfig:
+    """Tile sizes from a small table keyed on the packed row count and the padded head dim.
+
+    rows = n_q * group (query x head-in-group pairs of one KV head). tl.dot needs >= 16 rows.
+    """
+    if interpreted:
+        # The interpreter's cost is per tile step: big tiles are fastest.
+        return TileConfig(min(64, max(16, triton.next_power_of_2(rows))), 64, 4, 1)
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+    if d_pad > 128:
+        return TileConfig(min(block_m, 64), 32, 4, 2)
+    if block_m == 128:
+        return TileConfig(128, 64, 8 if d_pad == 128 else 4, 3)
+    return TileConfig(block_m, 64, 4, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _choose_splits(programs: int, n_tiles: int, device: torch.device) -> int:
+    """Flash-decoding split count: fill ~2 waves of SMs, at least 2 key tiles per split."""
+    if device.type != "cuda" or n_tiles < 4:
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), n_tiles // 2, 128))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int) -> None:
+    """Shape/dtype/device checks shared by the kernel and the reference (host-only, no sync)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [n, heads, head_dim], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"head_dim differs: q has {q.shape[2]}, k/v have {k.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    if n_kv == 0 or n_heads % n_kv != 0:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv})")
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
+        raise TypeError(f"prefix_len must be a Python int, got {type(prefix_len).__name__}")
+    if not 0 <= prefix_len <= k.shape[0]:
+        raise ValueError(f"prefix_len {prefix_len} is outside [0, n_k={k.shape[0]}]")
+
+
+def _check_tree_mask(tree_mask: torch.Tensor, n_q: int, n_tree: int, device) -> None:
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.bool:
+        raise TypeError("tree_mask must be a bool tensor [n_q, n_k - prefix_len]")
+    if tuple(tree_mask.shape) != (n_q, n_tree):
+        raise ValueError(f"tree_mask shape {tuple(tree_mask.shape)} != (n_q, n_k - prefix_len) = "
+                         f"({n_q}, {n_tree})")
+    if tree_mask.device != device:
+        raise ValueError(f"tree_mask is on {tree_mask.device}, q/k/v on {device}")
+
+
+def _check_rows_visible(tree_mask: torch.Tensor) -> None:
+    """With an empty prefix every query must see a tree entry (host sync: call once)."""
+    if tree_mask.shape[0] and tree_mask.shape[1] == 0:
+        raise ValueError("prefix_len == 0 and no tree entries: every query row is fully masked")
+    empty = ~tree_mask.any(dim=1)
+    if bool(empty.any()):
+        rows = torch.nonzero(empty).flatten()[:8].tolist()
+        raise ValueError(f"prefix_len == 0 and tree_mask rows {rows} see no key "
+                         "(a tree node must at least see itself)")
+
+
+def pack_tree_mask(tree_mask: torch.Tensor, prefix_len: int | None = None) -> torch.Tensor:
+    """Bit-pack a bool ``[n_q, T]`` tree mask into int32 ``[n_q, ceil(T / 32)]``.
+
+    Bit ``b`` of word ``w`` in row ``i`` is ``tree_mask[i, 32 * w + b]``; padding bits are 0.
+    Call once per forward and reuse for every layer. If ``prefix_len == 0`` is passed, rows
+    that see no key are rejected with a ValueError here (this check syncs with the device
+    once; it is the fully-masked-row check of the hot path, which the kernel does not do).
+    """
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.bool or tree_mask.dim() != 2:
+        raise TypeError("tree_mask must be a 2-D bool tensor [n_q, T]")
+    if prefix_len == 0:
+        _check_rows_visible(tree_mask)
+    n_q, n_tree = tree_mask.shape
+    n_words = triton.cdiv(n_tree, 32)
+    padded = torch.zeros(n_q, n_words * 32, dtype=torch.int64, device=tree_mask.device)
+    padded[:, :n_tree] = tree_mask
+    weights = torch.bitwise_left_shift(
+        torch.ones(32, dtype=torch.int64, device=tree_mask.device),
+        torch.arange(32, dtype=torch.int64, device=tree_mask.device))
+    words = (padded.view(n_q, n_words, 32) * weights).sum(-1)
+    # Words are unsigned 32-bit values: wrap into int32's range (two's complement).
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, out):
+    _check_qkv(q, k, v, prefix_len)
+    if q.device.type == "cuda":
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"the CUDA kernel takes float16/bfloat16, got {q.dtype} "
+                            "(use tree_attention_reference for float32)")
+    elif q.device.type == "cpu" and _interpreting():
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"unsupported dtype {q.dtype}")
+    else:
+        raise RuntimeError(
+            f"tree_attention's Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+            f"tensors), got {q.device}; call tree_attention_reference on the CPU")
+    d = q.shape[2]
+    if not 16 <= d <= 256:
+        raise ValueError(f"head_dim {d} unsupported by the kernel (16..256)")
+    n_k = k.shape[0]
+    if isinstance(n_tree, bool) or not isinstance(n_tree, int) or n_tree != n_k - prefix_len:
+        raise ValueError(f"n_tree ({n_tree}) must equal n_k - prefix_len = {n_k - prefix_len}")
+    if n_k == 0:
+        raise ValueError("no keys (n_k == 0): every query row would be fully masked")
+    if not isinstance(packed_mask, torch.Tensor) or packed_mask.dtype != torch.int32:
+        raise TypeError("packed_mask must be an int32 tensor from pack_tree_mask")
+    want = (q.shape[0], triton.cdiv(n_tree, 32))
+    if tuple(packed_mask.shape) != want:
+        raise ValueError(f"packed_mask shape {tuple(packed_mask.shape)} != {want} "
+                         "([n_q, ceil(n_tree / 32)])")
+    if packed_mask.device != q.device:
+        raise ValueError(f"packed_mask is on {packed_mask.device}, q on {q.device}")
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
+
+
+def tree_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packed_mask: torch.Tensor,
+    prefix_len: int,
+    n_tree: int,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: TileConfig | None = None,
+    validate: bool = False,
+) -> torch.Tensor:
+    """Tree-masked attention with a mask from :func:`pack_tree_mask` (the per-layer call).
+
+    q ``[n_q, n_heads, D]``; k, v ``[prefix_len + n_tree, n_kv_heads, D]`` (any strides);
+    packed_mask int32 ``[n_q, ceil(n_tree / 32)]``. Returns ``[n_q, n_heads, D]`` in q's dtype
+    (written into ``out`` if given). ``num_splits`` forces the flash-decoding split count
+    (None: chosen from the grid size and the SM count); ``config`` overrides the tile table.
+    The launcher checks shapes, dtypes and devices on the host only; ``validate=True`` also
+    rejects fully masked rows when prefix_len == 0 (a device sync; the hot path instead gets
+    that check from ``pack_tree_mask(mask, prefix_len)``). Unvalidated fully masked rows
+    come out as zeros.
+    """
+    _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, out)
+    if validate and prefix_len == 0:
+        if n_tree == 0 or bool((packed_mask == 0).all(dim=1).any()):
+            raise ValueError("prefix_len == 0 and some tree_mask row sees no key")
+    n_q, n_heads, d = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if n_q == 0:
+        return out
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    d_pad = triton.next_power_of_2(d)
+    rows = n_q * group
+    cfg = config or _choose_config(rows, d_pad, q.device.type != "cuda")
+    if cfg.block_n % 32 or cfg.block_m < 16 or cfg.block_n < 32:
+        raise ValueError(f"bad TileConfig {cfg}: block_m >= 16, block_n a multiple of 32")
+    m_blocks = triton.cdiv(rows, cfg.block_m)
+    n_tiles = triton.cdiv(prefix_len, cfg.block_n) + triton.cdiv(n_tree, cfg.block_n)
+    splits = num_splits if num_splits is not None else _choose_splits(m_blocks * n_kv, n_tiles, q.device)
+    splits = max(1, min(int(splits), n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+
+    if splits > 1:
+        part_m = torch.empty(splits, n_q * n_heads, device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(splits, n_q * n_heads, d_pad, device=q.device, dtype=torch.float32)
+    else:
+        part_m = part_l = part_acc = out  # unused by the non-split variant
+    _tree_attn_fwd[(m_blocks, n_kv, splits)](
+        q, k, v, packed_mask, out, part_m, part_l, part_acc,
+        n_q, n_heads, prefix_len, n_tree, packed_mask.shape[1], tiles_per_split, scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *packed_mask.stride(),
+        GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        _tree_attn_merge[(n_q * n_heads,)](
+            part_m, part_l, part_acc, out, splits, n_q * n_heads, n_heads, *out.stride(),
+            HEAD_DIM=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        )
+    return out
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree_mask: torch.Tensor,
+    prefix_len: int,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Tree-masked attention (Triton): pack the mask, then :func:`tree_attention_packed`.
+
+    q ``[n_q, n_heads, D]``; k, v ``[n_k, n_kv_heads, D]``; tree_mask bool
+    ``[n_q, n_k - prefix_len]``. Fully masked rows (possible only when prefix_len == 0) are
+    rejected by the packing step, which syncs once; per-layer callers should pack once and
+    call :func:`tree_attention_packed`.
+    """
+    _check_qkv(q, k, v, prefix_len)
+    n_tree = k.shape[0] - prefix_len
+    _check_tree_mask(tree_mask, q.shape[0], n_tree, q.device)
+    packed = pack_tree_mask(tree_mask, prefix_len)
+    return tree_attention_packed(q, k, v, packed, prefix_len, n_tree, scale,
+                                 out=out, num_splits=num_splits, config=config)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def tree_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree_mask: torch.Tensor,
+    prefix_len: int,
+    scale: float | None = None,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """PyTorch tree attention in float32 (the CPU path of the runtime); same contract.
+
+    The query heads of a KV group are folded into the query axis (q viewed as
+    ``[n_kv, group * n_q, D]``) so K/V are never repeated per query head, and SDPA runs once
+    with the full bool mask ``[group * n_q, n_k]`` (prefix columns all True).
+    ``validate`` rejects fully masked rows when prefix_len == 0 (a sync on CUDA).
+    """
+    _check_qkv(q, k, v, prefix_len)
+    n_q, n_heads, d = q.shape
+    n_k, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    _check_tree_mask(tree_mask, n_q, n_k - prefix_len, q.device)
+    if validate and prefix_len == 0:
+        _check_rows_visible(tree_mask)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    # [n_q, n_kv, group, D] -> [1, n_kv, group * n_q, D]: row index = g * n_q + i.
+    qg = q.float().view(n_q, n_kv, group, d).permute(1, 2, 0, 3).reshape(1, n_kv, group * n_q, d)
+    kf = k.float().permute(1, 0, 2).unsqueeze(0)
+    vf = v.float().permute(1, 0, 2).unsqueeze(0)
+    if n_k - prefix_len > 0:
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
+        mask[:, prefix_len:] = tree_mask
+        if group > 1:
+            mask = mask.repeat(group, 1)
+    else:
+        mask = None
+    o = torch.nn.functional.scaled_dot_product_attention(qg, kf, vf, attn_mask=mask, scale=scale)
+    o = o.view(n_kv, group, n_q, d).permute(2, 0, 1, 3).reshape(n_q, n_heads, d)
+    return o.to(q.dtype)

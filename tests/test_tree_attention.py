@@ -1,0 +1,290 @@
+"""Tree-masked attention: Triton kernel (interpreter on CPU, real on CUDA) vs the reference.
+
+Tolerances: fp32 in the interpreter atol = rtol = 1e-4 (the kernel's online softmax and tile
+order differ from SDPA's only by fp32 rounding); fp16/bf16 on CUDA vs a float32 reference:
+atol = rtol = 1e-2 (fp16), 2e-2 (bf16).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by the kernel module)
+
+import math  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from specexec_rt.kernels.tree_attention import (  # noqa: E402
+    TileConfig,
+    pack_tree_mask,
+    tree_attention,
+    tree_attention_packed,
+    tree_attention_reference,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+FP32_TOL = dict(atol=1e-4, rtol=1e-4)
+CUDA_TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def random_tree_mask(n_tree: int, n_q: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
+    """Ancestor-or-self mask [n_q, n_tree] of a random tree, for its last n_q nodes.
+
+    Node i's parent is < i, or -1 (a root hanging off the prefix). The queries are the
+    newest nodes, as when a draft tree grows one level per call.
+    """
+    parents = [-1] + [int(torch.randint(-1, i, (1,), generator=gen)) for i in range(1, n_tree)]
+    anc = torch.zeros(n_tree, n_tree, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        anc[i, i] = True
+        if p >= 0:
+            anc[i] |= anc[p]
+    return anc[n_tree - n_q:].to(device)
+
+
+def make_qkv(n_q, n_k, n_heads, n_kv, d, gen, dtype=torch.float32, device="cpu"):
+    """q a head slice of a fused [n_q, 2 * n_heads, d] buffer; k, v strided slices of a cache."""
+    offset = 3
+    fused = torch.randn(n_q, 2 * n_heads, d, generator=gen)
+    # An extra head per cache row makes the slices non-contiguous (row stride != n_kv * d).
+    cache_k = torch.randn(n_k + offset + 5, n_kv + 1, d, generator=gen)
+    cache_v = torch.randn(n_k + offset + 5, n_kv + 1, d, generator=gen)
+    q = fused.to(device, dtype)[:, :n_heads]
+    k = cache_k.to(device, dtype)[offset:offset + n_k, 1:]
+    v = cache_v.to(device, dtype)[offset:offset + n_k, :n_kv]
+    return q, k, v
+
+
+def dense_sdpa(q, k, v, tree_mask, prefix_len, scale=None):
+    """Independent check: K/V repeated per query head, additive -inf mask, float64 SDPA."""
+    n_q, n_heads, d = q.shape
+    group = n_heads // k.shape[1]
+    full = torch.ones(n_q, k.shape[0], dtype=torch.bool, device=q.device)
+    full[:, prefix_len:] = tree_mask
+    bias = torch.zeros(full.shape, dtype=torch.float64, device=q.device).masked_fill(~full, -math.inf)
+    qh = q.double().permute(1, 0, 2)
+    kh = k.double().repeat_interleave(group, dim=1).permute(1, 0, 2)
+    vh = v.double().repeat_interleave(group, dim=1).permute(1, 0, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale)
+    return o.permute(1, 0, 2)
+
+
+def assert_close(actual, expected, atol, rtol, what=""):
+    assert not torch.isnan(actual).any(), f"{what}: NaN in output"
+    err = (actual.double() - expected.double()).abs()
+    bound = atol + rtol * expected.double().abs()
+    bad = err > bound
+    if bad.any():
+        idx = tuple(torch.nonzero(bad)[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} elements off, first at {idx}: "
+                             f"{actual[idx].item()} vs {expected[idx].item()}, max err {err.max().item():.3g}")
+
+
+# ----------------------------------------------------------------------------- kernel vs reference
+
+# (n_q, n_tree, prefix_len, n_kv, group, head_dim, num_splits, config)
+KERNEL_CASES = [
+    (1, 1, 700, 1, 8, 64, None, None),  # decode, GQA 8, no split
+    (1, 5, 700, 2, 4, 128, 6, None),  # decode split-K, several splits
+    (7, 20, 130, 1, 4, 64, None, TileConfig(16, 32, 4, 1)),  # 1-word tiles, rows not multiple of 16
+    (45, 45, 0, 1, 1, 128, None, None),  # no prefix
+    (45, 90, 257, 2, 1, 80, 3, None),  # head_dim 80 (padded), grown tree, split over prefix+tree
+    (300, 300, 33, 1, 1, 64, None, None),  # prefill-like causal tree, tail tile of prefix
+    (12, 100, 64, 1, 8, 96, 2, TileConfig(32, 64, 4, 1)),  # head_dim 96, split, exact prefix tile
+    (300, 400, 700, 1, 8, 128, None, None),  # big GQA group: 2400 packed rows
+    (100, 100, 700, 1, 4, 64, 4, TileConfig(64, 32, 4, 1)),  # split-K with many row blocks
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "nq{}-T{}-P{}-kv{}-g{}-d{}-s{}".format(*c[:7]))
+def test_kernel_matches_reference(case):
+    n_q, n_tree, prefix_len, n_kv, group, d, splits, cfg = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case[:7]).encode()))
+    mask = random_tree_mask(n_tree, n_q, gen)
+    q, k, v = make_qkv(n_q, prefix_len + n_tree, n_kv * group, n_kv, d, gen)
+    assert not (k.is_contiguous() or v.is_contiguous())
+    out = torch.full(q.shape, float("nan"))
+    got = tree_attention(q, k, v, mask, prefix_len, out=out, num_splits=splits, config=cfg)
+    assert got.data_ptr() == out.data_ptr()
+    ref = tree_attention_reference(q, k, v, mask, prefix_len)
+    assert_close(got, ref, **FP32_TOL, what="kernel vs reference")
+
+
+def test_kernel_arbitrary_mask_and_custom_scale():
+    """Non-tree masks: rows that see only late entries, rows and whole blocks seeing no tree
+    entry (legal with a prefix); checks the visible-tile range logic of the kernel."""
+    gen = torch.Generator().manual_seed(11)
+    n_q, n_tree, prefix_len, n_kv, group, d = 40, 150, 40, 1, 2, 64
+    mask = torch.rand(n_q, n_tree, generator=gen) < 0.1
+    mask[:20] = False  # first 32 rows (block 0 with BLOCK_M=32) see only 2 late entries
+    mask[:20, 140:142] = True
+    mask[5] = False  # prefix only
+    mask[32:] = False  # block 1 sees no tree entry at all
+    mask[35, 0] = True
+    q, k, v = make_qkv(n_q, prefix_len + n_tree, n_kv * group, n_kv, d, gen)
+    for splits in (1, 4):
+        got = tree_attention(q, k, v, mask, prefix_len, 0.3, num_splits=splits,
+                             config=TileConfig(32, 32, 4, 1))
+        assert_close(got, tree_attention_reference(q, k, v, mask, prefix_len, 0.3), **FP32_TOL,
+                     what=f"splits={splits}")
+
+
+def test_packed_mask_reused_across_layers():
+    """The model's form: pack once, call per layer with that layer's K/V."""
+    gen = torch.Generator().manual_seed(5)
+    n_q, n_tree, prefix_len = 9, 30, 50
+    mask = random_tree_mask(n_tree, n_q, gen)
+    packed = pack_tree_mask(mask, prefix_len)
+    for layer in range(2):
+        q, k, v = make_qkv(n_q, prefix_len + n_tree, 8, 2, 64, gen)
+        out = torch.full(q.shape, float("nan"))
+        tree_attention_packed(q, k, v, packed, prefix_len, n_tree, out=out)
+        assert_close(out, tree_attention_reference(q, k, v, mask, prefix_len), **FP32_TOL,
+                     what=f"layer {layer}")
+
+
+def test_pack_tree_mask_bits():
+    gen = torch.Generator().manual_seed(2)
+    for n_tree in (0, 1, 31, 32, 33, 100):
+        mask = torch.rand(4, n_tree, generator=gen) < 0.5
+        mask[:, 31::32] = True  # bit 31: the int32 sign bit
+        packed = pack_tree_mask(mask)
+        assert packed.dtype == torch.int32 and packed.shape == (4, (n_tree + 31) // 32)
+        bits = (packed.to(torch.int64)[:, :, None] >> torch.arange(32)) & 1
+        bits = bits.reshape(4, -1).bool()
+        assert torch.equal(bits[:, :n_tree], mask)
+        assert not bits[:, n_tree:].any()
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("n_q,n_tree,prefix_len,n_kv,group,d", [
+    (1, 1, 300, 2, 8, 64),  # decode
+    (512, 512, 0, 2, 4, 64),  # prefill (causal chain)
+    (37, 80, 123, 3, 1, 128),
+    (5, 0, 17, 1, 4, 80),  # prefix only
+])
+def test_reference_matches_dense_sdpa(n_q, n_tree, prefix_len, n_kv, group, d):
+    gen = torch.Generator().manual_seed(n_q * 1000 + n_tree)
+    if n_tree == n_q == 512:
+        mask = torch.ones(n_q, n_q, dtype=torch.bool).tril()
+    else:
+        mask = random_tree_mask(n_tree, n_q, gen) if n_tree else torch.zeros(n_q, 0, dtype=torch.bool)
+    q, k, v = make_qkv(n_q, prefix_len + n_tree, n_kv * group, n_kv, d, gen)
+    ref = tree_attention_reference(q, k, v, mask, prefix_len)
+    assert ref.shape == q.shape and ref.dtype == q.dtype
+    assert_close(ref, dense_sdpa(q, k, v, mask, prefix_len), **FP32_TOL, what="reference vs dense")
+
+
+def test_reference_half_precision_computes_in_fp32():
+    gen = torch.Generator().manual_seed(8)
+    mask = random_tree_mask(20, 6, gen)
+    q, k, v = make_qkv(6, 50, 4, 2, 64, gen, dtype=torch.bfloat16)
+    ref = tree_attention_reference(q, k, v, mask, 30)
+    assert ref.dtype == torch.bfloat16
+    assert_close(ref, dense_sdpa(q, k, v, mask, 30), **CUDA_TOL[torch.bfloat16], what="bf16 reference")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _small(gen, n_q=3, n_tree=4, prefix_len=0, n_heads=4, n_kv=2, d=64):
+    q, k, v = make_qkv(n_q, prefix_len + n_tree, n_heads, n_kv, d, gen)
+    mask = random_tree_mask(n_tree, n_q, gen)
+    return q, k, v, mask
+
+
+def test_fully_masked_row_is_rejected():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, mask = _small(gen)
+    mask[1] = False
+    with pytest.raises(ValueError, match="see no key"):
+        tree_attention(q, k, v, mask, 0)
+    with pytest.raises(ValueError, match="see no key"):
+        tree_attention_reference(q, k, v, mask, 0)
+    with pytest.raises(ValueError, match="see no key"):
+        pack_tree_mask(mask, 0)
+    packed = pack_tree_mask(mask)  # no prefix_len: no check, the kernel's validate flag does it
+    with pytest.raises(ValueError, match="sees no key"):
+        tree_attention_packed(q, k, v, packed, 0, 4, validate=True)
+    # With a prefix, a row seeing no tree entry is fine (it sees the prefix).
+    q, k, v, _ = _small(gen, prefix_len=2)
+    out = tree_attention(q, k, v, mask, 2)
+    assert_close(out, tree_attention_reference(q, k, v, mask, 2), **FP32_TOL)
+
+
+def test_bad_shapes_and_heads_are_rejected(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, mask = _small(gen, prefix_len=5)
+    for fn in (tree_attention, tree_attention_reference):
+        with pytest.raises(ValueError, match="tree_mask shape"):
+            fn(q, k, v, mask[:, :-1], 5)
+        with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+            fn(q[:, :3], k, v, mask, 5)
+        with pytest.raises(ValueError, match="k and v shapes"):
+            fn(q, k, v[:-1], mask, 5)
+        with pytest.raises(ValueError, match="head_dim differs"):
+            fn(q[..., :32], k, v, mask, 5)
+        with pytest.raises(ValueError, match="prefix_len"):
+            fn(q, k, v, mask, k.shape[0] + 1)
+        with pytest.raises(TypeError, match="prefix_len must be a Python int"):
+            fn(q, k, v, mask, torch.tensor(5))
+        with pytest.raises(TypeError, match="dtypes differ"):
+            fn(q.double(), k, v, mask, 5)
+    packed = pack_tree_mask(mask)
+    with pytest.raises(ValueError, match="n_tree"):
+        tree_attention_packed(q, k, v, packed, 5, 3)
+    with pytest.raises(ValueError, match="packed_mask shape"):
+        tree_attention_packed(q, k, v, packed[:2], 5, 4)
+    with pytest.raises(TypeError, match="int32"):
+        tree_attention_packed(q, k, v, mask, 5, 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="tree_attention_reference"):
+        tree_attention(q, k, v, mask, 5)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_q,n_tree,prefix_len,n_heads,n_kv,d", [
+    (1, 1, 4096, 64, 8, 128),  # 70B decode: auto split-K
+    (16, 64, 4096, 32, 32, 128),  # 7B, small tree, split-K
+    (128, 300, 517, 64, 8, 128),
+    (1024, 1024, 4096, 64, 8, 128),  # 70B verification
+    (333, 333, 1000, 16, 4, 80),
+    (77, 200, 300, 12, 12, 96),
+    (200, 200, 0, 8, 2, 64),
+])
+def test_cuda_kernel_matches_reference(dtype, n_q, n_tree, prefix_len, n_heads, n_kv, d):
+    gen = torch.Generator().manual_seed(n_q + n_tree + prefix_len + d)
+    mask = random_tree_mask(n_tree, n_q, gen, device="cuda")
+    q, k, v = make_qkv(n_q, prefix_len + n_tree, n_heads, n_kv, d, gen, dtype=dtype, device="cuda")
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+    tree_attention(q, k, v, mask, prefix_len, out=out)
+    ref = tree_attention_reference(q, k, v, mask, prefix_len)
+    assert_close(out.float(), ref.float(), **CUDA_TOL[dtype], what=f"{dtype}")
+    # Forced split count on the same inputs must agree too.
+    out2 = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+    tree_attention(q, k, v, mask, prefix_len, out=out2, num_splits=3)
+    assert_close(out2.float(), ref.float(), **CUDA_TOL[dtype], what=f"{dtype} split 3")
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_rejects_fp32_and_cpu_mask():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = make_qkv(4, 20, 4, 2, 64, gen, device="cuda")
+    mask = random_tree_mask(10, 4, gen, device="cuda")
+    with pytest.raises(TypeError, match="float16/bfloat16"):
+        tree_attention(q, k, v, mask, 10)
+    with pytest.raises(ValueError, match="tree_mask is on"):
+        tree_attention(q.half(), k.half(), v.half(), mask.cpu(), 10)
