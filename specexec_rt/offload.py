@@ -176,8 +176,9 @@ class LayerStreamer:
                 dst = self.host_block[start:start + spec.nbytes]
                 if spec.nbytes:
                     dst.view(spec.dtype).view(spec.shape).copy_(t)
-            # Keep the dataclass skeleton (non-tensor fields) to rebuild views from.
-            self._templates.append(replace_leaves(layer, lambda p, t: t.new_empty(0)))
+            # Keep the dataclass skeleton (non-tensor fields) to rebuild views from; meta
+            # tensors keep shapes and dtypes (validated by e.g. Int4Weight) and cost nothing.
+            self._templates.append(replace_leaves(layer, lambda p, t: torch.empty_like(t, device="meta")))
             if consume:
                 layers[i] = None
 
