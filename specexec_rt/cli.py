@@ -1,0 +1,126 @@
+"""The ``specexec-rt`` command: generate, serve, profile-offload."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every subcommand that loads models."""
+    p.add_argument("--model", "--target", dest="model", default="smollm2-135m",
+                   help="target model: HF directory, .gguf file, hub id in the local HF cache, or alias "
+                        "(default: smollm2-135m)")
+    p.add_argument("--draft", default=None,
+                   help="draft model source, or 'default' for the built-in draft derived from the target; "
+                        "omit for autoregressive decoding")
+    p.add_argument("--method", default=None, choices=["autoregressive", "chain", "specinfer", "specexec"],
+                   help="decoding method (default: specexec with a draft, autoregressive without)")
+    p.add_argument("--budget", default="256",
+                   help="draft tree size in tokens for specexec (an int, or 'auto')")
+    p.add_argument("--beams-per-step", type=int, default=None, help="specexec: nodes expanded per draft step")
+    p.add_argument("--branch-width", type=int, default=None, help="specexec: children per expanded node")
+    p.add_argument("--max-depth", type=int, default=None, help="specexec: maximum tree depth")
+    p.add_argument("--k", type=int, default=None, help="chain: draft tokens per pass")
+    p.add_argument("--n", type=int, default=None, help="specinfer: root candidates")
+    p.add_argument("--depth", type=int, default=None, help="specinfer: chain length per candidate")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights/activations dtype")
+    p.add_argument("--max-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int4"],
+                   help="auto keeps 4-bit checkpoints 4-bit on CUDA; int4 also quantizes dense ones")
+    p.add_argument("--offload", action="store_true", help="stream the target's layers from pinned host RAM")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory the offloaded target may use")
+
+
+def build_engine(args):
+    """Load target (and draft) and make an Engine from parsed CLI flags."""
+    import torch
+
+    from . import load_model
+    from .engine import Engine
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    t0 = time.perf_counter()
+    target = load_model(args.model, device=args.device, dtype=dtype, max_len=args.max_len,
+                        quantize=args.quantize, offload=args.offload, gpu_memory_gb=args.gpu_memory_gb)
+    draft = None
+    if args.draft == "default":
+        from .drafts import default_draft
+
+        draft = default_draft(target)
+    elif args.draft:
+        draft = load_model(args.draft, device=target.device, dtype=target.dtype, max_len=target.max_len,
+                           quantize=args.quantize)
+    method = args.method or ("specexec" if draft is not None else "autoregressive")
+    params = {k: getattr(args, k) for k in ("beams_per_step", "branch_width", "max_depth", "k", "n", "depth")
+              if getattr(args, k) is not None}
+    budget = args.budget if args.budget == "auto" else int(args.budget)
+    engine = Engine(target, draft, method=method, budget=budget, **params)
+    print(f"[specexec-rt] loaded {args.model}" + (f" + draft {args.draft}" if draft is not None else "")
+          + f" on {target.device} in {time.perf_counter() - t0:.1f}s; method={method}", file=sys.stderr)
+    return engine
+
+
+def cmd_generate(args) -> int:
+    engine = build_engine(args)
+    prompt = args.prompt
+    if not args.raw:
+        prompt = engine.apply_chat_template([{"role": "user", "content": prompt}])
+    t0 = time.perf_counter()
+    result = None
+    for piece in engine.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    result = engine.last_result
+    elapsed = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    s = result.stats
+    n = len(result.token_ids)
+    print(f"[specexec-rt] {n} tokens, {s.target_passes} target passes, {s.tokens_per_pass:.2f} tokens/pass, "
+          f"{n / elapsed:.1f} tok/s (draft {s.draft_seconds:.2f}s, target {s.target_seconds:.2f}s)",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="specexec-rt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt, streaming it")
+    add_model_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    for module_name in ("profile_offload", "server"):
+        try:
+            module = __import__(f"specexec_rt.{module_name}", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        module.add_parser(sub)
+
+    args = parser.parse_args(argv)
+    from .errors import SpecExecError
+
+    try:
+        return args.func(args)
+    except SpecExecError as e:
+        print(f"specexec-rt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
