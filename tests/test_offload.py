@@ -396,3 +396,60 @@ def test_cuda_streamed_forward_under_sanitizer(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
     assert "CSAN" not in proc.stderr and "data race" not in proc.stderr.lower(), proc.stderr
+
+
+# ------------------------------------------------------------------ profiler
+
+def _cli(argv):
+    import argparse
+
+    from specexec_rt import profile_offload
+
+    parser = argparse.ArgumentParser()
+    profile_offload.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["profile-offload", *argv])
+    return args.func(args)
+
+
+def test_profile_dry_runs_and_writes_json(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "p.json"
+    assert _cli(["--dry", "--sizes", "64K,256K", "--layers", "3", "--tokens", "4", "--passes", "2",
+                 "--iters", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["bytes"] for r in res["bandwidth"]] == [65536, 65536, 262144, 262144]
+    assert all(r["gbps"] > 0 for r in res["bandwidth"])
+    s = res["streamer"]
+    assert s["layers"] == 3 and s["bytes_per_pass"] == 3 * s["layer_bytes"]
+    for key in ("copy_only_s", "compute_only_s", "streamed_s", "efficiency"):
+        assert s[key] > 0, key
+    assert "overlap efficiency" in capsys.readouterr().out
+
+
+def test_profile_dry_int4_shape():
+    from specexec_rt.profile_offload import run_profile, synthetic_layer
+
+    res = run_profile(sizes=[4096], shape="tiny", quantize="int4", layers=2, tokens=2, iters=1, passes=1, dry=True)
+    layer = synthetic_layer("tiny", "int4")
+    dense = synthetic_layer("tiny", "none")
+    # 4-bit packing: the int4 layer moves about a quarter of the fp16 bytes (+ scales).
+    assert weights_nbytes(layer) < 0.3 * weights_nbytes(dense)
+    assert res["streamer"]["quantize"] == "int4" and res["streamer"]["streamed_s"] > 0
+
+
+def test_profile_without_cuda_exits_2(capsys):
+    if HAS_CUDA:
+        pytest.skip("needs a machine without CUDA")
+    assert _cli([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert _cli(["--dry", "--sizes", "12Q"]) == 2
+
+
+def test_parse_size():
+    from specexec_rt.profile_offload import parse_size
+
+    assert [parse_size(s) for s in ("1M", "16M", "1G", "512K", "4096", "2MiB")] == \
+        [1 << 20, 16 << 20, 1 << 30, 512 << 10, 4096, 2 << 20]
+    with pytest.raises(ValueError, match="size"):
+        parse_size("-1M")
