@@ -98,8 +98,8 @@ def from_gptq(
     mins = -z * s
     w = Int4Weight(
         qweight=_pack_nibbles(q.T.contiguous()),
-        scales=s.T.contiguous().to(scale_dtype),
-        mins=mins.T.contiguous().to(scale_dtype),
+        scales=s.to(scale_dtype).contiguous(),
+        mins=mins.to(scale_dtype).contiguous(),
         out_features=n,
         in_features=k,
         group_size=group,
@@ -133,8 +133,8 @@ def from_gguf_q4_0(raw_blocks, shape) -> Int4Weight:
     d = _fp16_field(blocks, 0)
     return Int4Weight(
         qweight=blocks[..., 2:18].reshape(n, k // 2).contiguous(),
-        scales=d.contiguous(),
-        mins=(d * -8).contiguous(),  # exact: power-of-two multiple of an fp16
+        scales=d.T.contiguous(),
+        mins=(d * -8).T.contiguous(),  # exact: power-of-two multiple of an fp16
         out_features=n, in_features=k, group_size=32,
     )
 
@@ -144,7 +144,7 @@ def from_gguf_q4_1(raw_blocks, shape) -> Int4Weight:
     blocks, n, k = _gguf_blocks(raw_blocks, shape, 20, "from_gguf_q4_1")
     return Int4Weight(
         qweight=blocks[..., 4:20].reshape(n, k // 2).contiguous(),
-        scales=_fp16_field(blocks, 0).contiguous(),
-        mins=_fp16_field(blocks, 2).contiguous(),
+        scales=_fp16_field(blocks, 0).T.contiguous(),
+        mins=_fp16_field(blocks, 2).T.contiguous(),
         out_features=n, in_features=k, group_size=32,
     )

@@ -7,9 +7,10 @@ Format (``Int4Weight``), for a weight ``W`` ``[N, K]`` = ``[out_features, in_fea
   order, so those blocks copy straight in). The kernel never interleaves nibbles: it loads
   the low and the high halves as two separate operands and pairs them with the matching
   activation columns.
-- ``scales``, ``mins`` ``[N, K/G]`` (fp16 or fp32): ``W[n, k] = q[n, k] * scales[n, g] +
-  mins[n, g]`` with ``g = k // G``. One FMA per weight, and GGUF's ``d*q + m`` and GPTQ's
-  ``s*(q - z)`` (``mins = -z*s``) both fit without re-quantising.
+- ``scales``, ``mins`` ``[K/G, N]`` (fp16 or fp32): ``W[n, k] = q[n, k] * scales[g, n] +
+  mins[g, n]`` with ``g = k // G``. GGUF's ``d*q + m`` and GPTQ's ``s*(q - z)``
+  (``mins = -z*s``) both fit without re-quantising. Group-major so a tile's scales are
+  one coalesced row segment (GPTQ's own orientation).
 
 Dispatch (``int4_matmul``):
 
@@ -85,7 +86,7 @@ class Int4Weight:
     """
 
     qweight: torch.Tensor  # uint8 [N, K/2]
-    scales: torch.Tensor  # fp16/fp32 [N, K/G]
+    scales: torch.Tensor  # fp16/fp32 [K/G, N]
     mins: torch.Tensor  # same dtype and shape as scales
     out_features: int
     in_features: int
@@ -101,9 +102,9 @@ class Int4Weight:
             )
         for name in ("scales", "mins"):
             t = getattr(self, name)
-            if t.dtype not in (torch.float16, torch.float32) or tuple(t.shape) != (n, k // g):
+            if t.dtype not in (torch.float16, torch.float32) or tuple(t.shape) != (k // g, n):
                 raise ValueError(
-                    f"Int4Weight.{name} must be fp16/fp32 [{n}, {k // g}], got "
+                    f"Int4Weight.{name} must be fp16/fp32 [{k // g}, {n}], got "
                     f"{t.dtype} {tuple(t.shape)}"
                 )
         if self.mins.dtype != self.scales.dtype:
@@ -141,7 +142,7 @@ class Int4Weight:
         n, k = self.shape
         g = self.group_size
         q = self.unpack().view(n, k // g, g).to(torch.float32)
-        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
+        w = q * self.scales.float().T[..., None] + self.mins.float().T[..., None]
         return w.reshape(n, k).to(dtype)
 
     @staticmethod
@@ -162,8 +163,8 @@ class Int4Weight:
         sdt = torch.float16 if all(w.scales.dtype == torch.float16 for w in weights) else torch.float32
         return Int4Weight(
             qweight=torch.cat([w.qweight for w in weights], 0),
-            scales=torch.cat([w.scales.to(sdt) for w in weights], 0),
-            mins=torch.cat([w.mins.to(sdt) for w in weights], 0),
+            scales=torch.cat([w.scales.to(sdt) for w in weights], 1),
+            mins=torch.cat([w.mins.to(sdt) for w in weights], 1),
             out_features=sum(w.out_features for w in weights),
             in_features=k,
             group_size=g,
@@ -223,8 +224,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128,
     q = torch.round((wf - mins[..., None]) / safe[..., None]).clamp_(0, 15)
     return Int4Weight(
         qweight=_pack_nibbles(q.reshape(n, k)),
-        scales=scale.to(scale_dtype).contiguous(),
-        mins=mins.to(scale_dtype).contiguous(),
+        scales=scale.to(scale_dtype).T.contiguous(),
+        mins=mins.to(scale_dtype).T.contiguous(),
         out_features=n,
         in_features=k,
         group_size=group_size,
@@ -276,7 +277,7 @@ def _cpu_pack(w: Int4Weight, dtype: torch.dtype):
         # aten's convention: W = (q - 8) * scale + zero  =>  zero = min + 8 * scale.
         s = w.scales.float()
         zero = w.mins.float() + 8 * s
-        cache[dtype] = torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(dtype)
+        cache[dtype] = torch.stack([s, zero], -1).contiguous().to(dtype)  # [K/G, N, 2]
     return cache["packed"], cache[dtype]
 
 
@@ -315,15 +316,22 @@ def int4_matmul_cpu(x: torch.Tensor, w: Int4Weight,
 if triton is not None:
 
     @triton.jit
-    def _nibbles_to_f32(b):
-        """uint8 tile -> (low, high) nibbles as fp32 without int->float conversions.
+    def _nibbles_to_f32(b, FAST: tl.constexpr):
+        """uint8 tile -> (low, high) nibbles as fp32, without int->float conversions.
 
-        ``0x4B000000 | q`` is the fp32 bit pattern of ``2**23 + q``; subtracting 2**23 is
-        exact. I2F runs at 1/8 of FMA rate on recent GPUs and would bound the GEMV.
+        I2F runs at a fraction of FMA rate and would bound the GEMV, so the nibble is
+        OR-ed into a float's mantissa. FAST: ``0x44800000 | q << 13`` is ``1024 + q`` (two
+        integer ops, the caller folds the 1024 into the per-group terms). Exact mode:
+        ``0x4B000000 | q`` is ``2**23 + q`` and subtracting 2**23 is exact (for fp32 x,
+        where folding 1024 would cost ~1e-5 relative precision).
         """
         bi = b.to(tl.int32)
-        lo = ((bi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        hi = ((bi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        if FAST:
+            lo = (((bi << 13) & 0x1E000) | 0x44800000).to(tl.float32, bitcast=True)
+            hi = (((bi << 9) & 0x1E000) | 0x44800000).to(tl.float32, bitcast=True)
+        else:
+            lo = ((bi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            hi = ((bi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         return lo, hi
 
     @triton.jit
@@ -331,12 +339,14 @@ if triton is not None:
         x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr,
         N, K, stride_xm, stride_om, stride_os, K_PER_SPLIT,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        STAGES: tl.constexpr,
+        STAGES: tl.constexpr, FAST: tl.constexpr,
     ):
         """One x row per program (grid dim 2) times BLOCK_N weight rows, one K split.
 
-        x ``[M, K]``, qweight ``[N, K/2]``, scales/mins ``[N, K/G]``, out ``[S, M, N]``
-        (or ``[M, N]`` when S == 1). BLOCK_K divides GROUP, so each tile has one group.
+        x ``[M, K]``, qweight ``[N, K/2]``, scales/mins ``[K/G, N]``, out ``[S, M, N]``
+        (or ``[M, N]`` when S == 1). BLOCK_K divides GROUP, so each tile has one group and
+        the scale/min are applied per row per tile, not per weight:
+        ``sum_k (q s + m) x = s * sum_k q x + m * sum_k x``.
         """
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -347,25 +357,26 @@ if triton is not None:
         rj = tl.arange(0, HALF)
         # Byte j of a tile holds elements 32*(j//16) + j%16 (low) and that + 16 (high).
         k_lo = (rj // 16) * 32 + (rj % 16)
-        n_groups = K // GROUP
         qw_rows = qw_ptr + rn.to(tl.int64)[:, None] * (K // 2)
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         k_begin = pid_s * K_PER_SPLIT
         k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
             b = tl.load(qw_rows + (k0 // 2 + rj)[None, :], mask=mask_n[:, None], other=0)
-            g = k0 // GROUP
-            s = tl.load(s_ptr + rn * n_groups + g, mask=mask_n, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + rn * n_groups + g, mask=mask_n, other=0.0).to(tl.float32)
+            g_off = (k0 // GROUP) * N
+            s = tl.load(s_ptr + g_off + rn, mask=mask_n, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + g_off + rn, mask=mask_n, other=0.0).to(tl.float32)
             xl = tl.load(x_row + k0 + k_lo).to(tl.float32)
             xh = tl.load(x_row + k0 + k_lo + 16).to(tl.float32)
-            lo, hi = _nibbles_to_f32(b)
-            acc += (lo * s[:, None] + m[:, None]) * xl[None, :]
-            acc += (hi * s[:, None] + m[:, None]) * xh[None, :]
-        y = tl.sum(acc, axis=1)
+            lo, hi = _nibbles_to_f32(b, FAST)
+            qx = tl.sum(lo * xl[None, :] + hi * xh[None, :], axis=1)
+            sx = tl.sum(xl + xh, axis=0)
+            if FAST:
+                m = m - 1024.0 * s
+            acc += s * qx + m * sx
         out = out_ptr + pid_s.to(tl.int64) * stride_os + pid_m.to(tl.int64) * stride_om + rn
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
     def _int4_mm_kernel(
@@ -373,7 +384,7 @@ if triton is not None:
         M, N, K, stride_xm, stride_om, stride_os, K_PER_SPLIT,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        UPCAST_DOT: tl.constexpr, FAST: tl.constexpr,
     ):
         """Tensor-core tile: ``out.T[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T`` over one K split.
 
@@ -390,7 +401,6 @@ if triton is not None:
         mask_m = rm < M
         rj = tl.arange(0, HALF)
         k_lo = (rj // 16) * 32 + (rj % 16)
-        n_groups = K // GROUP
         qw_rows = qw_ptr + rn.to(tl.int64)[:, None] * (K // 2)
         x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -398,12 +408,14 @@ if triton is not None:
         k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
             b = tl.load(qw_rows + (k0 // 2 + rj)[None, :], mask=mask_n[:, None], other=0)
-            g = k0 // GROUP
-            s = tl.load(s_ptr + rn * n_groups + g, mask=mask_n, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + rn * n_groups + g, mask=mask_n, other=0.0).to(tl.float32)
+            g_off = (k0 // GROUP) * N
+            s = tl.load(s_ptr + g_off + rn, mask=mask_n, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + g_off + rn, mask=mask_n, other=0.0).to(tl.float32)
+            if FAST:  # lo/hi are 1024 + q: fold the offset into the per-row constant
+                m = m - 1024.0 * s
             xl = tl.load(x_cols + (k0 + k_lo)[:, None], mask=mask_m[None, :], other=0.0)
             xh = tl.load(x_cols + (k0 + k_lo + 16)[:, None], mask=mask_m[None, :], other=0.0)
-            lo, hi = _nibbles_to_f32(b)
+            lo, hi = _nibbles_to_f32(b, FAST)
             wl = (lo * s[:, None] + m[:, None]).to(x_ptr.dtype.element_ty)
             wh = (hi * s[:, None] + m[:, None]).to(x_ptr.dtype.element_ty)
             if UPCAST_DOT:  # Triton's interpreter computes bf16 dots wrongly (3.9)
@@ -417,29 +429,42 @@ if triton is not None:
 
     @triton.jit
     def _int4_dequant_kernel(
-        qw_ptr, s_ptr, m_ptr, out_ptr, N, K, n_offset,
+        qw_ptr, s_ptr, m_ptr, out_ptr, N_TOTAL, ROWS, K, n_offset,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        FAST: tl.constexpr,
     ):
-        """Rows ``[n_offset, n_offset + rows)`` of W into ``out`` ``[rows, K]`` (x's dtype)."""
+        """Rows ``[n_offset, n_offset + ROWS)`` of W into ``out`` ``[ROWS, K]`` (x's dtype)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         HALF: tl.constexpr = BLOCK_K // 2
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rn < N
-        src = (n_offset + rn).to(tl.int64)
+        mask_n = rn < ROWS
+        src = n_offset + rn
         rj = tl.arange(0, HALF)
         k0 = pid_k * BLOCK_K
         k_lo = k0 + (rj // 16) * 32 + (rj % 16)
-        b = tl.load(qw_ptr + src[:, None] * (K // 2) + (k0 // 2 + rj)[None, :],
+        b = tl.load(qw_ptr + src.to(tl.int64)[:, None] * (K // 2) + (k0 // 2 + rj)[None, :],
                     mask=mask_n[:, None], other=0)
-        g = k0 // GROUP
-        s = tl.load(s_ptr + src * (K // GROUP) + g, mask=mask_n, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + src * (K // GROUP) + g, mask=mask_n, other=0.0).to(tl.float32)
-        lo, hi = _nibbles_to_f32(b)
+        g_off = (k0 // GROUP) * N_TOTAL
+        s = tl.load(s_ptr + g_off + src, mask=mask_n, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + g_off + src, mask=mask_n, other=0.0).to(tl.float32)
+        if FAST:
+            m = m - 1024.0 * s
+        lo, hi = _nibbles_to_f32(b, FAST)
         dst = out_ptr + rn.to(tl.int64)[:, None] * K + k_lo[None, :]
         ty = out_ptr.dtype.element_ty
         tl.store(dst, (lo * s[:, None] + m[:, None]).to(ty), mask=mask_n[:, None])
         tl.store(dst + 16, (hi * s[:, None] + m[:, None]).to(ty), mask=mask_n[:, None])
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, out_ptr, S, MN, BLOCK: tl.constexpr):
+        """out ``[MN]`` (any float dtype) = sum over S of fp32 partials ``[S, MN]``, in order."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(S):
+            acc += tl.load(part_ptr + i * MN + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -481,9 +506,11 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: small, so tiny test shapes still exercise split-K
 
 
-def _split_k(n_tiles: int, k_blocks: int, sm_count: int) -> int:
-    """Splits of K so the grid has >= ~2 programs per SM, each with >= 2 K blocks."""
-    target = 2 * sm_count
+def _split_k(n_tiles: int, k_blocks: int, sm_count: int, per_sm: int) -> int:
+    """Splits of K (a power of two) so the grid has >= ``per_sm`` programs per SM, each
+    with >= 2 K blocks: a memory-bound kernel needs many loads in flight per SM (Little's
+    law: ~2 MB across an H100) and the K loop is not software-pipelined by default."""
+    target = per_sm * sm_count
     split = 1
     while n_tiles * split < target and k_blocks // (split * 2) >= 2:
         split *= 2
@@ -504,7 +531,7 @@ def _launch_fused(x2: torch.Tensor, w: Int4Weight, split_k: Optional[int] = None
     n_tiles = triton.cdiv(n, bn) * (m if bm == 1 else triton.cdiv(m, bm))
     k_blocks = k // bk
     if split_k is None:
-        split_k = _split_k(n_tiles, k_blocks, _sm_count(x2.device))
+        split_k = _split_k(n_tiles, k_blocks, _sm_count(x2.device), 8 if bm == 1 else 4)
     k_per_split = triton.cdiv(k_blocks, split_k) * bk
     split_k = triton.cdiv(k, k_per_split)  # no empty splits
     if out is None:
@@ -512,13 +539,14 @@ def _launch_fused(x2: torch.Tensor, w: Int4Weight, split_k: Optional[int] = None
     dst = out if split_k == 1 else torch.empty((split_k, m, n), device=x2.device,
                                                dtype=torch.float32)
     stride_os = 0 if split_k == 1 else dst.stride(0)
+    fast = x2.dtype != torch.float32  # fp32 x keeps the exact nibble conversion
     if bm == 1:
         grid = (triton.cdiv(n, bn), split_k, m)
         _int4_gemv_kernel[grid](
             x2, w.qweight, w.scales, w.mins, dst,
             n, k, x2.stride(0), n, stride_os, k_per_split,
             GROUP=w.group_size, BLOCK_N=bn, BLOCK_K=bk, STAGES=K_LOOP_STAGES,
-            num_warps=warps,
+            FAST=fast, num_warps=warps,
         )
     else:
         grid = (triton.cdiv(n, bn), split_k, triton.cdiv(m, bm))
@@ -527,11 +555,13 @@ def _launch_fused(x2: torch.Tensor, w: Int4Weight, split_k: Optional[int] = None
             m, n, k, x2.stride(0), n, stride_os, k_per_split,
             GROUP=w.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=K_LOOP_STAGES,
             DOT_PRECISION="ieee" if x2.dtype == torch.float32 or _interpreting() else "tf32",
-            UPCAST_DOT=_interpreting() and x2.dtype == torch.bfloat16,
+            UPCAST_DOT=_interpreting() and x2.dtype == torch.bfloat16, FAST=fast,
             num_warps=warps,
         )
-    if split_k > 1:
-        torch.sum(dst, dim=0, out=out) if x2.dtype == torch.float32 else out.copy_(dst.sum(0))
+    if split_k > 1:  # one launch: sum the fp32 partials in split order, cast to x's dtype
+        mn = m * n
+        _sum_splits_kernel[(triton.cdiv(mn, 1024),)](dst, out, split_k, mn, BLOCK=1024,
+                                                     num_warps=4)
     return out
 
 
@@ -555,8 +585,9 @@ def dequantize_into(w: Int4Weight, out: torch.Tensor, row_start: int = 0) -> tor
         raise ValueError("dequantize_into: out must be contiguous [rows, in_features] within W")
     bn, bk = 32, _block_k(w.group_size, 128)
     grid = (triton.cdiv(rows, bn), k // bk)
-    _int4_dequant_kernel[grid](w.qweight, w.scales, w.mins, out, rows, k, row_start,
-                               GROUP=w.group_size, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    _int4_dequant_kernel[grid](w.qweight, w.scales, w.mins, out, w.out_features, rows, k,
+                               row_start, GROUP=w.group_size, BLOCK_N=bn, BLOCK_K=bk,
+                               FAST=out.dtype != torch.float32, num_warps=4)
     return out
 
 

@@ -1,0 +1,172 @@
+"""4-bit weight-only matmul vs fp16 cuBLAS and vs dequantise + cuBLAS, Llama layer shapes.
+
+One line per (shape, M): times (median of ``triton.testing.do_bench``), our achieved GB/s
+(packed weights + scales + mins + x + out) and TFLOP/s, and ratios against fp16 ``x @ W.T``
+and against dequantise-then-matmul. Weights (and x) rotate over enough copies that the L2
+cannot serve them. ``fused`` is the Triton GEMV/tensor-core kernel forced at every M, so
+the table also shows where ``DEQUANT_MIN_M`` should sit.
+
+    python bench/bench_int4_matmul.py [--dry] [--json out.json] [--stages 1] [--models 7b,70b]
+
+``--dry``: tiny shapes on CPU through Triton's interpreter (seconds), for CI.
+``run(dry)`` returns the rows for a GPU suite to import.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+SHAPES = {  # name: (in_features K, out_features N)
+    "70b.q/o": (8192, 8192),
+    "70b.k/v": (8192, 1024),
+    "70b.gate/up": (8192, 28672),
+    "70b.down": (28672, 8192),
+    "7b.q/k/v/o": (4096, 4096),
+    "7b.gate/up": (4096, 11008),
+    "7b.down": (11008, 4096),
+}
+MS = (1, 16, 64, 256, 1024, 2048)
+DRY_SHAPES = {"dry.a": (256, 96), "dry.b": (512, 64)}
+DRY_MS = (1, 16)
+GROUP = 128
+L2_FLUSH_BYTES = 256 * 1024 * 1024  # rotate copies until this many bytes are in play
+
+
+def _bench_cuda(fn, n_copies: int) -> float:
+    import triton
+
+    state = {"i": 0}
+
+    def call():
+        fn(state["i"] % n_copies)
+        state["i"] += 1
+
+    return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+
+
+def _bench_cpu(fn, n_copies: int, reps: int = 3) -> float:
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(i % n_copies)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _row(name, k, n, m, mod, torch, dry):
+    device = "cpu" if dry else "cuda"
+    dtype = torch.float32 if dry else torch.float16
+    g = torch.Generator(device=device).manual_seed(k * 7 + n + m)
+    w0 = torch.randn(n, k, device=device, generator=g, dtype=torch.float32) * 0.02
+    wq = mod.quantize_int4(w0, GROUP)
+    w16 = w0.to(dtype)
+    del w0
+    q_bytes = wq.nbytes
+    io_bytes = (m * k + m * n) * torch.finfo(dtype).bits // 8
+    n_q = 1 if dry else max(1, min(32, math.ceil(L2_FLUSH_BYTES / (q_bytes + io_bytes))))
+    n_16 = 1 if dry else max(1, min(8, math.ceil(L2_FLUSH_BYTES / w16.nbytes)))
+    wqs = [wq] + [dataclasses.replace(wq, qweight=wq.qweight.clone(), scales=wq.scales.clone(),
+                                      mins=wq.mins.clone()) for _ in range(n_q - 1)]
+    w16s = [w16] + [w16.clone() for _ in range(n_16 - 1)]
+    xs = [torch.randn(m, k, device=device, generator=g, dtype=torch.float32).to(dtype)
+          for _ in range(max(n_q, n_16))]
+
+    # Correctness first: a fast wrong kernel must not reach the table.
+    ref = mod.int4_matmul_reference(xs[0], wq).float()
+    for label, y in (("ours", mod.int4_matmul(xs[0], wq)),
+                     ("fused", mod._launch_fused(xs[0], wq))):
+        scale = (xs[0].float().abs() @ wq.dequantize().abs().T).max().item()
+        err = (y.float() - ref).abs().max().item()
+        if not math.isfinite(err) or err > 5e-3 * scale + 1e-4:
+            raise RuntimeError(f"{name} M={m}: {label} differs from reference by {err:.3g}")
+
+    bench = _bench_cpu if dry else _bench_cuda
+    t_ours = bench(lambda i: mod.int4_matmul(xs[i], wqs[i % n_q]), len(xs))
+    t_fused = bench(lambda i: mod._launch_fused(xs[i], wqs[i % n_q]), len(xs))
+    if dry:
+        t_deq = bench(lambda i: xs[i] @ wqs[i % n_q].dequantize(dtype).T, len(xs))
+    else:
+        t_deq = bench(lambda i: mod._dequant_matmul(xs[i], wqs[i % n_q]), len(xs))
+    t_16 = bench(lambda i: xs[i] @ w16s[i % n_16].T, len(xs))
+    t_best = min(t_ours, t_fused)
+    return {
+        "shape": name, "K": k, "N": n, "M": m, "dtype": str(dtype).replace("torch.", ""),
+        "group_size": GROUP, "path": "dequant+mm" if (m >= mod.DEQUANT_MIN_M and not dry) else "fused",
+        "ms_ours": t_ours, "ms_fused": t_fused, "ms_dequant_mm": t_deq, "ms_fp16": t_16,
+        "gbps_ours": (q_bytes + io_bytes) / (t_ours * 1e-3) / 1e9,
+        "gbps_fp16": (w16.nbytes + io_bytes) / (t_16 * 1e-3) / 1e9,
+        "tflops_ours": 2 * m * n * k / (t_ours * 1e-3) / 1e12,
+        "tflops_fp16": 2 * m * n * k / (t_16 * 1e-3) / 1e12,
+        "speedup_vs_fp16": t_16 / t_ours,
+        "speedup_vs_dequant_mm": t_deq / t_ours,
+        "best_path_speedup_vs_fp16": t_16 / t_best,
+        "stages": mod.K_LOOP_STAGES,
+    }
+
+
+def run(dry: bool = False, models: tuple[str, ...] = ("70b", "7b"), ms=None,
+        stages: int | None = None) -> list[dict]:
+    """Benchmark rows (dicts, see ``_row``). ``dry`` needs TRITON_INTERPRET=1 set before
+    Triton is first imported (``main`` does that)."""
+    if dry and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            raise RuntimeError("run(dry=True) needs TRITON_INTERPRET=1 before triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    from specexec_rt.kernels import int4_matmul as mod
+
+    if not dry and not torch.cuda.is_available():
+        raise RuntimeError("the int4 benchmark needs a CUDA GPU (or --dry)")
+    if stages is not None:
+        mod.K_LOOP_STAGES = stages
+    shapes = DRY_SHAPES if dry else {s: v for s, v in SHAPES.items()
+                                     if s.split(".")[0] in models}
+    rows = []
+    for name, (k, n) in shapes.items():
+        for m in (DRY_MS if dry else (ms or MS)):
+            rows.append(_row(name, k, n, m, mod, torch, dry))
+            _print_row(rows[-1], header=len(rows) == 1)
+            if not dry:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _print_row(r: dict, header: bool) -> None:
+    if header:
+        print(f"{'shape':<12}{'K':>6}{'N':>6}{'M':>5} {'path':<10}{'ours ms':>9}{'fused':>9}"
+              f"{'deq+mm':>9}{'fp16 ms':>9}{'GB/s':>7}{'TFLOP/s':>8}{'fp16 TF':>8}"
+              f"{'x fp16':>7}{'x deq':>7}")
+    print(f"{r['shape']:<12}{r['K']:>6}{r['N']:>6}{r['M']:>5} {r['path']:<10}"
+          f"{r['ms_ours']:>9.4f}{r['ms_fused']:>9.4f}{r['ms_dequant_mm']:>9.4f}"
+          f"{r['ms_fp16']:>9.4f}{r['gbps_ours']:>7.0f}{r['tflops_ours']:>8.1f}"
+          f"{r['tflops_fp16']:>8.1f}{r['speedup_vs_fp16']:>7.2f}{r['speedup_vs_dequant_mm']:>7.2f}",
+          flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry", action="store_true", help="tiny shapes on CPU via the interpreter")
+    ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--models", default="70b,7b", help="comma list of 70b, 7b")
+    ap.add_argument("--ms", default=None, help="comma list of M values (default 1..2048)")
+    ap.add_argument("--stages", type=int, default=None,
+                    help="software-pipelining stages of the K loops (module default 1)")
+    args = ap.parse_args(argv)
+    if args.dry:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else None
+    rows = run(args.dry, tuple(args.models.split(",")), ms, args.stages)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
