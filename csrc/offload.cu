@@ -67,16 +67,18 @@ int sx_is_pinned(const void* ptr, int* out) {
 }
 
 // Asynchronous copies of a byte range on the caller's stream (a cudaStream_t, e.g.
-// torch.cuda.Stream.cuda_stream). The host side must be pinned for the copy to be truly
+// torch.cuda.Stream.cuda_stream) of device `device`. The host side must be pinned for the copy to be truly
 // asynchronous; the caller orders the stream with events.
-int sx_memcpy_h2d_async(void* dst, const void* src, size_t bytes, void* stream) {
+int sx_memcpy_h2d_async(int device, void* dst, const void* src, size_t bytes, void* stream) {
   if (bytes == 0) return 0;
+  SX_CHECK(cudaSetDevice(device));  // our runtime's current device is not PyTorch's
   return static_cast<int>(
       cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(stream)));
 }
 
-int sx_memcpy_d2h_async(void* dst, const void* src, size_t bytes, void* stream) {
+int sx_memcpy_d2h_async(int device, void* dst, const void* src, size_t bytes, void* stream) {
   if (bytes == 0) return 0;
+  SX_CHECK(cudaSetDevice(device));
   return static_cast<int>(
       cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(stream)));
 }

@@ -4,7 +4,7 @@
 
 #include <stddef.h>
 
-#define SX_ABI_VERSION 1
+#define SX_ABI_VERSION 2
 
 #define SX_HOST_PAGEABLE 0
 #define SX_HOST_PINNED 1
@@ -25,8 +25,8 @@ int sx_host_free(void* ptr);
 int sx_host_register(void* ptr, size_t bytes);
 int sx_host_unregister(void* ptr);
 int sx_is_pinned(const void* ptr, int* out);
-int sx_memcpy_h2d_async(void* dst, const void* src, size_t bytes, void* stream);
-int sx_memcpy_d2h_async(void* dst, const void* src, size_t bytes, void* stream);
+int sx_memcpy_h2d_async(int device, void* dst, const void* src, size_t bytes, void* stream);
+int sx_memcpy_d2h_async(int device, void* dst, const void* src, size_t bytes, void* stream);
 int sx_probe_bandwidth(int device, size_t bytes, int host_kind, int direction, int iters,
                        float* out_ms);
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("offload.cu", "offload.h")
-ABI_VERSION = 1  # csrc/offload.h SX_ABI_VERSION
+ABI_VERSION = 2  # csrc/offload.h SX_ABI_VERSION
 
 HOST_KINDS = {"pageable": 0, "pinned": 1, "registered": 2}
 DIRECTIONS = {"h2d": 0, "d2h": 1}
@@ -101,10 +101,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "sx_host_register": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]),
         "sx_host_unregister": (ctypes.c_int, [ctypes.c_void_p]),
         "sx_is_pinned": (ctypes.c_int, [ctypes.c_void_p, c_int_p]),
-        "sx_memcpy_h2d_async": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                               ctypes.c_void_p]),
-        "sx_memcpy_d2h_async": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                               ctypes.c_void_p]),
+        "sx_memcpy_h2d_async": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.c_size_t, ctypes.c_void_p]),
+        "sx_memcpy_d2h_async": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.c_size_t, ctypes.c_void_p]),
         "sx_probe_bandwidth": (ctypes.c_int, [ctypes.c_int, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                               ctypes.c_int, ctypes.POINTER(ctypes.c_float)]),
     }
@@ -219,7 +219,8 @@ def copy_h2d_async(dst: torch.Tensor, src: torch.Tensor, stream: "torch.cuda.Str
         raise ValueError(f"copy_h2d_async: {nbytes} source bytes vs "
                          f"{dst.numel() * dst.element_size()} destination bytes (both must be contiguous)")
     if backend() == "csrc":
-        _check(_lib, _lib.sx_memcpy_h2d_async(dst.data_ptr(), src.data_ptr(), nbytes, stream.cuda_stream),
+        _check(_lib, _lib.sx_memcpy_h2d_async(dst.device.index, dst.data_ptr(), src.data_ptr(), nbytes,
+                                              stream.cuda_stream),
                f"cudaMemcpyAsync H2D ({nbytes} bytes)")
     else:
         with torch.cuda.stream(stream):

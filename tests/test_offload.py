@@ -343,6 +343,7 @@ def test_cuda_streamed_equals_resident(int4):
     assert streamer.pinned and native.is_pinned(streamer.host_block)
     for s in streamer.slots:
         s.fill_(255)
+    torch.cuda.synchronize()  # the poison runs on the compute stream, the copies on the copy stream
     streamer.trace = []
     got = run_passes(streamer, x0, 3)
     torch.cuda.synchronize()
