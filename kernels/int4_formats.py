@@ -131,10 +131,12 @@ def from_gguf_q4_0(raw_blocks, shape) -> Int4Weight:
     """GGUF Q4_0 (18-byte blocks: fp16 d, 16 nibble bytes; ``w = d * (q - 8)``)."""
     blocks, n, k = _gguf_blocks(raw_blocks, shape, 18, "from_gguf_q4_0")
     d = _fp16_field(blocks, 0)
+    if not torch.isfinite(d * -8).all():  # |d| > 8188 overflows -8d in fp16: keep fp32
+        d = d.float()
     return Int4Weight(
         qweight=blocks[..., 2:18].reshape(n, k // 2).contiguous(),
         scales=d.T.contiguous(),
-        mins=(d * -8).T.contiguous(),  # exact: power-of-two multiple of an fp16
+        mins=(d * -8).T.contiguous(),  # exact: power-of-two multiple
         out_features=n, in_features=k, group_size=32,
     )
 

@@ -402,7 +402,7 @@ if triton is not None:
         rj = tl.arange(0, HALF)
         k_lo = (rj // 16) * 32 + (rj % 16)
         qw_rows = qw_ptr + rn.to(tl.int64)[:, None] * (K // 2)
-        x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_begin = pid_s * K_PER_SPLIT
         k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
@@ -413,16 +413,17 @@ if triton is not None:
             m = tl.load(m_ptr + g_off + rn, mask=mask_n, other=0.0).to(tl.float32)
             if FAST:  # lo/hi are 1024 + q: fold the offset into the per-row constant
                 m = m - 1024.0 * s
-            xl = tl.load(x_cols + (k0 + k_lo)[:, None], mask=mask_m[None, :], other=0.0)
-            xh = tl.load(x_cols + (k0 + k_lo + 16)[:, None], mask=mask_m[None, :], other=0.0)
+            # x tiles [BLOCK_M, HALF] are loaded along K (coalesced), transposed for the dot.
+            xl = tl.load(x_rows + (k0 + k_lo)[None, :], mask=mask_m[:, None], other=0.0)
+            xh = tl.load(x_rows + (k0 + k_lo + 16)[None, :], mask=mask_m[:, None], other=0.0)
             lo, hi = _nibbles_to_f32(b, FAST)
             wl = (lo * s[:, None] + m[:, None]).to(x_ptr.dtype.element_ty)
             wh = (hi * s[:, None] + m[:, None]).to(x_ptr.dtype.element_ty)
             if UPCAST_DOT:  # Triton's interpreter computes bf16 dots wrongly (3.9)
                 wl, wh = wl.to(tl.float32), wh.to(tl.float32)
                 xl, xh = xl.to(tl.float32), xh.to(tl.float32)
-            acc = tl.dot(wl, xl, acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(wh, xh, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(wl, tl.trans(xl), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(wh, tl.trans(xh), acc, input_precision=DOT_PRECISION)
         out = (out_ptr + pid_s.to(tl.int64) * stride_os + rm.to(tl.int64)[None, :] * stride_om
                + rn[:, None])
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
