@@ -371,13 +371,14 @@ def budget_bytes_for(device: torch.device, gpu_memory_gb: Optional[float]) -> fl
 
 
 def make_layer_source(layers: list, device, offload: bool, gpu_memory_gb: Optional[float] = None,
-                      reserve_bytes: int = 0, n_slots: int = 2, timing: bool = False):
+                      reserve_bytes: int = 0, n_slots: int = 2, timing: bool = False,
+                      consume: bool = False):
     """The model's ``layer_source``: ``ResidentLayers`` on ``device`` or a ``LayerStreamer``.
 
     With ``offload``, as many leading layers as fit in the budget (``gpu_memory_gb`` GiB, or the
     free device memory when None) minus ``reserve_bytes`` (draft, KV caches, activations of the
     largest tree) stay resident; the rest stream through ``n_slots`` slots. Without ``offload``
-    (or when everything fits) every layer is moved to ``device``.
+    (or when everything fits) every layer is moved to ``device``. ``consume``: see LayerStreamer.
     """
     device = torch.device(device)
     if not offload:
@@ -392,7 +393,7 @@ def make_layer_source(layers: list, device, offload: bool, gpu_memory_gb: Option
     if need > budget:
         log.warning("offload: budget %.2f GiB is below the %d slots + reserve (%.2f GiB)",
                     budget / GiB, n_slots, need / GiB)
-    streamer = LayerStreamer(layers, device, n_resident=r, n_slots=n_slots, timing=timing)
+    streamer = LayerStreamer(layers, device, n_resident=r, n_slots=n_slots, timing=timing, consume=consume)
     log.info("offload: %d resident layers, %d streamed (%.2f GiB per pass, host block %.2f GiB, "
              "engine %s)", r, streamer.n_streamed, streamer.streamed_bytes_per_pass / GiB,
              streamer.host_bytes / GiB, native.backend() if device.type == "cuda" else "cpu")

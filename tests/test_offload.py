@@ -212,6 +212,16 @@ def test_host_block_is_exact_size():
     assert [layout_layer(l)[1] for l in layers[1:]] == expected_layer
 
 
+def test_consume_releases_packed_layers():
+    layers = make_layers(4, 9)
+    x0 = torch.randn(4, 8, generator=torch.Generator().manual_seed(9))
+    expected = run_passes(ResidentLayers(layers), x0, 1)[0]
+    source = list(layers)
+    streamer = make_layer_source(source, "cpu", offload=True, gpu_memory_gb=0, consume=True)
+    assert source == [None] * 4  # the host copies can be freed while packing
+    assert torch.equal(run_passes(streamer, x0, 1)[0], expected)
+
+
 def test_bad_arguments_raise():
     layers = make_layers(2, 1)
     with pytest.raises(ValueError, match="n_resident"):
