@@ -1,0 +1,525 @@
+"""The speculative engine: autoregressive, chain, SpecInfer and SpecExec on one verification path.
+
+One iteration (see ../shared/SPECEXEC.md): grow a draft tree from the root (the last committed
+token), verify root + tree in one target forward with the ancestor mask, accept exactly, commit
+the accepted path into both caches, emit accepted tokens + one target sample (the bonus).
+
+Cache bookkeeping (host ints, no device reads):
+- target: slots ``[0, tp)`` hold every committed token except the root; the root is fed in the
+  next verification pass.
+- draft: slots ``[0, dp)`` hold committed tokens; ``pending`` (the rest, ending with the root)
+  is fed as a causal chain in the first draft call of the next iteration. Accepted nodes the
+  draft never ran on (leaves) and the bonus token end up pending.
+
+Host syncs: one per draft step (how many nodes to expand), one for the alive-node count, one
+for the acceptance result; ``GenerationStats.syncs`` counts them.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from . import sampling
+from .errors import ContextLengthError, SamplingParameterError, VocabularyMismatchError
+from .sampling import SamplingParams, process_logits
+from .tree import NEG_INF, DraftTree, VerifyTree, path_rows, walk_accept
+
+METHODS = ("autoregressive", "chain", "specinfer", "specexec")
+METHOD_PARAMS = {
+    "autoregressive": (),
+    "chain": ("k",),
+    "specinfer": ("n", "depth"),
+    "specexec": ("beams_per_step", "branch_width", "max_depth"),
+}
+
+
+@dataclass
+class GenerationStats:
+    """target_passes counts verification passes (the prompt prefill is not one); tokens per pass
+    is new tokens / target passes. draft_seconds covers tree growth (including the draft's
+    prompt prefill); target_seconds covers verification, acceptance and commits; on CUDA both
+    end at a host sync, so they are wall-clock exact."""
+
+    new_tokens: int = 0
+    target_passes: int = 0
+    draft_calls: int = 0
+    tree_tokens: int = 0                       # tokens verified, summed over passes
+    tokens_per_pass_histogram: dict = field(default_factory=dict)   # tokens emitted -> passes
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    syncs: int = 0
+    max_syncs_per_pass: int = 0
+    finish_reason: str = ""
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.new_tokens / self.target_passes if self.target_passes else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["tokens_per_pass"] = self.tokens_per_pass
+        return d
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list
+    text: str
+    stats: GenerationStats
+
+
+@dataclass
+class _Pass:
+    """What one iteration produced: the accepted path (root first) and the bonus token."""
+
+    tokens: list        # path tokens, root first (length m + 1)
+    draft_slots: list   # their draft tree-region slots (-1: no draft K/V)
+    rows: list          # their verification rows
+    bonus: int
+
+
+class Engine:
+    """Generate exactly as ``target`` would, verifying draft trees in as few passes as possible.
+
+    Engine(target, draft=None, method="specexec", budget=256, tokenizer=None, **method_params)
+
+    Method parameters (defaults in brackets):
+    - ``autoregressive``: none (no draft needed).
+    - ``chain``: ``k`` draft tokens per pass [min(budget, 8)].
+    - ``specinfer``: ``n`` root candidates [min(budget, 8)], each a chain of ``depth`` tokens
+      [max(1, budget // n)], so ``n * depth`` tokens per pass.
+    - ``specexec``: ``budget`` draft nodes per tree (the root is verified too: budget + 1
+      tokens per pass), ``beams_per_step`` nodes expanded per draft call [min(budget, 32)],
+      ``branch_width`` children per expanded node [8], ``max_depth`` tree depth and draft calls
+      per pass [16].
+
+    The draft shares the target's vocabulary (checked here: size, and a sample of token strings
+    when both come from different checkpoints) and device.
+    """
+
+    def __init__(self, target, draft=None, method: str = "specexec", budget: int = 256,
+                 tokenizer=None, **method_params):
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}; choose one of {METHODS}")
+        unknown = set(method_params) - set(METHOD_PARAMS[method])
+        if unknown:
+            raise TypeError(f"method {method!r} takes no parameter(s) {sorted(unknown)}; "
+                            f"it takes {list(METHOD_PARAMS[method]) or 'none'}")
+        if method != "autoregressive" and draft is None:
+            raise ValueError(f"method {method!r} needs a draft model (or use method='autoregressive'; "
+                             f"specexec_rt.drafts.default_draft(target) builds one from the target)")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budget must be a positive int, got {budget!r}")
+        self.target = target
+        self.draft = draft if method != "autoregressive" else None
+        self.method = method
+        self.budget = budget
+        self.device = target.device
+        self._tokenizer = tokenizer
+        self.params = self._method_defaults(method, budget, method_params)
+        if self.draft is not None:
+            check_same_vocabulary(target, self.draft)
+        self.last_result: Optional[GenerationResult] = None
+
+    @staticmethod
+    def _method_defaults(method: str, budget: int, given: dict) -> dict:
+        p = dict(given)
+        if method == "chain":
+            p.setdefault("k", min(budget, 8))
+        elif method == "specinfer":
+            p.setdefault("n", min(budget, 8))
+            p.setdefault("depth", max(1, budget // p["n"]))
+        elif method == "specexec":
+            p.setdefault("beams_per_step", min(budget, 32))
+            p.setdefault("branch_width", 8)
+            p.setdefault("max_depth", 16)
+        for k, v in p.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{method} parameter {k} must be a positive int, got {v!r}")
+        return p
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self):
+        """The target's tokenizer, loaded on first use from ``target.source`` (None if the target
+        has no source, e.g. a model built in memory)."""
+        if self._tokenizer is None and getattr(self.target, "source", None) is not None:
+            from .loading import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.target)
+        return self._tokenizer
+
+    def apply_chat_template(self, messages: list) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, prompt) -> list:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise SamplingParameterError("a text prompt needs a tokenizer: pass Engine(..., tokenizer=...) "
+                                             "or token ids")
+            ids = list(self.tokenizer(prompt).input_ids)
+        elif isinstance(prompt, torch.Tensor):
+            ids = [int(t) for t in prompt.reshape(-1).tolist()]
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise SamplingParameterError("the prompt is empty")
+        v = self.target.vocab_size
+        if min(ids) < 0 or max(ids) >= v:
+            raise SamplingParameterError(f"prompt token ids must be in [0, {v})")
+        return ids
+
+    def _decode(self, ids: list) -> str:
+        tok = self.tokenizer
+        return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
+
+    def _eos_ids(self) -> set:
+        eos = set(self.target.config.eos_token_ids or [])
+        tok = self._tokenizer
+        if tok is not None and getattr(tok, "eos_token_id", None) is not None:
+            eos.add(int(tok.eos_token_id))
+        return eos
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompt_or_ids, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+                 stop: Optional[Sequence[str]] = None) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` (exactly that many unless EOS or a stop string comes
+        first). ``temperature=0`` is greedy. ``stop`` strings end generation; the text stops
+        before the stop string and ``token_ids`` end with the token that completed it.
+
+        Raises SamplingParameterError for bad parameters and ContextLengthError when prompt +
+        max_new_tokens + the largest draft tree cannot fit the KV caches (the budget is never
+        shrunk silently: load the models with a larger max_len or lower the budget)."""
+        for _ in self.stream(prompt_or_ids, max_new_tokens, temperature, top_p, top_k, seed, stop):
+            pass
+        return self.last_result
+
+    def stream(self, prompt_or_ids, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+               stop: Optional[Sequence[str]] = None) -> Iterator[str]:
+        """Like ``generate`` but yields text pieces after every target pass (a piece may be
+        empty-held while it could still be the start of a stop string or an incomplete
+        character); ``self.last_result`` holds the GenerationResult when the iterator ends."""
+        params = SamplingParams(float(temperature), float(top_p), top_k)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise SamplingParameterError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise SamplingParameterError("stop strings must be non-empty")
+        if stops and self.tokenizer is None:
+            raise SamplingParameterError("stop strings need a tokenizer")
+        ids = self._encode(prompt_or_ids)
+        self._check_fits(len(ids), max_new_tokens)
+        text_on = self.tokenizer is not None
+        eos = self._eos_ids()
+        out: list = []
+        emitted = ""
+        stats = GenerationStats()
+        for new in self._passes(ids, max_new_tokens, params, seed, stats):
+            finish = None
+            for i, t in enumerate(new):
+                if t in eos:
+                    new, finish = new[:i + 1], "eos"
+                    break
+            out.extend(new)
+            if len(out) >= max_new_tokens:
+                out, finish = out[:max_new_tokens], finish or "length"
+            if text_on:
+                text = self._decode(out)
+                cut = _find_stop(text, stops)
+                if cut is not None:
+                    text, finish = text[:cut[0]], "stop"
+                    out = self._trim_to_stop(out, cut[1])
+                    safe = len(text)
+                else:
+                    safe = len(text) if finish else _safe_prefix_len(text, stops)
+                if safe > len(emitted):
+                    piece = text[len(emitted):safe]
+                    emitted = text[:safe]
+                    yield piece
+            if finish:
+                stats.finish_reason = finish
+                break
+        stats.new_tokens = len(out)
+        self.last_result = GenerationResult(token_ids=out, text=emitted if text_on else "", stats=stats)
+
+    def _trim_to_stop(self, out: list, end: int) -> list:
+        """The shortest prefix of ``out`` whose text contains the stop string ending at ``end``."""
+        for i in range(1, len(out) + 1):
+            if len(self._decode(out[:i])) >= end:
+                return out[:i]
+        return out
+
+    # ------------------------------------------------------------------ capacity
+    def _tree_sizes(self) -> tuple[int, int]:
+        """(most tokens one verification pass writes, most draft tree-region slots per pass)."""
+        p = self.params
+        if self.method == "autoregressive":
+            return 1, 0
+        if self.method == "chain":
+            return 1 + p["k"], p["k"]
+        if self.method == "specinfer":
+            return 1 + p["n"] * p["depth"], 1 + p["n"] * (p["depth"] - 1)
+        return 1 + self.budget, 1 + (p["max_depth"] - 1) * p["beams_per_step"]
+
+    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        verify, draft_slots = self._tree_sizes()
+        need = prompt_len + max_new_tokens + verify
+        if need > self.target.max_len:
+            raise ContextLengthError(
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + verification tree ({verify}) "
+                f"= {need} tokens exceed the target's KV cache (max_len={self.target.max_len}); lower "
+                f"max_new_tokens or the budget, or load the target with a larger max_len")
+        if self.draft is not None:
+            # SpecExec grows a smaller tree when the draft's cache runs short; it needs one slot.
+            draft_slots = 1 if self.method == "specexec" else draft_slots
+            need = prompt_len + max_new_tokens + draft_slots
+            if need > self.draft.max_len:
+                raise ContextLengthError(
+                    f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + draft tree ({draft_slots}) "
+                    f"= {need} tokens exceed the draft's KV cache (max_len={self.draft.max_len})")
+
+    # ------------------------------------------------------------------ the loop
+    def _host(self, t: torch.Tensor):
+        """Every device -> host read of the engine goes through here, so syncs are counted."""
+        self._syncs += 1
+        return t.tolist()
+
+    def _passes(self, ids: list, max_new_tokens: int, params: SamplingParams, seed: Optional[int],
+                stats: GenerationStats) -> Iterator[list]:
+        """Yields the new tokens of each target pass (the caller stops the iteration)."""
+        gen = torch.Generator(device=self.device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(seed))
+        t0 = time.perf_counter()
+        tp = len(ids) - 1
+        if tp:
+            self.target.forward(torch.tensor(ids[:-1], device=self.device), torch.arange(tp, device=self.device),
+                                self.target.cache, 0, logits_rows=torch.tensor([tp - 1], device=self.device))
+        stats.prefill_seconds = time.perf_counter() - t0
+        self._dp, self._pending = 0, list(ids)
+        produced = 0
+        while produced < max_new_tokens:
+            self._syncs = 0
+            # Drafting deeper than what is left to generate is wasted work.
+            limit = max_new_tokens - produced
+            t0 = time.perf_counter()
+            tree, extra = self._grow(params, gen, limit, stats)
+            t1 = time.perf_counter()
+            stats.draft_seconds += t1 - t0
+            positions = tp + tree.depths
+            logits = self.target.forward(tree.tokens, positions, self.target.cache, tp, tree.mask)
+            res = self._accept(tree, extra, logits, params, gen)
+            tp = self.target.cache.commit(tp, torch.tensor(res.rows, device=self.device) + tp)
+            self._commit_draft(res)
+            stats.target_seconds += time.perf_counter() - t1
+            stats.target_passes += 1
+            stats.tree_tokens += tree.n
+            new = res.tokens[1:] + [res.bonus]
+            h = stats.tokens_per_pass_histogram
+            h[len(new)] = h.get(len(new), 0) + 1
+            stats.syncs += self._syncs
+            stats.max_syncs_per_pass = max(stats.max_syncs_per_pass, self._syncs)
+            produced += len(new)
+            yield new
+
+    def _commit_draft(self, res: _Pass) -> None:
+        if self.draft is None:
+            self._pending = [res.bonus]
+            return
+        k = 0
+        while k < len(res.draft_slots) and res.draft_slots[k] >= 0:
+            k += 1
+        if k:
+            slots = torch.tensor(res.draft_slots[:k], device=self.device) + self._dp
+            self._dp = self.draft.cache.commit(self._dp, slots)
+        self._pending = res.tokens[k:] + [res.bonus]
+
+    # ------------------------------------------------------------------ drafting
+    def _draft_root(self, tree: DraftTree, stats: GenerationStats) -> torch.Tensor:
+        """Feed the pending chain (ending with the root) to the draft: it becomes committed
+        draft prefix except the root, whose K/V lands in draft slot 0. Returns root logits [V]."""
+        dev, dp, pend = self.device, self._dp, self._pending
+        n = len(pend)
+        logits = self.draft.forward(torch.tensor(pend, device=dev), torch.arange(dp, dp + n, device=dev),
+                                    self.draft.cache, dp, logits_rows=torch.tensor([n - 1], device=dev))
+        stats.draft_calls += 1
+        self._dp = dp + n - 1
+        self._pending = []
+        tree.mark_expanded(torch.zeros(1, dtype=torch.long, device=dev))
+        return logits[0]
+
+    def _draft_step(self, tree: DraftTree, nodes: torch.Tensor, stats: GenerationStats) -> torch.Tensor:
+        """One draft call over ``nodes`` (each attends to the prefix and its ancestors) -> logits
+        ``[m, V]``."""
+        slots = tree.mark_expanded(nodes)
+        dp = self._dp
+        logits = self.draft.forward(tree.tokens[nodes], dp + tree.depths[nodes], self.draft.cache, dp,
+                                    tree_mask=tree.draft_mask(nodes), cache_slots=dp + slots)
+        stats.draft_calls += 1
+        return logits
+
+    def _grow(self, params: SamplingParams, gen, limit: int, stats: GenerationStats):
+        root = self._pending[-1]
+        if self.method == "autoregressive":
+            tree = DraftTree(1, self.device, root)
+            return tree.compact(torch.zeros(1, dtype=torch.long, device=self.device)), None
+        if self.method == "specexec":
+            return self._grow_specexec(root, params, min(limit, self.params["max_depth"]), stats), None
+        n = 1 if self.method == "chain" else self.params["n"]
+        depth = self.params["k"] if self.method == "chain" else self.params["depth"]
+        return self._grow_chains(root, params, gen, n, min(depth, limit), stats)
+
+    def _grow_specexec(self, root: int, params: SamplingParams, max_depth: int, stats) -> VerifyTree:
+        """Parallel best-first growth (SPECEXEC.md step 1); deterministic given the draft."""
+        budget, beams, width = self.budget, self.params["beams_per_step"], self.params["branch_width"]
+        temp = params.temperature if params.temperature > 0 else 1.0
+        tree = DraftTree(1 + max_depth * beams * width, self.device, root)
+
+        def expand(nodes, logits):
+            logq = torch.log_softmax(logits.float() / temp, dim=-1)
+            vals, toks = logq.topk(min(width, logq.shape[-1]), dim=-1)
+            tree.add_children(nodes, toks, vals)
+            return tree.prune(budget)
+
+        threshold = expand(torch.zeros(1, dtype=torch.long, device=self.device),
+                           self._draft_root(tree, stats)[None])
+        for _ in range(1, max_depth):
+            # Near the end of the draft's cache the tree just grows less (still exact).
+            room = self.draft.max_len - self._dp - tree.n_draft_slots
+            if room <= 0:
+                break
+            cand = tree.candidates(threshold, max_depth)
+            vals, idx = cand.topk(min(beams, tree.n_nodes, room))
+            n_valid = self._host((vals > NEG_INF).sum())
+            if n_valid == 0:
+                break
+            nodes = idx[:n_valid]
+            threshold = expand(nodes, self._draft_step(tree, nodes, stats))
+        self._syncs += 1    # nonzero() reads the count
+        return tree.compact(tree.alive_nodes())
+
+    def _grow_chains(self, root: int, params: SamplingParams, gen, n: int, depth: int, stats):
+        """``n`` root candidates (greedy: the draft's top-n; sampling: drawn without replacement
+        from the processed draft distribution), each continued to a chain of ``depth`` tokens.
+        Node of chain j at depth i (1-based) is ``1 + (i - 1) * n + j``."""
+        dev = self.device
+        tree = DraftTree(1 + n * depth, dev, root)
+        root_logits = self._draft_root(tree, stats)
+        n = min(n, root_logits.shape[-1])
+        q_rows = None
+        if params.greedy:
+            cands, valid = root_logits.topk(n).indices, torch.ones(n, dtype=torch.bool, device=dev)
+        else:
+            q_rows = torch.zeros(1 + n * depth, root_logits.shape[-1], device=dev)
+            q_rows[0] = process_logits(root_logits, params)
+            cands, valid = sampling.sample_without_replacement(q_rows[0], n, gen)
+        zero = torch.zeros(1, n, device=dev)
+        tips = tree.add_children(torch.zeros(1, dtype=torch.long, device=dev), cands[None],
+                                 torch.where(valid[None], zero, zero - float("inf")))
+        for _ in range(1, depth):
+            logits = self._draft_step(tree, tips, stats)
+            if params.greedy:
+                nxt = logits.argmax(-1)
+            else:
+                q = process_logits(logits, params)
+                q_rows[tips] = q
+                nxt = sampling.sample(q, gen)
+            tips = tree.add_children(tips, nxt[:, None], torch.zeros(n, 1, device=dev))
+        vt = tree.compact(torch.arange(tree.n_nodes, device=dev))
+        return vt, (q_rows, cands, valid, n, depth)
+
+    # ------------------------------------------------------------------ acceptance
+    def _accept(self, tree: VerifyTree, extra, logits: torch.Tensor, params: SamplingParams, gen) -> _Pass:
+        p = process_logits(logits, params)
+        if extra is None or params.greedy:
+            # The walk is exact for any tree; for greedy it is what every method reduces to.
+            draws = p.argmax(-1) if params.greedy else sampling.sample(p, gen)
+            last = walk_accept(tree, draws)
+            bonus = draws[last]
+        else:
+            last, bonus = self._accept_chains(tree, extra, p, gen)
+        rows = path_rows(tree, last, tree.n)
+        packet = torch.cat([tree.depths[last].view(1), bonus.view(1), tree.tokens[rows],
+                            tree.draft_slots[rows], rows])
+        h = self._host(packet)
+        m, bonus_tok, rest = h[0], h[1], h[2:]
+        n = len(rows)
+        return _Pass(tokens=rest[:m + 1], draft_slots=rest[n:n + m + 1], rows=rest[2 * n:2 * n + m + 1],
+                     bonus=bonus_tok)
+
+    def _accept_chains(self, tree: VerifyTree, extra, p: torch.Tensor, gen):
+        """Multi-candidate rejection at the root, then chain rejection along the accepted
+        candidate's chain (n = 1 is classic speculative sampling). Device-only."""
+        q_rows, cands, valid, n, depth = extra
+        dev = p.device
+        acc_j, p_root = sampling.multi_candidate_accept(p[0], q_rows[0], cands, valid, gen)
+        rows = 1 + torch.arange(depth, device=dev) * n + acc_j.clamp_min(0)
+        n_acc, tok = sampling.chain_accept(p[rows], q_rows[rows[:-1]], tree.tokens[rows[1:]], gen)
+        rejected = acc_j < 0
+        last = torch.where(rejected, torch.zeros_like(n_acc), rows[n_acc])
+        bonus = torch.where(rejected, sampling.sample(p_root, gen), tok)
+        return last, bonus
+
+
+# ---------------------------------------------------------------------- helpers
+def _find_stop(text: str, stops: list) -> Optional[tuple[int, int]]:
+    """(start, end) of the earliest stop string in ``text``, or None."""
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, i + len(s))
+    return best
+
+
+def _safe_prefix_len(text: str, stops: list) -> int:
+    """How much of ``text`` can be shown: hold back an incomplete character and any suffix that
+    may be the start of a stop string."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text[:n].endswith(s[:k]):
+                n -= k
+                break
+    return max(n, 0)
+
+
+def check_same_vocabulary(target, draft, n_sample: int = 512) -> None:
+    """Raise VocabularyMismatchError unless ``draft`` and ``target`` share a vocabulary: same size
+    and, when they come from different checkpoints with tokenizers, the same token strings on an
+    evenly spaced sample of ids (the first and last ids included)."""
+    if draft.vocab_size != target.vocab_size:
+        raise VocabularyMismatchError(
+            f"draft vocabulary has {draft.vocab_size} tokens but the target's has {target.vocab_size}: "
+            f"the draft must use the target's tokenizer")
+    if torch.device(draft.device) != torch.device(target.device):
+        raise ValueError(f"draft is on {draft.device} but target on {target.device}; load both on one device")
+    ts, ds = getattr(target, "source", None), getattr(draft, "source", None)
+    if ts is None or ds is None or str(ts) == str(ds):
+        return
+    from .loading import load_tokenizer
+
+    try:
+        tt, dt = load_tokenizer(target), load_tokenizer(draft)
+    except Exception:
+        return    # no tokenizer to compare: the size check is all we can do
+    v = target.vocab_size
+    ids = sorted(set(torch.linspace(0, v - 1, min(n_sample, v)).long().tolist()))
+    a, b = tt.convert_ids_to_tokens(ids), dt.convert_ids_to_tokens(ids)
+    bad = [(i, x, y) for i, x, y in zip(ids, a, b) if x != y]
+    if bad:
+        i, x, y = bad[0]
+        raise VocabularyMismatchError(
+            f"draft and target tokenizers differ on {len(bad)} of {len(ids)} sampled ids (e.g. id {i}: "
+            f"target {x!r}, draft {y!r}); the draft must use the target's tokenizer")

@@ -1,0 +1,170 @@
+"""Sampling on device tensors: logits processing, seeded draws, and the rejection-sampling rules.
+
+Every rule here works on *processed* distributions (temperature, top-k, top-p already applied)
+and the same processing must be applied to the target's ``p`` and the draft's ``q`` before a
+ratio test, or the output is no longer the target's distribution.
+
+Greedy decoding is the point mass at the argmax (``temperature == 0``); with it every
+acceptance rule reduces to "accept the token iff it is the target's argmax".
+
+Nothing here reads a device tensor on the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import SamplingParameterError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0.0):      # also rejects NaN
+            raise SamplingParameterError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise SamplingParameterError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SamplingParameterError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """True nucleus: bool mask ``[..., V]`` of the smallest set of most likely tokens whose mass
+    reaches ``top_p``. A token is kept iff the mass of the tokens strictly more likely than it
+    (in sorted order) is still below ``top_p``; the most likely token is always kept."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    keep_sorted = mass_before < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Logits ``[..., V]`` -> the distribution actually sampled from, float32 ``[..., V]``.
+
+    Greedy gives the one-hot of the argmax (first index on ties, like ``torch.argmax``).
+    Otherwise: divide by the temperature, keep the ``top_k`` largest, softmax, keep the true
+    nucleus ``top_p``, renormalise.
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    x = logits / params.temperature
+    if params.top_k and params.top_k < x.shape[-1]:
+        kth = x.topk(params.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if params.top_p < 1.0:
+        probs = probs * top_p_mask(probs, params.top_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def exponential_noise(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """Exp(1) noise; ``argmax(p / E)`` is a draw from ``p`` (no multinomial, no host sync)."""
+    return torch.empty(shape, device=device).exponential_(1.0, generator=generator)
+
+
+def sample(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One draw per row of ``probs`` ``[..., V]`` -> int64 ``[...]``. Zero-probability tokens are
+    never drawn (0 / E = 0 and some token has positive mass)."""
+    e = exponential_noise(probs.shape, generator, probs.device)
+    return (probs / e).argmax(-1)
+
+
+def sample_without_replacement(probs: torch.Tensor, n: int, generator: Optional[torch.Generator]
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` draws without replacement from ``probs`` ``[V]`` (exponential-race / Gumbel top-k):
+    returns tokens int64 ``[n]`` in draw order and a bool ``[n]`` that is False for draws past the
+    support of ``probs`` (those tokens are arbitrary and must be ignored)."""
+    keys = probs / exponential_noise(probs.shape, generator, probs.device)
+    vals, tokens = keys.topk(n, dim=-1)
+    return tokens, vals > 0
+
+
+def uniform(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``norm(max(p - q, 0))`` row-wise ``[..., V]``. Where ``p <= q`` everywhere (so a rejection
+    had probability 0) ``p`` is returned, to keep the result a distribution."""
+    r = (p - q).clamp_min_(0.0)
+    s = r.sum(-1, keepdim=True)
+    return torch.where(s > 0, r / s.clamp_min(1e-30), p)
+
+
+def ratio_accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The speculative-sampling test: accept a draft token ``x ~ q`` with probability
+    ``min(1, p(x) / q(x))``, i.e. iff ``u * q(x) < p(x)`` for ``u ~ U[0, 1)``. Bool, same shape.
+
+    (Module-level on purpose: tests replace it with a broken rule to show the losslessness tests
+    catch it.)"""
+    return u * q_x < p_x
+
+
+def remove_token(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``q`` ``[V]`` with token ``x`` (0-dim int64) zeroed and renormalised (all-zero stays zero)."""
+    q = q.scatter(-1, x.view(1), 0.0)
+    s = q.sum()
+    return q / s.clamp_min(1e-30)
+
+
+def multi_candidate_accept(p: torch.Tensor, q: torch.Tensor, candidates: torch.Tensor,
+                           valid: torch.Tensor, generator: Optional[torch.Generator]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recursive rejection sampling over siblings drawn *without replacement* from ``q``.
+
+    p, q: ``[V]`` processed target / draft distributions at the parent. candidates: int64 ``[n]``
+    in draw order; valid: bool ``[n]``. For each candidate: accept with ``min(1, p(x)/q(x))``;
+    on rejection ``p <- norm(max(p - q, 0))``, ``q(x) <- 0`` and renormalise ``q``.
+
+    Returns (index of the accepted candidate or -1, 0-dim int64; the final ``p`` ``[V]``, the
+    distribution to draw the emitted token from when none was accepted). Device-only.
+    """
+    n = int(candidates.shape[0])
+    u = uniform((n,), generator, p.device)
+    accepted = torch.full((), -1, dtype=torch.long, device=p.device)
+    done = torch.zeros((), dtype=torch.bool, device=p.device)
+    for j in range(n):
+        x = candidates[j]
+        live = valid[j] & ~done
+        acc = live & ratio_accept(p[x], q[x], u[j])
+        accepted = torch.where(acc, torch.full_like(accepted, j), accepted)
+        done = done | acc
+        rejected = live & ~acc
+        p = torch.where(rejected, residual(p, q), p)
+        q = torch.where(rejected, remove_token(q, x), q)
+    return accepted, p
+
+
+def chain_accept(p_rows: torch.Tensor, q_rows: torch.Tensor, tokens: torch.Tensor,
+                 generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leviathan / Chen speculative sampling over a chain of ``k`` draft tokens.
+
+    p_rows: ``[k + 1, V]`` target distributions (row i predicts token i; row k is the bonus).
+    q_rows: ``[k, V]`` draft distributions the tokens were drawn from. tokens: int64 ``[k]``.
+    Returns (number accepted ``a`` in [0, k], 0-dim int64; the emitted token: a draw from
+    ``norm(max(p_a - q_a, 0))`` when ``a < k``, from ``p_k`` otherwise). Device-only.
+    """
+    k = int(tokens.shape[0])
+    dev = p_rows.device
+    if k == 0:
+        return torch.zeros((), dtype=torch.long, device=dev), sample(p_rows[0], generator)
+    idx = torch.arange(k, device=dev)
+    u = uniform((k,), generator, dev)
+    acc = ratio_accept(p_rows[idx, tokens], q_rows[idx, tokens], u)
+    n_acc = acc.long().cumprod(0).sum()
+    final = torch.cat([residual(p_rows[:k], q_rows), p_rows[k:k + 1]], dim=0)
+    draws = sample(final, generator)
+    return n_acc, draws[n_acc]

@@ -1,0 +1,172 @@
+"""The draft tree on device tensors, SpecExec's best-first growth rules, and the exact walk.
+
+Node 0 is the root (the last committed token, whose K/V is not yet in either cache). Nodes are
+appended level by level and never moved; pruning only clears ``alive``. Because nodes are
+created after their parents, index order is a topological order.
+
+Every shape that the host needs (number of nodes, of draft slots) is tracked on the host; the
+only host reads are the ones the caller makes explicitly (see ``Engine._host``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class VerifyTree:
+    """A compact tree ready for one verification pass: ``n`` rows, row 0 the root, parents before
+    children.
+
+    tokens, depths, parents (root: -1), nodes (index in the DraftTree): int64 ``[n]``;
+    mask: bool ``[n, n]``, ``mask[i, j]`` iff row j is row i or one of its ancestors;
+    draft_slots: int64 ``[n]``, the draft tree-region slot holding the row's draft K/V, -1 if the
+    draft never ran on it.
+    """
+
+    tokens: torch.Tensor
+    depths: torch.Tensor
+    parents: torch.Tensor
+    mask: torch.Tensor
+    draft_slots: torch.Tensor
+    nodes: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+class DraftTree:
+    """Growable tree with a fixed node ``capacity``; all state lives on ``device``.
+
+    tokens / parents / depths int64 ``[C]``, scores float32 ``[C]`` (cumulative draft log-prob,
+    root 0), alive / expanded bool ``[C]``, draft_slot int64 ``[C]`` (-1 = no draft K/V),
+    anc bool ``[C, C]`` (``anc[i, j]``: j is i or an ancestor of i).
+    """
+
+    def __init__(self, capacity: int, device, root_token) -> None:
+        self.capacity = int(capacity)
+        self.device = torch.device(device)
+        c, dev = self.capacity, self.device
+        self.tokens = torch.zeros(c, dtype=torch.long, device=dev)
+        self.parents = torch.full((c,), -1, dtype=torch.long, device=dev)
+        self.depths = torch.zeros(c, dtype=torch.long, device=dev)
+        self.scores = torch.full((c,), NEG_INF, device=dev)
+        self.alive = torch.zeros(c, dtype=torch.bool, device=dev)
+        self.expanded = torch.zeros(c, dtype=torch.bool, device=dev)
+        self.draft_slot = torch.full((c,), -1, dtype=torch.long, device=dev)
+        self.anc = torch.zeros(c, c, dtype=torch.bool, device=dev)
+        self.draft_order = torch.zeros(c, dtype=torch.long, device=dev)   # draft slot -> node
+        self.tokens[0] = torch.as_tensor(root_token, device=dev)
+        self.scores[0] = 0.0
+        self.alive[0] = True
+        self.anc[0, 0] = True
+        self.n_nodes = 1            # host: nodes ever created
+        self.n_draft_slots = 0      # host: draft tree-region slots used
+
+    # ------------------------------------------------------------------ growth
+    def mark_expanded(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Give ``nodes`` (int64 ``[m]``) the next ``m`` draft slots; returns those slots."""
+        m = int(nodes.shape[0])
+        slots = torch.arange(self.n_draft_slots, self.n_draft_slots + m, device=self.device)
+        self.draft_slot[nodes] = slots
+        self.expanded[nodes] = True
+        self.draft_order[self.n_draft_slots:self.n_draft_slots + m] = nodes
+        self.n_draft_slots += m
+        return slots
+
+    def draft_mask(self, nodes: torch.Tensor) -> torch.Tensor:
+        """bool ``[m, n_draft_slots]``: which draft slots each of ``nodes`` (already marked
+        expanded) may attend to: its ancestors and itself."""
+        return self.anc[nodes][:, self.draft_order[:self.n_draft_slots]]
+
+    def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        """Append children: ``parents`` int64 ``[m]``, ``tokens``/``logq`` ``[m, w]`` (draft
+        log-probs of each child given its parent's path). Children with ``logq == -inf`` are
+        created dead. Returns the new node indices ``[m * w]``."""
+        m, w = tokens.shape
+        k = m * w
+        if self.n_nodes + k > self.capacity:
+            raise RuntimeError(f"DraftTree capacity {self.capacity} exceeded ({self.n_nodes} + {k} nodes)")
+        new = torch.arange(self.n_nodes, self.n_nodes + k, device=self.device)
+        par = parents.repeat_interleave(w)
+        self.tokens[new] = tokens.reshape(-1)
+        self.parents[new] = par
+        self.depths[new] = self.depths[par] + 1
+        sc = self.scores[par] + logq.reshape(-1).float()
+        self.scores[new] = sc
+        self.alive[new] = self.alive[par] & (sc > NEG_INF)
+        rows = self.anc[par]
+        rows[torch.arange(k, device=self.device), new] = True
+        self.anc[new] = rows
+        self.n_nodes += k
+        return new
+
+    def prune(self, budget: int) -> torch.Tensor:
+        """Keep the root and the ``budget`` best other nodes by score, then drop any node with a
+        dead ancestor (ties can split a parent from its equally scored child), so the alive set
+        is ancestor-closed. Returns the score of the ``budget``-th best node, -inf when the tree
+        has room (0-dim float, on device)."""
+        n = self.n_nodes
+        key = torch.where(self.alive[:n], self.scores[:n], torch.full_like(self.scores[:n], NEG_INF))
+        key[0] = NEG_INF
+        k = min(budget, n - 1)
+        keep = torch.zeros(n, dtype=torch.bool, device=self.device)
+        keep[0] = True
+        if k > 0:
+            vals, idx = key.topk(k)
+            keep[idx] = vals > NEG_INF
+            full = vals[-1] if n - 1 >= budget else torch.tensor(NEG_INF, device=self.device)
+        else:
+            full = torch.tensor(float("inf") if budget == 0 else NEG_INF, device=self.device)
+        keep &= ~(self.anc[:n, :n] & ~keep[None, :]).any(-1)
+        self.alive[:n] = keep
+        return full
+
+    def candidates(self, threshold: torch.Tensor, max_depth: int) -> torch.Tensor:
+        """Scores of nodes worth expanding (alive, unexpanded, shallower than ``max_depth``,
+        scoring above ``threshold``), -inf elsewhere: float ``[n_nodes]``."""
+        n = self.n_nodes
+        ok = self.alive[:n] & ~self.expanded[:n] & (self.depths[:n] < max_depth) & (self.scores[:n] > threshold)
+        return torch.where(ok, self.scores[:n], torch.full_like(self.scores[:n], NEG_INF))
+
+    # ------------------------------------------------------------------ verification
+    def compact(self, nodes: torch.Tensor) -> VerifyTree:
+        """The VerifyTree over ``nodes`` (int64 ``[n]``, ascending, ancestor-closed, root first)."""
+        n = int(nodes.shape[0])
+        remap = torch.full((self.n_nodes,), -1, dtype=torch.long, device=self.device)
+        remap[nodes] = torch.arange(n, device=self.device)
+        par = self.parents[nodes]
+        parents = torch.where(par >= 0, remap[par.clamp_min(0)], par)
+        return VerifyTree(tokens=self.tokens[nodes], depths=self.depths[nodes], parents=parents,
+                          mask=self.anc[nodes][:, nodes], draft_slots=self.draft_slot[nodes], nodes=nodes)
+
+    def alive_nodes(self) -> torch.Tensor:
+        """Indices of alive nodes, ascending (one host sync: the count)."""
+        return self.alive[:self.n_nodes].nonzero().squeeze(1)
+
+
+def walk_accept(tree: VerifyTree, draws: torch.Tensor) -> torch.Tensor:
+    """SpecExec's exact acceptance, done for all rows at once.
+
+    ``draws`` int64 ``[n]``: one independent target sample (or argmax) per row. The walk moves
+    from a row to its child whose token equals the row's draw, so a row is on the accepted path
+    iff every non-root row on its root path matches its parent's draw. Sibling tokens are
+    distinct, so the path is unique. Returns the deepest accepted row (0-dim int64).
+    """
+    match = tree.tokens == draws[tree.parents.clamp_min(0)]
+    match[0] = True
+    on_path = ~(tree.mask & ~match[None, :]).any(-1)
+    return (tree.depths * on_path).argmax()
+
+
+def path_rows(tree: VerifyTree, last_row: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Rows of the root path of ``last_row`` in depth order, padded to ``max_len`` with later rows
+    (the caller cuts at ``depths[last_row] + 1``). int64 ``[min(max_len, n)]``."""
+    on = tree.mask[last_row]
+    key = torch.where(on, tree.depths, tree.depths + tree.n + 1)
+    order = key.argsort(stable=True)
+    return order[:max_len]
