@@ -19,7 +19,7 @@ import math
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
