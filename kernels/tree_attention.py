@@ -312,15 +312,17 @@ def pack_tree_mask(tree_mask: torch.Tensor, prefix_len: int | None = None) -> to
         _check_rows_visible(tree_mask)
     n_q, n_tree = tree_mask.shape
     n_words = triton.cdiv(n_tree, 32)
-    padded = torch.zeros(n_q, n_words * 32, dtype=torch.int64, device=tree_mask.device)
+    padded = torch.zeros(n_q, n_words * 32, dtype=torch.int32, device=tree_mask.device)
     padded[:, :n_tree] = tree_mask
-    weights = torch.bitwise_left_shift(
-        torch.ones(32, dtype=torch.int64, device=tree_mask.device),
-        torch.arange(32, dtype=torch.int64, device=tree_mask.device))
-    words = (padded.view(n_q, n_words, 32) * weights).sum(-1)
-    # Words are unsigned 32-bit values: wrap into int32's range (two's complement).
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    # Bit 31 weighs -2**31 (two's complement); the bits are distinct, so the int32 sum is an
+    # OR and can never overflow.
+    return (padded.view(n_q, n_words, 32) * _bit_weights(tree_mask.device)).sum(-1, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """int32 [32]: 2**b, with bit 31 as -2**31 (built once per device: no per-call copy)."""
+    return torch.tensor([1 << b for b in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
 
 
 def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, out):
