@@ -125,10 +125,10 @@ def _flex_fn(n_q, n_k, prefix_len, tree_mask, device):
     return run
 
 
-def _bench_cuda_shape(ta, model, n_heads, n_kv, d, n_q, prefix_len, flex: bool, gen) -> dict:
+def _bench_cuda_shape(ta, model, n_heads, n_kv, d, n_q, prefix_len, flex: bool, gen,
+                      device="cuda", dtype=torch.float16) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    device, dtype = "cuda", torch.float16
     n_k = prefix_len + n_q
     mask = tree_mask_exact(n_q, gen).to(device)
     packed = ta.pack_tree_mask(mask, prefix_len)

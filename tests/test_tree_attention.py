@@ -115,6 +115,17 @@ def test_kernel_matches_reference(case):
     assert_close(got, ref, **FP32_TOL, what="kernel vs reference")
 
 
+def test_kernel_fp16_in_interpreter():
+    """Half inputs: P is cast to V's dtype for the second dot and the output to q's dtype."""
+    gen = torch.Generator().manual_seed(9)
+    mask = random_tree_mask(30, 20, gen)
+    q, k, v = make_qkv(20, 130, 8, 2, 64, gen, dtype=torch.float16)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float16)
+    tree_attention(q, k, v, mask, 100, out=out, num_splits=2)
+    assert out.dtype == torch.float16
+    assert_close(out, dense_sdpa(q, k, v, mask, 100), **CUDA_TOL[torch.float16], what="fp16")
+
+
 def test_kernel_arbitrary_mask_and_custom_scale():
     """Non-tree masks: rows that see only late entries, rows and whole blocks seeing no tree
     entry (legal with a prefix); checks the visible-tile range logic of the kernel."""
