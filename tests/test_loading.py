@@ -144,3 +144,16 @@ def test_bad_arguments(llama3_dir):
         load_model(llama3_dir, device="cpu", quantize="int3")
     with pytest.raises(ValueError, match="max_len"):
         load_model(llama3_dir, device="cpu", max_len=10**6)
+
+
+def test_offloaded_load_equals_resident(llama3_dir):
+    """load_model(offload=True) on the CPU runs the streamer's schedule: same logits, bit for bit."""
+    from specexec_rt.offload import LayerStreamer
+
+    a = load_model(llama3_dir, device="cpu", max_len=64)
+    b = load_model(llama3_dir, device="cpu", max_len=64, offload=True, gpu_memory_gb=0)
+    assert isinstance(b.layer_source, LayerStreamer)
+    ids = torch.arange(3, 30)
+    for _ in range(2):  # the second pass runs on the wrapped-around prefetch
+        torch.testing.assert_close(b.forward(ids, torch.arange(27), b.cache, 0),
+                                   a.forward(ids, torch.arange(27), a.cache, 0), atol=0, rtol=0)

@@ -67,3 +67,19 @@ def test_chat_template_from_gguf(models):
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                    add_generation_prompt=True)
     assert "<|im_start|>user\nHi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_int4_path_greedy_equals_dequantized(models, monkeypatch):
+    """Same Q4_1 weights, two paths: kept packed (int4_matmul) vs dequantized to float32.
+
+    The CPU int4 op runs in bf16 by default (speed); fp32 here so only the path differs.
+    """
+    from specexec_rt.kernels import int4_matmul as q4
+
+    monkeypatch.setattr(q4, "CPU_COMPUTE_DTYPE", torch.float32)
+    ours, _, tok = models
+    packed = load_model("smollm2-135m", device="cpu", quantize="int4", max_len=256)
+    assert isinstance(packed.weights.layers[0].wqkv, q4.Int4Weight)
+    for prompt in PROMPTS[:2]:
+        ids = tok(prompt).input_ids
+        assert greedy(packed, ids, 24) == greedy(ours, ids, 24)

@@ -65,9 +65,12 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
     if offload:
         from ..offload import make_layer_source
 
+        # The reserve covers what is allocated after this point (the KV cache) plus the draft and
+        # the activations of the largest tree, which the caller bounds with offload_reserve_gb.
+        cache_bytes = 2 * cfg.n_layers * max_len * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
         layer_source = make_layer_source(
             weights.layers, device, offload=True, gpu_memory_gb=gpu_memory_gb,
-            reserve_bytes=int(offload_reserve_gb * 2**30))
+            reserve_bytes=cache_bytes + int(offload_reserve_gb * 2**30), consume=True)
     model = Transformer(cfg, weights, max_len, device, dtype, layer_source=layer_source)
     model.source = src
     model.quantization = "int4" if quantize in ("int4", "keep") else None
