@@ -59,9 +59,15 @@ def tiny_model():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """CUDA tests skip without a GPU. Interpreter tests (CPU tensors through the Triton kernels,
+    modules with NEEDS_INTERPRETER = True) skip when the interpreter is off, which is the default
+    on a GPU machine: run them there in a second process with TRITON_INTERPRET=1."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_interp = pytest.mark.skip(reason="CPU interpreter test: set TRITON_INTERPRET=1 to run it")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         if "cuda" in item.keywords:
-            item.add_marker(skip)
+            if not torch.cuda.is_available():
+                item.add_marker(no_gpu)
+        elif getattr(item.module, "NEEDS_INTERPRETER", False) and not interpreting:
+            item.add_marker(no_interp)

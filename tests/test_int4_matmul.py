@@ -8,7 +8,13 @@ CUDA-marked tests run the compiled kernels at real sizes.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+# Without a GPU the kernels run in Triton's interpreter (set before triton is imported); on a GPU
+# machine the CUDA tests run compiled and the CPU-interpreter tests skip (conftest.py) unless
+# TRITON_INTERPRET=1 is set for the whole process.
+from gpu_env import configure_triton_interpreter  # noqa: E402
+
+configure_triton_interpreter()
+NEEDS_INTERPRETER = True
 
 import dataclasses  # noqa: E402
 

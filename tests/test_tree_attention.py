@@ -7,7 +7,13 @@ atol = rtol = 1e-2 (fp16), 2e-2 (bf16).
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by the kernel module)
+# Without a GPU the kernels run in Triton's interpreter (set before triton is imported); on a GPU
+# machine the CUDA tests run compiled and the CPU-interpreter tests skip (conftest.py) unless
+# TRITON_INTERPRET=1 is set for the whole process.
+from gpu_env import configure_triton_interpreter  # noqa: E402
+
+configure_triton_interpreter()
+NEEDS_INTERPRETER = True
 
 import math  # noqa: E402
 import zlib  # noqa: E402
