@@ -24,9 +24,10 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from . import sampling
+from . import tree as _tree
 from .errors import ContextLengthError, SamplingParameterError, VocabularyMismatchError
 from .sampling import SamplingParams, process_logits
-from .tree import NEG_INF, DraftTree, VerifyTree, path_rows, walk_accept
+from .tree import NEG_INF, DraftTree, VerifyTree, path_rows
 
 METHODS = ("autoregressive", "chain", "specinfer", "specexec")
 METHOD_PARAMS = {
@@ -306,6 +307,7 @@ class Engine:
                                 self.target.cache, 0, logits_rows=torch.tensor([tp - 1], device=self.device))
         stats.prefill_seconds = time.perf_counter() - t0
         self._dp, self._pending = 0, list(ids)
+        self._tp, self._seq = tp, list(ids)     # introspection: committed target prefix and text
         produced = 0
         while produced < max_new_tokens:
             self._syncs = 0
@@ -329,6 +331,8 @@ class Engine:
             stats.syncs += self._syncs
             stats.max_syncs_per_pass = max(stats.max_syncs_per_pass, self._syncs)
             produced += len(new)
+            self._tp = tp
+            self._seq.extend(new)
             yield new
 
     def _commit_draft(self, res: _Pass) -> None:
@@ -443,7 +447,7 @@ class Engine:
         if extra is None or params.greedy:
             # The walk is exact for any tree; for greedy it is what every method reduces to.
             draws = p.argmax(-1) if params.greedy else sampling.sample(p, gen)
-            last = walk_accept(tree, draws)
+            last = _tree.walk_accept(tree, draws)   # module lookup: tests swap in a broken walk
             bonus = draws[last]
         else:
             last, bonus = self._accept_chains(tree, extra, p, gen)

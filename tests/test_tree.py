@@ -1,0 +1,152 @@
+"""DraftTree invariants under random growth and pruning, the exact walk, and cache commits."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from specexec_rt.tree import NEG_INF, DraftTree, path_rows, walk_accept
+
+V = 12
+
+
+def host_ancestors(parents: list, i: int) -> set:
+    out = {i}
+    while parents[i] >= 0:
+        i = parents[i]
+        out.add(i)
+    return out
+
+
+def grow_random(seed: int, budget: int, beams: int, width: int, steps: int, max_depth: int) -> DraftTree:
+    """Best-first growth exactly as the engine drives it, with random draft log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    tree = DraftTree(1 + steps * beams * width, "cpu", root_token=3)
+    threshold = torch.tensor(NEG_INF)
+    for _ in range(steps):
+        cand = tree.candidates(threshold, max_depth)
+        vals, idx = cand.topk(min(beams, tree.n_nodes))
+        nodes = idx[vals > NEG_INF]
+        if len(nodes) == 0:
+            break
+        tree.mark_expanded(nodes)
+        logq = torch.log_softmax(torch.randn(len(nodes), V, generator=g) * 2, -1)
+        # ties on purpose: quantised log-probs make equal scores common
+        logq = (logq * 2).round() / 2
+        v, t = logq.topk(width, dim=-1)
+        tree.add_children(nodes, t, v)
+        threshold = tree.prune(budget)
+    return tree
+
+
+def check_invariants(tree: DraftTree, budget: int):
+    n = tree.n_nodes
+    parents = tree.parents[:n].tolist()
+    alive = tree.alive[:n].tolist()
+    anc = tree.anc[:n, :n]
+    for i in range(n):
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[list(host_ancestors(parents, i))] = True
+        assert torch.equal(anc[i], expected), f"ancestor row {i}"
+        if alive[i] and parents[i] >= 0:
+            assert alive[parents[i]], f"alive node {i} has a dead parent"
+    assert alive[0]
+    assert sum(alive) - 1 <= budget
+    scores = tree.scores[:n]
+    # scores never increase along a path
+    for i in range(1, n):
+        assert scores[i] <= scores[parents[i]] + 1e-6
+    # best-budget: every dead node (whose parent is alive) scores at most the worst alive node
+    alive_t = tree.alive[:n].clone()
+    alive_t[0] = False
+    if alive_t.any():
+        worst = scores[alive_t].min()
+        dead = ~tree.alive[:n]
+        par_alive = torch.tensor([parents[i] >= 0 and alive[parents[i]] for i in range(n)])
+        if (dead & par_alive).any():
+            assert scores[dead & par_alive].max() <= worst + 1e-6
+    # siblings carry distinct tokens (the walk relies on it)
+    seen = set()
+    for i in range(1, n):
+        if alive[i]:
+            key = (parents[i], int(tree.tokens[i]))
+            assert key not in seen
+            seen.add(key)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), budget=st.integers(1, 40), beams=st.integers(1, 6),
+       width=st.integers(1, 5), steps=st.integers(1, 6), max_depth=st.integers(1, 6))
+def test_growth_keeps_tree_ancestor_closed_and_best(seed, budget, beams, width, steps, max_depth):
+    tree = grow_random(seed, budget, beams, width, steps, max_depth)
+    check_invariants(tree, budget)
+    assert int(tree.depths[:tree.n_nodes][tree.alive[:tree.n_nodes]].max()) <= max_depth
+    vt = tree.compact(tree.alive_nodes())
+    nodes = vt.nodes.tolist()
+    parents = tree.parents[:tree.n_nodes].tolist()
+    for r, node in enumerate(nodes):
+        anc = host_ancestors(parents, node)
+        assert vt.mask[r].tolist() == [m in anc for m in nodes]
+        if r:
+            assert nodes[int(vt.parents[r])] == parents[node]
+            assert int(vt.parents[r]) < r                    # topological row order
+    # the draft mask of expanded nodes is their ancestor relation over draft slots
+    exp = tree.expanded[:tree.n_nodes].nonzero().squeeze(1)
+    if len(exp):
+        order = tree.draft_order[:tree.n_draft_slots].tolist()
+        dm = tree.draft_mask(exp)
+        for r, node in enumerate(exp.tolist()):
+            anc = host_ancestors(parents, node)
+            assert dm[r].tolist() == [m in anc for m in order]
+
+
+def host_walk(vt, draws: list) -> list:
+    """Reference: the sequential walk of SPECEXEC.md step 3."""
+    tokens, parents = vt.tokens.tolist(), vt.parents.tolist()
+    path = [0]
+    while True:
+        y = draws[path[-1]]
+        child = [r for r in range(len(tokens)) if parents[r] == path[-1] and tokens[r] == y]
+        if not child:
+            return path
+        path.append(child[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), budget=st.integers(1, 30))
+def test_walk_accept_equals_sequential_walk(seed, budget):
+    tree = grow_random(seed, budget, beams=4, width=3, steps=5, max_depth=5)
+    vt = tree.compact(tree.alive_nodes())
+    g = torch.Generator().manual_seed(seed + 1)
+    # draws that often hit a child: pick a random child token, sometimes a random token
+    draws = torch.randint(0, V, (vt.n,), generator=g)
+    for r in range(1, vt.n):
+        if torch.rand(1, generator=g) < 0.6:
+            draws[vt.parents[r]] = vt.tokens[r]
+    last = walk_accept(vt, draws)
+    expected = host_walk(vt, draws.tolist())
+    assert int(last) == expected[-1]
+    rows = path_rows(vt, last, vt.n)[: len(expected)].tolist()
+    assert rows == expected
+
+
+def test_add_children_respects_capacity_and_dead_children():
+    tree = DraftTree(4, "cpu", root_token=0)
+    tree.mark_expanded(torch.tensor([0]))
+    tree.add_children(torch.tensor([0]), torch.tensor([[1, 2, 3]]),
+                      torch.tensor([[-0.1, float("-inf"), -2.0]]))
+    assert tree.alive[:4].tolist() == [True, True, False, True]
+    with pytest.raises(RuntimeError, match="capacity"):
+        tree.add_children(torch.tensor([1]), torch.tensor([[5]]), torch.tensor([[0.0]]))
+
+
+def test_prune_threshold_reports_full_tree():
+    tree = DraftTree(8, "cpu", root_token=0)
+    tree.mark_expanded(torch.tensor([0]))
+    tree.add_children(torch.tensor([0]), torch.tensor([[1, 2, 3]]), torch.tensor([[-0.5, -1.0, -3.0]]))
+    assert float(tree.prune(5)) == NEG_INF                 # room left: everything is a candidate
+    assert float(tree.prune(2)) == -1.0                    # full: the 2nd best score
+    assert tree.alive[:4].tolist() == [True, True, True, False]
+    cand = tree.candidates(torch.tensor(-1.0), max_depth=3)
+    assert cand.tolist() == [NEG_INF, -0.5, NEG_INF, NEG_INF]  # root expanded; only node 1 beats it
