@@ -216,7 +216,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128,
     # Rounding the scale down could leave the group's max outside the 16 levels: bump it.
     too_small = mins + 15 * scale < hi
     scale = torch.where(too_small, torch.nextafter(scale.to(scale_dtype),
-                                                   torch.tensor(math.inf, dtype=scale_dtype)).float(),
+                                                   torch.tensor(math.inf, dtype=scale_dtype, device=wf.device)).float(),
                         scale)
     tiny = torch.finfo(scale_dtype).tiny
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: q = 0

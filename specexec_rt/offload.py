@@ -190,6 +190,9 @@ class LayerStreamer:
         self._host_views = [self.host_block[l.offset:l.offset + l.nbytes] for l in self.layouts]
         if self.is_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
+            # The slots were allocated (and may be written, e.g. poisoned by tests) on the
+            # current stream: order the copy stream after that before its first copy.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             self.copy_done = [torch.cuda.Event() for _ in range(self.n_slots)]
             self.compute_done = [torch.cuda.Event() for _ in range(self.n_slots)]
         else:

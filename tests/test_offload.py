@@ -289,7 +289,7 @@ def _model_pair(device, dtype, n_resident, n_slots, seed=0):
     from conftest import random_weights, tiny_config
     from specexec_rt.model import Transformer
 
-    cfg = tiny_config("llama", n_layers=5, o_bias=True)
+    cfg = tiny_config("llama", n_layers=5, o_bias=True, head_dim=16)  # the CUDA kernel needs head_dim >= 16
     weights = random_weights(cfg, seed)
     weights.layers = [LayerWeights(**{k: (v.to(dtype) if v is not None else None) for k, v in vars(l).items()})
                       for l in weights.layers]
