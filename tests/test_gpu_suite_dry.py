@@ -1,0 +1,92 @@
+"""The GPU suite's --dry mode (CPU, tiny shapes, Triton interpreter): CI keeps bench/gpu_suite.py
+from rotting between GPU sessions. A section that crashes or a report that lacks a section fails."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "bench" / "gpu_suite.py"
+DRY_SECTIONS = ("kernels", "offload", "e2e")
+
+
+def _suite_module():
+    spec = importlib.util.spec_from_file_location("gpu_suite_under_test", SUITE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # light: no torch/triton import at module level
+    return mod
+
+
+@pytest.mark.slow
+def test_dry_run_writes_report_with_every_section_ok(tmp_path):
+    out, collected = tmp_path / "results", tmp_path / "collected"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPECEXEC_TRITON_INTERPRET")}
+    env["OUT"] = str(collected)
+    proc = subprocess.run([sys.executable, str(SUITE), "--dry", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jsons = list(out.glob("*-cpu-dry.json"))
+    assert len(jsons) == 1, list(out.iterdir())
+    report = json.loads(jsons[0].read_text())
+    assert set(report["sections"]) == set(DRY_SECTIONS)
+    for name, sec in report["sections"].items():
+        assert sec["status"] == "ok", (name, sec.get("error"))
+        assert sec["elapsed_s"] > 0
+        assert sec["tables"] and all(t["rows"] for t in sec["tables"]), f"{name} has an empty table"
+    kernels = report["sections"]["kernels"]["data"]
+    assert kernels["tree_attention"] and kernels["int4_matmul"]
+    e2e = report["sections"]["e2e"]["data"]
+    assert [r["budget"] for r in e2e["rows"]] == [8, 32]
+    for r in e2e["rows"]:
+        assert r["draft_method"] == "engine", r.get("engine_error")
+        assert r["draft_s"] > 0 and r["target_s"] > 0 and r["tree_nodes"] == r["budget"] + 1
+    assert e2e["autoregressive"]["target_s_per_token"] > 0
+    md = jsons[0].with_suffix(".md").read_text()
+    for name in DRY_SECTIONS:
+        assert f"## {name}" in md
+    assert "torch" in md and "commit" in md
+    assert sorted(p.name for p in collected.iterdir()) == sorted([jsons[0].name, jsons[0].with_suffix(".md").name])
+
+
+def test_crashing_section_is_recorded_and_the_rest_still_runs(tmp_path):
+    suite = _suite_module()
+
+    def boom(budget):
+        raise ZeroDivisionError("synthetic crash")
+
+    bad = suite.run_section("kernels", boom, 5.0)
+    good = suite.run_section("offload", lambda b: {"tables": [suite.table("t", [{"a": 1.5}])]}, 5.0)
+    assert bad["status"] == "error" and "ZeroDivisionError: synthetic crash" in bad["error"]
+    assert good["status"] == "ok" and good["error"] is None
+    env = {"date": "2026-01-02 03:04:05 UTC", "dry": True, "device": "cpu", "commit": "abc"}
+    report = {"environment": env, "sections": {"kernels": bad, "offload": good}, "ran": ["kernels", "offload"]}
+    suite.write_report(report, tmp_path, [])
+    md = (tmp_path / "2026-01-02-cpu-dry.md").read_text()
+    assert "| kernels | error |" in md and "synthetic crash" in md and "| 1.5 |" in md
+    # A later invocation with other sections keeps these (the 10-minute-per-command split).
+    later = {"environment": env, "sections": {"e2e": good}, "ran": ["e2e"]}
+    suite.merge_sections(later, [tmp_path / "2026-01-02-cpu-dry.json"])
+    assert set(later["sections"]) == {"e2e", "kernels", "offload"}
+    assert later["sections"]["kernels"]["status"] == "error" and "carried_from" in later["sections"]["kernels"]
+
+
+def test_pytest_summary_and_junit_parsing(tmp_path):
+    suite = _suite_module()
+    out = "....F\nFAILED tests/x.py::t - assert 1\n2 failed, 40 passed, 3 skipped in 12.50s\n"
+    assert suite.pytest_summary(out) == "2 failed, 40 passed, 3 skipped in 12.50s"
+    assert suite.pytest_summary("garbage") == ""
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="tests.a" name="ok"/>'
+                   '<testcase classname="tests.a" name="bad"><failure message="assert 1 == 2">tb</failure>'
+                   '</testcase></testsuite></testsuites>')
+    assert suite.junit_failures(xml) == [dict(test="tests.a::bad", kind="failure", message="assert 1 == 2")]
+    assert suite.parse_sections(None, dry=True, skip_tests=False) == ["kernels", "offload", "e2e"]
+    assert suite.parse_sections("tests,e2e", dry=True, skip_tests=False) == ["tests", "e2e"]
+    with pytest.raises(SystemExit):
+        suite.parse_sections("kernel", dry=False, skip_tests=False)
