@@ -265,8 +265,9 @@ def build_models(dry: bool, device: torch.device, dtype: torch.dtype, budgets, r
     layer_bytes = [layout_layer(l)[1] for l in layers]
     if resident == "auto" and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        # Room that the draft (~3.5 GB), caches and activations need besides the target's layers.
-        n_res = plan_residency(layer_bytes, free - sum(layer_bytes), reserve_bytes=12 << 30, n_slots=n_slots)
+        # The layers sit on the GPU right now (built there), so they count as free afterwards;
+        # the reserve is the draft (~3.5 GB), both KV caches and the activations of 2048 tokens.
+        n_res = plan_residency(layer_bytes, free + sum(layer_bytes), reserve_bytes=12 << 30, n_slots=n_slots)
     else:
         n_res = int(resident) if resident not in ("auto", None) else 0
     streamer = LayerStreamer(layers, device, n_resident=n_res, n_slots=n_slots, consume=True)
