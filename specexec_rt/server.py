@@ -588,10 +588,23 @@ class Handler(BaseHTTPRequestHandler):
                 "total_tokens": len(req.prompt_ids) + n}
 
     def _run_once(self, req: GenerationRequest) -> None:
+        # Driven through ``stream`` rather than ``generate`` so that a client that gives up (a
+        # timeout, Ctrl-C) frees the engine at the next pass here too.
+        engine = self.server.engine
+        gen = engine.stream(req.prompt_ids, **req.engine_kwargs())
         try:
-            result = self.server.engine.generate(req.prompt_ids, **req.engine_kwargs())
+            for _ in gen:
+                if self._client_gone() or self.server.closing.is_set():
+                    self.server.count("cancelled")
+                    self.close_connection = True
+                    raise ClientGone
+        except ClientGone:
+            raise
         except Exception as e:      # noqa: BLE001 - every engine failure becomes an HTTP answer
             raise self._engine_error(e, req) from e
+        finally:
+            gen.close()
+        result = engine.last_result
         reason = finish_reason(result, req.max_tokens)
         choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
                    "finish_reason": reason} if req.kind == "chat" else

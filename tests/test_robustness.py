@@ -436,16 +436,10 @@ class FlakyEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, *args, **kwargs):
-        if self.fail_next == "generate":
-            self.fail_next = None
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return self._engine.generate(*args, **kwargs)
-
     def stream(self, *args, **kwargs):
         mode, self.fail_next = self.fail_next, None
         if mode == "stream-start":
-            raise RuntimeError("boom at prefill")
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         for i, piece in enumerate(self._engine.stream(*args, **kwargs)):
             if mode == "stream-middle" and i == 1:
                 raise RuntimeError("boom mid-stream")
@@ -475,13 +469,14 @@ def test_server_survives_engine_failures(tok, reference):
             conn.close()
 
     try:
-        flaky.fail_next = "generate"
-        status, body = post()
-        assert status == 500
-        assert json.loads(body)["error"]["type"] == "server_error" and "illegal memory" in body
-        flaky.fail_next = "stream-start"
-        status, body = post(stream=True)
-        assert status == 500 and "boom at prefill" in json.loads(body)["error"]["message"]
+        for stream in (False, True):
+            flaky.fail_next = "stream-start"
+            status, body = post(stream=stream)
+            assert status == 500
+            assert json.loads(body)["error"]["type"] == "server_error" and "illegal memory" in body
+        flaky.fail_next = "stream-middle"
+        status, body = post(n=30)
+        assert status == 500 and "boom mid-stream" in json.loads(body)["error"]["message"]
         flaky.fail_next = "stream-middle"
         status, body = post(stream=True, n=30)
         assert status == 200                    # headers were out: the error arrives in-band

@@ -477,6 +477,20 @@ def test_client_disconnect_mid_stream_frees_engine(tok, reference):
         assert srv.counters["cancelled"] == 1
 
 
+def test_client_disconnect_without_stream_frees_engine(tok, reference):
+    """A non-streamed request whose client gives up (e.g. a client timeout) stops at the next pass."""
+    counting = CountingEngine(make_engine(tok))
+    n = 80
+    with running(counting, max_queue=2) as srv:
+        sock = _open_stream(srv, {"model": "tiny", "prompt": "w5 w6 w7", "max_tokens": n, "temperature": 0})
+        _wait_for(lambda: counting.pieces >= 1, "generation to start")
+        sock.close()
+        _wait_for(lambda: srv.counters["cancelled"] == 1 and counting.closed_early == 1, "cancellation")
+        assert srv.gate.idle(TIMEOUT)
+        assert counting.pieces < n // 2
+        assert_serves_correctly(srv, reference, "w5 w6 w7", 10)
+
+
 def test_client_gone_while_queued_is_skipped(tok, reference):
     counting = CountingEngine(make_engine(tok))
     with running(counting, max_queue=2) as srv:
