@@ -459,6 +459,45 @@ def tree_attention(
 # ----------------------------------------------------------------------------- reference
 
 
+def reference_mask(tree_mask: torch.Tensor | None, prefix_len: int, group: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The reference path's mask, built once per forward and reused by every layer.
+
+    Additive (0 / -inf) ``[group * n_q, prefix_len + n_tree]`` with the query heads of a KV
+    group folded into the rows (row ``g * n_q + i`` is query ``i``); ``None`` when every query
+    sees every key (``tree_mask`` None or all True), which lets SDPA skip masking entirely.
+    """
+    if tree_mask is None or (tree_mask.device.type == "cpu" and bool(tree_mask.all())):
+        return None
+    n_q, n_tree = tree_mask.shape
+    mask = torch.zeros(n_q, prefix_len + n_tree, dtype=dtype, device=tree_mask.device)
+    mask[:, prefix_len:].masked_fill_(~tree_mask, float("-inf"))
+    return mask.repeat(group, 1) if group > 1 else mask
+
+
+def tree_attention_reference_prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                      mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """The reference with a mask from ``reference_mask`` (no validation: the hot CPU path).
+
+    The query heads of a KV group are folded into the query axis (q viewed as
+    ``[n_kv, group * n_q, D]``) so K/V are never repeated per query head; SDPA runs once.
+    Computes in q's dtype when it is float32 (the CPU runtime), else upcasts to float32.
+    """
+    n_q, n_heads, d = q.shape
+    n_k, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    # [n_q, n_kv, group, D] -> [1, n_kv, group * n_q, D]: row index = g * n_q + i.
+    qg = q.float().view(n_q, n_kv, group, d).permute(1, 2, 0, 3).reshape(1, n_kv, group * n_q, d)
+    kf = k.float().permute(1, 0, 2).unsqueeze(0)
+    vf = v.float().permute(1, 0, 2).unsqueeze(0)
+    if mask is not None:
+        mask = mask.to(qg.dtype)
+    o = torch.nn.functional.scaled_dot_product_attention(qg, kf, vf, attn_mask=mask, scale=scale)
+    o = o.view(n_kv, group, n_q, d).permute(2, 0, 1, 3).reshape(n_q, n_heads, d)
+    return o.to(q.dtype)
+
+
 def tree_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -469,32 +508,16 @@ def tree_attention_reference(
     *,
     validate: bool = True,
 ) -> torch.Tensor:
-    """PyTorch tree attention in float32 (the CPU path of the runtime); same contract.
+    """PyTorch tree attention in float32 (the oracle of the kernel tests); same contract.
 
-    The query heads of a KV group are folded into the query axis (q viewed as
-    ``[n_kv, group * n_q, D]``) so K/V are never repeated per query head, and SDPA runs once
-    with the full bool mask ``[group * n_q, n_k]`` (prefix columns all True).
+    ``reference_mask`` + ``tree_attention_reference_prepared``, with the inputs checked.
     ``validate`` rejects fully masked rows when prefix_len == 0 (a sync on CUDA).
     """
     _check_qkv(q, k, v, prefix_len)
-    n_q, n_heads, d = q.shape
+    n_q, n_heads, _ = q.shape
     n_k, n_kv, _ = k.shape
-    group = n_heads // n_kv
     _check_tree_mask(tree_mask, n_q, n_k - prefix_len, q.device)
     if validate and prefix_len == 0:
         _check_rows_visible(tree_mask)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    # [n_q, n_kv, group, D] -> [1, n_kv, group * n_q, D]: row index = g * n_q + i.
-    qg = q.float().view(n_q, n_kv, group, d).permute(1, 2, 0, 3).reshape(1, n_kv, group * n_q, d)
-    kf = k.float().permute(1, 0, 2).unsqueeze(0)
-    vf = v.float().permute(1, 0, 2).unsqueeze(0)
-    if n_k - prefix_len > 0:
-        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
-        mask[:, prefix_len:] = tree_mask
-        if group > 1:
-            mask = mask.repeat(group, 1)
-    else:
-        mask = None
-    o = torch.nn.functional.scaled_dot_product_attention(qg, kf, vf, attn_mask=mask, scale=scale)
-    o = o.view(n_kv, group, n_q, d).permute(2, 0, 1, 3).reshape(n_q, n_heads, d)
-    return o.to(q.dtype)
+    mask = reference_mask(tree_mask, prefix_len, n_heads // n_kv) if n_k - prefix_len > 0 else None
+    return tree_attention_reference_prepared(q, k, v, mask, scale)

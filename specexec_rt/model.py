@@ -80,7 +80,8 @@ class Transformer:
         go to ``cache_slots`` (default: the last ``n`` slots of the tree region). See docs/DESIGN.md.
         """
         n = int(token_ids.shape[0])
-        if tree_mask is None:
+        chain = tree_mask is None
+        if chain:
             tree_mask = causal_mask(n, self.device)
         n_tree = int(tree_mask.shape[1])
         if tree_mask.shape[0] != n or positions.shape[0] != n:
@@ -89,7 +90,8 @@ class Transformer:
         cache.check_fits(prefix_len + n_tree)
         if cache_slots is None:
             cache_slots = torch.arange(prefix_len + n_tree - n, prefix_len + n_tree, device=self.device)
-        meta = ops.prepare_attention(tree_mask, prefix_len)
+        c = self.config
+        meta = ops.prepare_attention(tree_mask, prefix_len, c.n_heads // c.n_kv_heads, c.head_dim, chain)
         cos, sin = self.cos[positions], self.sin[positions]
         x = self.weights.embed[token_ids].to(self.dtype)
         for i, layer in enumerate(self.layer_source.iter_layers()):

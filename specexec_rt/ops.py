@@ -37,9 +37,11 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
     """``x @ w.T + bias`` for ``x`` ``[M, in_features]`` and a dense or 4-bit ``w``."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    from .kernels.int4_matmul import int4_matmul
+    from .kernels import int4_matmul as q4
 
-    y = int4_matmul(x, w)
+    # On CPU the runtime takes the aten int4 path unless the interpreter switch is on;
+    # TRITON_INTERPRET alone (set by kernel tests) must not send whole models through it.
+    y = q4.int4_matmul(x, w) if use_triton(x.device) else q4.int4_matmul_cpu(x, w)
     return y + bias if bias is not None else y
 
 
@@ -100,28 +102,34 @@ class AttentionMeta:
     n_tree: int                      # tree-region slots visible to this pass
     tree_mask: torch.Tensor          # bool [n_q, n_tree]
     packed_mask: Optional[torch.Tensor] = None   # Triton path: bit-packed tree mask
-    full_mask: Optional[torch.Tensor] = None     # reference path: bool [n_q, prefix_len + n_tree]
+    reference_mask: Optional[torch.Tensor] = None  # reference path: additive, GQA-folded, or None
+    use_kernel: bool = False
 
     @property
     def n_k(self) -> int:
         return self.prefix_len + self.n_tree
 
 
-def prepare_attention(tree_mask: torch.Tensor, prefix_len: int) -> AttentionMeta:
-    meta = AttentionMeta(prefix_len=prefix_len, n_tree=int(tree_mask.shape[1]), tree_mask=tree_mask)
-    if use_triton(tree_mask.device):
-        from .kernels.tree_attention import pack_tree_mask
+def prepare_attention(tree_mask: torch.Tensor, prefix_len: int, group: int, head_dim: int,
+                      chain: bool = False) -> AttentionMeta:
+    """Build a pass's mask once. ``chain`` says ``tree_mask`` is the causal chain of the new
+    tokens (known on the host, so a one-token decode step needs no mask at all)."""
+    from .kernels import tree_attention as ta
 
-        meta.packed_mask = pack_tree_mask(tree_mask)
+    meta = AttentionMeta(prefix_len=prefix_len, n_tree=int(tree_mask.shape[1]), tree_mask=tree_mask)
+    # The kernel's tiles need head_dim >= 16; real models have 64-128.
+    meta.use_kernel = use_triton(tree_mask.device) and head_dim >= 16
+    if meta.use_kernel:
+        meta.packed_mask = ta.pack_tree_mask(tree_mask, prefix_len)
+    elif not (chain and tree_mask.shape[0] == 1):
+        meta.reference_mask = ta.reference_mask(tree_mask, prefix_len, group)
     return meta
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
     """Tree-masked attention: ``q`` ``[n_q, H, D]``, ``k``/``v`` ``[n_k, H_kv, D]`` -> ``[n_q, H, D]``."""
-    if meta.packed_mask is not None:
-        from .kernels.tree_attention import tree_attention_packed
+    from .kernels import tree_attention as ta
 
-        return tree_attention_packed(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree)
-    from .kernels.tree_attention import tree_attention_reference
-
-    return tree_attention_reference(q, k, v, meta.tree_mask, meta.prefix_len)
+    if meta.use_kernel:
+        return ta.tree_attention_packed(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree)
+    return ta.tree_attention_reference_prepared(q, k, v, meta.reference_mask)

@@ -7,8 +7,12 @@ import sys
 import pytest
 import torch
 
-# Tests run the Triton kernels through the interpreter when asked (CI does for kernel tests).
 sys.path.insert(0, os.path.dirname(__file__))
+# Before anything imports triton (transformers may): the interpreter without a GPU, compiled
+# kernels with one. The runtime's own CPU dispatch ignores this (SPECEXEC_TRITON_INTERPRET).
+from gpu_env import configure_triton_interpreter  # noqa: E402
+
+configure_triton_interpreter()
 
 from specexec_rt.config import ModelConfig  # noqa: E402
 from specexec_rt.model import Transformer  # noqa: E402
