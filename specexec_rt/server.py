@@ -750,10 +750,16 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"[specexec-rt] warning: listening on {args.host} without --api-key", file=sys.stderr)
     print(f"[specexec-rt] serving {name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt     # SIGTERM (service managers, docker stop) shuts down like Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("[specexec-rt] shutting down: finishing the request in flight", file=sys.stderr)
+        print("[specexec-rt] shutting down: the request in flight stops at its next pass", file=sys.stderr)
         idle = server.close(timeout=10.0)
         if not idle:
             print("[specexec-rt] the engine did not go idle within 10 s; exiting anyway", file=sys.stderr)
