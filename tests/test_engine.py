@@ -269,3 +269,31 @@ def test_vocabulary_mismatch():
     other, _ = make_pair(vocab=40)
     with pytest.raises(VocabularyMismatchError, match="40"):
         Engine(target, other)
+
+
+# ---------------------------------------------------------------------- the real pair
+@pytest.fixture(scope="module")
+def smollm2_pair():
+    from specexec_rt import load_model, load_tokenizer
+    from specexec_rt.drafts import default_draft
+
+    target = load_model("smollm2-135m", device="cpu", max_len=320)
+    return target, default_draft(target), load_tokenizer(target)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_lossless_every_method(smollm2_pair):
+    from specexec_rt.weights import weights_nbytes
+
+    target, draft, tok = smollm2_pair
+    assert weights_nbytes(draft.weights.layers) < weights_nbytes(target.weights.layers) / 4
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = list(tok(prompt).input_ids)
+    expected = target_greedy(target, ids, 20)
+    for method, params in [("chain", dict(k=4)), ("specinfer", dict(n=4, depth=3)),
+                           ("specexec", dict(budget=32, max_depth=8))]:
+        res = Engine(target, draft, method=method, tokenizer=tok, **params).generate(prompt, max_new_tokens=20)
+        assert res.token_ids == expected, method
+        assert res.text == tok.decode(expected, skip_special_tokens=True)
+        assert res.stats.tokens_per_pass > 1.5, method     # the int4 self-draft is accepted often
