@@ -49,11 +49,44 @@ def finish_matrix(m, dtype: torch.dtype, quantize: str):
     return m
 
 
+def expected_shape(cfg: ModelConfig, name: str) -> tuple:
+    """The shape a tensor named like HF Llama's must have under ``cfg``."""
+    h, q, kv, inter = cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size
+    table = {
+        "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h), "o_proj.weight": (h, q),
+        "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj.bias": (h,),
+        "gate_proj.weight": (inter, h), "up_proj.weight": (inter, h), "down_proj.weight": (h, inter),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,), "model.norm.weight": (h,),
+        "embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
+    }
+    for suffix, shape in table.items():
+        if name.endswith(suffix):
+            return shape
+    raise KeyError(name)
+
+
+def checked(getter, cfg: ModelConfig):
+    """Wrap a getter so a tensor whose shape disagrees with the config fails at load, by name."""
+    from ..errors import ModelLoadError
+
+    def get(name: str):
+        t = getter(name)
+        shape = tuple(t.shape)
+        want = expected_shape(cfg, name)
+        if shape != want:
+            raise ModelLoadError(f"tensor {name!r} has shape {list(shape)} but the config "
+                                 f"({cfg.model_type}, hidden {cfg.hidden_size}, heads {cfg.n_heads}/"
+                                 f"{cfg.n_kv_heads}, head_dim {cfg.head_dim}) implies {list(want)}")
+        return t
+    return get
+
+
 def assemble_weights(cfg: ModelConfig, get_matrix: MatrixGetter, get_vector: VectorGetter,
                      dtype: torch.dtype, quantize: str, layer_device, resident_device,
                      desc: str = "loading") -> ModelWeights:
     """Names follow HF Llama: ``model.layers.{i}.self_attn.q_proj.weight`` etc. Layers are placed
     on ``layer_device`` (the host when offloading), the rest on ``resident_device``."""
+    get_matrix, get_vector = checked(get_matrix, cfg), checked(get_vector, cfg)
     layers = []
     for i in tqdm(range(cfg.n_layers), desc=desc, unit="layer", leave=False):
         p = f"model.layers.{i}."
