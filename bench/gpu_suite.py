@@ -184,7 +184,11 @@ def section_tests(budget_s: float, work: Path, dry: bool) -> dict:
 
     runs, notes, t0 = [], [], time.perf_counter()
     has_cuda = torch.cuda.is_available()
+    only = os.environ.get("SPECEXEC_SUITE_TEST_RUNS")  # e.g. "cuda,sanitizer": CI covers the CPU run
     for name, args, env, cap in TEST_RUNS:
+        if only and name not in only.split(","):
+            notes.append(f"{name} run skipped (SPECEXEC_SUITE_TEST_RUNS={only})")
+            continue
         if name == "sanitizer" and (not has_cuda or not (ROOT / "tests/test_offload.py").exists()):
             notes.append("sanitizer run skipped: " + ("no CUDA device" if not has_cuda else
                                                       "tests/test_offload.py missing"))
