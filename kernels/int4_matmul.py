@@ -63,8 +63,9 @@ DEQUANT_MIN_M = 256
 # pipelining loops over bit-packed weights in some Triton versions (KERNEL-NOTES).
 K_LOOP_STAGES = 1
 # The scratch buffer of the dequantise path is split along N above this many elements,
-# so a fused 70B gate/up matrix does not need ~1 GB of scratch.
-SCRATCH_MAX_ELEMENTS = 64 * 1024 * 1024
+# so a fused 70B gate/up matrix (470M weights) takes two chunks (H100: N-chunks of 2340 rows
+# for the 70B down projection ran 3x slower than fp16; whole-matrix chunks are 1-2).
+SCRATCH_MAX_ELEMENTS = 256 * 1024 * 1024
 # On CPU, convert activations to this dtype for the aten int4 op: its bf16 kernel is
 # vectorised, its fp32/fp16 kernels are ~30-100x slower (measured, torch 2.13, AVX-512).
 CPU_COMPUTE_DTYPE = torch.bfloat16
