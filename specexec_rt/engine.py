@@ -25,7 +25,8 @@ import torch
 
 from . import sampling
 from . import tree as _tree
-from .errors import ContextLengthError, SamplingParameterError, VocabularyMismatchError
+from .errors import (ContextLengthError, NonFiniteLogitsError, SamplingParameterError,
+                     VocabularyMismatchError)
 from .sampling import SamplingParams, process_logits
 from .tree import NEG_INF, DraftTree, VerifyTree, path_rows
 
@@ -125,7 +126,9 @@ class Engine:
         self.params = self._method_defaults(method, budget, method_params)
         if self.draft is not None:
             check_same_vocabulary(target, self.draft)
+        self._check_tree_fits()
         self.last_result: Optional[GenerationResult] = None
+        self._prefill_bad = None
 
     @staticmethod
     def _method_defaults(method: str, budget: int, given: dict) -> dict:
@@ -157,6 +160,12 @@ class Engine:
 
     def apply_chat_template(self, messages: list) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list:
+        """Token ids of ``text`` exactly as ``generate`` would feed them (needs a tokenizer)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        return self._encode(text)
 
     def _encode(self, prompt) -> list:
         if isinstance(prompt, str):
@@ -204,9 +213,10 @@ class Engine:
     def stream(self, prompt_or_ids, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
                stop: Optional[Sequence[str]] = None) -> Iterator[str]:
-        """Like ``generate`` but yields text pieces after every target pass (a piece may be
-        empty-held while it could still be the start of a stop string or an incomplete
-        character); ``self.last_result`` holds the GenerationResult when the iterator ends."""
+        """Like ``generate`` but yields one text piece after every target pass, possibly ""
+        (text held back while it could still be the start of a stop string or an incomplete
+        character, or no tokenizer), so a consumer that closes the iterator stops the engine at
+        the next pass. ``self.last_result`` holds the GenerationResult when the iterator ends."""
         params = SamplingParams(float(temperature), float(top_p), top_k)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise SamplingParameterError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -240,10 +250,13 @@ class Engine:
                     safe = len(text)
                 else:
                     safe = len(text) if finish else _safe_prefix_len(text, stops)
+                piece = ""
                 if safe > len(emitted):
                     piece = text[len(emitted):safe]
                     emitted = text[:safe]
-                    yield piece
+                yield piece
+            else:
+                yield ""
             if finish:
                 stats.finish_reason = finish
                 break
@@ -268,6 +281,18 @@ class Engine:
         if self.method == "specinfer":
             return 1 + p["n"] * p["depth"], 1 + p["n"] * (p["depth"] - 1)
         return 1 + self.budget, 1 + (p["max_depth"] - 1) * p["beams_per_step"]
+
+    def _check_tree_fits(self) -> None:
+        """At construction: the largest verification pass must fit the target's cache next to the
+        shortest possible request (a 1-token prompt, 1 new token)."""
+        verify, _ = self._tree_sizes()
+        if 2 + verify > self.target.max_len:
+            what = {"specexec": f"budget={self.budget}", "chain": f"k={self.params.get('k')}",
+                    "specinfer": f"n={self.params.get('n')} x depth={self.params.get('depth')}"}.get(self.method, "")
+            raise ContextLengthError(
+                f"{what}: a verification tree of {verify} tokens (plus a 1-token prompt and 1 new token) "
+                f"does not fit the target's KV cache (max_len={self.target.max_len}); lower the budget or "
+                f"load the target with a larger max_len")
 
     def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         verify, draft_slots = self._tree_sizes()
@@ -302,9 +327,12 @@ class Engine:
             gen.manual_seed(int(seed))
         t0 = time.perf_counter()
         tp = len(ids) - 1
+        # Checked with the first acceptance read, so a broken prefill costs no extra sync.
+        self._prefill_bad = None
         if tp:
-            self.target.forward(torch.tensor(ids[:-1], device=self.device), torch.arange(tp, device=self.device),
-                                self.target.cache, 0, logits_rows=torch.tensor([tp - 1], device=self.device))
+            pl = self.target.forward(torch.tensor(ids[:-1], device=self.device), torch.arange(tp, device=self.device),
+                                     self.target.cache, 0, logits_rows=torch.tensor([tp - 1], device=self.device))
+            self._prefill_bad = ~torch.isfinite(pl).all()
         stats.prefill_seconds = time.perf_counter() - t0
         self._dp, self._pending = 0, list(ids)
         self._tp, self._seq = tp, list(ids)     # introspection: committed target prefix and text
@@ -452,10 +480,20 @@ class Engine:
         else:
             last, bonus = self._accept_chains(tree, extra, p, gen)
         rows = path_rows(tree, last, tree.n)
-        packet = torch.cat([tree.depths[last].view(1), bonus.view(1), tree.tokens[rows],
+        bad = (~torch.isfinite(logits).all()).long()
+        if self._prefill_bad is not None:
+            bad = bad + 2 * self._prefill_bad.long()
+            self._prefill_bad = None
+        packet = torch.cat([bad.view(1), tree.depths[last].view(1), bonus.view(1), tree.tokens[rows],
                             tree.draft_slots[rows], rows])
         h = self._host(packet)
-        m, bonus_tok, rest = h[0], h[1], h[2:]
+        if h[0]:
+            where = "the prompt prefill" if h[0] >= 2 else "a verification pass"
+            raise NonFiniteLogitsError(
+                f"the target model produced NaN/inf logits in {where} (method={self.method}); its weights "
+                f"or activations are not finite (a corrupt checkpoint, or an overflow in a low-precision "
+                f"dtype)")
+        m, bonus_tok, rest = h[1], h[2], h[3:]
         n = len(rows)
         return _Pass(tokens=rest[:m + 1], draft_slots=rest[n:n + m + 1], rows=rest[2 * n:2 * n + m + 1],
                      bonus=bonus_tok)

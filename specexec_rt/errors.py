@@ -31,3 +31,7 @@ class VocabularyMismatchError(SpecExecError, ValueError):
 
 class SamplingParameterError(SpecExecError, ValueError):
     """temperature, top_p, top_k, max_new_tokens ... out of range."""
+
+
+class NonFiniteLogitsError(SpecExecError, FloatingPointError):
+    """A model produced NaN or inf logits (broken weights, or an overflow in a low-precision dtype)."""

@@ -96,7 +96,9 @@ class DraftTree:
         self.tokens[new] = tokens.reshape(-1)
         self.parents[new] = par
         self.depths[new] = self.depths[par] + 1
-        sc = self.scores[par] + logq.reshape(-1).float()
+        # A broken draft (NaN log-probs) must only cost speed: its children are created dead.
+        lq = logq.reshape(-1).float()
+        sc = self.scores[par] + torch.where(torch.isnan(lq), torch.full_like(lq, NEG_INF), lq)
         self.scores[new] = sc
         self.alive[new] = self.alive[par] & (sc > NEG_INF)
         rows = self.anc[par]
@@ -119,6 +121,8 @@ class DraftTree:
         if k > 0:
             vals, idx = key.topk(k)
             keep[idx] = vals > NEG_INF
+            # With fewer than ``budget`` live nodes topk also returns the root (key -inf).
+            keep[0] = True
             full = vals[-1] if n - 1 >= budget else torch.tensor(NEG_INF, device=self.device)
         else:
             full = torch.tensor(float("inf") if budget == 0 else NEG_INF, device=self.device)
