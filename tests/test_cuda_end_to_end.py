@@ -45,7 +45,7 @@ def greedy(model, ids, n):
 
 
 def test_gpu_forward_matches_cpu_reference():
-    target, _ = cuda_pair(torch.float32 if False else torch.float16)
+    target, _ = cuda_pair(torch.float16)
     cfg = target.config
     cpu = Transformer(cfg, replace_leaves(target.weights, lambda _, x: x.float().cpu()), 512,
                       torch.device("cpu"), torch.float32)
