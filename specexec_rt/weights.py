@@ -41,6 +41,9 @@ def tensor_leaves(obj, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (dotted path, tensor) for every tensor reachable through dataclass fields."""
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            yield from tensor_leaves(item, f"{prefix}.{i}" if prefix else str(i))
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             if f.metadata.get("cache"):
@@ -54,6 +57,9 @@ def replace_leaves(obj, fn: Callable[[str, torch.Tensor], torch.Tensor], prefix:
     """Rebuild ``obj`` with every tensor leaf replaced by ``fn(path, tensor)``."""
     if isinstance(obj, torch.Tensor):
         return fn(prefix, obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(replace_leaves(item, fn, f"{prefix}.{i}" if prefix else str(i))
+                         for i, item in enumerate(obj))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {}
         for f in dataclasses.fields(obj):
@@ -61,7 +67,8 @@ def replace_leaves(obj, fn: Callable[[str, torch.Tensor], torch.Tensor], prefix:
                 changes[f.name] = None
                 continue
             value = getattr(obj, f.name)
-            if value is not None and (isinstance(value, torch.Tensor) or dataclasses.is_dataclass(value)):
+            if value is not None and (isinstance(value, (torch.Tensor, list, tuple))
+                                      or dataclasses.is_dataclass(value)):
                 changes[f.name] = replace_leaves(value, fn, f"{prefix}.{f.name}" if prefix else f.name)
         return dataclasses.replace(obj, **changes)
     return obj

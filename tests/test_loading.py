@@ -159,3 +159,14 @@ def test_offloaded_load_equals_resident(llama3_dir):
     for _ in range(2):  # the second pass runs on the wrapped-around prefetch
         torch.testing.assert_close(b.forward(ids, torch.arange(27), b.cache, 0),
                                    a.forward(ids, torch.arange(27), a.cache, 0), atol=0, rtol=0)
+
+
+def test_replace_leaves_walks_layer_lists():
+    from conftest import random_weights, tiny_config
+    from specexec_rt.weights import replace_leaves, tensor_leaves
+
+    w = random_weights(tiny_config(n_layers=3))
+    half = replace_leaves(w, lambda _, t: t.half())
+    assert all(t.dtype == torch.float16 for _, t in tensor_leaves(half))
+    assert any(p.startswith("layers.2.") for p, _ in tensor_leaves(half))
+    assert len(half.layers) == 3
