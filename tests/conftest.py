@@ -56,6 +56,20 @@ def build_tiny_model(model_type: str = "llama", seed: int = 0, max_len: int = 25
     return Transformer(cfg, random_weights(cfg, seed), max_len, torch.device("cpu"), torch.float32)
 
 
+def greedy_decode(model: Transformer, ids: list, n: int) -> list:
+    """The target's own greedy continuation: prefill, then one plain forward per token (the
+    oracle every decoding method is compared with)."""
+    dev = model.device
+    logits = model.prefill(torch.tensor(ids, device=dev))
+    out = []
+    for i in range(n):
+        out.append(int(logits.argmax()))
+        pos = len(ids) + i
+        logits = model.forward(torch.tensor(out[-1:], device=dev), torch.tensor([pos], device=dev),
+                               model.cache, pos)[0]
+    return out
+
+
 @pytest.fixture
 def tiny_model():
     """Factory: ``tiny_model(model_type="llama", seed=0, max_len=256, **config_overrides)``."""

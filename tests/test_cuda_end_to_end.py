@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_weights, tiny_config
+from conftest import greedy_decode, random_weights, tiny_config
 from specexec_rt.engine import Engine
 from specexec_rt.model import Transformer
 from specexec_rt.weights import replace_leaves
@@ -33,17 +33,6 @@ def cuda_pair(dtype=torch.float16, offload=False, noise=0.1):
     return target, Transformer(cfg, to_dev(dw), 512, dev, dtype)
 
 
-def greedy(model, ids, n):
-    logits = model.prefill(torch.tensor(ids, device=model.device))
-    out = []
-    for i in range(n):
-        out.append(int(logits.argmax()))
-        pos = len(ids) + i
-        logits = model.forward(torch.tensor(out[-1:], device=model.device),
-                               torch.tensor([pos], device=model.device), model.cache, pos)[0]
-    return out
-
-
 def test_gpu_forward_matches_cpu_reference():
     target, _ = cuda_pair(torch.float16)
     cfg = target.config
@@ -61,7 +50,7 @@ def test_gpu_forward_matches_cpu_reference():
 def test_gpu_greedy_lossless(method, budget, offload):
     target, draft = cuda_pair(offload=offload)
     ids = [5, 17, 42, 9, 77, 3]
-    want = greedy(target, ids, 24)
+    want = greedy_decode(target, ids, 24)
     res = Engine(target, draft, method=method, budget=budget).generate(ids, max_new_tokens=24)
     assert res.token_ids == want
     assert res.stats.target_passes < 24

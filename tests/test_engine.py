@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import random_weights, tiny_config
+from conftest import greedy_decode, random_weights, tiny_config
 from specexec_rt import sampling, tree as tree_mod
 from specexec_rt.engine import Engine
 from specexec_rt.errors import ContextLengthError, SamplingParameterError, VocabularyMismatchError
@@ -45,16 +45,6 @@ def make_pair(vocab: int = 32, noise: float = 0.15, seed: int = 0, max_len: int 
     return target, Transformer(cfg, dw, max_len, CPU, torch.float32)
 
 
-def target_greedy(model: Transformer, ids: list, n: int) -> list:
-    logits = model.prefill(torch.tensor(ids))
-    out = []
-    for i in range(n):
-        out.append(int(logits.argmax()))
-        pos = len(ids) + i
-        logits = model.forward(torch.tensor(out[-1:]), torch.tensor([pos]), model.cache, pos)[0]
-    return out
-
-
 GREEDY_CASES = [
     ("chain", 1, dict(k=1)), ("chain", 4, dict(k=4)), ("chain", 8, dict(k=7)),
     ("specinfer", 4, dict(n=2, depth=2)), ("specinfer", 12, dict(n=4, depth=3)),
@@ -65,11 +55,11 @@ GREEDY_CASES = [
 
 @pytest.mark.parametrize("method,budget,params", GREEDY_CASES)
 @pytest.mark.parametrize("pair", ["perturbed", "close", "unrelated"])
-def test_greedy_equals_target_greedy(method, budget, params, pair):
+def test_greedy_equals_greedy_decode(method, budget, params, pair):
     target, draft = {"perturbed": lambda: make_pair(noise=0.3), "close": lambda: make_pair(noise=0.05),
                      "unrelated": lambda: make_pair(draft_seed=7)}[pair]()
     prompt = [1, 5, 9, 2]
-    expected = target_greedy(target, prompt, 48)
+    expected = greedy_decode(target, prompt, 48)
     engine = Engine(target, draft, method=method, budget=budget, **params)
     res = engine.generate(prompt, max_new_tokens=48)
     assert res.token_ids == expected
@@ -85,7 +75,7 @@ def test_greedy_equals_target_greedy(method, budget, params, pair):
 def test_autoregressive_needs_no_draft_and_matches():
     target, _ = make_pair()
     res = Engine(target, method="autoregressive").generate([3, 4], max_new_tokens=20)
-    assert res.token_ids == target_greedy(target, [3, 4], 20)
+    assert res.token_ids == greedy_decode(target, [3, 4], 20)
     assert res.stats.target_passes == 20 and res.stats.tokens_per_pass == 1.0
 
 
@@ -213,7 +203,7 @@ class CharTokenizer:
 
 def test_eos_and_max_new_tokens_exact():
     target, draft = make_pair()
-    full = target_greedy(target, [1, 5, 9, 2], 30)
+    full = greedy_decode(target, [1, 5, 9, 2], 30)
     for n in (1, 2, 7, 30):
         res = Engine(target, draft, method="specexec", budget=32).generate([1, 5, 9, 2], max_new_tokens=n)
         assert res.token_ids == full[:n] and res.stats.finish_reason == "length"
@@ -232,7 +222,7 @@ def test_stop_strings_and_stream_pieces():
     tok = CharTokenizer()
     engine = Engine(target, draft, method="specexec", budget=16, tokenizer=tok)
     full = engine.generate("bfjc", max_new_tokens=30).text
-    assert full == tok.decode(target_greedy(target, [1, 5, 9, 2], 30))
+    assert full == tok.decode(greedy_decode(target, [1, 5, 9, 2], 30))
     stop = full[12:14]
     pieces = list(engine.stream("bfjc", max_new_tokens=30, stop=[stop, "zzzzz"]))
     res = engine.last_result
@@ -293,7 +283,7 @@ def test_smollm2_greedy_lossless_every_method(smollm2_pair):
     prompt = tok.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}],
                                      tokenize=False, add_generation_prompt=True)
     ids = list(tok(prompt).input_ids)
-    expected = target_greedy(target, ids, 20)
+    expected = greedy_decode(target, ids, 20)
     for method, params in [("chain", dict(k=4)), ("specinfer", dict(n=4, depth=3)),
                            ("specexec", dict(budget=32, max_depth=8))]:
         res = Engine(target, draft, method=method, tokenizer=tok, **params).generate(prompt, max_new_tokens=20)

@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 
+from conftest import greedy_decode
 from specexec_rt import load_model, load_tokenizer
 from specexec_rt.loading.sources import ALIASES
 
@@ -33,17 +34,6 @@ def models():
     return ours, hf, tok
 
 
-def greedy(model, ids: list[int], n: int) -> list[int]:
-    prompt = torch.tensor(ids)
-    logits = model.prefill(prompt)
-    out = []
-    for i in range(n):
-        out.append(int(logits.argmax()))
-        pos = len(ids) + i
-        logits = model.forward(torch.tensor(out[-1:]), torch.tensor([pos]), model.cache, pos)[0]
-    return out
-
-
 def test_config_matches_model_notes(models):
     cfg = models[0].config
     assert (cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size,
@@ -66,7 +56,7 @@ def test_greedy_32_tokens_equal_hf_generate(models, prompt):
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    assert greedy(ours, ids, 32) == ref
+    assert greedy_decode(ours, ids, 32) == ref
 
 
 def test_chat_template_from_gguf(models):
@@ -89,4 +79,4 @@ def test_int4_path_greedy_equals_dequantized(models, monkeypatch):
     assert isinstance(packed.weights.layers[0].wqkv, q4.Int4Weight)
     for prompt in PROMPTS[:2]:
         ids = tok(prompt).input_ids
-        assert greedy(packed, ids, 24) == greedy(ours, ids, 24)
+        assert greedy_decode(packed, ids, 24) == greedy_decode(ours, ids, 24)
