@@ -28,9 +28,10 @@ def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: t
     n = x.shape[0]
     h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     qkv = ops.linear(ops.rms_norm(x, w.attn_norm, cfg.rms_norm_eps), w.wqkv, w.bqkv)
-    q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
-    q = ops.apply_rope(q.view(n, h, d), cos, sin)
-    k = ops.apply_rope(k.view(n, hkv, d), cos, sin)
+    # q and k heads rotate together: one RoPE call instead of two (decode is op-bound on CPU).
+    qk = ops.apply_rope(qkv[:, :(h + hkv) * d].view(n, h + hkv, d), cos, sin)
+    q, k = qk[:, :h], qk[:, h:]
+    v = qkv[:, (h + hkv) * d:]
     cache_k.index_copy_(0, slots, k)
     cache_v.index_copy_(0, slots, v.view(n, hkv, d))
     attn = ops.attention(q, cache_k[:meta.n_k], cache_v[:meta.n_k], meta)
