@@ -92,6 +92,9 @@ class Int4Weight:
     out_features: int
     in_features: int
     group_size: int
+    # GPTQ act-order: int64 [K], the stored K order; activations are gathered x[..., perm] so
+    # groups stay contiguous for the kernels. None: natural order.
+    perm: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         n, k, g = self.out_features, self.in_features, self.group_size
@@ -110,6 +113,9 @@ class Int4Weight:
                 )
         if self.mins.dtype != self.scales.dtype:
             raise ValueError("Int4Weight.scales and mins must share a dtype")
+        if self.perm is not None and (self.perm.dtype != torch.int64 or tuple(self.perm.shape) != (k,)):
+            raise ValueError(f"Int4Weight.perm must be int64 [{k}], got {self.perm.dtype} "
+                             f"{tuple(self.perm.shape)}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -130,6 +136,7 @@ class Int4Weight:
             qweight=self.qweight.to(device, non_blocking=non_blocking),
             scales=self.scales.to(device, non_blocking=non_blocking),
             mins=self.mins.to(device, non_blocking=non_blocking),
+            perm=None if self.perm is None else self.perm.to(device, non_blocking=non_blocking),
         )
 
     def unpack(self) -> torch.Tensor:
@@ -144,7 +151,10 @@ class Int4Weight:
         g = self.group_size
         q = self.unpack().view(n, k // g, g).to(torch.float32)
         w = q * self.scales.float().T[..., None] + self.mins.float().T[..., None]
-        return w.reshape(n, k).to(dtype)
+        w = w.reshape(n, k)
+        if self.perm is not None:  # stored column j is original column perm[j]
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w.to(dtype)
 
     @staticmethod
     def concat_out_features(weights: Sequence["Int4Weight"]) -> "Int4Weight":
@@ -152,7 +162,10 @@ class Int4Weight:
         if len(weights) == 0:
             raise ValueError("concat_out_features needs at least one Int4Weight")
         k, g = weights[0].in_features, weights[0].group_size
+        perm = weights[0].perm
         for w in weights:
+            if (w.perm is None) != (perm is None) or (perm is not None and not torch.equal(w.perm, perm)):
+                raise ValueError("concat_out_features: act-order permutations differ")
             if not isinstance(w, Int4Weight):
                 raise TypeError(f"concat_out_features takes Int4Weight, got {type(w).__name__}")
             if (w.in_features, w.group_size) != (k, g):
@@ -169,6 +182,7 @@ class Int4Weight:
             out_features=sum(w.out_features for w in weights),
             in_features=k,
             group_size=g,
+            perm=perm,
         )
 
 
@@ -302,9 +316,11 @@ def int4_matmul_cpu(x: torch.Tensor, w: Int4Weight,
         raise ValueError("int4_matmul_cpu: tensors must be on the CPU")
     cdt = compute_dtype or CPU_COMPUTE_DTYPE
     lead = x.shape[:-1]
+    if not _cpu_op_supports(w) or x.numel() == 0:
+        return int4_matmul_reference(x, w)  # natural K order: dequantize() undoes perm
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
     x2 = x.reshape(-1, w.in_features)
-    if not _cpu_op_supports(w) or x2.shape[0] == 0:
-        return int4_matmul_reference(x, w)
     packed, sz = _cpu_pack(w, cdt)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x2.to(cdt).contiguous(), packed, w.group_size, sz)
@@ -641,6 +657,8 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight,
         return y if out is None else out.copy_(y)
     if triton is None:
         raise RuntimeError("int4_matmul: Triton is required for non-CPU tensors")
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
     x2 = x.reshape(-1, w.in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -186,7 +186,7 @@ def test_cpu_cache_is_not_a_field():
     int4_matmul_cpu(_rand_x(2, 128, torch.float32, 2), w)
     assert "_cpu_cache" in w.__dict__
     names = {f.name for f in dataclasses.fields(w)}
-    assert names == {"qweight", "scales", "mins", "out_features", "in_features", "group_size"}
+    assert names == {"qweight", "scales", "mins", "out_features", "in_features", "group_size", "perm"}
     assert "_cpu_cache" not in dataclasses.replace(w).__dict__
 
 
@@ -417,3 +417,33 @@ def test_cuda_odd_shapes(m, group):
         rel = REL[dtype] if dtype != torch.float32 else 2e-3
         bound = rel * (x.float().abs() @ w_deq.abs().T) + 1e-5
         _assert_close_bound(y, x.float() @ w_deq.T, bound, f"cuda odd m={m} {dtype}")
+
+
+def test_act_order_perm_kept_4bit_matches_float():
+    """GPTQ act-order: the permuted Int4Weight (perm field) computes x @ W.T in every path."""
+    g = torch.Generator().manual_seed(11)
+    n, k, gs = 48, 128, 32
+    q = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+    scales = (torch.rand(k // gs, n, generator=g) * 0.05 + 0.01).half()
+    zeros = torch.randint(1, 16, (k // gs, n), generator=g, dtype=torch.int32)  # v1 stores zero - 1 >= 0
+    g_idx = torch.randperm(k, generator=g) % (k // gs)
+    w_true = scales.float()[g_idx] * (q.float() - zeros.float()[g_idx])   # [K, N]
+    qweight = torch.zeros(k // 8, n, dtype=torch.int32)
+    for j in range(8):
+        qweight |= q[j::8] << (4 * j)
+    qzeros = torch.zeros(k // gs, n // 8, dtype=torch.int32)
+    for j in range(8):
+        qzeros |= (zeros[:, j::8] - 1) << (4 * j)                          # v1 stores zero - 1
+    w, perm = from_gptq(qweight, qzeros, scales, g_idx.to(torch.int32), scale_dtype=torch.float32)
+    assert perm is not None
+    w = dataclasses.replace(w, perm=perm)
+    torch.testing.assert_close(w.dequantize(), w_true.T, atol=1e-5, rtol=0)
+    fused = Int4Weight.concat_out_features([w, w])
+    assert torch.equal(fused.perm, perm)
+    x = torch.randn(5, k, generator=g)
+    ref = x @ w_true
+    torch.testing.assert_close(int4_matmul_reference(x, w), ref, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(int4_matmul(x, w), ref, atol=1e-3, rtol=1e-4)       # Triton (interpreter)
+    torch.testing.assert_close(int4_matmul_cpu(x, w, compute_dtype=torch.float32), ref, atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="permutations differ"):
+        Int4Weight.concat_out_features([w, dataclasses.replace(w, perm=None)])

@@ -1,6 +1,7 @@
 """HF model directories: config.json + single or sharded safetensors (GPTQ 4-bit included)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -110,8 +111,6 @@ def _gptq_matrix(ckpt: SafetensorsCheckpoint, base: str, qcfg: dict):
     weight, perm = from_gptq(
         ckpt.get(base + ".qweight"), ckpt.get(base + ".qzeros"), ckpt.get(base + ".scales"), g_idx,
         sym=bool(qcfg.get("sym", True)), checkpoint_format=qcfg.get("checkpoint_format", "gptq"))
-    if perm is not None:
-        # Act-order: an input permutation would have to be applied to activations; keep it simple
-        # and exact by dequantizing such layers (rare in practice with desc_act + static groups).
-        return weight.dequantize(torch.float32)[:, torch.argsort(perm)]
-    return weight
+    # Act-order (desc_act): rows were sorted by group at conversion; the kernels gather the
+    # activations with the same permutation, so the layer stays 4-bit.
+    return weight if perm is None else dataclasses.replace(weight, perm=perm)
