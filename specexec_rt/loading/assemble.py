@@ -32,7 +32,11 @@ def fuse_rows(mats: list):
     if not any(_is_dense(m) for m in mats):
         from ..kernels.int4_matmul import Int4Weight
 
-        return Int4Weight.concat_out_features(mats)
+        perms = [m.perm for m in mats]
+        if all(p is None for p in perms) or (all(p is not None for p in perms)
+                                             and all(torch.equal(p, perms[0]) for p in perms)):
+            return Int4Weight.concat_out_features(mats)
+        # Act-order permutations that differ cannot share one activation gather: go dense.
     return torch.cat([m if _is_dense(m) else m.dequantize(torch.float32) for m in mats], dim=0)
 
 

@@ -110,7 +110,9 @@ def _gptq_matrix(ckpt: SafetensorsCheckpoint, base: str, qcfg: dict):
     g_idx = ckpt.get(base + ".g_idx") if ckpt.has(base + ".g_idx") else None
     weight, perm = from_gptq(
         ckpt.get(base + ".qweight"), ckpt.get(base + ".qzeros"), ckpt.get(base + ".scales"), g_idx,
-        sym=bool(qcfg.get("sym", True)), checkpoint_format=qcfg.get("checkpoint_format", "gptq"))
+        sym=bool(qcfg.get("sym", True)), checkpoint_format=qcfg.get("checkpoint_format", "gptq"),
+        # fp32: mins = -zero * scale would round in fp16 (up to 1% of a step); exactness first.
+        scale_dtype=torch.float32)
     # Act-order (desc_act): rows were sorted by group at conversion; the kernels gather the
     # activations with the same permutation, so the layer stays 4-bit.
     return weight if perm is None else dataclasses.replace(weight, perm=perm)

@@ -1,0 +1,84 @@
+"""A GPTQ checkpoint (act-order, asymmetric, v1 zeros) loads 4-bit and matches HF on its weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_models import make_hf_model
+from specexec_rt import load_model
+from specexec_rt.kernels import int4_matmul as q4
+
+GROUP = 32
+
+
+def gptq_pack(w: torch.Tensor, g_idx: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Quantize nn.Linear weight ``w`` [N, K] GPTQ-style with act-order ``g_idx``.
+    Returns the checkpoint tensors and the dequantized weight they represent."""
+    n, k = w.shape
+    wt = w.T.float()                                                   # [K, N]
+    lo = torch.stack([wt[g_idx == i].amin(0) for i in range(k // GROUP)])
+    hi = torch.stack([wt[g_idx == i].amax(0) for i in range(k // GROUP)])
+    scales = ((hi - lo) / 15).clamp_min(1e-4).half()
+    zeros = torch.round(-lo / scales.float()).clamp(1, 15).to(torch.int32)
+    q = torch.round(wt / scales.float()[g_idx] + zeros[g_idx]).clamp(0, 15).to(torch.int32)
+    deq = scales.float()[g_idx] * (q - zeros[g_idx]).float()          # [K, N]
+    qweight = torch.zeros(k // 8, n, dtype=torch.int32)
+    qzeros = torch.zeros(k // GROUP, n // 8, dtype=torch.int32)
+    for j in range(8):
+        qweight |= q[j::8] << (4 * j)
+        qzeros |= (zeros[:, j::8] - 1) << (4 * j)                     # v1 format stores zero - 1
+    return dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx.clone()), deq.T.contiguous()
+
+
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gptq")
+    hf = make_hf_model("llama", d)
+    tensors = load_file(str(d / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    g_idx = {}
+    for name, t in tensors.items():
+        if name.endswith("_proj.weight"):
+            # Layers reading the same input share GPTQ's act-order (same Hessian): q/k/v, gate/up.
+            key = name.rsplit(".", 2)[0] + {"q": "qkv", "k": "qkv", "v": "qkv", "g": "gu", "u": "gu"}.get(
+                name.rsplit(".", 2)[1][0], name.rsplit(".", 2)[1])
+            if key not in g_idx:
+                g_idx[key] = (torch.randperm(t.shape[1], generator=g) % (t.shape[1] // GROUP)).to(torch.int32)
+            packed, deq = gptq_pack(t, g_idx[key])
+            base = name[: -len(".weight")]
+            out.update({f"{base}.{key}": v for key, v in packed.items()})
+            hf.get_parameter(name).data.copy_(deq)                    # HF reference = same weights
+        else:
+            out[name] = t
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP,
+                                  "desc_act": True, "sym": False, "checkpoint_format": "gptq"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, hf.eval()
+
+
+def test_gptq_dequantized_matches_hf(gptq_dir):
+    d, hf = gptq_dir
+    model = load_model(d, device="cpu", quantize="none", max_len=64)
+    ids = torch.arange(3, 40)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(model.forward(ids, torch.arange(37), model.cache, 0), ref, atol=2e-4, rtol=0)
+
+
+def test_gptq_stays_4bit_with_act_order(gptq_dir, monkeypatch):
+    d, hf = gptq_dir
+    monkeypatch.setattr(q4, "CPU_COMPUTE_DTYPE", torch.float32)   # exact CPU int4 path
+    model = load_model(d, device="cpu", quantize="int4", max_len=64)
+    layer = model.weights.layers[0]
+    assert isinstance(layer.wqkv, q4.Int4Weight) and layer.wqkv.perm is not None
+    assert isinstance(layer.w_down, q4.Int4Weight) and layer.w_down.perm is not None
+    ids = torch.arange(3, 40)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(model.forward(ids, torch.arange(37), model.cache, 0), ref, atol=2e-3, rtol=0)
