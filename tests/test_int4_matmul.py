@@ -421,6 +421,15 @@ def test_cuda_odd_shapes(m, group):
 
 def test_act_order_perm_kept_4bit_matches_float():
     """GPTQ act-order: the permuted Int4Weight (perm field) computes x @ W.T in every path."""
+    _check_act_order(torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_cuda_act_order_perm():
+    _check_act_order(torch.device("cuda"))
+
+
+def _check_act_order(device):
     g = torch.Generator().manual_seed(11)
     n, k, gs = 48, 128, 32
     q = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
@@ -443,7 +452,13 @@ def test_act_order_perm_kept_4bit_matches_float():
     x = torch.randn(5, k, generator=g)
     ref = x @ w_true
     torch.testing.assert_close(int4_matmul_reference(x, w), ref, atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(int4_matmul(x, w), ref, atol=1e-3, rtol=1e-4)       # Triton (interpreter)
-    torch.testing.assert_close(int4_matmul_cpu(x, w, compute_dtype=torch.float32), ref, atol=1e-3, rtol=1e-4)
+    if device.type == "cuda":
+        for m in (1, 5, 300):  # GEMV, tensor-core and dequantize+matmul paths
+            xc = torch.randn(m, k, generator=g)
+            got = int4_matmul(xc.to(device, torch.float16), w.to(device)).float().cpu()
+            torch.testing.assert_close(got, xc @ w_true, atol=2e-2, rtol=2e-2)
+    else:
+        torch.testing.assert_close(int4_matmul(x, w), ref, atol=1e-3, rtol=1e-4)   # Triton (interpreter)
+        torch.testing.assert_close(int4_matmul_cpu(x, w, compute_dtype=torch.float32), ref, atol=1e-3, rtol=1e-4)
     with pytest.raises(ValueError, match="permutations differ"):
         Int4Weight.concat_out_features([w, dataclasses.replace(w, perm=None)])
