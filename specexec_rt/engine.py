@@ -30,6 +30,8 @@ from .errors import (ContextLengthError, NonFiniteLogitsError, SamplingParameter
 from .sampling import SamplingParams, process_logits
 from .tree import NEG_INF, DraftTree, VerifyTree, path_rows
 
+_CURVE_SCALE = 1e6     # prediction-curve values travel as int64 micro-tokens in the packet
+
 METHODS = ("autoregressive", "chain", "specinfer", "specexec")
 METHOD_PARAMS = {
     "autoregressive": (),
@@ -57,6 +59,7 @@ class GenerationStats:
     syncs: int = 0
     max_syncs_per_pass: int = 0
     finish_reason: str = ""
+    budgets: list = field(default_factory=list)    # specexec: the budget of each pass, in order
 
     @property
     def tokens_per_pass(self) -> float:
@@ -83,6 +86,7 @@ class _Pass:
     draft_slots: list   # their draft tree-region slots (-1: no draft K/V)
     rows: list          # their verification rows
     bonus: int
+    tail: list = field(default_factory=list)   # budget="auto": the tree's prediction curve (scaled)
 
 
 class Engine:
@@ -98,16 +102,28 @@ class Engine:
     - ``specexec``: ``budget`` draft nodes per tree (the root is verified too: budget + 1
       tokens per pass), ``beams_per_step`` nodes expanded per draft call [min(budget, 32)],
       ``branch_width`` children per expanded node [8], ``max_depth`` tree depth and draft calls
-      per pass [16].
+      per pass [16]. ``budget="auto"`` picks the budget (powers of two up to ``max_budget``
+      [min(1024, what the target's cache holds)]) and the depth (up to ``max_depth``) before
+      every pass from online estimates (see specexec_rt/budget.py); ``stats.budgets`` lists them.
 
     The draft shares the target's vocabulary (checked here: size, and a sample of token strings
     when both come from different checkpoints) and device.
     """
 
-    def __init__(self, target, draft=None, method: str = "specexec", budget: int = 256,
+    def __init__(self, target, draft=None, method: str = "specexec", budget: Union[int, str] = 256,
                  tokenizer=None, **method_params):
         if method not in METHODS:
             raise ValueError(f"method={method!r}; choose one of {METHODS}")
+        self.auto = isinstance(budget, str) and budget == "auto"
+        max_budget = None
+        if self.auto:
+            if method != "specexec":
+                raise ValueError(f"budget='auto' needs method='specexec', not {method!r}")
+            method_params = dict(method_params)
+            max_budget = method_params.pop("max_budget", None)
+            if max_budget is None:
+                max_budget = max(1, min(1024, target.max_len - 3))
+            budget = max_budget
         unknown = set(method_params) - set(METHOD_PARAMS[method])
         if unknown:
             raise TypeError(f"method {method!r} takes no parameter(s) {sorted(unknown)}; "
@@ -116,11 +132,15 @@ class Engine:
             raise ValueError(f"method {method!r} needs a draft model (or use method='autoregressive'; "
                              f"specexec_rt.drafts.default_draft(target) builds one from the target)")
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"budget must be a positive int, got {budget!r}")
+            raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}"
+                             if not self.auto else f"max_budget must be a positive int, got {budget!r}")
         self.target = target
         self.draft = draft if method != "autoregressive" else None
         self.method = method
-        self.budget = budget
+        self.budget = "auto" if self.auto else budget
+        self._max_budget = budget       # the largest tree: the fixed budget, or auto's ceiling
+        self._budget = budget           # this pass's budget
+        self._user_beams = "beams_per_step" in method_params
         self.device = target.device
         self._tokenizer = tokenizer
         self.params = self._method_defaults(method, budget, method_params)
@@ -129,6 +149,14 @@ class Engine:
         self._check_tree_fits()
         self.last_result: Optional[GenerationResult] = None
         self._prefill_bad = None
+        self._curve = None
+        self._depth = self.params.get("max_depth")
+        self._auto_cap = budget
+        self.budget_controller = None
+        if self.auto:
+            from .budget import BudgetController
+
+            self.budget_controller = BudgetController(budget, max_depth=self.params["max_depth"])
 
     @staticmethod
     def _method_defaults(method: str, budget: int, given: dict) -> dict:
@@ -280,14 +308,14 @@ class Engine:
             return 1 + p["k"], p["k"]
         if self.method == "specinfer":
             return 1 + p["n"] * p["depth"], 1 + p["n"] * (p["depth"] - 1)
-        return 1 + self.budget, 1 + (p["max_depth"] - 1) * p["beams_per_step"]
+        return 1 + self._max_budget, 1 + (p["max_depth"] - 1) * p["beams_per_step"]
 
     def _check_tree_fits(self) -> None:
         """At construction: the largest verification pass must fit the target's cache next to the
         shortest possible request (a 1-token prompt, 1 new token)."""
         verify, _ = self._tree_sizes()
         if 2 + verify > self.target.max_len:
-            what = {"specexec": f"budget={self.budget}", "chain": f"k={self.params.get('k')}",
+            what = {"specexec": f"budget={self.budget}" + (f" (max_budget={self._max_budget})" if self.auto else ""), "chain": f"k={self.params.get('k')}",
                     "specinfer": f"n={self.params.get('n')} x depth={self.params.get('depth')}"}.get(self.method, "")
             raise ContextLengthError(
                 f"{what}: a verification tree of {verify} tokens (plus a 1-token prompt and 1 new token) "
@@ -296,6 +324,10 @@ class Engine:
 
     def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         verify, draft_slots = self._tree_sizes()
+        if self.auto:
+            # Shrinking the tree to what this request leaves free is auto's job; it needs 1 node.
+            self._auto_cap = min(self._max_budget, self.target.max_len - prompt_len - max_new_tokens - 1)
+            verify = 1 + max(1, self._auto_cap)
         need = prompt_len + max_new_tokens + verify
         if need > self.target.max_len:
             raise ContextLengthError(
@@ -341,6 +373,10 @@ class Engine:
             self._syncs = 0
             # Drafting deeper than what is left to generate is wasted work.
             limit = max_new_tokens - produced
+            if self.auto:
+                self._budget, self._depth = self.budget_controller.plan(self._auto_cap)
+            self._curve = None
+            calls0 = stats.draft_calls
             t0 = time.perf_counter()
             tree, extra = self._grow(params, gen, limit, stats)
             t1 = time.perf_counter()
@@ -350,7 +386,17 @@ class Engine:
             res = self._accept(tree, extra, logits, params, gen)
             tp = self.target.cache.commit(tp, torch.tensor(res.rows, device=self.device) + tp)
             self._commit_draft(res)
-            stats.target_seconds += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            stats.target_seconds += t2 - t1
+            if self.method == "specexec":
+                stats.budgets.append(self._budget)
+            if self.auto:
+                pts = self._curve[0] if self._curve is not None else []
+                # The first pass's draft time includes the draft's prompt prefill: not a tree cost.
+                self.budget_controller.observe(
+                    self._budget, tree.n, stats.draft_calls - calls0, None if stats.target_passes == 0 else t1 - t0,
+                    t2 - t1, pts, [v / _CURVE_SCALE for v in res.tail], len(res.tokens) - 1,
+                    truncated=limit < self._depth)
             stats.target_passes += 1
             stats.tree_tokens += tree.n
             new = res.tokens[1:] + [res.bonus]
@@ -405,14 +451,16 @@ class Engine:
             tree = DraftTree(1, self.device, root)
             return tree.compact(torch.zeros(1, dtype=torch.long, device=self.device)), None
         if self.method == "specexec":
-            return self._grow_specexec(root, params, min(limit, self.params["max_depth"]), stats), None
+            return self._grow_specexec(root, params, min(limit, self._depth), stats), None
         n = 1 if self.method == "chain" else self.params["n"]
         depth = self.params["k"] if self.method == "chain" else self.params["depth"]
         return self._grow_chains(root, params, gen, n, min(depth, limit), stats)
 
     def _grow_specexec(self, root: int, params: SamplingParams, max_depth: int, stats) -> VerifyTree:
         """Parallel best-first growth (SPECEXEC.md step 1); deterministic given the draft."""
-        budget, beams, width = self.budget, self.params["beams_per_step"], self.params["branch_width"]
+        budget, beams, width = self._budget, self.params["beams_per_step"], self.params["branch_width"]
+        if self.auto and not self._user_beams:
+            beams = min(budget, 32)
         temp = params.temperature if params.temperature > 0 else 1.0
         tree = DraftTree(1 + max_depth * beams * width, self.device, root)
 
@@ -437,7 +485,21 @@ class Engine:
             nodes = idx[:n_valid]
             threshold = expand(nodes, self._draft_step(tree, nodes, stats))
         self._syncs += 1    # nonzero() reads the count
+        if self.auto:
+            self._curve = self._prediction_curve(tree, budget)
         return tree.compact(tree.alive_nodes())
+
+    def _prediction_curve(self, tree: DraftTree, budget: int):
+        """(sizes, device int64 values): the expected accepted draft tokens of the best ``size``
+        nodes created (sum of their path probabilities), at the controller's sizes; scaled to
+        integers so they ride in the acceptance packet (budget.py)."""
+        n = tree.n_nodes - 1
+        pts = self.budget_controller.eval_points(budget, n)
+        if not pts:
+            return None
+        cum = tree.scores[1:n + 1].exp().sort(descending=True).values.cumsum(0)
+        vals = cum[torch.tensor([p - 1 for p in pts], device=self.device)]
+        return pts, (vals * _CURVE_SCALE).round().long()
 
     def _grow_chains(self, root: int, params: SamplingParams, gen, n: int, depth: int, stats):
         """``n`` root candidates (greedy: the draft's top-n; sampling: drawn without replacement
@@ -484,9 +546,14 @@ class Engine:
         if self._prefill_bad is not None:
             bad = bad + 2 * self._prefill_bad.long()
             self._prefill_bad = None
-        packet = torch.cat([bad.view(1), tree.depths[last].view(1), bonus.view(1), tree.tokens[rows],
-                            tree.draft_slots[rows], rows])
-        h = self._host(packet)
+        parts = [bad.view(1), tree.depths[last].view(1), bonus.view(1), tree.tokens[rows],
+                 tree.draft_slots[rows], rows]
+        n_tail = 0
+        if self._curve is not None:
+            parts.append(self._curve[1])
+            n_tail = len(self._curve[0])
+        h = self._host(torch.cat(parts))
+        tail = h[len(h) - n_tail:] if n_tail else []
         if h[0]:
             where = "the prompt prefill" if h[0] >= 2 else "a verification pass"
             raise NonFiniteLogitsError(
@@ -496,7 +563,7 @@ class Engine:
         m, bonus_tok, rest = h[1], h[2], h[3:]
         n = len(rows)
         return _Pass(tokens=rest[:m + 1], draft_slots=rest[n:n + m + 1], rows=rest[2 * n:2 * n + m + 1],
-                     bonus=bonus_tok)
+                     bonus=bonus_tok, tail=tail)
 
     def _accept_chains(self, tree: VerifyTree, extra, p: torch.Tensor, gen):
         """Multi-candidate rejection at the root, then chain rejection along the accepted

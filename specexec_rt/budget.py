@@ -1,0 +1,192 @@
+"""budget="auto": pick SpecExec's tree budget (and depth) before every iteration.
+
+Objective (SPECEXEC.md, "Beyond the paper"): maximise expected emitted tokens per second,
+
+    (1 + r * E[b]) / (t_draft(b) + t_target(b))
+
+- ``E[b]``: the expected number of accepted draft tokens of the best-``b`` tree, predicted by the
+  last tree itself: sum of ``exp(score)`` over its ``b`` best nodes (a node is accepted iff its
+  whole path is, and a calibrated draft gives that path probability ``exp(score)``). The best-b
+  set of a best-first tree is ancestor-closed, so ``E`` at every candidate ``b`` is one prefix sum
+  of the sorted node probabilities. The engine evaluates it on device at a few sizes and reads
+  them with the acceptance packet (no extra sync). Beyond the created nodes ``E`` is extrapolated
+  logarithmically (the last doubling's gain per doubling).
+- ``r``: calibration, realised accepted tokens / predicted, exponentially weighted over passes.
+- ``t_draft``, ``t_target``: ``a + c * b`` least squares over a sliding window of measured passes.
+  A budget measured in the window is priced at its own recent mean. Until the window holds two
+  budgets far enough apart the slope is 0 (the offloaded target, where a pass costs the same for
+  1..1000 tokens, is the main case); the controller starts small (16) and climbs at most 2x per
+  pass, and a growing cost (a CPU target) shows up as a slope or a measured price that pulls it
+  back.
+
+Everything here is host arithmetic on a handful of numbers per pass.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Callable, Optional, Sequence
+
+
+def candidate_budgets(max_budget: int, min_budget: int = 4) -> list:
+    """Powers of two from ``min_budget`` up to ``max_budget``, plus ``max_budget`` itself."""
+    if max_budget < 1:
+        raise ValueError(f"max_budget must be >= 1, got {max_budget}")
+    out, b = [], max(1, min_budget)
+    while b < max_budget:
+        out.append(b)
+        b *= 2
+    out.append(max_budget)
+    return out
+
+
+class LinearCost:
+    """``t(b) = a + c * b`` over the last ``window`` observations, ``a, c >= 0``. With fewer than
+    two distinct budgets (max / min < ``min_spread``) the slope is ``prior_slope``."""
+
+    def __init__(self, window: int = 24, prior_slope: float = 0.0, min_spread: float = 1.5):
+        self.obs: deque = deque(maxlen=window)
+        self.prior_slope = prior_slope
+        self.min_spread = min_spread
+
+    def add(self, b: float, t: float) -> None:
+        if math.isfinite(t) and t >= 0:
+            self.obs.append((float(b), float(t)))
+
+    def __len__(self) -> int:
+        return len(self.obs)
+
+    def fit(self) -> tuple[float, float]:
+        if not self.obs:
+            return 0.0, self.prior_slope
+        xs = [x for x, _ in self.obs]
+        ts = [t for _, t in self.obs]
+        n = len(xs)
+        mx, mt = sum(xs) / n, sum(ts) / n
+        c = self.prior_slope
+        if max(xs) >= self.min_spread * min(xs):
+            sxx = sum((x - mx) ** 2 for x in xs)
+            c = max(0.0, sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx)
+        a = max(0.0, mt - c * mx)
+        return a, c
+
+    def __call__(self, b: float) -> float:
+        """Measured mean at ``b`` when the window has it (real costs are often superlinear:
+        the CPU int4 path at 64 tokens costs far more than a line through 8 and 16 says), else
+        the line, never below what a smaller measured budget costs."""
+        at = [t for x, t in self.obs if x == b]
+        if at:
+            return sum(at[-4:]) / len(at[-4:])
+        a, c = self.fit()
+        means: dict = {}
+        for x, t in self.obs:
+            if x < b:
+                means.setdefault(x, []).append(t)
+        return max([a + c * b] + [sum(v) / len(v) for v in means.values()])
+
+
+class BudgetController:
+    """Chooses ``(budget, max_depth)`` per pass; learns from ``observe`` after each pass.
+
+    max_budget: the largest tree (capped further per request by the caches).
+    prior_budget: the first pass's budget. max_depth: the depth cap.
+    cost_model: optional ``f(budget, n_verified, draft_calls) -> (draft_s, target_s)`` that
+    replaces measured times (simulating other hardware with real acceptance: bench/adaptive.py).
+    """
+
+    def __init__(self, max_budget: int, min_budget: int = 4, prior_budget: int = 16, max_depth: int = 16,
+                 window: int = 24, calibration_decay: float = 0.3, max_step: float = 2.0,
+                 cost_model: Optional[Callable] = None):
+        if max_budget < 1:
+            raise ValueError(f"max_budget must be >= 1, got {max_budget}")
+        self.max_budget = int(max_budget)
+        self.candidates = candidate_budgets(self.max_budget, min(min_budget, self.max_budget))
+        self.prior_budget = min(prior_budget, self.max_budget)
+        self.max_depth = int(max_depth)
+        self.decay = calibration_decay
+        self.max_step = max_step
+        self.cost_model = cost_model
+        self.draft_cost = LinearCost(window)
+        self.target_cost = LinearCost(window)
+        self.curve: Optional[dict] = None       # size -> predicted E[accepted] of the last tree
+        self.curve_n = 0                         # non-root nodes the last tree created
+        self._acc = 1.0                          # EWMA of accepted tokens (prior: calibrated)
+        self._pred = 1.0                         # EWMA of predicted accepted tokens
+        self.recent_accepted: deque = deque(maxlen=8)
+        self.last_budget: Optional[int] = None
+
+    # ------------------------------------------------------------------ prediction
+    @property
+    def calibration(self) -> float:
+        return min(4.0, max(0.05, self._acc / max(self._pred, 1e-6)))
+
+    def eval_points(self, budget: int, n_created: int) -> list:
+        """Tree sizes at which the engine evaluates the prefix sums of sorted node probabilities."""
+        pts = {min(c, n_created) for c in self.candidates} | {min(budget, n_created), n_created,
+                                                               max(1, n_created // 2)}
+        return sorted(p for p in pts if p >= 1)
+
+    def expected(self, size: int) -> float:
+        """Predicted accepted draft tokens (before calibration) of the best ``size`` nodes."""
+        if not self.curve:
+            return 0.0
+        n = self.curve_n
+        if size in self.curve:
+            return self.curve[size]
+        if size < n:    # between evaluated sizes: the next one up (the curve is increasing)
+            return self.curve[min(p for p in self.curve if p >= size)]
+        half = max(1, n // 2)
+        gain = max(0.0, self.curve[n] - self.curve.get(half, 0.0)) if half < n else 0.0
+        return self.curve[n] + gain * math.log2(size / n)
+
+    def score(self, b: int) -> float:
+        """Expected emitted tokens per second at budget ``b``."""
+        t = self.draft_cost(b) + self.target_cost(b)
+        tokens = 1.0 + self.calibration * self.expected(b)
+        return tokens / t if t > 0 else tokens
+
+    # ------------------------------------------------------------------ decisions
+    def plan(self, cap: int) -> tuple[int, int]:
+        """(budget, max_depth) for the next pass; ``cap``: the largest budget the caches allow."""
+        cap = max(1, min(cap, self.max_budget))
+        cands = [c for c in self.candidates if c <= cap] or [cap]
+        if self.curve is None or not len(self.target_cost):
+            b = max([c for c in cands if c <= self.prior_budget] or [cands[0]])
+        else:
+            last = self.last_budget or self.prior_budget
+            allowed = [c for c in cands if c <= self.max_step * last] or [cands[0]]
+            b = max(allowed, key=lambda c: (self.score(c), -c))
+        self.last_budget = b
+        return b, self._depth(b)
+
+    def _depth(self, b: int) -> int:
+        """Deep enough for the longest recently accepted path plus margin; deeper trees only
+        cost draft calls. Starts at the cap."""
+        if not self.recent_accepted:
+            d = self.max_depth
+        else:
+            d = math.ceil(1.5 * max(self.recent_accepted)) + 2
+        return max(1, min(self.max_depth, b, max(4, d)))
+
+    def observe(self, budget: int, n_verified: int, draft_calls: int, draft_seconds: Optional[float],
+                target_seconds: float, points: Sequence[int], values: Sequence[float], accepted: int,
+                truncated: bool = False) -> None:
+        """Record one pass: the measured times (draft_seconds None: not representative, e.g. it
+        included the draft's prompt prefill), the tree's prediction curve at ``points`` and the
+        number of draft tokens actually accepted. A ``truncated`` pass (its depth cut short by
+        the tokens left to generate) says nothing about the next one and is ignored."""
+        if truncated:
+            return
+        if self.cost_model is not None:
+            draft_seconds, target_seconds = self.cost_model(budget, n_verified, draft_calls)
+        if draft_seconds is not None:
+            self.draft_cost.add(budget, draft_seconds)
+        self.target_cost.add(budget, target_seconds)
+        curve = dict(zip(points, values))
+        if curve:
+            used = min(budget, max(curve))
+            predicted = curve.get(used, 0.0)
+            self._acc += self.decay * (accepted - self._acc)
+            self._pred += self.decay * (predicted - self._pred)
+            self.curve, self.curve_n = curve, max(curve)
+        self.recent_accepted.append(accepted)

@@ -1,0 +1,200 @@
+"""budget="auto": the controller on synthetic costs and acceptance, losslessness through the
+engine, the Engine/CLI surface; plus the engine's per-pass streaming and encode()."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from specexec_rt.budget import BudgetController, LinearCost, candidate_budgets
+from specexec_rt.engine import Engine
+from specexec_rt.errors import ContextLengthError
+from tiny_tokenizer import tiny_tokenizer
+
+MAX_LEN = 192
+
+
+# ======================================================================== controller (host only)
+def curve_points(ctrl, budget, n_created, e_of):
+    pts = ctrl.eval_points(budget, n_created)
+    return pts, [e_of(p) for p in pts]
+
+
+def drive(ctrl, passes, cost, e_of, accepted_of, cap=1024):
+    """Run plan/observe ``passes`` times with synthetic costs ``cost(b) -> (draft_s, target_s)``,
+    a tree prediction curve ``e_of(size)`` (tree created 8x the budget) and realised acceptance
+    ``accepted_of(b)``. Returns the chosen budgets."""
+    chosen = []
+    for _ in range(passes):
+        b, depth = ctrl.plan(cap)
+        assert 1 <= depth <= ctrl.max_depth and b <= cap
+        chosen.append(b)
+        d, t = cost(b)
+        pts, vals = curve_points(ctrl, b, 8 * b, e_of)
+        ctrl.observe(b, b + 1, depth, d, t, pts, vals, accepted_of(b))
+    return chosen
+
+
+def test_candidates_and_linear_cost():
+    assert candidate_budgets(128) == [4, 8, 16, 32, 64, 128]
+    assert candidate_budgets(100) == [4, 8, 16, 32, 64, 100]
+    assert candidate_budgets(3) == [3]
+    lc = LinearCost()
+    lc.add(10, 1.0)
+    assert lc.fit() == (1.0, 0.0)           # one budget: flat prior
+    assert lc(1000) == 1.0
+    for b in (10, 20, 40, 80):
+        lc.add(b, 0.5 + 0.01 * b)
+    a, c = lc.fit()
+    assert c > 0 and lc(160) > lc(80) > lc(10)
+    with pytest.raises(ValueError, match="max_budget"):
+        BudgetController(0)
+
+
+def test_flat_target_cost_picks_a_large_budget():
+    """Offloaded target: a pass costs 1.4 s whatever its size, drafting is cheap; the tree keeps
+    finding more accepted tokens as it grows -> climb to the largest budget."""
+    ctrl = BudgetController(1024)
+    chosen = drive(ctrl, 12, lambda b: (0.02 + 1e-5 * b, 1.4),
+                   e_of=lambda s: 1.2 * math.log2(1 + s), accepted_of=lambda b: round(1.2 * math.log2(1 + b)))
+    assert chosen[0] == 16                  # a cheap, sensible first pass
+    assert chosen[1] == 32                  # climbs at most 2x per pass
+    assert chosen[-3:] == [1024] * 3
+
+
+def test_linear_cost_and_poor_acceptance_pick_a_small_budget():
+    """CPU target whose pass cost grows with the tree, and a draft that almost never agrees."""
+    ctrl = BudgetController(1024)
+    chosen = drive(ctrl, 12, lambda b: (0.002 * b, 0.05 + 0.01 * b),
+                   e_of=lambda s: 0.3 * (1 - 0.5 ** s), accepted_of=lambda b: 0)
+    assert chosen[-4:] == [4] * 4, chosen
+
+
+def test_adapts_when_the_history_shifts():
+    """Good acceptance -> a large budget; then the text turns hard for the draft (the tree still
+    predicts a lot, but nothing is accepted) -> the calibration drops and the budget shrinks."""
+    ctrl = BudgetController(1024)
+    cost = lambda b: (0.01 + 2e-4 * b, 0.2 + 1e-3 * b)   # noqa: E731
+    e_of = lambda s: 1.5 * math.log2(1 + s)              # noqa: E731
+    good = drive(ctrl, 15, cost, e_of, accepted_of=lambda b: round(1.5 * math.log2(1 + b)))
+    assert good[-1] >= 64, good
+    cal_before = ctrl.calibration
+    bad = drive(ctrl, 15, cost, e_of, accepted_of=lambda b: 0)
+    assert ctrl.calibration < 0.2 * cal_before
+    assert bad[-1] <= good[-1] // 4, (good, bad)
+
+
+def test_cost_model_override_replaces_measured_times():
+    seen = []
+    ctrl = BudgetController(64, cost_model=lambda b, n, calls: (seen.append((b, n, calls)) or (0.0, 1.0)))
+    ctrl.observe(16, 17, 3, 99.0, 99.0, [4, 8, 16], [1.0, 2.0, 3.0], 2)
+    assert seen == [(16, 17, 3)] and ctrl.target_cost(16) == 1.0 and ctrl.draft_cost(16) == 0.0
+
+
+# ============================================================================ through the engine
+@pytest.fixture(scope="module")
+def models():
+    return build_tiny_model(seed=0, max_len=MAX_LEN), build_tiny_model(seed=1, max_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    return Engine(models[0], None, method="autoregressive").generate([5, 9, 2, 7], max_new_tokens=30).token_ids
+
+
+def test_auto_is_greedy_lossless_and_records_budgets(models, reference):
+    target, draft = models
+    engine = Engine(target, draft, budget="auto", max_budget=64)
+    assert engine.budget == "auto"
+    for _ in range(2):      # the second request starts from what the first one learned
+        res = engine.generate([5, 9, 2, 7], max_new_tokens=30)
+        assert res.token_ids == reference
+        s = res.stats
+        assert len(s.budgets) == s.target_passes and all(1 <= b <= 64 for b in s.budgets)
+        assert s.max_syncs_per_pass <= 2 + 16     # no extra sync: the curve rides the acceptance read
+    assert res.stats.as_dict()["budgets"] == s.budgets
+
+
+def test_auto_sampling_runs_and_is_seeded(models):
+    target, draft = models
+    engine = Engine(target, draft, budget="auto", max_budget=32)
+    a = engine.generate([5, 9, 2, 7], max_new_tokens=12, temperature=1.0, seed=4)
+    assert len(a.token_ids) == 12 and len(a.stats.budgets) == a.stats.target_passes
+
+
+def test_auto_validation_and_cache_cap(models):
+    target, draft = models
+    with pytest.raises(ValueError, match="specexec"):
+        Engine(target, draft, method="chain", budget="auto")
+    with pytest.raises(ValueError, match="budget"):
+        Engine(target, draft, budget="automatic")
+    with pytest.raises(TypeError, match="max_budget"):
+        Engine(target, draft, budget=16, max_budget=64)
+    with pytest.raises(ContextLengthError, match="max_len"):
+        Engine(target, draft, budget="auto", max_budget=4 * MAX_LEN)
+    with pytest.raises(ContextLengthError, match=r"budget=\d+.*max_len"):
+        Engine(target, draft, budget=4 * MAX_LEN)
+    # Default ceiling fits the cache; a long request just gets smaller trees.
+    engine = Engine(target, draft, budget="auto")
+    prompt = [(3 * i) % 60 + 2 for i in range(MAX_LEN - 40)]
+    res = engine.generate(prompt, max_new_tokens=20)
+    assert max(res.stats.budgets) <= MAX_LEN - len(prompt) - 20 - 1
+    want = Engine(target, None, method="autoregressive").generate(prompt, max_new_tokens=20).token_ids
+    assert res.token_ids == want
+
+
+def test_cli_accepts_budget_auto(models, monkeypatch, capsys):
+    import specexec_rt
+    from specexec_rt import cli
+
+    target, draft = models
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(specexec_rt, "load_model", lambda src, **kw: target if src == "T" else draft)
+    monkeypatch.setattr(Engine, "tokenizer", property(lambda self: tok))
+    built = []
+    real_build = cli.build_engine
+    monkeypatch.setattr(cli, "build_engine", lambda args: built.append(real_build(args)) or built[-1])
+    rc = cli.main(["generate", "--model", "T", "--draft", "D", "--budget", "auto", "--raw", "--device", "cpu",
+                   "--prompt", "w5 w9 w2 w7", "--max-new-tokens", "30"])
+    assert rc == 0
+    out = capsys.readouterr()
+    engine = built[0]
+    assert engine.budget == "auto" and engine.budget_controller is not None
+    assert out.out.strip() == " ".join(f"w{i}" for i in reference_ids(target))
+    assert len(engine.last_result.stats.budgets) == engine.last_result.stats.target_passes
+
+
+def reference_ids(target):
+    return Engine(target, None, method="autoregressive").generate([5, 9, 2, 7], max_new_tokens=30).token_ids
+
+
+# ================================================================ per-pass stream and encode()
+def test_stream_yields_after_every_pass(models):
+    target, draft = models
+    engine = Engine(target, draft, budget=8)
+    pieces = list(engine.stream([5, 9, 2, 7], max_new_tokens=20))     # no tokenizer: all ""
+    assert pieces and all(p == "" for p in pieces)
+    assert len(pieces) == engine.last_result.stats.target_passes
+    engine = Engine(target, draft, budget=8, tokenizer=tiny_tokenizer())
+    pieces = list(engine.stream("w5 w9 w2 w7", max_new_tokens=20, stop=["w999"]))
+    assert len(pieces) == engine.last_result.stats.target_passes
+    assert "".join(pieces) == engine.last_result.text
+    # Closing after the first pass stops the engine there.
+    gen = engine.stream("w5 w9 w2 w7", max_new_tokens=20)
+    next(gen)
+    gen.close()
+    assert engine.encode("w5 w9 w2 w7") == [5, 9, 2, 7]
+    with pytest.raises(TypeError, match="str"):
+        engine.encode([5, 9])
+
+
+def test_nan_draft_keeps_target_text(models, reference):
+    target, _ = models
+    bad = build_tiny_model(seed=1, max_len=MAX_LEN)
+    bad.weights.lm_head[:] = float("nan")
+    for budget in (8, "auto"):
+        res = Engine(target, bad, budget=budget).generate([5, 9, 2, 7], max_new_tokens=30)
+        assert res.token_ids == reference
+        assert res.stats.tokens_per_pass == 1.0     # nothing drafted survives; only speed is lost
