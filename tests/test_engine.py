@@ -94,8 +94,8 @@ def test_committed_caches_equal_fresh_prefill(method, budget, seed, n_new, tempe
     for model, n in ((target, tp), (draft, dp)):
         fresh = model.new_cache()
         model.forward(torch.tensor(seq[:n]), torch.arange(n), fresh, 0)
-        torch.testing.assert_close(model.cache.k[:, :n], fresh.k[:, :n], atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(model.cache.v[:, :n], fresh.v[:, :n], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(model.cache.k[:, :n], fresh.k[:, :n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.cache.v[:, :n], fresh.v[:, :n], atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------- sampling losslessness
