@@ -29,9 +29,6 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]
-
     def check_fits(self, n_slots: int) -> None:
         if n_slots > self.max_len:
             raise ContextLengthError(

@@ -57,8 +57,7 @@ class Transformer:
         self.layer_source = layer_source if layer_source is not None else ResidentLayers(weights.layers)
         self.cos, self.sin = ops.rope_tables(config.head_dim, config.rope_theta, config.rope_scaling,
                                              self.max_len, self.device)
-        self.cache = KVCache(config.n_layers, self.max_len, config.n_kv_heads, config.head_dim,
-                             dtype, self.device)
+        self.cache = self.new_cache()
         self.source = None          # where the weights came from (path), set by the loader
         self.quantization = None    # None or "int4"
 

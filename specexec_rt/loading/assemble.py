@@ -119,7 +119,7 @@ def assemble_weights(cfg: ModelConfig, get_matrix: MatrixGetter, get_vector: Vec
     else:
         lm_head = get_matrix("lm_head.weight")
         lm_head = finish_matrix(lm_head, dtype, "none" if quantize == "none" else "auto")
-        lm_head = lm_head.to(resident_device) if _is_dense(lm_head) else lm_head.to(resident_device)
+        lm_head = lm_head.to(resident_device)  # a tensor or an Int4Weight: both have .to
     final_norm = get_vector("model.norm.weight").to(dtype).to(resident_device)
     return ModelWeights(embed=embed, final_norm=final_norm, lm_head=lm_head, layers=layers)
 
