@@ -14,6 +14,12 @@ from gpu_env import configure_triton_interpreter  # noqa: E402
 
 configure_triton_interpreter()
 
+# GGUF tokenizers are cached after conversion: keep the suite's cache out of the user's home.
+if "SPECEXEC_TOKENIZER_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SPECEXEC_TOKENIZER_CACHE"] = tempfile.mkdtemp(prefix="specexec-tokcache-")
+
 from specexec_rt.config import ModelConfig  # noqa: E402
 from specexec_rt.model import Transformer  # noqa: E402
 from specexec_rt.weights import LayerWeights, ModelWeights  # noqa: E402

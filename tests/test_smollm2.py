@@ -80,3 +80,54 @@ def test_int4_path_greedy_equals_dequantized(models, monkeypatch):
     for prompt in PROMPTS[:2]:
         ids = tok(prompt).input_ids
         assert greedy_decode(packed, ids, 24) == greedy_decode(ours, ids, 24)
+
+
+def test_gguf_tokenizer_cache_gives_the_same_tokenizer(models, monkeypatch):
+    """The converted tokenizer is saved once; later loads read the cache (no GGUF conversion)
+    and tokenize, decode and template exactly as the freshly converted one."""
+    import transformers
+
+    from specexec_rt import loading
+
+    fresh = models[2]
+    entries = list(loading.tokenizer_cache_dir().iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("gguf_file"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    monkeypatch.setattr(loading, "_TOKENIZERS", {})
+    cached = load_tokenizer("smollm2-135m")
+    assert calls == [None], "the cached tokenizer should load without converting the GGUF again"
+    assert cached is not fresh
+    texts = PROMPTS + ["  tabs\tand\nnewlines ünïcödé 日本語 12345", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        assert cached(text).input_ids == fresh(text).input_ids
+        assert cached.decode(fresh(text).input_ids) == fresh.decode(fresh(text).input_ids)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert (cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == fresh.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert (cached.eos_token_id, cached.bos_token_id, len(cached)) == (fresh.eos_token_id, fresh.bos_token_id, len(fresh))
+    # Same source again in this process: the very same object, no file access at all.
+    assert load_tokenizer("smollm2-135m") is cached and calls == [None]
+
+
+def test_damaged_tokenizer_cache_entry_is_rebuilt(models, monkeypatch, tmp_path):
+    import shutil
+
+    from specexec_rt import loading
+
+    (entry,) = list(loading.tokenizer_cache_dir().iterdir())
+    shutil.copytree(entry, tmp_path / entry.name)
+    (tmp_path / entry.name / "tokenizer.json").write_text("{ not json")
+    monkeypatch.setenv("SPECEXEC_TOKENIZER_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading, "_TOKENIZERS", {})
+    tok = load_tokenizer("smollm2-135m")
+    assert tok(PROMPTS[0]).input_ids == models[2](PROMPTS[0]).input_ids
+    import json
+
+    json.loads((tmp_path / entry.name / "tokenizer.json").read_text())   # rewritten, whole

@@ -1,6 +1,11 @@
 """load_model / load_tokenizer: one entry point for HF directories, GGUF files and aliases."""
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -9,6 +14,8 @@ from ..errors import ModelLoadError
 from ..model import Transformer
 from .assemble import assemble_weights
 from .sources import ALIASES, Source, resolve_source
+
+log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("auto", "none", "int4")
 
@@ -93,17 +100,72 @@ def resolve_max_len(cfg, max_len: Optional[int]) -> int:
     return max_len
 
 
+def tokenizer_cache_dir() -> Path:
+    """Where GGUF tokenizers converted by transformers are kept (``SPECEXEC_TOKENIZER_CACHE``,
+    default ``~/.cache/specexec_rt/tokenizers``; set it to ``off`` to disable the cache)."""
+    return Path(os.environ.get("SPECEXEC_TOKENIZER_CACHE",
+                               Path.home() / ".cache" / "specexec_rt" / "tokenizers")).expanduser()
+
+
+def _gguf_tokenizer_key(path: Path) -> str:
+    """Changes whenever the file or the converter (transformers) could give another tokenizer."""
+    import transformers
+
+    st = path.resolve().stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers {transformers.__version__}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
+# One tokenizer per source and process: an Engine and its vocabulary check share it.
+_TOKENIZERS: dict = {}
+
+
 def load_tokenizer(source):
-    """The model's tokenizer through transformers (GGUF tokenizers are rebuilt from metadata)."""
+    """The model's tokenizer through transformers.
+
+    A GGUF file's tokenizer is rebuilt from its metadata by transformers, which takes ~10 s for
+    SmolLM2's 49k-token vocabulary; the result is saved under ``tokenizer_cache_dir()`` (keyed by
+    the file's path, size and mtime and the transformers version) and later loads take ~0.5 s.
+    """
     import transformers
 
     src = source.source if isinstance(source, Transformer) else resolve_source(source)
+    memo_key = (src.kind, str(src.path))
+    if memo_key in _TOKENIZERS:
+        return _TOKENIZERS[memo_key]
     try:
         if src.kind == "gguf":
-            return transformers.AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
-        return transformers.AutoTokenizer.from_pretrained(str(src.path))
+            tok = _load_gguf_tokenizer(src.path)
+        else:
+            tok = transformers.AutoTokenizer.from_pretrained(str(src.path))
     except Exception as e:
         raise ModelLoadError(f"cannot build a tokenizer for {src.path}: {type(e).__name__}: {e}") from e
+    _TOKENIZERS[memo_key] = tok
+    return tok
 
 
-__all__ = ["load_model", "load_tokenizer", "resolve_source", "Source", "ALIASES"]
+def _load_gguf_tokenizer(path: Path):
+    import transformers
+
+    root = tokenizer_cache_dir()
+    cached = None if str(root) == "off" else root / _gguf_tokenizer_key(path)
+    if cached is not None and (cached / "tokenizer.json").is_file():
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(cached))
+        except Exception as e:   # a damaged entry: rebuild it below
+            log.warning("tokenizer cache entry %s unreadable (%s); rebuilding it", cached, e)
+            shutil.rmtree(cached, ignore_errors=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if cached is not None:
+        # Save to a private directory, then rename: a concurrent process sees a whole entry or none.
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        try:
+            tok.save_pretrained(str(tmp))
+            os.replace(tmp, cached)
+        except OSError as e:     # read-only home, a racing writer that won: the cache is optional
+            log.info("tokenizer not cached at %s: %s", cached, e)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+__all__ = ["load_model", "load_tokenizer", "tokenizer_cache_dir", "resolve_source", "Source", "ALIASES"]
