@@ -221,7 +221,7 @@ def section_kernels(budget_s: float, dry: bool, flex: bool) -> dict:
     ta = part("tree_attention", lambda: load_bench("bench_tree_attention.py").run(dry=dry, flex=flex), errors)
     tables.append(table("tree_attention (ms medians; ours_vs_flash = time ratio to unmasked flash SDPA)",
                         ta or []))
-    i4 = part("int4_matmul", lambda: load_bench("bench_int4_matmul.py").run(dry=dry), errors)
+    i4 = part("int4_matmul", lambda: load_bench("bench_int4_matmul.py").run(dry=dry, tune=not dry), errors)
     tables.append(table("int4_matmul (ms medians; speedup_vs_fp16 = fp16 time / ours)", i4 or []))
     return dict(status="error" if errors else "ok", tables=tables,
                 error="\n".join(f"[{k}] {v}" for k, v in errors.items()) or None,

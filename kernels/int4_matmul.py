@@ -27,6 +27,12 @@ Dispatch (``int4_matmul``):
   kernels are tested without a GPU).
 
 Split-K writes fp32 partials ``[S, M, N]`` summed afterwards (deterministic, no atomics).
+
+Each CUDA call runs an ``Int4Plan`` (path, tiles, warps, K splits). The defaults above are
+guesses; ``int4_tuning`` measures ``candidate_plans`` on the actual GPU per weight shape and M
+bucket (``specexec-rt tune-int4``), and ``plan_for`` prefers those measured plans. GEMV
+candidates include tiles of 2-4 whole groups (``BLOCK_K`` 256/512 for group 128: 128-256
+contiguous bytes per weight row per iteration instead of 64).
 """
 from __future__ import annotations
 
@@ -55,6 +61,11 @@ __all__ = [
     "from_gguf_q4_0",
     "from_gguf_q4_1",
     "DEQUANT_MIN_M",
+    "Int4Plan",
+    "default_plan",
+    "candidate_plans",
+    "plan_for",
+    "run_plan",
 ]
 
 # At or above this many rows, CUDA calls dequantise into scratch and use cuBLAS.
@@ -356,14 +367,15 @@ if triton is not None:
         x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr,
         N, K, stride_xm, stride_om, stride_os, K_PER_SPLIT,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        STAGES: tl.constexpr, FAST: tl.constexpr,
+        GROUPS_PER_TILE: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr,
     ):
         """One x row per program (grid dim 2) times BLOCK_N weight rows, one K split.
 
         x ``[M, K]``, qweight ``[N, K/2]``, scales/mins ``[K/G, N]``, out ``[S, M, N]``
-        (or ``[M, N]`` when S == 1). BLOCK_K divides GROUP, so each tile has one group and
-        the scale/min are applied per row per tile, not per weight:
-        ``sum_k (q s + m) x = s * sum_k q x + m * sum_k x``.
+        (or ``[M, N]`` when S == 1). A tile spans one group (BLOCK_K divides GROUP) or
+        GROUPS_PER_TILE whole groups (longer contiguous row reads: 64 bytes per row per
+        group of 128 is short for HBM). Scale and min apply per row per group, not per
+        weight: ``sum_k (q s + m) x = s * sum_k q x + m * sum_k x``.
         """
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -372,7 +384,8 @@ if triton is not None:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = rn < N
         rj = tl.arange(0, HALF)
-        # Byte j of a tile holds elements 32*(j//16) + j%16 (low) and that + 16 (high).
+        # Byte j of a tile holds elements 32*(j//16) + j%16 (low) and that + 16 (high), so a
+        # group's bytes are contiguous: GROUP/2 of them.
         k_lo = (rj // 16) * 32 + (rj % 16)
         qw_rows = qw_ptr + rn.to(tl.int64)[:, None] * (K // 2)
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
@@ -381,17 +394,30 @@ if triton is not None:
         k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
             b = tl.load(qw_rows + (k0 // 2 + rj)[None, :], mask=mask_n[:, None], other=0)
-            g_off = (k0 // GROUP) * N
-            s = tl.load(s_ptr + g_off + rn, mask=mask_n, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + g_off + rn, mask=mask_n, other=0.0).to(tl.float32)
             xl = tl.load(x_row + k0 + k_lo).to(tl.float32)
             xh = tl.load(x_row + k0 + k_lo + 16).to(tl.float32)
             lo, hi = _nibbles_to_f32(b, FAST)
-            qx = tl.sum(lo * xl[None, :] + hi * xh[None, :], axis=1)
-            sx = tl.sum(xl + xh, axis=0)
-            if FAST:
-                m = m - 1024.0 * s
-            acc += s * qx + m * sx
+            if GROUPS_PER_TILE == 1:
+                g_off = (k0 // GROUP) * N
+                s = tl.load(s_ptr + g_off + rn, mask=mask_n, other=0.0).to(tl.float32)
+                m = tl.load(m_ptr + g_off + rn, mask=mask_n, other=0.0).to(tl.float32)
+                qx = tl.sum(lo * xl[None, :] + hi * xh[None, :], axis=1)
+                sx = tl.sum(xl + xh, axis=0)
+                if FAST:
+                    m = m - 1024.0 * s
+                acc += s * qx + m * sx
+            else:
+                G2: tl.constexpr = GROUP // 2
+                qx = tl.sum(tl.reshape(lo * xl[None, :] + hi * xh[None, :],
+                                       (BLOCK_N, GROUPS_PER_TILE, G2)), axis=2)
+                sx = tl.sum(tl.reshape(xl + xh, (GROUPS_PER_TILE, G2)), axis=1)
+                gi = k0 // GROUP + tl.arange(0, GROUPS_PER_TILE)
+                sm_off = gi[None, :] * N + rn[:, None]  # [BLOCK_N, GROUPS_PER_TILE]
+                s = tl.load(s_ptr + sm_off, mask=mask_n[:, None], other=0.0).to(tl.float32)
+                m = tl.load(m_ptr + sm_off, mask=mask_n[:, None], other=0.0).to(tl.float32)
+                if FAST:
+                    m = m - 1024.0 * s
+                acc += tl.sum(s * qx + m * sx[None, :], axis=1)
         out = out_ptr + pid_s.to(tl.int64) * stride_os + pid_m.to(tl.int64) * stride_om + rn
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
@@ -488,8 +514,9 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------
-# Bucketed M (next power of two) -> (BLOCK_M, BLOCK_N, max BLOCK_K, num_warps).
-# BLOCK_M == 1 selects the GEMV kernel. Guesses for H100, to be replaced by bench numbers.
+# Bucketed M (next power of two) -> (BLOCK_M, BLOCK_N, max BLOCK_K, num_warps) of the default
+# plan. BLOCK_M == 1 selects the GEMV kernel. Guesses for H100; measured plans (int4_tuning)
+# replace them per GPU model and shape.
 _CONFIGS = {
     1: (1, 64, 128, 4),
     2: (16, 64, 128, 4),
@@ -502,11 +529,18 @@ _CONFIGS = {
     256: (64, 128, 64, 8),
 }
 _MAX_BUCKET = max(_CONFIGS)
+# Plans are tuned per power-of-two M bucket up to this one; larger M shares its plan.
+MAX_TUNED_BUCKET = 4096
+PATHS = ("gemv", "mma", "dequant")
+
+
+def m_bucket(m: int) -> int:
+    """The power of two >= m (capped at MAX_TUNED_BUCKET) whose plan serves M = m."""
+    return min(1 << max(0, (m - 1).bit_length()), MAX_TUNED_BUCKET)
 
 
 def _config(m: int):
-    bucket = 1 << max(0, (m - 1).bit_length())
-    return _CONFIGS[min(bucket, _MAX_BUCKET)]
+    return _CONFIGS[min(m_bucket(m), _MAX_BUCKET)]
 
 
 def _block_k(group_size: int, cap: int) -> int:
@@ -515,6 +549,122 @@ def _block_k(group_size: int, cap: int) -> int:
         if bk <= cap and group_size % bk == 0:
             return bk
     return 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Plan:
+    """How one int4_matmul call runs on a GPU (or in the interpreter).
+
+    ``path``: ``"gemv"`` (the GEMV kernel, one x row per program), ``"mma"`` (tensor-core
+    tiles of ``block_m`` rows) or ``"dequant"`` (dequantise into scratch, then cuBLAS; the
+    tile fields are unused). ``block_k`` divides the group or is a multiple of it (GEMV only).
+    ``split_k``: 0 chooses the number of K splits from the grid size; n > 0 asks for n.
+    """
+
+    path: str
+    block_m: int = 1
+    block_n: int = 64
+    block_k: int = 128
+    warps: int = 4
+    split_k: int = 0
+
+    def problem(self, k: int, group_size: int) -> Optional[str]:
+        """Why this plan cannot run K = k with this group size (None when it can)."""
+        if self.path not in PATHS:
+            return f"unknown path {self.path!r}"
+        if self.path == "dequant":
+            return None
+        bk, g = self.block_k, group_size
+        if bk < 32 or bk & (bk - 1) or self.block_n < 16 or self.block_n & (self.block_n - 1):
+            return "block_k and block_n must be powers of two (block_k >= 32, block_n >= 16)"
+        if self.warps not in (1, 2, 4, 8, 16) or self.split_k < 0:
+            return "warps must be 1..16 (a power of two) and split_k >= 0"
+        if self.path == "gemv":
+            if self.block_m != 1:
+                return "the GEMV path takes block_m = 1"
+            if g % bk and (bk % g or k % bk):
+                return f"block_k {bk} neither divides the group {g} nor tiles K = {k} in whole groups"
+            return None
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            return "tensor-core tiles need block_m >= 16, a power of two"
+        if g % bk:
+            return f"the tensor-core path needs block_k dividing the group ({bk} vs {g})"
+        return None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Int4Plan":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def default_plan(m: int, k: int, group_size: int, dequant: bool = True) -> Int4Plan:
+    """The untuned choice: GEMV at M = 1, tensor cores below ``DEQUANT_MIN_M``, dequantise +
+    cuBLAS from there (``dequant=False``, as in the interpreter, keeps the Triton kernels)."""
+    if dequant and m >= DEQUANT_MIN_M:
+        return Int4Plan("dequant")
+    bm, bn, bk_cap, warps = _config(m)
+    return Int4Plan("gemv" if bm == 1 else "mma", bm, bn, _block_k(group_size, bk_cap), warps)
+
+
+def candidate_plans(m: int, k: int, group_size: int, dequant: bool = True) -> list[Int4Plan]:
+    """The small set the tuner measures for M's bucket (the default plan first)."""
+    bucket = m_bucket(m)
+    plans = [default_plan(bucket, k, group_size, dequant)]
+    if bucket == 1:
+        for bn in (32, 64, 128):
+            for bk in (64, 128, 256, 512):
+                for warps in (4, 8):
+                    for split in (0, 1, 2, 4, 8, 16):
+                        plans.append(Int4Plan("gemv", 1, bn, bk, warps, split))
+    else:
+        bms = sorted({min(max(16, bucket), 64), 16} | ({128} if bucket >= 256 else set()))
+        for bm in bms:
+            for bn in (64, 128):
+                for bk in (32, 64, 128):
+                    for warps in (4, 8):
+                        for split in ((0, 1) if bucket < 256 else (1,)):
+                            plans.append(Int4Plan("mma", bm, bn, bk, warps, split))
+        if dequant and bucket >= 16:
+            plans.append(Int4Plan("dequant"))
+    seen, out = set(), []
+    for p in plans:
+        if p not in seen and p.problem(k, group_size) is None:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+# Measured plans: (device name, x dtype, N, K, group size, M bucket) -> Int4Plan. Filled by
+# int4_tuning (from its JSON file on first use, or by tuning in this process).
+_TUNED: dict = {}
+_TUNED_LOADED = False
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def tuned_key(device: torch.device, dtype: torch.dtype, n: int, k: int, group_size: int, m: int):
+    return (device_name(device), str(dtype).replace("torch.", ""), n, k, group_size, m_bucket(m))
+
+
+def plan_for(x2: torch.Tensor, w: Int4Weight) -> Int4Plan:
+    """The plan ``int4_matmul`` runs for x2 ``[M, K]``: the measured one if this GPU model and
+    shape were tuned (see int4_tuning), else ``default_plan``."""
+    global _TUNED_LOADED
+    if not _TUNED_LOADED:
+        _TUNED_LOADED = True
+        from . import int4_tuning
+
+        int4_tuning.load_tuning()
+    m = x2.shape[0]
+    plan = _TUNED.get(tuned_key(x2.device, x2.dtype, w.out_features, w.in_features, w.group_size, m))
+    return plan or default_plan(m, w.in_features, w.group_size, dequant=x2.device.type == "cuda")
 
 
 @functools.lru_cache(maxsize=None)
@@ -540,17 +690,31 @@ def _interpreting() -> bool:
 
 
 def _launch_fused(x2: torch.Tensor, w: Int4Weight, split_k: Optional[int] = None,
-                  cfg=None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Run the GEMV/tensor-core kernel on x2 ``[M, K]`` (contiguous rows) -> ``[M, N]``."""
+                  cfg=None, out: Optional[torch.Tensor] = None,
+                  plan: Optional[Int4Plan] = None) -> torch.Tensor:
+    """Run the GEMV/tensor-core kernel on x2 ``[M, K]`` (contiguous rows) -> ``[M, N]``.
+
+    ``plan`` (a gemv/mma ``Int4Plan``) or the older ``cfg`` tuple ``(BLOCK_M, BLOCK_N, max
+    BLOCK_K, warps)``; ``split_k`` overrides the plan's.
+    """
     m, k = x2.shape
     n = w.out_features
-    bm, bn, bk_cap, warps = cfg or _config(m)
-    bk = _block_k(w.group_size, bk_cap)
+    if plan is None:
+        if cfg is not None:
+            bm, bn, bk_cap, warps = cfg
+            plan = Int4Plan("gemv" if bm == 1 else "mma", bm, bn, _block_k(w.group_size, bk_cap), warps)
+        else:
+            plan = default_plan(m, k, w.group_size, dequant=False)
+    why = plan.problem(k, w.group_size)
+    if why is not None or plan.path == "dequant":
+        raise ValueError(f"int4 plan {plan} cannot run the fused kernels here: {why or 'dequant path'}")
+    bm, bn, bk, warps = plan.block_m, plan.block_n, plan.block_k, plan.warps
+    split_k = plan.split_k if split_k is None else split_k
     n_tiles = triton.cdiv(n, bn) * (m if bm == 1 else triton.cdiv(m, bm))
     k_blocks = k // bk
-    if split_k is None:
+    if not split_k:
         split_k = _split_k(n_tiles, k_blocks, _sm_count(x2.device), 8 if bm == 1 else 4)
-    k_per_split = triton.cdiv(k_blocks, split_k) * bk
+    k_per_split = triton.cdiv(k_blocks, min(split_k, k_blocks)) * bk
     split_k = triton.cdiv(k, k_per_split)  # no empty splits
     if out is None:
         out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
@@ -563,7 +727,8 @@ def _launch_fused(x2: torch.Tensor, w: Int4Weight, split_k: Optional[int] = None
         _int4_gemv_kernel[grid](
             x2, w.qweight, w.scales, w.mins, dst,
             n, k, x2.stride(0), n, stride_os, k_per_split,
-            GROUP=w.group_size, BLOCK_N=bn, BLOCK_K=bk, STAGES=K_LOOP_STAGES,
+            GROUP=w.group_size, BLOCK_N=bn, BLOCK_K=bk,
+            GROUPS_PER_TILE=max(1, bk // w.group_size), STAGES=K_LOOP_STAGES,
             FAST=fast, num_warps=warps,
         )
     else:
@@ -581,6 +746,14 @@ def _launch_fused(x2: torch.Tensor, w: Int4Weight, split_k: Optional[int] = None
         _sum_splits_kernel[(triton.cdiv(mn, 1024),)](dst, out, split_k, mn, BLOCK=1024,
                                                      num_warps=4)
     return out
+
+
+def run_plan(x2: torch.Tensor, w: Int4Weight, plan: Int4Plan,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2 ``[M, K]`` @ W.T with an explicit plan (what the tuner times)."""
+    if plan.path == "dequant":
+        return _dequant_matmul(x2, w, out)
+    return _launch_fused(x2, w, out=out, plan=plan)
 
 
 _scratch: dict = {}
@@ -666,10 +839,7 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight,
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, w.out_features) if out is None else out
-    if m >= DEQUANT_MIN_M and not on_cpu:
-        y = _dequant_matmul(x2, w, out2)
-    else:
-        y = _launch_fused(x2, w, out=out2)
+    y = run_plan(x2, w, plan_for(x2, w), out2)
     return y.reshape(*lead, w.out_features) if out is None else out
 
 

@@ -1,4 +1,4 @@
-"""The ``specexec-rt`` command: generate, serve, profile-offload."""
+"""The ``specexec-rt`` command: generate, serve, profile-offload, tune-int4."""
 from __future__ import annotations
 
 import argparse
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=cmd_generate)
 
-    for module_name in ("profile_offload", "server"):
+    for module_name in ("profile_offload", "tune_int4", "server"):
         try:
             module = __import__(f"specexec_rt.{module_name}", fromlist=["add_parser"])
         except ImportError:

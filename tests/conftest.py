@@ -19,6 +19,11 @@ if "SPECEXEC_TOKENIZER_CACHE" not in os.environ:
     import tempfile
 
     os.environ["SPECEXEC_TOKENIZER_CACHE"] = tempfile.mkdtemp(prefix="specexec-tokcache-")
+# Likewise measured int4 plans: the suite must see the default plans, not a user's tuning.
+if "SPECEXEC_INT4_TUNING" not in os.environ:
+    import tempfile
+
+    os.environ["SPECEXEC_INT4_TUNING"] = os.path.join(tempfile.mkdtemp(prefix="specexec-int4-"), "tuning.json")
 
 from specexec_rt.config import ModelConfig  # noqa: E402
 from specexec_rt.model import Transformer  # noqa: E402
