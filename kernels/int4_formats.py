@@ -4,9 +4,13 @@
   including act-order (``desc_act``) ``g_idx`` via a K permutation applied to activations.
 - GGUF Q4_0 and Q4_1 raw blocks: their nibble order is ``Int4Weight``'s, so the nibble
   bytes are copied as-is and only d (and m) become scales/mins.
+- GGUF Q4_K (the 4-bit tensors of llama.cpp's Q4_K_S/Q4_K_M files): 256-weight super-blocks of
+  eight 32-weight sub-blocks with 6-bit scales and mins, ``w = d*sc*q - dmin*m``; that is
+  group 32 asymmetric, so it converts exactly (nibbles reordered to ``Int4Weight``'s layout).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -14,7 +18,7 @@ import torch
 
 from .int4_matmul import Int4Weight, _pack_nibbles
 
-__all__ = ["from_gptq", "from_gguf_q4_0", "from_gguf_q4_1"]
+__all__ = ["from_gptq", "from_gguf_q4_0", "from_gguf_q4_1", "from_gguf_q4_k"]
 
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble j of an int32 at bits 4j
 
@@ -107,20 +111,25 @@ def from_gptq(
     return w, perm
 
 
-def _gguf_blocks(raw, shape, block_bytes: int, name: str) -> Tuple[torch.Tensor, int, int]:
+def _gguf_blocks(raw, shape, block_bytes: int, name: str, block: int = 32) -> Tuple[torch.Tensor, int, int]:
     if not (isinstance(shape, (tuple, list)) and len(shape) == 2):
         raise ValueError(f"{name}: shape must be (out_features, in_features), got {shape!r}")
     n, k = int(shape[0]), int(shape[1])
-    if k % 32:
-        raise ValueError(f"{name}: in_features ({k}) must be a multiple of 32")
-    t = torch.from_numpy(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+    if k % block:
+        raise ValueError(f"{name}: in_features ({k}) must be a multiple of {block}")
+    if isinstance(raw, np.ndarray):
+        with warnings.catch_warnings():  # a read-only memmap of the file: only read, then copied
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(np.ascontiguousarray(raw))
+    else:
+        t = raw
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
         raise TypeError(f"{name}: raw blocks must be a uint8 numpy array or tensor, got "
                         f"{getattr(t, 'dtype', type(t).__name__)}")
-    expected = n * (k // 32) * block_bytes
+    expected = n * (k // block) * block_bytes
     if t.numel() != expected:
         raise ValueError(f"{name}: {t.numel()} bytes for shape {(n, k)}, expected {expected}")
-    return t.reshape(n, k // 32, block_bytes), n, k
+    return t.reshape(n, k // block, block_bytes), n, k
 
 
 def _fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -148,5 +157,47 @@ def from_gguf_q4_1(raw_blocks, shape) -> Int4Weight:
         qweight=blocks[..., 4:20].reshape(n, k // 2).contiguous(),
         scales=_fp16_field(blocks, 0).T.contiguous(),
         mins=_fp16_field(blocks, 2).T.contiguous(),
+        out_features=n, in_features=k, group_size=32,
+    )
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """fp16 when every value survives the round trip (half the scale bytes to stream), else fp32."""
+    h = t.to(torch.float16)
+    return h if torch.equal(h.float(), t) else t
+
+
+def from_gguf_q4_k(raw_blocks, shape) -> Int4Weight:
+    """GGUF Q4_K (144-byte super-blocks of 256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit
+    sub-block scales and mins, 128 nibble bytes). Sub-block j (32 weights) has
+    ``w = (d * sc[j]) * q - (dmin * m[j])``: group 32, exact in fp32 (fp16 when exact there).
+
+    Within each 64-weight chunk the 32 bytes hold sub-block 2c in their low nibbles and 2c+1
+    in their high nibbles; ``Int4Weight`` wants elements 0-15 / 16-31 of each 32, so the
+    nibbles are unpacked to natural order and repacked (1 byte per weight, transiently).
+    """
+    blocks, n, k = _gguf_blocks(raw_blocks, shape, 144, "from_gguf_q4_k", block=256)
+    nb = k // 256
+    d = _fp16_field(blocks, 0).float()                            # [n, nb]
+    dmin = _fp16_field(blocks, 2).float()
+    sc_bytes = blocks[..., 4:16].long().reshape(n, nb, 3, 4)
+    lo6, hi6, mix = sc_bytes[..., 0, :], sc_bytes[..., 1, :], sc_bytes[..., 2, :]
+    # llama.cpp's get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and
+    # 4-7 (mins); sub-blocks 4-7 take 4 bits from bytes 8-11 and their top 2 from bytes 0-7.
+    sc = torch.cat([lo6 & 63, (mix & 0xF) | ((lo6 >> 6) << 4)], dim=-1)     # [n, nb, 8]
+    mn = torch.cat([hi6 & 63, (mix >> 4) | ((hi6 >> 6) << 4)], dim=-1)
+    scales = (d[..., None] * sc.float()).reshape(n, nb * 8)
+    mins = -(dmin[..., None] * mn.float()).reshape(n, nb * 8)
+    qs = blocks[..., 16:144].reshape(n, nb, 4, 32)                # 4 chunks of 64 weights
+    q = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(n, k)     # natural order
+    if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
+        raise ValueError("from_gguf_q4_k: non-finite super-block scales")
+    scales, mins = _compact(scales), _compact(mins)
+    if scales.dtype != mins.dtype:
+        scales, mins = scales.float(), mins.float()
+    return Int4Weight(
+        qweight=_pack_nibbles(q),
+        scales=scales.T.contiguous(),
+        mins=mins.T.contiguous(),
         out_features=n, in_features=k, group_size=32,
     )

@@ -60,6 +60,7 @@ __all__ = [
     "from_gptq",
     "from_gguf_q4_0",
     "from_gguf_q4_1",
+    "from_gguf_q4_k",
     "DEQUANT_MIN_M",
     "Int4Plan",
     "default_plan",
@@ -844,4 +845,4 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight,
 
 
 # Converters live in their own module; re-exported here as the documented entry points.
-from .int4_formats import from_gguf_q4_0, from_gguf_q4_1, from_gptq  # noqa: E402
+from .int4_formats import from_gguf_q4_0, from_gguf_q4_1, from_gguf_q4_k, from_gptq  # noqa: E402

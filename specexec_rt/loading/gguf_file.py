@@ -11,8 +11,12 @@ from ..errors import ModelLoadError, UnsupportedModelError
 
 # GGUF architecture -> our model_type
 GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-DENSE_TYPES = ("F32", "F16", "BF16", "Q8_0")
-INT4_TYPES = ("Q4_0", "Q4_1")
+# Kept 4-bit (converted exactly to Int4Weight) when 4-bit weights are wanted, else dequantized.
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+# Dequantized to float on load (gguf-py's numpy dequantizers): the other k-quants of llama.cpp's
+# mixed files (Q4_K_M keeps some tensors in Q6_K, Q3_K_M mixes Q3/Q4/Q5_K, ...).
+DENSE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K",
+               "IQ4_NL", "IQ4_XS")
 
 # HF name suffix -> GGUF name suffix, per layer
 _LAYER_NAMES = {
@@ -140,7 +144,7 @@ def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool):
         if keep_int4 and qtype in INT4_TYPES:
             from ..kernels import int4_matmul as q4
 
-            convert = q4.from_gguf_q4_0 if qtype == "Q4_0" else q4.from_gguf_q4_1
+            convert = {"Q4_0": q4.from_gguf_q4_0, "Q4_1": q4.from_gguf_q4_1, "Q4_K": q4.from_gguf_q4_k}[qtype]
             return convert(np.ascontiguousarray(rows), (out_features, in_features))
         w = dequantize(rows, t.tensor_type).reshape(out_features, in_features)
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
