@@ -2,6 +2,8 @@
 
 - GPTQ (AutoGPTQ / optimum / GPTQModel, "gptq" v1 and "gptq_v2" checkpoint formats),
   including act-order (``desc_act``) ``g_idx`` via a K permutation applied to activations.
+- AWQ (AutoAWQ "gemm" checkpoints): nibbles packed along N in the order 0,2,4,6,1,3,5,7,
+  ``w = (q - z) * s``.
 - GGUF Q4_0 and Q4_1 raw blocks: their nibble order is ``Int4Weight``'s, so the nibble
   bytes are copied as-is and only d (and m) become scales/mins.
 - GGUF Q4_K (the 4-bit tensors of llama.cpp's Q4_K_S/Q4_K_M files): 256-weight super-blocks of
@@ -18,7 +20,7 @@ import torch
 
 from .int4_matmul import Int4Weight, _pack_nibbles
 
-__all__ = ["from_gptq", "from_gguf_q4_0", "from_gguf_q4_1", "from_gguf_q4_k"]
+__all__ = ["from_gptq", "from_awq", "from_gguf_q4_0", "from_gguf_q4_1", "from_gguf_q4_k"]
 
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble j of an int32 at bits 4j
 
@@ -109,6 +111,48 @@ def from_gptq(
         group_size=group,
     )
     return w, perm
+
+
+# AutoAWQ's GEMM packing: nibble i of a word holds column 8c + _AWQ_ORDER[i] of its 8.
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_AWQ_UNDO = tuple(_AWQ_ORDER.index(t) for t in range(8))    # column t sits at nibble _AWQ_UNDO[t]
+
+
+def _unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """int32 ``[R, C]`` packed along the columns in AWQ order -> uint8 ``[R, 8C]`` natural order."""
+    nib = _unpack_int32_nibbles(words, dim=1).view(words.shape[0], words.shape[1], 8)
+    return nib[..., list(_AWQ_UNDO)].reshape(words.shape[0], words.shape[1] * 8)
+
+
+def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+             scale_dtype: torch.dtype = torch.float32) -> Int4Weight:
+    """AutoAWQ GEMM tensors -> ``Int4Weight [N, K]``.
+
+    qweight int32 ``[K, N/8]`` and qzeros int32 ``[K/G, N/8]``, both packed along N in AWQ's
+    nibble order; scales ``[K/G, N]``; ``w[k, n] = (q[k, n] - z[g, n]) * s[g, n]``.
+    ``mins = -z * s`` is exact in fp32 (the default); fp16 rounds it like ``from_gptq``.
+    """
+    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise TypeError(f"from_awq: {name} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if scales.dim() != 2 or not scales.is_floating_point():
+        raise TypeError(f"from_awq: scales must be a 2-D float tensor, got {scales.dtype}")
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    n_groups = scales.shape[0]
+    if scales.shape[1] != n or n_groups == 0 or k % n_groups:
+        raise ValueError(f"from_awq: scales {tuple(scales.shape)} do not fit qweight {tuple(qweight.shape)} "
+                         f"(K={k}, N={n})")
+    if tuple(qzeros.shape) != (n_groups, n // 8):
+        raise ValueError(f"from_awq: qzeros {tuple(qzeros.shape)} != ({n_groups}, {n // 8})")
+    q = _unpack_awq(qweight)                                       # [K, N]
+    z = _unpack_awq(qzeros).to(torch.float32)                      # [K/G, N]
+    s = scales.to(torch.float32)
+    return Int4Weight(
+        qweight=_pack_nibbles(q.T.contiguous()),
+        scales=s.to(scale_dtype).contiguous(),
+        mins=(-z * s).to(scale_dtype).contiguous(),
+        out_features=n, in_features=k, group_size=k // n_groups,
+    )
 
 
 def _gguf_blocks(raw, shape, block_bytes: int, name: str, block: int = 32) -> Tuple[torch.Tensor, int, int]:

@@ -58,6 +58,7 @@ __all__ = [
     "int4_matmul_reference",
     "int4_matmul_cpu",
     "from_gptq",
+    "from_awq",
     "from_gguf_q4_0",
     "from_gguf_q4_1",
     "from_gguf_q4_k",
@@ -845,4 +846,4 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight,
 
 
 # Converters live in their own module; re-exported here as the documented entry points.
-from .int4_formats import from_gguf_q4_0, from_gguf_q4_1, from_gguf_q4_k, from_gptq  # noqa: E402
+from .int4_formats import from_awq, from_gguf_q4_0, from_gguf_q4_1, from_gguf_q4_k, from_gptq  # noqa: E402

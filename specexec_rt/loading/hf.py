@@ -79,21 +79,28 @@ class SafetensorsCheckpoint:
 
 
 def hf_getters(directory: Path, cfg: ModelConfig):
-    """(get_matrix, get_vector) over an HF checkpoint; GPTQ layers come back as Int4Weight."""
+    """(get_matrix, get_vector) over an HF checkpoint; GPTQ and AWQ layers come back as Int4Weight."""
     ckpt = SafetensorsCheckpoint(directory)
     qcfg = quantization_config(directory)
-    gptq = qcfg is not None and qcfg.get("quant_method") == "gptq"
-    if qcfg is not None and not gptq:
+    method = None if qcfg is None else str(qcfg.get("quant_method", "")).lower()
+    if method not in (None, "gptq", "awq"):
         raise ModelLoadError(f"quantization method {qcfg.get('quant_method')!r} is not supported "
-                             f"(supported: gptq 4-bit, or an unquantized checkpoint)")
-    if gptq and int(qcfg.get("bits", 4)) != 4:
-        raise ModelLoadError(f"GPTQ with bits={qcfg.get('bits')} is not supported (only 4-bit)")
+                             f"(supported: gptq and awq 4-bit, or an unquantized checkpoint)")
+    if method is not None and int(qcfg.get("bits", qcfg.get("w_bit", 4))) != 4:
+        raise ModelLoadError(f"{method.upper()} with bits={qcfg.get('bits', qcfg.get('w_bit'))} is not "
+                             f"supported (only 4-bit)")
+    if method == "awq":
+        version = str(qcfg.get("version", "gemm")).lower()
+        if version != "gemm" or qcfg.get("zero_point", True) is False:
+            raise ModelLoadError(f"AWQ version={qcfg.get('version')!r} zero_point={qcfg.get('zero_point')!r} is "
+                                 f"not supported (only AutoAWQ's GEMM format with zero points)")
+    packed_matrix = {"gptq": _gptq_matrix, "awq": _awq_matrix}.get(method)
 
     def get_matrix(name: str):
-        if name.endswith(".weight") and not ckpt.has(name) and gptq:
+        if name.endswith(".weight") and not ckpt.has(name) and packed_matrix is not None:
             base = name[: -len(".weight")]
             if ckpt.has(base + ".qweight"):
-                return _gptq_matrix(ckpt, base, qcfg)
+                return packed_matrix(ckpt, base, qcfg)
         if name == "lm_head.weight" and not ckpt.has(name) and cfg.tie_word_embeddings:
             return ckpt.get("model.embed_tokens.weight")
         return ckpt.get(name)
@@ -116,3 +123,9 @@ def _gptq_matrix(ckpt: SafetensorsCheckpoint, base: str, qcfg: dict):
     # Act-order (desc_act): rows were sorted by group at conversion; the kernels gather the
     # activations with the same permutation, so the layer stays 4-bit.
     return weight if perm is None else dataclasses.replace(weight, perm=perm)
+
+
+def _awq_matrix(ckpt: SafetensorsCheckpoint, base: str, qcfg: dict):
+    from ..kernels.int4_matmul import from_awq
+
+    return from_awq(ckpt.get(base + ".qweight"), ckpt.get(base + ".qzeros"), ckpt.get(base + ".scales"))

@@ -1,0 +1,106 @@
+"""An AutoAWQ (GEMM) checkpoint loads 4-bit and matches HF on its weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_models import make_hf_model
+from specexec_rt import load_model
+from specexec_rt.errors import ModelLoadError
+from specexec_rt.kernels import int4_matmul as q4
+
+GROUP = 32
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]    # AutoAWQ's pack order: nibble i <- column 8c + AWQ_ORDER[i]
+
+
+def awq_pack_columns(v: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C] of nibbles -> int32 [R, C/8], written as AutoAWQ's pack loop does."""
+    out = torch.zeros(v.shape[0], v.shape[1] // 8, dtype=torch.int32)
+    for i, col in enumerate(AWQ_ORDER):
+        out |= v[:, col::8] << (4 * i)
+    return out
+
+
+def awq_pack(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Quantize nn.Linear weight ``w`` [N, K] AWQ-style (asymmetric, group 32 along K)."""
+    n, k = w.shape
+    wt = w.T.float().reshape(k // GROUP, GROUP, n)                     # [G, 32, N]
+    lo, hi = wt.amin(1), wt.amax(1)
+    scales = ((hi - lo) / 15).clamp_min(1e-4).half()                   # [K/G, N]
+    zeros = torch.round(-lo / scales.float()).clamp(0, 15).to(torch.int32)
+    q = torch.round(wt / scales.float()[:, None] + zeros[:, None]).clamp(0, 15).to(torch.int32).reshape(k, n)
+    deq = ((q.reshape(k // GROUP, GROUP, n) - zeros[:, None]) * scales.float()[:, None]).reshape(k, n)
+    return dict(qweight=awq_pack_columns(q), qzeros=awq_pack_columns(zeros), scales=scales), deq.T.contiguous()
+
+
+def test_from_awq_round_trip():
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    packed, deq = awq_pack(w)
+    got = q4.from_awq(packed["qweight"], packed["qzeros"], packed["scales"])
+    assert (got.out_features, got.in_features, got.group_size) == (48, 96, GROUP)
+    torch.testing.assert_close(got.dequantize(), deq, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="qzeros"):
+        q4.from_awq(packed["qweight"], packed["qzeros"][:, :2], packed["scales"])
+    with pytest.raises(TypeError, match="int32"):
+        q4.from_awq(packed["qweight"].float(), packed["qzeros"], packed["scales"])
+
+
+@pytest.fixture(scope="module")
+def awq_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("awq")
+    hf = make_hf_model("llama", d)
+    tensors = load_file(str(d / "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_proj.weight"):
+            packed, deq = awq_pack(t)
+            base = name[: -len(".weight")]
+            out.update({f"{base}.{key}": v for key, v in packed.items()})
+            hf.get_parameter(name).data.copy_(deq)                    # HF reference = same weights
+        else:
+            out[name] = t
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm",
+                                  "zero_point": True}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, hf.eval()
+
+
+def test_awq_dequantized_matches_hf(awq_dir):
+    d, hf = awq_dir
+    model = load_model(d, device="cpu", quantize="none", max_len=64)
+    ids = torch.arange(3, 40)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(model.forward(ids, torch.arange(37), model.cache, 0), ref, atol=2e-4, rtol=0)
+
+
+def test_awq_stays_4bit(awq_dir, monkeypatch):
+    d, hf = awq_dir
+    monkeypatch.setattr(q4, "CPU_COMPUTE_DTYPE", torch.float32)   # exact CPU int4 path
+    model = load_model(d, device="cpu", quantize="int4", max_len=64)
+    layer = model.weights.layers[0]
+    assert all(isinstance(m, q4.Int4Weight) for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+    ids = torch.arange(3, 40)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(model.forward(ids, torch.arange(37), model.cache, 0), ref, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("change,match", [({"version": "gemv"}, "GEMM format"), ({"bits": 3}, "only 4-bit"),
+                                          ({"quant_method": "bitsandbytes"}, "not supported")])
+def test_unsupported_quantization_configs_are_named(awq_dir, tmp_path, change, match):
+    import shutil
+
+    d, _ = awq_dir
+    for f in d.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"].update(change)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=match):
+        load_model(tmp_path, device="cpu", max_len=64)
