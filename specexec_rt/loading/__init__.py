@@ -116,8 +116,19 @@ def _gguf_tokenizer_key(path: Path) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
-# One tokenizer per source and process: an Engine and its vocabulary check share it.
+# One tokenizer per source and process (an Engine and its vocabulary check share it), keyed
+# with the files' sizes and mtimes so a tokenizer rewritten on disk is read again.
 _TOKENIZERS: dict = {}
+
+
+def _files_fingerprint(path: Path) -> tuple:
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()
+                                                 and not p.name.endswith(".safetensors"))
+    out = []
+    for p in files:
+        st = p.stat()
+        out.append((p.name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def load_tokenizer(source):
@@ -130,7 +141,7 @@ def load_tokenizer(source):
     import transformers
 
     src = source.source if isinstance(source, Transformer) else resolve_source(source)
-    memo_key = (src.kind, str(src.path))
+    memo_key = (src.kind, str(src.path), _files_fingerprint(src.path))
     if memo_key in _TOKENIZERS:
         return _TOKENIZERS[memo_key]
     try:
