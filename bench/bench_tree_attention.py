@@ -1,4 +1,4 @@
-"""Tree-masked attention benchmark: ours vs dense-mask SDPA, unmasked flash SDPA, FlexAttention.
+"""Tree-masked attention benchmark: ours vs dense-mask SDPA, eager attention, flash SDPA, FlexAttention.
 
     python bench/bench_tree_attention.py [--dry] [--json out.json] [--no-flex] [--sweep]
 
@@ -11,9 +11,18 @@ full rectangle, 4 * n_q * n_k * head_dim * n_heads. Columns:
   dense     SDPA fp16 with the dense bool mask, GQA folded as the reference does (what
             HF-style tree verification pays)
   flash     SDPA flash backend, no mask, same shape: the floor (target: ours <= 1.25x)
+  eager     HF eager attention, the paper's reference code's path: K/V repeated per query head
+            (repeat_kv), scores q @ k.T * scale materialised in fp16, plus a dense additive
+            float mask, softmax in fp32, cast back, @ v
   flex      FlexAttention with a block mask (compiled), n/a if unavailable
-``--dry`` runs tiny fp32 shapes on the CPU through Triton's interpreter (ours vs the
-reference, timed with time.perf_counter) so CI can exercise this script in seconds.
+  *_graph   ours and flash under CUDA graphs (``triton.testing.do_bench_cudagraph``): kernel
+            time without the Python launch cost (no L2 flush; the input sets are cycled inside
+            the graph), graph_ours_vs_flash their ratio; n/a if capture fails
+  sdpa_decode  n_q = 1 rows only: ``prefix_attention_sdpa`` (flash SDPA, no mask), the
+            runtime's one-token decode path
+``--dry`` runs tiny fp32 shapes on the CPU through Triton's interpreter (ours, eager and the
+decode path vs the reference, timed with time.perf_counter; CUDA-graph columns n/a) so CI
+can exercise this script in seconds.
 ``--sweep`` times a few tile configs at n_q=1024, prefix=4096 (to retune the table).
 """
 
@@ -78,6 +87,17 @@ def _bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _graph_ms(fn, what: str):
+    """Median ms of fn replayed in a CUDA graph (no launch overhead); None if capture fails."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - an uncapturable call: report n/a, keep benchmarking
+        print(f"  {what} graph n/a: {type(e).__name__}: {e}"[:200], file=sys.stderr)
+        return None
+
+
 def _make_inputs(n_q, n_k, n_heads, n_kv, d, dtype, device, gen):
     q = torch.randn(n_q, n_heads, d, generator=gen).to(device, dtype)
     k = torch.randn(n_k, n_kv, d, generator=gen).to(device, dtype)
@@ -99,6 +119,30 @@ def _fold(q, k, v):
 def _unfold(o, n_q, n_heads):
     n_kv, d = o.shape[1], o.shape[3]
     return o.view(n_kv, n_heads // n_kv, n_q, d).permute(2, 0, 1, 3).reshape(n_q, n_heads, d)
+
+
+def _eager_inputs(q, k, v):
+    """HF layout: contiguous [1, heads, n, D] (HF's K/V cache is [B, n_kv, n_k, D])."""
+    return tuple(t.permute(1, 0, 2).unsqueeze(0).contiguous() for t in (q, k, v))
+
+
+def _additive_mask(visible: torch.Tensor, dtype) -> torch.Tensor:
+    """HF's dense float mask: 0 where visible, finfo(dtype).min elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~visible, torch.finfo(dtype).min)
+
+
+def eager_attention(q4, k4, v4, bias):
+    """HF eager attention (what the SpecExec reference code runs), [1, H, n, D] -> [n_q, H, D]."""
+    n_heads, n_kv = q4.shape[1], k4.shape[1]
+    if n_heads != n_kv:  # repeat_kv: expand + reshape, a copy per forward
+        g = n_heads // n_kv
+        k4 = k4[:, :, None].expand(-1, -1, g, -1, -1).reshape(1, n_heads, *k4.shape[2:])
+        v4 = v4[:, :, None].expand(-1, -1, g, -1, -1).reshape(1, n_heads, *v4.shape[2:])
+    scores = torch.matmul(q4, k4.transpose(2, 3)) * (q4.shape[-1] ** -0.5)
+    scores = scores + bias
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q4.dtype)
+    return torch.matmul(p, v4)[0].transpose(0, 1)
 
 
 def _flex_fn(n_q, n_k, prefix_len, tree_mask, device):
@@ -135,9 +179,11 @@ def _bench_cuda_shape(ta, model, n_heads, n_kv, d, n_q, prefix_len, flex: bool, 
     sets = [_make_inputs(n_q, n_k, n_heads, n_kv, d, dtype, device, gen) for _ in range(N_INPUT_SETS)]
     folded = [_fold(*s) for s in sets]
     g = n_heads // n_kv
-    dense = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
-    dense[:, prefix_len:] = mask
-    dense = dense.repeat(g, 1)
+    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    visible[:, prefix_len:] = mask
+    dense = visible.repeat(g, 1)
+    bias = _additive_mask(visible, dtype)
+    eager_sets = [_eager_inputs(*s) for s in sets]
 
     # Correctness once per shape: poisoned output vs dense-mask SDPA.
     q, k, v = sets[0]
@@ -147,16 +193,29 @@ def _bench_cuda_shape(ta, model, n_heads, n_kv, d, n_q, prefix_len, flex: bool, 
     max_err = (out.float() - want.float()).abs().max().item()
     if not max_err < 2e-2:
         raise AssertionError(f"{model} n_q={n_q} prefix={prefix_len}: max error {max_err} vs dense SDPA")
+    eager_err = (eager_attention(*eager_sets[0], bias).float() - want.float()).abs().max().item()
+    if not eager_err < 2e-2:
+        raise AssertionError(f"{model} n_q={n_q} prefix={prefix_len}: eager max error {eager_err}")
 
     outs = [torch.empty_like(s[0]) for s in sets]
-    ours_ms = _bench_ms(_Cycle(lambda q, k, v, o: ta.tree_attention_packed(q, k, v, packed, prefix_len, n_q, out=o),
-                               [(*s, o) for s, o in zip(sets, outs)]))
+    ours = _Cycle(lambda q, k, v, o: ta.tree_attention_packed(q, k, v, packed, prefix_len, n_q, out=o),
+                  [(*s, o) for s, o in zip(sets, outs)])
+    ours_ms = _bench_ms(ours)
+    ours_graph_ms = _graph_ms(ours, "ours")
     pack_ms = _bench_ms(lambda: ta.pack_tree_mask(mask))
     dense_ms = _bench_ms(_Cycle(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=dense), folded))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        flash_ms = _bench_ms(_Cycle(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=False), folded))
+        flash = _Cycle(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v), folded)
+        flash_ms = _bench_ms(flash)
+        flash_graph_ms = _graph_ms(flash, "flash")
+    eager_ms = _bench_ms(_Cycle(lambda q4, k4, v4: eager_attention(q4, k4, v4, bias), eager_sets))
+    sdpa_decode_ms = None
+    if n_q == 1:  # a one-node tree sees everything: the runtime's decode step
+        got = ta.prefix_attention_sdpa(q, k, v)
+        if not (got.float() - want.float()).abs().max().item() < 2e-2:
+            raise AssertionError(f"{model} prefix={prefix_len}: prefix_attention_sdpa disagrees")
+        sdpa_decode_ms = _bench_ms(_Cycle(ta.prefix_attention_sdpa, sets))
     flex_ms = None
     if flex:
         try:
@@ -173,9 +232,13 @@ def _bench_cuda_shape(ta, model, n_heads, n_kv, d, n_q, prefix_len, flex: bool, 
     flops = _flops(n_q, n_k, n_heads, d)
     return dict(model=model, n_q=n_q, prefix=prefix_len, n_heads=n_heads, n_kv_heads=n_kv, head_dim=d,
                 dtype="fp16", ours_ms=ours_ms, pack_ms=pack_ms, dense_ms=dense_ms, flash_ms=flash_ms,
-                flex_ms=flex_ms, ours_tflops=flops / ours_ms * 1e-9, flash_tflops=flops / flash_ms * 1e-9,
+                flex_ms=flex_ms, eager_ms=eager_ms, ours_graph_ms=ours_graph_ms, flash_graph_ms=flash_graph_ms,
+                sdpa_decode_ms=sdpa_decode_ms,
+                ours_tflops=flops / ours_ms * 1e-9, flash_tflops=flops / flash_ms * 1e-9,
                 ours_vs_flash=ours_ms / flash_ms, dense_over_ours=dense_ms / ours_ms,
-                flex_over_ours=None if flex_ms is None else flex_ms / ours_ms, max_err=max_err)
+                eager_over_ours=eager_ms / ours_ms,
+                flex_over_ours=None if flex_ms is None else flex_ms / ours_ms,
+                graph_ours_vs_flash=_ratio(ours_graph_ms, flash_graph_ms), max_err=max_err)
 
 
 def _bench_dry_shape(ta, n_q, prefix_len, gen) -> dict:
@@ -195,13 +258,21 @@ def _bench_dry_shape(ta, n_q, prefix_len, gen) -> dict:
     out = torch.full_like(q, float("nan"))
     ours_ms, _ = timed(lambda: ta.tree_attention(q, k, v, mask, prefix_len, out=out))
     ref_ms, ref = timed(lambda: ta.tree_attention_reference(q, k, v, mask, prefix_len))
-    max_err = (out - ref).abs().max().item()
+    visible = torch.ones(n_q, n_k, dtype=torch.bool)
+    visible[:, prefix_len:] = mask
+    bias = _additive_mask(visible, q.dtype)
+    eager_ms, eager = timed(lambda: eager_attention(*_eager_inputs(q, k, v), bias))
+    decode_ms, decode = timed(lambda: ta.prefix_attention_sdpa(q, k, v)) if n_q == 1 else (None, ref)
+    max_err = max((x - ref).abs().max().item() for x in (out, eager, decode))
     if not max_err < 1e-4:
         raise AssertionError(f"dry n_q={n_q} prefix={prefix_len}: max error {max_err}")
     flops = _flops(n_q, n_k, n_heads, d)
+    # CUDA-graph columns are CUDA-only: None (n/a) here, so the dry rows have every column.
     return dict(model="tiny-cpu-interp", n_q=n_q, prefix=prefix_len, n_heads=n_heads, n_kv_heads=n_kv,
-                head_dim=d, dtype="fp32", ours_ms=ours_ms, ref_ms=ref_ms,
-                ours_tflops=flops / ours_ms * 1e-9, max_err=max_err)
+                head_dim=d, dtype="fp32", ours_ms=ours_ms, ref_ms=ref_ms, eager_ms=eager_ms,
+                ours_graph_ms=None, flash_graph_ms=None, sdpa_decode_ms=decode_ms,
+                ours_tflops=flops / ours_ms * 1e-9, eager_over_ours=eager_ms / ours_ms,
+                graph_ours_vs_flash=None, max_err=max_err)
 
 
 def run(dry: bool, flex: bool = True) -> list[dict]:
@@ -246,24 +317,34 @@ def sweep(configs=None) -> list[dict]:
     return res
 
 
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
 def _fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
+    return format("n/a", spec.split(".")[0]) if x is None else format(x, spec)
 
 
 HEADER_GPU = (f"{'model':<11} {'n_q':>5} {'prefix':>6} | {'ours ms':>8} {'TF/s':>5} | {'flash ms':>8} {'TF/s':>5} "
-              f"{'ours/fl':>7} | {'dense ms':>8} {'de/ours':>7} | {'flex ms':>8} {'fx/ours':>7} | {'pack ms':>7}")
-HEADER_DRY = f"{'model':<16} {'n_q':>5} {'prefix':>6} | {'ours ms':>9} | {'ref ms':>8} | {'max err':>8}"
+              f"{'ours/fl':>7} | {'dense ms':>8} {'de/ours':>7} | {'eager ms':>8} {'ea/ours':>7} | "
+              f"{'flex ms':>8} {'fx/ours':>7} | {'ours gr':>8} {'fl gr':>8} {'ours/fl':>7} | {'decode':>8} | "
+              f"{'pack ms':>7}")
+HEADER_DRY = (f"{'model':<16} {'n_q':>5} {'prefix':>6} | {'ours ms':>9} | {'ref ms':>8} | {'eager ms':>8} | "
+              f"{'decode':>8} | {'max err':>8}")
 
 
 def print_row(r: dict) -> None:
     if r["dtype"] == "fp32":
         print(f"{r['model']:<16} {r['n_q']:>5} {r['prefix']:>6} | {r['ours_ms']:>9.2f} | {r['ref_ms']:>8.2f} | "
-              f"{r['max_err']:>8.1e}")
+              f"{r['eager_ms']:>8.2f} | {_fmt(r['sdpa_decode_ms'], '>8.2f')} | {r['max_err']:>8.1e}")
         return
     print(f"{r['model']:<11} {r['n_q']:>5} {r['prefix']:>6} | {r['ours_ms']:>8.4f} {r['ours_tflops']:>5.0f} | "
           f"{r['flash_ms']:>8.4f} {r['flash_tflops']:>5.0f} {r['ours_vs_flash']:>6.2f}x | {r['dense_ms']:>8.4f} "
-          f"{r['dense_over_ours']:>6.1f}x | {_fmt(r['flex_ms'], '>8.4f')} {_fmt(r['flex_over_ours'], '>6.2f')}"
-          f"{'x' if r['flex_ms'] else ' '} | {r['pack_ms']:>7.4f}", flush=True)
+          f"{r['dense_over_ours']:>6.1f}x | {r['eager_ms']:>8.4f} {r['eager_over_ours']:>6.1f}x | "
+          f"{_fmt(r['flex_ms'], '>8.4f')} {_fmt(r['flex_over_ours'], '>6.2f')}{'x' if r['flex_ms'] else ' '} | "
+          f"{_fmt(r['ours_graph_ms'], '>8.4f')} {_fmt(r['flash_graph_ms'], '>8.4f')} "
+          f"{_fmt(r['graph_ours_vs_flash'], '>6.2f')}{'x' if r['graph_ours_vs_flash'] else ' '} | "
+          f"{_fmt(r['sdpa_decode_ms'], '>8.4f')} | {r['pack_ms']:>7.4f}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -284,7 +365,8 @@ def main(argv=None) -> None:
         else:
             dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
             print(f"# {dev}, torch {torch.__version__}; ours/fl = time ratio to unmasked flash SDPA (floor), "
-                  "de/ours and fx/ours = speed-up of ours over dense-mask SDPA and FlexAttention")
+                  "de/ours, ea/ours and fx/ours = speed-up of ours over dense-mask SDPA, eager attention and "
+                  "FlexAttention; gr = under CUDA graphs; decode = prefix_attention_sdpa (n_q = 1)")
             print(HEADER_GPU)
             rows = run(False, flex=not args.no_flex)
     if args.json:

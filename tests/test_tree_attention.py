@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from specexec_rt.kernels.tree_attention import (  # noqa: E402
     TileConfig,
     pack_tree_mask,
+    prefix_attention_sdpa,
     tree_attention,
     tree_attention_packed,
     tree_attention_reference,
@@ -208,6 +209,129 @@ def test_reference_half_precision_computes_in_fp32():
     assert_close(ref, dense_sdpa(q, k, v, mask, 30), **CUDA_TOL[torch.bfloat16], what="bf16 reference")
 
 
+# ----------------------------------------------------------------------------- decode fast path
+
+# SDPA in the inputs' own dtype vs the float32 reference on the same (rounded) inputs.
+HALF_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), **CUDA_TOL}
+
+
+def poisoned_cache_slices(n_q, n_k, n_heads, n_kv, d, gen, dtype, device="cpu"):
+    """q a head slice of a fused buffer, k/v strided slices of a [max_len, n_kv + 1, d] cache;
+    everything outside the slices is NaN, so a read past them shows up in the output."""
+    offset = 5
+    fused = torch.full((n_q, 2 * n_heads, d), float("nan"), dtype=dtype, device=device)
+    fused[:, :n_heads] = torch.randn(n_q, n_heads, d, generator=gen).to(device, dtype)
+    caches = []
+    for _ in range(2):
+        cache = torch.full((n_k + offset + 7, n_kv + 1, d), float("nan"), dtype=dtype, device=device)
+        cache[offset:offset + n_k, 1:] = torch.randn(n_k, n_kv, d, generator=gen).to(device, dtype)
+        caches.append(cache[offset:offset + n_k, 1:])
+    return fused[:, :n_heads], caches[0], caches[1]
+
+
+def all_visible_reference(q, k, v):
+    """tree_attention_reference with a one-entry, all-True tree region (the decode step's mask)."""
+    n_tree = 1
+    return tree_attention_reference(q, k, v, torch.ones(q.shape[0], n_tree, dtype=torch.bool, device=q.device),
+                                    k.shape[0] - n_tree)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_prefix_attention_sdpa_matches_reference(group, d, dtype):
+    gen = torch.Generator().manual_seed(group * 1000 + d)
+    n_kv = 2
+    for n_k in (1, 2, 31, 64, 65, 300, 701):
+        for n_q in (1, 5):
+            q, k, v = poisoned_cache_slices(n_q, n_k, n_kv * group, n_kv, d, gen, dtype)
+            assert n_k == 1 or not (k.is_contiguous() or v.is_contiguous())
+            got = prefix_attention_sdpa(q, k, v)
+            assert got.shape == q.shape and got.dtype == dtype
+            # A fresh tensor, not a view into the inputs.
+            assert all(got.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in (q, k, v))
+            assert_close(got, all_visible_reference(q, k, v), **HALF_TOL[dtype],
+                         what=f"n_k={n_k} n_q={n_q}")
+
+
+def test_prefix_attention_sdpa_custom_scale():
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = poisoned_cache_slices(1, 40, 8, 2, 64, gen, torch.float32)
+    ref = tree_attention_reference(q, k, v, torch.ones(1, 1, dtype=torch.bool), 39, 0.3)
+    assert_close(prefix_attention_sdpa(q, k, v, 0.3), ref, **HALF_TOL[torch.float32])
+
+
+def _kernel_forbidden(*args, **kwargs):
+    raise AssertionError("the one-token chain must not reach this path")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_one_token_chain_takes_the_sdpa_path_when_the_kernel_is_on(monkeypatch, dtype):
+    from specexec_rt import ops
+    from specexec_rt.kernels import tree_attention as ta
+    from specexec_rt.model import causal_mask
+
+    gen = torch.Generator().manual_seed(13)
+    n_heads, n_kv, d, prefix_len = 12, 4, 64, 333
+    q, k, v = poisoned_cache_slices(1, prefix_len + 1, n_heads, n_kv, d, gen, dtype)
+    ref = all_visible_reference(q, k, v)
+
+    # Default CPU dispatch is unchanged: the reference, with no mask for a decode step.
+    meta = ops.prepare_attention(causal_mask(1, "cpu"), prefix_len, n_heads // n_kv, d, chain=True)
+    assert not (meta.unmasked or meta.use_kernel) and meta.reference_mask is None
+
+    monkeypatch.setattr(ops, "use_triton", lambda device: True)
+    meta = ops.prepare_attention(causal_mask(1, "cpu"), prefix_len, n_heads // n_kv, d, chain=True)
+    assert meta.unmasked and not meta.use_kernel
+    assert meta.packed_mask is None and meta.reference_mask is None
+    monkeypatch.setattr(ta, "tree_attention_packed", _kernel_forbidden)
+    monkeypatch.setattr(ta, "tree_attention_reference_prepared", _kernel_forbidden)
+    got = ops.attention(q, k, v, meta)
+    assert got.dtype == dtype
+    assert_close(got, ref, **HALF_TOL[dtype], what="ops.attention")
+
+
+def test_only_one_token_chains_skip_the_kernel(monkeypatch):
+    """A one-row tree mask (draft growth) may hide tree entries; a longer chain needs its
+    causal mask: both keep the kernel."""
+    from specexec_rt import ops
+    from specexec_rt.model import causal_mask
+
+    monkeypatch.setattr(ops, "use_triton", lambda device: True)
+    one_row = torch.tensor([[True, False, True]])
+    for mask, chain in ((one_row, False), (causal_mask(1, "cpu"), False), (causal_mask(3, "cpu"), True)):
+        meta = ops.prepare_attention(mask, 10, 2, 64, chain=chain)
+        assert meta.use_kernel and not meta.unmasked and meta.packed_mask is not None
+
+
+def test_model_decode_with_kernel_on_matches_the_cpu_path(monkeypatch, tiny_model):
+    """Prefill through the interpreted kernel, decode steps through prefix_attention_sdpa:
+    same logits as the CPU reference path."""
+    from specexec_rt import ops
+    from specexec_rt.kernels import tree_attention as ta
+
+    def run(model):
+        ids = torch.tensor([5, 9, 2, 7, 1, 3])
+        logits = [model.prefill(ids)]
+        for pos in range(len(ids), len(ids) + 4):
+            tok = logits[-1].argmax().view(1)
+            logits.append(model.forward(tok, torch.tensor([pos]), model.cache, pos)[0])
+        return torch.stack(logits)
+
+    want = run(tiny_model(head_dim=16))  # head_dim >= 16: the kernel's minimum
+    calls = []
+
+    def counted(q, k, v, scale=None):
+        calls.append(k.shape[0])
+        return prefix_attention_sdpa(q, k, v, scale)
+
+    monkeypatch.setattr(ops, "use_triton", lambda device: True)
+    monkeypatch.setattr(ta, "prefix_attention_sdpa", counted)
+    got = run(tiny_model(head_dim=16))
+    assert calls == [n_k for n_k in (7, 8, 9, 10) for _ in range(2)]  # 4 decode steps x 2 layers
+    assert_close(got, want, **FP32_TOL, what="logits")
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -293,6 +417,39 @@ def test_cuda_kernel_matches_reference(dtype, n_q, n_tree, prefix_len, n_heads, 
     out2 = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
     tree_attention(q, k, v, mask, prefix_len, out=out2, num_splits=3)
     assert_close(out2.float(), ref.float(), **CUDA_TOL[dtype], what=f"{dtype} split 3")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_k,n_heads,n_kv,d", [
+    (4097, 64, 8, 128),  # 70B decode
+    (513, 32, 32, 128),  # 7B decode
+    (100, 12, 4, 64),
+    (1, 8, 2, 64),
+])
+def test_cuda_decode_sdpa_path_matches_reference(monkeypatch, dtype, n_k, n_heads, n_kv, d):
+    """The runtime's CUDA decode step: ops picks prefix_attention_sdpa, which computes in the
+    cache's dtype without copying K/V (peak memory stays far below one K slice)."""
+    from specexec_rt import ops
+    from specexec_rt.model import causal_mask
+
+    monkeypatch.delenv("SPECEXEC_DISABLE_TRITON", raising=False)
+    gen = torch.Generator().manual_seed(n_k + d)
+    q, k, v = poisoned_cache_slices(1, n_k, n_heads, n_kv, d, gen, dtype, device="cuda")
+    ref = all_visible_reference(q, k, v)
+    meta = ops.prepare_attention(causal_mask(1, "cuda"), n_k - 1, n_heads // n_kv, d, chain=True)
+    assert meta.unmasked and not meta.use_kernel
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = ops.attention(q, k, v, meta)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert got.dtype == dtype
+    assert_close(got.float(), ref.float(), **CUDA_TOL[dtype], what=f"{dtype}")
+    if n_k > 64:
+        assert extra < k.shape[0] * n_kv * d * k.element_size() / 2, f"{extra} bytes allocated: K/V copied?"
 
 
 @cuda
