@@ -152,10 +152,11 @@ def _row(name, k, n, m, mod, torch, dry, tune=False):
 
 
 def run(dry: bool = False, models: tuple[str, ...] = ("70b", "7b"), ms=None,
-        stages: int | None = None, tune: bool = False) -> list[dict]:
+        stages: int | None = None, tune: bool = False, tune_budget_s: float = 240.0) -> list[dict]:
     """Benchmark rows (dicts, see ``_row``). ``dry`` needs TRITON_INTERPRET=1 set before
     Triton is first imported (``main`` does that). ``tune``: measure the best plan of every
-    (shape, M) on this GPU first (in-process only; ``specexec-rt tune-int4`` saves them)."""
+    (shape, M) on this GPU first (in-process only; ``specexec-rt tune-int4`` saves them),
+    until ``tune_budget_s`` of tuning is spent (later rows run their default plans, and say so)."""
     if dry and os.environ.get("TRITON_INTERPRET") != "1":
         if "triton" in sys.modules:
             raise RuntimeError("run(dry=True) needs TRITON_INTERPRET=1 before triton is imported")
@@ -171,9 +172,15 @@ def run(dry: bool = False, models: tuple[str, ...] = ("70b", "7b"), ms=None,
     shapes = DRY_SHAPES if dry else {s: v for s, v in SHAPES.items()
                                      if s.split(".")[0] in models}
     rows = []
+    tuning_s = 0.0
     for name, (k, n) in shapes.items():
         for m in (DRY_MS if dry else (ms or MS)):
-            rows.append(_row(name, k, n, m, mod, torch, dry, tune))
+            t0 = time.perf_counter()
+            tune_now = tune and tuning_s < tune_budget_s
+            rows.append(_row(name, k, n, m, mod, torch, dry, tune_now))
+            rows[-1]["tuned_in_run"] = tune_now
+            if tune_now:
+                tuning_s += time.perf_counter() - t0
             _print_row(rows[-1], header=len(rows) == 1)
             if not dry:
                 torch.cuda.empty_cache()
