@@ -9,6 +9,19 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
+def parse_budget(text: str):
+    """``--budget``: 'auto' or a positive int, checked before any model loads."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'auto', got {value}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every subcommand that loads models."""
     p.add_argument("--model", "--target", dest="model", default="smollm2-135m",
@@ -19,8 +32,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "omit for autoregressive decoding")
     p.add_argument("--method", default=None, choices=["autoregressive", "chain", "specinfer", "specexec"],
                    help="decoding method (default: specexec with a draft, autoregressive without)")
-    p.add_argument("--budget", default="256",
-                   help="draft tree size in tokens for specexec (an int, or 'auto')")
+    p.add_argument("--budget", default=None, type=parse_budget,
+                   help="draft tokens per pass: an int, or 'auto' (specexec only; sized before every pass "
+                        "from measured costs). Default: auto for specexec, 256 for chain/specinfer")
     p.add_argument("--beams-per-step", type=int, default=None, help="specexec: nodes expanded per draft step")
     p.add_argument("--branch-width", type=int, default=None, help="specexec: children per expanded node")
     p.add_argument("--max-depth", type=int, default=None, help="specexec: maximum tree depth")
@@ -58,10 +72,11 @@ def build_engine(args):
     method = args.method or ("specexec" if draft is not None else "autoregressive")
     params = {k: getattr(args, k) for k in ("beams_per_step", "branch_width", "max_depth", "k", "n", "depth")
               if getattr(args, k) is not None}
-    budget = args.budget if args.budget == "auto" else int(args.budget)
+    budget = args.budget if args.budget is not None else ("auto" if method == "specexec" else 256)
     engine = Engine(target, draft, method=method, budget=budget, **params)
     print(f"[specexec-rt] loaded {args.model}" + (f" + draft {args.draft}" if draft is not None else "")
-          + f" on {target.device} in {time.perf_counter() - t0:.1f}s; method={method}", file=sys.stderr)
+          + f" on {target.device} in {time.perf_counter() - t0:.1f}s; method={method}"
+          + (f" budget={budget}" if method != "autoregressive" else ""), file=sys.stderr)
     return engine
 
 

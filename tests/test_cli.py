@@ -34,3 +34,18 @@ def test_generate_specexec_equals_autoregressive():
 def test_generate_reports_bad_sampling_parameters():
     res = run_cli("generate", "--model", "smollm2-135m", "--prompt", "hi", "--top-p", "1.5", "--device", "cpu")
     assert res.returncode == 2 and "top_p" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_specexec_budget_defaults_to_auto():
+    """Without --budget, specexec sizes its trees per pass (what README command 1 runs)."""
+    res = run_cli("generate", "--model", "smollm2-135m", "--prompt", "Name a colour.", "--max-new-tokens", "4",
+                  "--device", "cpu", "--draft", "default")
+    assert res.returncode == 0, res.stderr
+    assert "method=specexec budget=auto" in res.stderr
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "lots"])
+def test_bad_budget_is_named_before_loading(bad):
+    res = run_cli("generate", "--model", "smollm2-135m", "--prompt", "hi", "--budget", bad)
+    assert res.returncode == 2 and "--budget" in res.stderr and "Traceback" not in res.stderr
+    assert "loaded" not in res.stderr
