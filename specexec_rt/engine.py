@@ -25,7 +25,8 @@ import torch
 
 from . import sampling
 from . import tree as _tree
-from .errors import (ContextLengthError, NonFiniteLogitsError, SamplingParameterError,
+from . import memory
+from .errors import (ContextLengthError, MemoryBudgetError, NonFiniteLogitsError, SamplingParameterError,
                      VocabularyMismatchError)
 from .sampling import SamplingParams, process_logits
 from .tree import NEG_INF, DraftTree, VerifyTree, path_rows
@@ -147,6 +148,8 @@ class Engine:
         if self.draft is not None:
             check_same_vocabulary(target, self.draft)
         self._check_tree_fits()
+        memory.check_engine(self)     # may lower auto's ceiling (self._max_budget)
+        budget = self._max_budget
         self.last_result: Optional[GenerationResult] = None
         self._prefill_bad = None
         self._curve = None
@@ -255,12 +258,15 @@ class Engine:
             raise SamplingParameterError("stop strings need a tokenizer")
         ids = self._encode(prompt_or_ids)
         self._check_fits(len(ids), max_new_tokens)
+        mem_cap = memory.check_request(self, len(ids), sampled=not params.greedy)
+        if self.auto:
+            self._auto_cap = min(self._auto_cap, mem_cap)
         text_on = self.tokenizer is not None
         eos = self._eos_ids()
         out: list = []
         emitted = ""
         stats = GenerationStats()
-        for new in self._passes(ids, max_new_tokens, params, seed, stats):
+        for new in self._out_of_memory_named(self._passes(ids, max_new_tokens, params, seed, stats)):
             finish = None
             for i, t in enumerate(new):
                 if t in eos:
@@ -290,6 +296,17 @@ class Engine:
                 break
         stats.new_tokens = len(out)
         self.last_result = GenerationResult(token_ids=out, text=emitted if text_on else "", stats=stats)
+
+    def _out_of_memory_named(self, passes: Iterator[list]) -> Iterator[list]:
+        """An allocation failure inside a pass (the estimate in memory.py missed, or another
+        process took the memory) becomes a MemoryBudgetError that names the setting to lower."""
+        try:
+            yield from passes
+        except RuntimeError as e:
+            oom = isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in str(e)
+            if not oom:
+                raise
+            raise MemoryBudgetError(memory.describe_failure(self, e)) from e
 
     def _trim_to_stop(self, out: list, end: int) -> list:
         """The shortest prefix of ``out`` whose text contains the stop string ending at ``end``."""

@@ -35,3 +35,8 @@ class SamplingParameterError(SpecExecError, ValueError):
 
 class NonFiniteLogitsError(SpecExecError, FloatingPointError):
     """A model produced NaN or inf logits (broken weights, or an overflow in a low-precision dtype)."""
+
+
+class MemoryBudgetError(SpecExecError, MemoryError):
+    """A budget (draft tree, verification pass) or a prompt needs more working memory than the
+    device has free; the message names the setting to lower (see specexec_rt/memory.py)."""

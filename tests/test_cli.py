@@ -49,3 +49,12 @@ def test_bad_budget_is_named_before_loading(bad):
     res = run_cli("generate", "--model", "smollm2-135m", "--prompt", "hi", "--budget", bad)
     assert res.returncode == 2 and "--budget" in res.stderr and "Traceback" not in res.stderr
     assert "loaded" not in res.stderr
+
+
+def test_tree_too_big_for_memory_is_named():
+    """A draft tree whose ancestor matrix would take ~2 TB: exit 2 with the settings named,
+    before any pass allocates."""
+    res = run_cli("generate", "--model", "smollm2-135m", "--prompt", "hi", "--device", "cpu", "--draft", "default",
+                  "--budget", "1024", "--beams-per-step", "256", "--branch-width", "64", "--max-depth", "64")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "beams_per_step=256" in res.stderr and "GiB of working memory" in res.stderr
