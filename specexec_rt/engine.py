@@ -17,7 +17,6 @@ for the acceptance result; ``GenerationStats.syncs`` counts them.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 

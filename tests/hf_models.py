@@ -38,3 +38,38 @@ def make_hf_model(arch: str, directory, seed: int = 0):
                 p.copy_(0.15 * torch.randn_like(p))
     model.save_pretrained(str(directory), safe_serialization=True)
     return model
+
+
+def quantize_checkpoint(directory, hf, pack, quantization_config: dict) -> None:
+    """Rewrite the checkpoint saved in ``directory`` as a 4-bit one: each ``*_proj.weight`` is
+    replaced by ``pack(name, w) -> (checkpoint tensors keyed by suffix, dequantized weight)``,
+    ``hf`` gets the dequantized weights (so it is the reference for the same weights), and
+    config.json gets ``quantization_config``."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = f"{directory}/model.safetensors"
+    out = {}
+    for name, t in load_file(path).items():
+        if name.endswith("_proj.weight"):
+            packed, deq = pack(name, t)
+            base = name[: -len(".weight")]
+            out.update({f"{base}.{key}": v for key, v in packed.items()})
+            hf.get_parameter(name).data.copy_(deq)
+        else:
+            out[name] = t
+    save_file(out, path, metadata={"format": "pt"})
+    with open(f"{directory}/config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = quantization_config
+    with open(f"{directory}/config.json", "w") as f:
+        json.dump(cfg, f)
+
+
+def assert_prefill_matches_hf(model, hf, atol: float) -> None:
+    """Our prefill logits of a fixed 37-token prompt against the HF model's."""
+    ids = torch.arange(3, 40)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(model.forward(ids, torch.arange(37), model.cache, 0), ref, atol=atol, rtol=0)

@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from hf_models import make_hf_model
+from hf_models import assert_prefill_matches_hf, make_hf_model, quantize_checkpoint
 from specexec_rt import load_model
 from specexec_rt.errors import ModelLoadError
 from specexec_rt.kernels import int4_matmul as q4
@@ -52,31 +51,14 @@ def test_from_awq_round_trip():
 def awq_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("awq")
     hf = make_hf_model("llama", d)
-    tensors = load_file(str(d / "model.safetensors"))
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith("_proj.weight"):
-            packed, deq = awq_pack(t)
-            base = name[: -len(".weight")]
-            out.update({f"{base}.{key}": v for key, v in packed.items()})
-            hf.get_parameter(name).data.copy_(deq)                    # HF reference = same weights
-        else:
-            out[name] = t
-    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm",
-                                  "zero_point": True}
-    (d / "config.json").write_text(json.dumps(cfg))
+    quantize_checkpoint(d, hf, lambda _, w: awq_pack(w),
+                        {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm", "zero_point": True})
     return d, hf.eval()
 
 
 def test_awq_dequantized_matches_hf(awq_dir):
     d, hf = awq_dir
-    model = load_model(d, device="cpu", quantize="none", max_len=64)
-    ids = torch.arange(3, 40)
-    with torch.no_grad():
-        ref = hf(ids[None]).logits[0]
-    torch.testing.assert_close(model.forward(ids, torch.arange(37), model.cache, 0), ref, atol=2e-4, rtol=0)
+    assert_prefill_matches_hf(load_model(d, device="cpu", quantize="none", max_len=64), hf, atol=2e-4)
 
 
 def test_awq_stays_4bit(awq_dir, monkeypatch):
@@ -85,10 +67,7 @@ def test_awq_stays_4bit(awq_dir, monkeypatch):
     model = load_model(d, device="cpu", quantize="int4", max_len=64)
     layer = model.weights.layers[0]
     assert all(isinstance(m, q4.Int4Weight) for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
-    ids = torch.arange(3, 40)
-    with torch.no_grad():
-        ref = hf(ids[None]).logits[0]
-    torch.testing.assert_close(model.forward(ids, torch.arange(37), model.cache, 0), ref, atol=2e-4, rtol=0)
+    assert_prefill_matches_hf(model, hf, atol=2e-4)
 
 
 @pytest.mark.parametrize("change,match", [({"version": "gemv"}, "GEMM format"), ({"bits": 3}, "only 4-bit"),

@@ -1,13 +1,10 @@
 """A GPTQ checkpoint (act-order, asymmetric, v1 zeros) loads 4-bit and matches HF on its weights."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from hf_models import make_hf_model
+from hf_models import assert_prefill_matches_hf, make_hf_model, quantize_checkpoint
 from specexec_rt import load_model
 from specexec_rt.kernels import int4_matmul as q4
 
@@ -37,38 +34,25 @@ def gptq_pack(w: torch.Tensor, g_idx: torch.Tensor) -> tuple[dict, torch.Tensor]
 def gptq_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("gptq")
     hf = make_hf_model("llama", d)
-    tensors = load_file(str(d / "model.safetensors"))
     g = torch.Generator().manual_seed(5)
-    out = {}
     g_idx = {}
-    for name, t in tensors.items():
-        if name.endswith("_proj.weight"):
-            # Layers reading the same input share GPTQ's act-order (same Hessian): q/k/v, gate/up.
-            key = name.rsplit(".", 2)[0] + {"q": "qkv", "k": "qkv", "v": "qkv", "g": "gu", "u": "gu"}.get(
-                name.rsplit(".", 2)[1][0], name.rsplit(".", 2)[1])
-            if key not in g_idx:
-                g_idx[key] = (torch.randperm(t.shape[1], generator=g) % (t.shape[1] // GROUP)).to(torch.int32)
-            packed, deq = gptq_pack(t, g_idx[key])
-            base = name[: -len(".weight")]
-            out.update({f"{base}.{key}": v for key, v in packed.items()})
-            hf.get_parameter(name).data.copy_(deq)                    # HF reference = same weights
-        else:
-            out[name] = t
-    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP,
-                                  "desc_act": True, "sym": False, "checkpoint_format": "gptq"}
-    (d / "config.json").write_text(json.dumps(cfg))
+
+    def pack(name, t):
+        # Layers reading the same input share GPTQ's act-order (same Hessian): q/k/v, gate/up.
+        key = name.rsplit(".", 2)[0] + {"q": "qkv", "k": "qkv", "v": "qkv", "g": "gu", "u": "gu"}.get(
+            name.rsplit(".", 2)[1][0], name.rsplit(".", 2)[1])
+        if key not in g_idx:
+            g_idx[key] = (torch.randperm(t.shape[1], generator=g) % (t.shape[1] // GROUP)).to(torch.int32)
+        return gptq_pack(t, g_idx[key])
+
+    quantize_checkpoint(d, hf, pack, {"quant_method": "gptq", "bits": 4, "group_size": GROUP,
+                                      "desc_act": True, "sym": False, "checkpoint_format": "gptq"})
     return d, hf.eval()
 
 
 def test_gptq_dequantized_matches_hf(gptq_dir):
     d, hf = gptq_dir
-    model = load_model(d, device="cpu", quantize="none", max_len=64)
-    ids = torch.arange(3, 40)
-    with torch.no_grad():
-        ref = hf(ids[None]).logits[0]
-    torch.testing.assert_close(model.forward(ids, torch.arange(37), model.cache, 0), ref, atol=2e-4, rtol=0)
+    assert_prefill_matches_hf(load_model(d, device="cpu", quantize="none", max_len=64), hf, atol=2e-4)
 
 
 def test_gptq_stays_4bit_with_act_order(gptq_dir, monkeypatch):
@@ -78,7 +62,4 @@ def test_gptq_stays_4bit_with_act_order(gptq_dir, monkeypatch):
     layer = model.weights.layers[0]
     assert isinstance(layer.wqkv, q4.Int4Weight) and layer.wqkv.perm is not None
     assert isinstance(layer.w_down, q4.Int4Weight) and layer.w_down.perm is not None
-    ids = torch.arange(3, 40)
-    with torch.no_grad():
-        ref = hf(ids[None]).logits[0]
-    torch.testing.assert_close(model.forward(ids, torch.arange(37), model.cache, 0), ref, atol=2e-3, rtol=0)
+    assert_prefill_matches_hf(model, hf, atol=2e-3)
