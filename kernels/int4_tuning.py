@@ -177,7 +177,7 @@ def tune_shape(n: int, k: int, group_size: int = 128, ms: Sequence[int] = DEFAUL
             print(f"[tune-int4] N={n} K={k} M={bucket}: {best} {timed[best]:.4f} ms"
                   + (f" (default {d:.4f} ms, {d / timed[best]:.2f}x)" if d else "")
                   + f"; {len(timed)} timed, {len(rejected)} rejected", flush=True)
-        del ws, xs
+        ws = xs = None  # free this bucket's copies before the next bucket allocates its own
     return rows
 
 

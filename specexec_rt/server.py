@@ -25,9 +25,8 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 from .errors import ContextLengthError, SamplingParameterError, SpecExecError
 

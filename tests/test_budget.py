@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from conftest import build_tiny_model
 from specexec_rt.budget import BudgetController, LinearCost, candidate_budgets

@@ -6,7 +6,6 @@ fp32 inside the kernel (the interpreter's bf16 tl.dot is wrong); the bf16 loads,
 rounding of the dequantised weight to bf16 and the bf16 stores are still exercised.
 CUDA-marked tests run the compiled kernels at real sizes.
 """
-import os
 
 # Without a GPU the kernels run in Triton's interpreter (set before triton is imported); on a GPU
 # machine the CUDA tests run compiled and the CPU-interpreter tests skip (conftest.py) unless

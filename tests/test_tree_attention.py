@@ -5,7 +5,6 @@ order differ from SDPA's only by fp32 rounding); fp16/bf16 on CUDA vs a float32 
 atol = rtol = 1e-2 (fp16), 2e-2 (bf16).
 """
 
-import os
 
 # Without a GPU the kernels run in Triton's interpreter (set before triton is imported); on a GPU
 # machine the CUDA tests run compiled and the CPU-interpreter tests skip (conftest.py) unless
