@@ -40,7 +40,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -601,6 +601,7 @@ class Int4Plan:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+@functools.lru_cache(maxsize=1024)
 def default_plan(m: int, k: int, group_size: int, dequant: bool = True) -> Int4Plan:
     """The untuned choice: GEMV at M = 1, tensor cores below ``DEQUANT_MIN_M``, dequantise +
     cuBLAS from there (``dequant=False``, as in the interpreter, keeps the Triton kernels)."""
@@ -651,8 +652,13 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+@functools.lru_cache(maxsize=None)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def tuned_key(device: torch.device, dtype: torch.dtype, n: int, k: int, group_size: int, m: int):
-    return (device_name(device), str(dtype).replace("torch.", ""), n, k, group_size, m_bucket(m))
+    return (device_name(device), _dtype_name(dtype), n, k, group_size, m_bucket(m))
 
 
 def plan_for(x2: torch.Tensor, w: Int4Weight) -> Int4Plan:
@@ -691,6 +697,46 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class _FusedLaunch(NamedTuple):
+    """Everything about one fused-kernel call that depends only on (plan, M, N, K, group,
+    x dtype, device): computed once and cached, so a call's host work is two allocations and
+    the launch itself (the per-call arithmetic and checks cost ~15 us of Python per linear
+    layer, which is most of a small-M call's time on a launch-bound draft)."""
+
+    gemv: bool
+    grid: tuple
+    split_k: int
+    k_per_split: int
+    consts: dict          # constexpr kwargs and num_warps
+    sum_grid: tuple
+
+
+@functools.lru_cache(maxsize=4096)
+def _fused_launch(plan: "Int4Plan", m: int, n: int, k: int, group_size: int, dtype: torch.dtype,
+                  device: torch.device) -> _FusedLaunch:
+    why = plan.problem(k, group_size)
+    if why is not None or plan.path == "dequant":
+        raise ValueError(f"int4 plan {plan} cannot run the fused kernels here: {why or 'dequant path'}")
+    bm, bn, bk, warps = plan.block_m, plan.block_n, plan.block_k, plan.warps
+    gemv = bm == 1
+    n_tiles = triton.cdiv(n, bn) * (m if gemv else triton.cdiv(m, bm))
+    k_blocks = k // bk
+    split_k = plan.split_k or _split_k(n_tiles, k_blocks, _sm_count(device), 8 if gemv else 4)
+    k_per_split = triton.cdiv(k_blocks, min(split_k, k_blocks)) * bk
+    split_k = triton.cdiv(k, k_per_split)  # no empty splits
+    fast = dtype != torch.float32  # fp32 x keeps the exact nibble conversion
+    if gemv:
+        grid = (triton.cdiv(n, bn), split_k, m)
+        consts = dict(GROUP=group_size, BLOCK_N=bn, BLOCK_K=bk, GROUPS_PER_TILE=max(1, bk // group_size),
+                      STAGES=K_LOOP_STAGES, FAST=fast, num_warps=warps)
+    else:
+        grid = (triton.cdiv(n, bn), split_k, triton.cdiv(m, bm))
+        consts = dict(GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=K_LOOP_STAGES,
+                      DOT_PRECISION="ieee" if dtype == torch.float32 or _interpreting() else "tf32",
+                      UPCAST_DOT=_interpreting() and dtype == torch.bfloat16, FAST=fast, num_warps=warps)
+    return _FusedLaunch(gemv, grid, split_k, k_per_split, consts, (triton.cdiv(m * n, 1024),))
+
+
 def _launch_fused(x2: torch.Tensor, w: Int4Weight, split_k: Optional[int] = None,
                   cfg=None, out: Optional[torch.Tensor] = None,
                   plan: Optional[Int4Plan] = None) -> torch.Tensor:
@@ -707,46 +753,22 @@ def _launch_fused(x2: torch.Tensor, w: Int4Weight, split_k: Optional[int] = None
             plan = Int4Plan("gemv" if bm == 1 else "mma", bm, bn, _block_k(w.group_size, bk_cap), warps)
         else:
             plan = default_plan(m, k, w.group_size, dequant=False)
-    why = plan.problem(k, w.group_size)
-    if why is not None or plan.path == "dequant":
-        raise ValueError(f"int4 plan {plan} cannot run the fused kernels here: {why or 'dequant path'}")
-    bm, bn, bk, warps = plan.block_m, plan.block_n, plan.block_k, plan.warps
-    split_k = plan.split_k if split_k is None else split_k
-    n_tiles = triton.cdiv(n, bn) * (m if bm == 1 else triton.cdiv(m, bm))
-    k_blocks = k // bk
-    if not split_k:
-        split_k = _split_k(n_tiles, k_blocks, _sm_count(x2.device), 8 if bm == 1 else 4)
-    k_per_split = triton.cdiv(k_blocks, min(split_k, k_blocks)) * bk
-    split_k = triton.cdiv(k, k_per_split)  # no empty splits
+    if split_k is not None and split_k != plan.split_k:
+        plan = dataclasses.replace(plan, split_k=split_k)
+    launch = _fused_launch(plan, m, n, k, w.group_size, x2.dtype, x2.device)
     if out is None:
         out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    dst = out if split_k == 1 else torch.empty((split_k, m, n), device=x2.device,
-                                               dtype=torch.float32)
-    stride_os = 0 if split_k == 1 else dst.stride(0)
-    fast = x2.dtype != torch.float32  # fp32 x keeps the exact nibble conversion
-    if bm == 1:
-        grid = (triton.cdiv(n, bn), split_k, m)
-        _int4_gemv_kernel[grid](
-            x2, w.qweight, w.scales, w.mins, dst,
-            n, k, x2.stride(0), n, stride_os, k_per_split,
-            GROUP=w.group_size, BLOCK_N=bn, BLOCK_K=bk,
-            GROUPS_PER_TILE=max(1, bk // w.group_size), STAGES=K_LOOP_STAGES,
-            FAST=fast, num_warps=warps,
-        )
+    split = launch.split_k
+    dst = out if split == 1 else torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+    stride_os = 0 if split == 1 else m * n
+    if launch.gemv:
+        _int4_gemv_kernel[launch.grid](x2, w.qweight, w.scales, w.mins, dst, n, k, x2.stride(0), n, stride_os,
+                                       launch.k_per_split, **launch.consts)
     else:
-        grid = (triton.cdiv(n, bn), split_k, triton.cdiv(m, bm))
-        _int4_mm_kernel[grid](
-            x2, w.qweight, w.scales, w.mins, dst,
-            m, n, k, x2.stride(0), n, stride_os, k_per_split,
-            GROUP=w.group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=K_LOOP_STAGES,
-            DOT_PRECISION="ieee" if x2.dtype == torch.float32 or _interpreting() else "tf32",
-            UPCAST_DOT=_interpreting() and x2.dtype == torch.bfloat16, FAST=fast,
-            num_warps=warps,
-        )
-    if split_k > 1:  # one launch: sum the fp32 partials in split order, cast to x's dtype
-        mn = m * n
-        _sum_splits_kernel[(triton.cdiv(mn, 1024),)](dst, out, split_k, mn, BLOCK=1024,
-                                                     num_warps=4)
+        _int4_mm_kernel[launch.grid](x2, w.qweight, w.scales, w.mins, dst, m, n, k, x2.stride(0), n, stride_os,
+                                     launch.k_per_split, **launch.consts)
+    if split > 1:  # one launch: sum the fp32 partials in split order, cast to x's dtype
+        _sum_splits_kernel[launch.sum_grid](dst, out, split, m * n, BLOCK=1024, num_warps=4)
     return out
 
 
@@ -825,24 +847,24 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight,
     _check_inputs(x, w)
     if out is not None:
         _check_out(out, x, w)
-    lead = x.shape[:-1]
-    on_cpu = x.device.type == "cpu"
-    if on_cpu and not _interpreting():
+    if x.device.type == "cpu" and not _interpreting():
         y = int4_matmul_cpu(x, w)
         return y if out is None else out.copy_(y)
     if triton is None:
         raise RuntimeError("int4_matmul: Triton is required for non-CPU tensors")
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
-    x2 = x.reshape(-1, w.in_features)
+    flat = x.dim() == 2         # the runtime's case: no reshapes on the way in or out
+    x2 = x if flat else x.reshape(-1, w.in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out2 = None if out is None else out.view(-1, w.out_features)
-    m = x2.shape[0]
-    if m == 0:
-        return x.new_empty(*lead, w.out_features) if out is None else out
+    out2 = None if out is None else (out if flat else out.view(-1, w.out_features))
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], w.out_features) if out is None else out
     y = run_plan(x2, w, plan_for(x2, w), out2)
-    return y.reshape(*lead, w.out_features) if out is None else out
+    if out is not None:
+        return out
+    return y if flat else y.reshape(*x.shape[:-1], w.out_features)
 
 
 # Converters live in their own module; re-exported here as the documented entry points.

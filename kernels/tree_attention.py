@@ -33,6 +33,7 @@ import triton.language as tl
 
 __all__ = [
     "TileConfig",
+    "TreeAttentionLaunch",
     "pack_tree_mask",
     "prefix_attention_sdpa",
     "tree_attention",
@@ -363,6 +364,79 @@ def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, out):
             raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
 
 
+class TreeAttentionLaunch:
+    """One forward's tree-attention launch, planned once and run for every layer.
+
+    Everything but the q/k/v pointers is the same in every layer of a pass (shapes, mask,
+    prefix length, tile config, split count), so the checks, the choices and the split-K
+    partial buffers happen once here; :meth:`run` is then one output allocation and the
+    launches (the whole launcher was ~48 us of Python per layer on a 2-core EPYC, most of a
+    small tree pass's time on a launch-bound draft). The partial buffers are shared by the
+    layers: each layer's merge reads them before the next layer's kernel, in stream order.
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed_mask: torch.Tensor,
+                 prefix_len: int, n_tree: int, scale: float | None = None, *,
+                 num_splits: int | None = None, config: TileConfig | None = None, validate: bool = False):
+        _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, None)
+        if validate and prefix_len == 0:
+            if n_tree == 0 or bool((packed_mask == 0).all(dim=1).any()):
+                raise ValueError("prefix_len == 0 and some tree_mask row sees no key")
+        n_q, n_heads, d = q.shape
+        n_kv = k.shape[1]
+        self.q_shape, self.k_shape, self.dtype = q.shape, k.shape, q.dtype
+        self.packed_mask, self.prefix_len, self.n_tree = packed_mask, prefix_len, n_tree
+        self.n_q, self.n_heads, self.n_kv = n_q, n_heads, n_kv
+        self.group = n_heads // n_kv
+        self.scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        self.d, self.d_pad = d, triton.next_power_of_2(d)
+        cfg = config or _choose_config(n_q * self.group, self.d_pad, q.device.type != "cuda")
+        if cfg.block_n % 32 or cfg.block_m < 16 or cfg.block_n < 32:
+            raise ValueError(f"bad TileConfig {cfg}: block_m >= 16, block_n a multiple of 32")
+        self.cfg = cfg
+        self.m_blocks = triton.cdiv(n_q * self.group, cfg.block_m)
+        n_tiles = triton.cdiv(prefix_len, cfg.block_n) + triton.cdiv(n_tree, cfg.block_n)
+        splits = num_splits if num_splits is not None else _choose_splits(self.m_blocks * n_kv, n_tiles, q.device)
+        splits = max(1, min(int(splits), n_tiles))
+        self.tiles_per_split = triton.cdiv(n_tiles, splits) if n_tiles else 0
+        self.splits = triton.cdiv(n_tiles, self.tiles_per_split) if n_tiles else 1
+        if self.splits > 1:
+            rows = n_q * n_heads
+            self.part_m = torch.empty(self.splits, rows, device=q.device, dtype=torch.float32)
+            self.part_l = torch.empty_like(self.part_m)
+            self.part_acc = torch.empty(self.splits, rows, self.d_pad, device=q.device, dtype=torch.float32)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention for one layer's q ``[n_q, n_heads, D]`` and k, v (the planned shapes)."""
+        if q.shape != self.q_shape or k.shape != self.k_shape or v.shape != self.k_shape or q.dtype != self.dtype:
+            raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} {q.dtype} differ from "
+                             f"the planned q {tuple(self.q_shape)}, k/v {tuple(self.k_shape)} {self.dtype}")
+        if out is None:
+            out = torch.empty(self.q_shape, dtype=self.dtype, device=q.device)
+        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
+        if self.n_q == 0:
+            return out
+        cfg, split = self.cfg, self.splits > 1
+        pm = self.packed_mask
+        part_m, part_l, part_acc = (self.part_m, self.part_l, self.part_acc) if split else (out, out, out)
+        _tree_attn_fwd[(self.m_blocks, self.n_kv, self.splits)](
+            q, k, v, pm, out, part_m, part_l, part_acc,
+            self.n_q, self.n_heads, self.prefix_len, self.n_tree, pm.shape[1], self.tiles_per_split,
+            self.scale * _LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pm.stride(),
+            GROUP=self.group, HEAD_DIM=self.d, D_PAD=self.d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if split:
+            _tree_attn_merge[(self.n_q * self.n_heads,)](
+                part_m, part_l, part_acc, out, self.splits, self.n_q * self.n_heads, self.n_heads, *out.stride(),
+                HEAD_DIM=self.d, D_PAD=self.d_pad, S_PAD=max(2, triton.next_power_of_2(self.splits)), num_warps=4,
+            )
+        return out
+
+
 def tree_attention_packed(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -377,7 +451,7 @@ def tree_attention_packed(
     config: TileConfig | None = None,
     validate: bool = False,
 ) -> torch.Tensor:
-    """Tree-masked attention with a mask from :func:`pack_tree_mask` (the per-layer call).
+    """Tree-masked attention with a mask from :func:`pack_tree_mask`.
 
     q ``[n_q, n_heads, D]``; k, v ``[prefix_len + n_tree, n_kv_heads, D]`` (any strides);
     packed_mask int32 ``[n_q, ceil(n_tree / 32)]``. Returns ``[n_q, n_heads, D]`` in q's dtype
@@ -386,51 +460,14 @@ def tree_attention_packed(
     The launcher checks shapes, dtypes and devices on the host only; ``validate=True`` also
     rejects fully masked rows when prefix_len == 0 (a device sync; the hot path instead gets
     that check from ``pack_tree_mask(mask, prefix_len)``). Unvalidated fully masked rows
-    come out as zeros.
+    come out as zeros. A forward that calls this for every layer should plan once with
+    :class:`TreeAttentionLaunch` and ``run`` it per layer (what the runtime does).
     """
-    _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, out)
-    if validate and prefix_len == 0:
-        if n_tree == 0 or bool((packed_mask == 0).all(dim=1).any()):
-            raise ValueError("prefix_len == 0 and some tree_mask row sees no key")
-    n_q, n_heads, d = q.shape
-    n_kv = k.shape[1]
-    group = n_heads // n_kv
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if n_q == 0:
-        return out
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    d_pad = triton.next_power_of_2(d)
-    rows = n_q * group
-    cfg = config or _choose_config(rows, d_pad, q.device.type != "cuda")
-    if cfg.block_n % 32 or cfg.block_m < 16 or cfg.block_n < 32:
-        raise ValueError(f"bad TileConfig {cfg}: block_m >= 16, block_n a multiple of 32")
-    m_blocks = triton.cdiv(rows, cfg.block_m)
-    n_tiles = triton.cdiv(prefix_len, cfg.block_n) + triton.cdiv(n_tree, cfg.block_n)
-    splits = num_splits if num_splits is not None else _choose_splits(m_blocks * n_kv, n_tiles, q.device)
-    splits = max(1, min(int(splits), n_tiles))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
-
-    if splits > 1:
-        part_m = torch.empty(splits, n_q * n_heads, device=q.device, dtype=torch.float32)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(splits, n_q * n_heads, d_pad, device=q.device, dtype=torch.float32)
-    else:
-        part_m = part_l = part_acc = out  # unused by the non-split variant
-    _tree_attn_fwd[(m_blocks, n_kv, splits)](
-        q, k, v, packed_mask, out, part_m, part_l, part_acc,
-        n_q, n_heads, prefix_len, n_tree, packed_mask.shape[1], tiles_per_split, scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *packed_mask.stride(),
-        GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if splits > 1:
-        _tree_attn_merge[(n_q * n_heads,)](
-            part_m, part_l, part_acc, out, splits, n_q * n_heads, n_heads, *out.stride(),
-            HEAD_DIM=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4,
-        )
-    return out
+    if out is not None:
+        _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, out)
+    launch = TreeAttentionLaunch(q, k, v, packed_mask, prefix_len, n_tree, scale, num_splits=num_splits,
+                                 config=config, validate=validate)
+    return launch.run(q, k, v, out)
 
 
 def tree_attention(

@@ -92,7 +92,7 @@ class Transformer:
             cache_slots = torch.arange(prefix_len + n_tree - n, prefix_len + n_tree, device=self.device)
         c = self.config
         meta = ops.prepare_attention(tree_mask, prefix_len, c.n_heads // c.n_kv_heads, c.head_dim, chain)
-        cos, sin = self.cos[positions], self.sin[positions]
+        cos, sin = ops.rope_rows(self.cos, self.sin, positions, self.dtype)
         x = self.weights.embed[token_ids].to(self.dtype)
         for i, layer in enumerate(self.layer_source.iter_layers()):
             x = transformer_block(x, layer, self.config, cos, sin, cache.k[i], cache.v[i], cache_slots, meta)

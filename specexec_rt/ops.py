@@ -85,10 +85,20 @@ def rope_tables(head_dim: int, theta: float, scaling: Optional[dict], max_len: i
     return emb.cos().to(device), emb.sin().to(device)
 
 
+def rope_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables' rows at ``positions``, cast to ``dtype`` (as HF does) and shaped
+    ``[n, 1, head_dim]`` for :func:`apply_rope`: once per forward, not once per layer."""
+    return cos[positions].to(dtype)[:, None, :], sin[positions].to(dtype)[:, None, :]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[n, heads, head_dim]`` by per-row ``cos``/``sin`` ``[n, head_dim]``."""
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    """Rotate ``x`` ``[n, heads, head_dim]`` by per-row ``cos``/``sin``: ``[n, 1, head_dim]`` in
+    x's dtype from :func:`rope_rows`, or float32 ``[n, head_dim]`` rows of the tables."""
+    if cos.dim() == 2:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -109,6 +119,8 @@ class AttentionMeta:
     # One-token chain on the kernel's devices: no mask at all, flash SDPA in the cache's dtype
     # (prefix_attention_sdpa). Decided on the host once, so attention() never syncs to choose.
     unmasked: bool = False
+    # The kernel's launch, planned by the first layer and run by every layer (same shapes).
+    launch: Optional[object] = None
 
     @property
     def n_k(self) -> int:
@@ -144,5 +156,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
     if meta.unmasked:
         return ta.prefix_attention_sdpa(q, k, v)
     if meta.use_kernel:
-        return ta.tree_attention_packed(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree)
+        if meta.launch is None:
+            meta.launch = ta.TreeAttentionLaunch(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree)
+        return meta.launch.run(q, k, v)
     return ta.tree_attention_reference_prepared(q, k, v, meta.reference_mask)

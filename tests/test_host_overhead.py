@@ -1,0 +1,64 @@
+"""The launch-bound path's structure, counted (not timed): one tree-attention plan per forward,
+one Triton launch per linear layer and attention, few PyTorch kernel ops per layer.
+bench/host_overhead.py measures the host time of the same path."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import torch
+
+from specexec_rt import ops
+from specexec_rt.kernels import int4_matmul as q4
+from specexec_rt.kernels import tree_attention as ta
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("host_overhead", ROOT / "bench" / "host_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_forward_plans_attention_once_and_launches_once_per_matrix():
+    bench = load_bench()
+    res = bench.run(n_layers=4, n_q=8, n_tree=16, prefix=32, reps=3)
+    assert res["attention_plans_per_forward"] == 1
+    launches = res["triton_launches"]
+    assert launches["_tree_attn_fwd"] == 4
+    assert launches.get("_int4_gemv_kernel", 0) + launches.get("_int4_mm_kernel", 0) == 4 * 4
+    assert "_int4_dequant_kernel" not in launches          # small M stays on the fused kernels
+    # Norms, RoPE, cache writes, residuals, SiLU: about 27 PyTorch kernels per layer today.
+    assert res["torch_kernel_ops_per_layer"] <= 32, res["top_ops"]
+    for key in ("forward_us", "int4_matmul_us", "tree_attention_planned_run_us"):
+        assert res[key] > 0
+
+
+def test_stubbed_path_is_restored():
+    bench = load_bench()
+    before = (ops.use_triton, ta._tree_attn_fwd, q4._int4_gemv_kernel, q4._interpreting)
+    with bench.stubbed_triton_path():
+        assert isinstance(ta._tree_attn_fwd, bench.CountingStub) and ops.use_triton(torch.device("cpu"))
+    assert (ops.use_triton, ta._tree_attn_fwd, q4._int4_gemv_kernel, q4._interpreting) == before
+
+
+def test_planned_launch_rejects_other_shapes():
+    """A launch planned for one layer's shapes refuses different ones instead of reading the
+    wrong memory."""
+    import pytest
+
+    bench = load_bench()
+    with bench.stubbed_triton_path():
+        q = torch.randn(4, 2, 64, dtype=torch.float16)
+        k = torch.randn(24, 2, 64, dtype=torch.float16)
+        mask = torch.ones(4, 8, dtype=torch.bool).tril(4)
+        launch = ta.TreeAttentionLaunch(q, k, k, ta.pack_tree_mask(mask, 16), 16, 8)
+        launch.run(q, k, k)
+        with pytest.raises(ValueError, match="differ from the planned"):
+            launch.run(q[:3], k, k)
+        with pytest.raises(ValueError, match="differ from the planned"):
+            launch.run(q, k[:20], k[:20])
+        with pytest.raises(ValueError, match="differ from the planned"):
+            launch.run(q.float(), k, k)
