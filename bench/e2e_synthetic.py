@@ -207,10 +207,11 @@ def probe_pinned_gbps(device: torch.device, nbytes: int = 1 << 30) -> Optional[f
 
 # ------------------------------------------------------------------ drafting
 
-def _draft_engine(target, draft, budget: int, beams: Optional[int], width: int, max_depth: int):
+def _draft_engine(target, draft, budget: int, beams: Optional[int], width: int, max_depth: int,
+                  static_draft: Optional[bool] = None):
     from specexec_rt.engine import Engine
 
-    kw = dict(branch_width=width, max_depth=max_depth)
+    kw = dict(branch_width=width, max_depth=max_depth, static_draft=static_draft)
     if beams:
         kw["beams_per_step"] = beams
     return Engine(target, draft, method="specexec", budget=budget, **kw)
@@ -311,7 +312,9 @@ def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: s
     reps = reps or (1 if dry else 3)
     max_depth = max_depth or (4 if dry else 16)
     beams_cap = beams_per_step or min(max(budgets), 32)     # the engine's default: min(budget, 32)
-    draft_max_slots = max(1 + (max_depth - 1) * beams_cap, 1 + math.ceil(max(budgets) / beams_cap) * beams_cap)
+    # The tree region, plus beams_cap scratch slots for the static (CUDA-graph) draft step's padding.
+    draft_max_slots = max(1 + (max_depth - 1) * beams_cap, 1 + math.ceil(max(budgets) / beams_cap) * beams_cap) \
+        + beams_cap
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -355,10 +358,22 @@ def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: s
             mask, depths = random_tree(b, tree_gen)
             t_s, t_all, _ = timed(target_pass(b, mask.to(device), depths.to(device)), device, reps)
             engine_error = None
+            eager = {}
             try:
-                eng = _draft_engine(target, draft, b, beams_per_step, branch_width, max_depth)
+                # dry: force the static steps on the CPU too (eager there), so CI runs that path.
+                eng = _draft_engine(target, draft, b, beams_per_step, branch_width, max_depth,
+                                    static_draft=True if dry else None)
                 d_s, d_all, tree = timed(lambda: grow_tree_engine(eng, prefix, 1, gen), device, reps)
                 method = "engine"
+                tree["static_draft"] = eng.static_draft
+                tree["static_draft_captured"] = any(r is not None and r.graph is not None
+                                                    for r in eng._draft_runners.values())
+                if eng.static_draft:
+                    # Side by side: the same growth with every step eager (the pre-graph engine).
+                    eng_eager = _draft_engine(target, draft, b, beams_per_step, branch_width, max_depth,
+                                              static_draft=False)
+                    e_s, _, _ = timed(lambda: grow_tree_engine(eng_eager, prefix, 1, gen), device, reps)
+                    eager = dict(draft_eager_s=e_s, draft_eager_over_static=e_s / d_s)
             except Exception as e:  # noqa: BLE001 - fall back, but say so in the row
                 engine_error = f"{type(e).__name__}: {e}"[:300]
                 beams = beams_per_step or min(b, 32)
@@ -368,11 +383,12 @@ def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: s
                        target_over_floor=t_s / floor if floor else None, pass_s=d_s + t_s,
                        draft_s_per_call=d_s / max(1, tree["draft_calls"]),
                        breakeven_tokens_per_pass=(d_s + t_s) / ar_s, draft_method=method, **tree,
-                       draft_all_s=d_all, target_all_s=t_all)
+                       draft_all_s=d_all, target_all_s=t_all, **eager)
             if engine_error:
                 row["engine_error"] = engine_error
             out["rows"].append(row)
-            print(f"budget {b}: draft {d_s:.4f} s ({tree['draft_calls']} calls, {tree['tree_nodes']} nodes), "
+            print(f"budget {b}: draft {d_s:.4f} s ({tree['draft_calls']} calls, {tree['tree_nodes']} nodes"
+                  + (f"; eager {eager['draft_eager_s']:.4f} s" if eager else "") + "), "
                   f"target {t_s:.4f} s, target/floor {row['target_over_floor'] or float('nan'):.3f}",
                   file=sys.stderr, flush=True)
         # One more pass with the streamer's event timing: how long compute waited for copies.

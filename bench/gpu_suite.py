@@ -251,7 +251,8 @@ def section_offload(budget_s: float, dry: bool) -> dict:
 def section_e2e(budget_s: float, dry: bool) -> dict:
     res = load_bench("e2e_synthetic.py").run(dry=dry, deadline_s=budget_s * 0.8)
     info = res["info"]
-    cols = ["budget", "draft_s", "target_s", "floor_s", "target_over_floor", "pass_s", "breakeven_tokens_per_pass",
+    cols = ["budget", "draft_s", "draft_eager_s", "draft_eager_over_static", "static_draft_captured", "target_s",
+            "floor_s", "target_over_floor", "pass_s", "breakeven_tokens_per_pass",
             "draft_calls", "draft_s_per_call", "tree_nodes", "tree_depth", "draft_method", "engine_error"]
     ar = dict(res.get("autoregressive") or {})
     ar.pop("all_s", None)

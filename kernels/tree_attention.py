@@ -88,13 +88,19 @@ def _load_kv(k_ptrs, v_ptrs, key_ok, d_ok, BOUND: tl.constexpr, EVEN_D: tl.const
 
 @triton.jit
 def _tree_attn_fwd(
-    Q, K, V, PM, Out, PartM, PartL, PartAcc,
+    Q, K, V, PM, Out, PartM, PartL, PartAcc, PrefixPtr,
     n_q, n_heads, prefix_len, n_tree, n_words, tiles_per_split, qk_scale,
     sq_n, sq_h, sq_d, sk_n, sk_h, sk_d, sv_n, sv_h, sv_d, so_n, so_h, so_d, spm_q, spm_w,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFIX_FROM_PTR: tl.constexpr,
 ):
-    """Grid: (cdiv(n_q * GROUP, BLOCK_M), n_kv_heads, n_splits)."""
+    """Grid: (cdiv(n_q * GROUP, BLOCK_M), n_kv_heads, n_splits).
+
+    PREFIX_FROM_PTR: the prefix length is read from ``PrefixPtr`` (int32 [1]) on the device
+    and ``prefix_len`` is only its upper bound, so one launch (or CUDA graph) serves every
+    prefix length; the tree region then starts at the device value."""
+    if PREFIX_FROM_PTR:
+        prefix_len = tl.load(PrefixPtr)
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     WORDS: tl.constexpr = BLOCK_N // 32
     pid_m = tl.program_id(0)
@@ -377,8 +383,20 @@ class TreeAttentionLaunch:
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed_mask: torch.Tensor,
                  prefix_len: int, n_tree: int, scale: float | None = None, *,
-                 num_splits: int | None = None, config: TileConfig | None = None, validate: bool = False):
+                 num_splits: int | None = None, config: TileConfig | None = None, validate: bool = False,
+                 prefix_dev: torch.Tensor | None = None):
+        """``prefix_dev`` (int32 ``[1]`` on q's device): the real prefix length, read by the
+        kernel on the device, so the launch does not depend on it (CUDA graphs); then
+        ``prefix_len`` is its upper bound (k/v hold ``prefix_len + n_tree`` keys) and the
+        tree region starts at the device value. The caller keeps the value <= the bound."""
         _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, None)
+        if prefix_dev is not None:
+            if (not isinstance(prefix_dev, torch.Tensor) or prefix_dev.dtype != torch.int32
+                    or prefix_dev.numel() != 1 or prefix_dev.device != q.device):
+                raise ValueError(f"prefix_dev must be an int32 tensor of one element on {q.device}")
+            if validate:
+                raise ValueError("validate=True needs the prefix length on the host")
+        self.prefix_dev = prefix_dev
         if validate and prefix_len == 0:
             if n_tree == 0 or bool((packed_mask == 0).all(dim=1).any()):
                 raise ValueError("prefix_len == 0 and some tree_mask row sees no key")
@@ -421,13 +439,15 @@ class TreeAttentionLaunch:
         cfg, split = self.cfg, self.splits > 1
         pm = self.packed_mask
         part_m, part_l, part_acc = (self.part_m, self.part_l, self.part_acc) if split else (out, out, out)
+        from_ptr = self.prefix_dev is not None
         _tree_attn_fwd[(self.m_blocks, self.n_kv, self.splits)](
-            q, k, v, pm, out, part_m, part_l, part_acc,
-            self.n_q, self.n_heads, self.prefix_len, self.n_tree, pm.shape[1], self.tiles_per_split,
-            self.scale * _LOG2E,
+            q, k, v, pm, out, part_m, part_l, part_acc, self.prefix_dev if from_ptr else pm,
+            # With the prefix on the device the host value is unused (0: never the constexpr 1).
+            self.n_q, self.n_heads, 0 if from_ptr else self.prefix_len, self.n_tree, pm.shape[1],
+            self.tiles_per_split, self.scale * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pm.stride(),
             GROUP=self.group, HEAD_DIM=self.d, D_PAD=self.d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SPLIT=split, PREFIX_FROM_PTR=from_ptr, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if split:
             _tree_attn_merge[(self.n_q * self.n_heads,)](

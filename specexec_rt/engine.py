@@ -51,6 +51,7 @@ class GenerationStats:
     new_tokens: int = 0
     target_passes: int = 0
     draft_calls: int = 0
+    static_draft_calls: int = 0                # draft steps run by the static (CUDA-graph) runner
     tree_tokens: int = 0                       # tokens verified, summed over passes
     tokens_per_pass_histogram: dict = field(default_factory=dict)   # tokens emitted -> passes
     draft_seconds: float = 0.0
@@ -106,12 +107,17 @@ class Engine:
       [min(1024, what the target's cache holds)]) and the depth (up to ``max_depth``) before
       every pass from online estimates (see specexec_rt/budget.py); ``stats.budgets`` lists them.
 
+    ``static_draft`` (SpecExec): run draft tree steps with static shapes (padded to the pass's
+    beams, a fixed-width tree region, the prefix length on the device) so that on CUDA each is
+    captured once as a CUDA graph and replayed (specexec_rt/draft_graph.py). Default: on when
+    the draft is on CUDA and resident. ``True`` on the CPU runs the static pass eagerly.
+
     The draft shares the target's vocabulary (checked here: size, and a sample of token strings
     when both come from different checkpoints) and device.
     """
 
     def __init__(self, target, draft=None, method: str = "specexec", budget: Union[int, str] = 256,
-                 tokenizer=None, **method_params):
+                 tokenizer=None, static_draft: Optional[bool] = None, **method_params):
         if method not in METHODS:
             raise ValueError(f"method={method!r}; choose one of {METHODS}")
         self.auto = isinstance(budget, str) and budget == "auto"
@@ -155,6 +161,12 @@ class Engine:
         self._depth = self.params.get("max_depth")
         self._auto_cap = budget
         self.budget_controller = None
+        if static_draft is None:
+            static_draft = (self.draft is not None and self.draft.device.type == "cuda"
+                            and type(self.draft.layer_source).__name__ == "ResidentLayers")
+        self.static_draft = bool(static_draft) and method == "specexec"
+        self._draft_runners: dict = {}
+        self._pass_beams = self.params.get("beams_per_step")
         if self.auto:
             from .budget import BudgetController
 
@@ -456,10 +468,30 @@ class Engine:
         ``[m, V]``."""
         slots = tree.mark_expanded(nodes)
         dp = self._dp
-        logits = self.draft.forward(tree.tokens[nodes], dp + tree.depths[nodes], self.draft.cache, dp,
-                                    tree_mask=tree.draft_mask(nodes), cache_slots=dp + slots)
+        runner = self._static_runner()
+        if runner is not None and runner.fits(dp, tree.n_draft_slots):
+            logits = runner(tree.tokens[nodes], dp + tree.depths[nodes], dp + slots, tree.draft_mask(nodes), dp)
+            stats.static_draft_calls += 1
+        else:
+            logits = self.draft.forward(tree.tokens[nodes], dp + tree.depths[nodes], self.draft.cache, dp,
+                                        tree_mask=tree.draft_mask(nodes), cache_slots=dp + slots)
         stats.draft_calls += 1
         return logits
+
+    def _static_runner(self):
+        """The static-shape draft step for this pass's beams (one per beams value; None when
+        off or when the draft's cache is too short for one)."""
+        if not self.static_draft:
+            return None
+        from .draft_graph import StaticDraftStep
+
+        beams = self._pass_beams
+        width = 1 + (self.params["max_depth"] - 1) * beams
+        key = (beams, width)
+        if key not in self._draft_runners:
+            fits = self.draft.max_len >= beams + width + 1
+            self._draft_runners[key] = StaticDraftStep(self.draft, beams, width) if fits else None
+        return self._draft_runners[key]
 
     def _grow(self, params: SamplingParams, gen, limit: int, stats: GenerationStats):
         root = self._pending[-1]
@@ -477,6 +509,7 @@ class Engine:
         budget, beams, width = self._budget, self.params["beams_per_step"], self.params["branch_width"]
         if self.auto and not self._user_beams:
             beams = min(budget, 32)
+        self._pass_beams = beams
         temp = params.temperature if params.temperature > 0 else 1.0
         tree = DraftTree(1 + max_depth * beams * width, self.device, root)
 

@@ -72,15 +72,23 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, prefix_len: int,
                 tree_mask: Optional[torch.Tensor] = None, cache_slots: Optional[torch.Tensor] = None,
-                logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                logits_rows: Optional[torch.Tensor] = None, prefix_dev: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         """Logits (float32 ``[rows, vocab]``) of new tokens ``token_ids`` at absolute ``positions``.
 
         New token i attends to every prefix slot ``[0, prefix_len)`` and to tree slot
         ``prefix_len + j`` where ``tree_mask[i, j]``; ``tree_mask=None`` is a causal chain. Its K/V
         go to ``cache_slots`` (default: the last ``n`` slots of the tree region). See docs/DESIGN.md.
+
+        ``prefix_dev`` (int32 ``[1]``, static-shape passes for CUDA graphs): the real prefix
+        length, on the device; ``prefix_len`` is then its upper bound, the tree region starts
+        at the device value, and ``tree_mask`` and ``cache_slots`` are required. Nothing in the
+        pass then depends on the prefix length on the host.
         """
         n = int(token_ids.shape[0])
         chain = tree_mask is None
+        if prefix_dev is not None and (chain or cache_slots is None):
+            raise ValueError("a pass with prefix_dev needs an explicit tree_mask and cache_slots")
         if chain:
             tree_mask = causal_mask(n, self.device)
         n_tree = int(tree_mask.shape[1])
@@ -91,7 +99,8 @@ class Transformer:
         if cache_slots is None:
             cache_slots = torch.arange(prefix_len + n_tree - n, prefix_len + n_tree, device=self.device)
         c = self.config
-        meta = ops.prepare_attention(tree_mask, prefix_len, c.n_heads // c.n_kv_heads, c.head_dim, chain)
+        meta = ops.prepare_attention(tree_mask, prefix_len, c.n_heads // c.n_kv_heads, c.head_dim, chain,
+                                     prefix_dev=prefix_dev)
         cos, sin = ops.rope_rows(self.cos, self.sin, positions, self.dtype)
         x = self.weights.embed[token_ids].to(self.dtype)
         for i, layer in enumerate(self.layer_source.iter_layers()):

@@ -121,6 +121,9 @@ class AttentionMeta:
     unmasked: bool = False
     # The kernel's launch, planned by the first layer and run by every layer (same shapes).
     launch: Optional[object] = None
+    # Static-shape passes (CUDA graphs): the real prefix length, int32 [1] on the device;
+    # prefix_len is then its upper bound and the tree region starts at the device value.
+    prefix_dev: Optional[torch.Tensor] = None
 
     @property
     def n_k(self) -> int:
@@ -128,13 +131,15 @@ class AttentionMeta:
 
 
 def prepare_attention(tree_mask: torch.Tensor, prefix_len: int, group: int, head_dim: int,
-                      chain: bool = False) -> AttentionMeta:
+                      chain: bool = False, prefix_dev: Optional[torch.Tensor] = None) -> AttentionMeta:
     """Build a pass's mask once. ``chain`` says ``tree_mask`` is the causal chain of the new
-    tokens (known on the host, so a one-token decode step needs no mask at all)."""
+    tokens (known on the host, so a one-token decode step needs no mask at all).
+    ``prefix_dev``: see ``AttentionMeta``; nothing here reads it on the host."""
     from .kernels import tree_attention as ta
 
-    meta = AttentionMeta(prefix_len=prefix_len, n_tree=int(tree_mask.shape[1]), tree_mask=tree_mask)
-    decode = chain and tree_mask.shape[0] == 1  # the new token sees the whole prefix and itself
+    meta = AttentionMeta(prefix_len=prefix_len, n_tree=int(tree_mask.shape[1]), tree_mask=tree_mask,
+                         prefix_dev=prefix_dev)
+    decode = chain and tree_mask.shape[0] == 1 and prefix_dev is None
     if decode and use_triton(tree_mask.device):
         # At n_q = 1 the tree kernel's launch cost dominates (~0.12 ms on an H100 vs
         # 0.015-0.05 ms for flash SDPA) and there is nothing to mask: go to flash SDPA.
@@ -143,10 +148,26 @@ def prepare_attention(tree_mask: torch.Tensor, prefix_len: int, group: int, head
     # The kernel's tiles need head_dim >= 16; real models have 64-128.
     meta.use_kernel = use_triton(tree_mask.device) and head_dim >= 16
     if meta.use_kernel:
-        meta.packed_mask = ta.pack_tree_mask(tree_mask, prefix_len)
+        meta.packed_mask = ta.pack_tree_mask(tree_mask, prefix_len if prefix_dev is None else None)
+    elif prefix_dev is not None:
+        meta.reference_mask = static_reference_mask(tree_mask, prefix_len, prefix_dev, group)
     elif not decode:
         meta.reference_mask = ta.reference_mask(tree_mask, prefix_len, group)
     return meta
+
+
+def static_reference_mask(tree_mask: torch.Tensor, bound: int, prefix_dev: torch.Tensor,
+                          group: int) -> torch.Tensor:
+    """The reference path's additive mask ``[group * n_q, bound + n_tree]`` when the prefix
+    length is a device value: key j is visible if ``j < prefix`` or ``tree_mask[i, j - prefix]``
+    (device ops only, no sync)."""
+    n_q, n_tree = tree_mask.shape
+    rel = torch.arange(bound + n_tree, device=tree_mask.device) - prefix_dev.long()
+    in_tree = (rel >= 0) & (rel < n_tree)
+    visible = tree_mask[:, rel.clamp(0, max(0, n_tree - 1))] & in_tree if n_tree else in_tree[None].expand(n_q, -1)
+    visible = visible | (rel < 0)[None, :]
+    mask = torch.zeros(n_q, bound + n_tree, device=tree_mask.device).masked_fill_(~visible, float("-inf"))
+    return mask.repeat(group, 1) if group > 1 else mask
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
@@ -157,6 +178,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
         return ta.prefix_attention_sdpa(q, k, v)
     if meta.use_kernel:
         if meta.launch is None:
-            meta.launch = ta.TreeAttentionLaunch(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree)
+            meta.launch = ta.TreeAttentionLaunch(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree,
+                                                 prefix_dev=meta.prefix_dev)
         return meta.launch.run(q, k, v)
     return ta.tree_attention_reference_prepared(q, k, v, meta.reference_mask)

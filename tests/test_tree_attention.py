@@ -392,6 +392,60 @@ def test_bad_shapes_and_heads_are_rejected(monkeypatch):
 # ----------------------------------------------------------------------------- CUDA
 
 
+# ----------------------------------------------------------------------------- prefix on the device
+
+def check_device_prefix(n_q, n_tree, bound, prefixes, n_heads, n_kv, d, num_splits, dtype, device, tol):
+    """One planned launch over a static [bound + n_tree] key range serves every prefix length
+    read from the device: each equals the reference on exactly that prefix. Keys past
+    prefix + n_tree are NaN, so reading any of them would show."""
+    from specexec_rt.kernels.tree_attention import TreeAttentionLaunch
+
+    gen = torch.Generator().manual_seed(n_q * 7 + n_tree + bound + d)
+    mask = random_tree_mask(n_tree, n_q, gen, device=device)
+    q, k, v = make_qkv(n_q, bound + n_tree, n_heads, n_kv, d, gen, dtype=dtype, device=device)
+    prefix_dev = torch.zeros(1, dtype=torch.int32, device=device)
+    packed = pack_tree_mask(mask)
+    launch = TreeAttentionLaunch(q, k, v, packed, bound, n_tree, num_splits=num_splits, prefix_dev=prefix_dev)
+    for p in prefixes:
+        kp, vp = k.clone(), v.clone()
+        kp[p + n_tree:] = float("nan")
+        vp[p + n_tree:] = float("nan")
+        prefix_dev.fill_(p)
+        got = launch.run(q, kp, vp)
+        ref = tree_attention_reference(q, k[:p + n_tree], v[:p + n_tree], mask, p)
+        assert_close(got.float(), ref.float(), **tol, what=f"prefix {p} of bound {bound}")
+
+
+@pytest.mark.parametrize("n_q,n_tree,bound,prefixes,n_kv,group,d,splits", [
+    (4, 13, 150, (0, 1, 64, 97, 150), 2, 2, 64, None),
+    (8, 40, 70, (5, 70), 1, 4, 128, 3),          # split-K planned from the bound
+    (32, 33, 64, (0, 31, 32, 64), 2, 1, 64, 5),  # tile edges
+])
+def test_kernel_with_prefix_on_the_device(n_q, n_tree, bound, prefixes, n_kv, group, d, splits):
+    check_device_prefix(n_q, n_tree, bound, prefixes, n_kv * group, n_kv, d, splits, torch.float32, "cpu",
+                        FP32_TOL)
+
+
+def test_device_prefix_is_validated():
+    from specexec_rt.kernels.tree_attention import TreeAttentionLaunch
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(2, 10, 2, 1, 64, gen)
+    packed = pack_tree_mask(torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="int32"):
+        TreeAttentionLaunch(q, k, v, packed, 6, 4, prefix_dev=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="host"):
+        TreeAttentionLaunch(q, k, v, packed, 6, 4, validate=True, prefix_dev=torch.zeros(1, dtype=torch.int32))
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernel_with_prefix_on_the_device(dtype):
+    check_device_prefix(32, 481, 1024, (0, 17, 500, 1024), 32, 32, 128, None, dtype, "cuda", CUDA_TOL[dtype])
+    check_device_prefix(16, 100, 3000, (1, 2999), 64, 8, 128, 7, dtype, "cuda", CUDA_TOL[dtype])
+
+
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
