@@ -45,7 +45,7 @@ class StaticDraftStep:
         self.mask = torch.zeros(self.beams, self.width, dtype=torch.bool, device=dev)
         self.prefix = torch.zeros(1, dtype=torch.int32, device=dev)
         self.scratch = torch.arange(model.max_len - self.beams, model.max_len, device=dev)
-        self.capture = (dev.type == "cuda") if capture is None else bool(capture and dev.type == "cuda")
+        self.capture = (dev.type == "cuda") if capture is None else bool(capture)
         self.graph = None
         self.graph_logits = None
         self.verified = False
@@ -103,7 +103,8 @@ class StaticDraftStep:
         with torch.cuda.stream(stream):
             logits = self._forward().clone()
         main.wait_stream(stream)
-        logits.record_stream(main)      # allocated on the side stream, consumed on the main one
+        if logits.is_cuda:
+            logits.record_stream(main)  # allocated on the side stream, consumed on the main one
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

@@ -181,3 +181,76 @@ def test_cuda_graph_draft_is_lossless_captured_and_replayed(dtype):
     # Same trees as the eager dynamic pass.
     eager = Engine(target, draft, method="specexec", budget=64, static_draft=False).generate(prompt, max_new_tokens=48)
     assert eager.token_ids == want and eager.stats.tree_tokens == out.stats.tree_tokens
+
+
+class FakeCuda:
+    """Stands in for torch.cuda's stream and graph API on the CPU, so the runner's capture,
+    verification and fallback logic runs in CI: ``capture`` executes the pass eagerly (as
+    a real capture would record it) and ``replay`` re-runs the runner's pass, optionally
+    corrupted, or capture raises."""
+
+    def __init__(self, runner, mode="ok"):
+        self.runner, self.mode, self.replays = runner, mode, 0
+        fake = self
+
+        class Stream:
+            def __init__(self, *a, **k):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        class CUDAGraph:
+            def replay(self):
+                fake.replays += 1
+                with torch.inference_mode():   # the captured pass wrote inference tensors
+                    out = fake.runner._forward()
+                    fake.runner.graph_logits.copy_(out if fake.mode != "wrong" else out + 1.0)
+
+        class GraphContext:
+            def __init__(self, graph):
+                if fake.mode == "capture-fails":
+                    raise RuntimeError("operation not permitted when stream is capturing")
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        self.Stream, self.CUDAGraph, self.graph = Stream, CUDAGraph, GraphContext
+
+    def install(self, monkeypatch):
+        import contextlib
+
+        monkeypatch.setattr(torch.cuda, "Stream", self.Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: self.Stream())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self.CUDAGraph)
+        monkeypatch.setattr(torch.cuda, "graph", self.graph)
+
+
+@pytest.mark.parametrize("mode", ["ok", "wrong", "capture-fails"])
+def test_capture_verify_and_fallback_logic(monkeypatch, mode):
+    """First call: eager warm-up (its result) + capture; second: replay checked against eager;
+    later: replays only. A replay that disagrees, or a capture that fails, leaves the runner
+    eager with a warning, and every call still returns the dynamic pass's logits."""
+    gen = torch.Generator().manual_seed(2)
+    dyn, sta = filled_model(3, 8), filled_model(3, 8)
+    runner = StaticDraftStep(sta, beams=4, width=12, capture=True)
+    fake = FakeCuda(runner, mode)
+    fake.install(monkeypatch)
+    for call in range(4):
+        tokens, positions, slots, mask = draft_step_inputs(10 + call, gen)
+        want = dyn.forward(tokens, positions, dyn.cache, 10 + call, tree_mask=mask, cache_slots=slots)
+        if (mode == "wrong" and call == 1) or (mode == "capture-fails" and call == 0):
+            with pytest.warns(RuntimeWarning, match="eagerly"):
+                got = runner(tokens, positions, slots, mask, 10 + call)
+        else:
+            got = runner(tokens, positions, slots, mask, 10 + call)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if mode == "ok":
+        assert runner.verified and runner.graph is not None and fake.replays == 3 and runner.replays == 3
+    else:
+        assert runner.graph is None and not runner.capture and not runner.verified
+        assert fake.replays == (1 if mode == "wrong" else 0)
