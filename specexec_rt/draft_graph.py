@@ -107,7 +107,8 @@ class StaticDraftStep:
             logits.record_stream(main)  # allocated on the side stream, consumed on the main one
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA calls from other threads (a server's) must not void the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.graph_logits = self._forward()
             self.graph = graph
         except Exception as e:  # a capture this build cannot do: stay eager

@@ -208,7 +208,8 @@ class FakeCuda:
                     fake.runner.graph_logits.copy_(out if fake.mode != "wrong" else out + 1.0)
 
         class GraphContext:
-            def __init__(self, graph):
+            def __init__(self, graph, capture_error_mode="global"):
+                assert capture_error_mode == "thread_local"
                 if fake.mode == "capture-fails":
                     raise RuntimeError("operation not permitted when stream is capturing")
 
