@@ -336,7 +336,7 @@ def _bit_weights(device: torch.device) -> torch.Tensor:
     return torch.tensor([1 << b for b in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
 
 
-def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, out):
+def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree):
     _check_qkv(q, k, v, prefix_len)
     if q.device.type == "cuda":
         if q.dtype not in (torch.float16, torch.bfloat16):
@@ -365,9 +365,6 @@ def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, out):
                          "([n_q, ceil(n_tree / 32)])")
     if packed_mask.device != q.device:
         raise ValueError(f"packed_mask is on {packed_mask.device}, q on {q.device}")
-    if out is not None:
-        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
 
 
 class TreeAttentionLaunch:
@@ -389,7 +386,7 @@ class TreeAttentionLaunch:
         kernel on the device, so the launch does not depend on it (CUDA graphs); then
         ``prefix_len`` is its upper bound (k/v hold ``prefix_len + n_tree`` keys) and the
         tree region starts at the device value. The caller keeps the value <= the bound."""
-        _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, None)
+        _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree)
         if prefix_dev is not None:
             if (not isinstance(prefix_dev, torch.Tensor) or prefix_dev.dtype != torch.int32
                     or prefix_dev.numel() != 1 or prefix_dev.device != q.device):
@@ -416,8 +413,8 @@ class TreeAttentionLaunch:
         n_tiles = triton.cdiv(prefix_len, cfg.block_n) + triton.cdiv(n_tree, cfg.block_n)
         splits = num_splits if num_splits is not None else _choose_splits(self.m_blocks * n_kv, n_tiles, q.device)
         splits = max(1, min(int(splits), n_tiles))
-        self.tiles_per_split = triton.cdiv(n_tiles, splits) if n_tiles else 0
-        self.splits = triton.cdiv(n_tiles, self.tiles_per_split) if n_tiles else 1
+        self.tiles_per_split = triton.cdiv(n_tiles, splits)    # n_tiles >= 1: n_k == 0 is rejected
+        self.splits = triton.cdiv(n_tiles, self.tiles_per_split)
         if self.splits > 1:
             rows = n_q * n_heads
             self.part_m = torch.empty(self.splits, rows, device=q.device, dtype=torch.float32)
@@ -483,8 +480,6 @@ def tree_attention_packed(
     come out as zeros. A forward that calls this for every layer should plan once with
     :class:`TreeAttentionLaunch` and ``run`` it per layer (what the runtime does).
     """
-    if out is not None:
-        _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, out)
     launch = TreeAttentionLaunch(q, k, v, packed_mask, prefix_len, n_tree, scale, num_splits=num_splits,
                                  config=config, validate=validate)
     return launch.run(q, k, v, out)
@@ -531,8 +526,26 @@ def reference_mask(tree_mask: torch.Tensor | None, prefix_len: int, group: int,
     if tree_mask is None or (tree_mask.device.type == "cpu" and bool(tree_mask.all())):
         return None
     n_q, n_tree = tree_mask.shape
-    mask = torch.zeros(n_q, prefix_len + n_tree, dtype=dtype, device=tree_mask.device)
-    mask[:, prefix_len:].masked_fill_(~tree_mask, float("-inf"))
+    visible = torch.ones(n_q, prefix_len + n_tree, dtype=torch.bool, device=tree_mask.device)
+    visible[:, prefix_len:] = tree_mask
+    return _additive(visible, group, dtype)
+
+
+def reference_mask_device_prefix(tree_mask: torch.Tensor, bound: int, prefix_dev: torch.Tensor,
+                                 group: int) -> torch.Tensor:
+    """``reference_mask`` when the prefix length is a device value (static-shape passes):
+    ``[group * n_q, bound + n_tree]``, key j visible if ``j < prefix`` or
+    ``tree_mask[i, j - prefix]``; device ops only, no sync."""
+    n_q, n_tree = tree_mask.shape
+    rel = torch.arange(bound + n_tree, device=tree_mask.device) - prefix_dev.long()
+    in_tree = (rel >= 0) & (rel < n_tree)
+    visible = tree_mask[:, rel.clamp(0, max(0, n_tree - 1))] & in_tree if n_tree else in_tree[None].expand(n_q, -1)
+    return _additive(visible | (rel < 0)[None, :], group, torch.float32)
+
+
+def _additive(visible: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """bool ``[n_q, n_k]`` -> additive 0 / -inf mask with the GQA group folded into the rows."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
     return mask.repeat(group, 1) if group > 1 else mask
 
 

@@ -6,8 +6,8 @@ host spends launching ~30 kernels per layer (42 ms per 7B-shaped call on an H100
 end-to-end bottleneck; docs/DESIGN.md). Every shape in it is made static so that one graph
 serves every step of every pass:
 
-- the new tokens are padded to ``beams`` rows; a padding row gets token 0, position 0, a
-  scratch cache slot among the last ``beams`` slots of the cache (never visible: the engine
+- the new tokens are padded to ``beams`` rows; a padding row keeps an earlier call's (valid)
+  token and position, gets a scratch cache slot among the last ``beams`` slots of the cache (never visible: the engine
   keeps the tree below them) and a mask row that sees only the root (slot 0 of the tree
   region, written before any step), so its values stay finite;
 - the tree region is ``width`` slots wide (the largest a pass can use); bits past the slots
@@ -71,9 +71,7 @@ class StaticDraftStep:
         if m > self.beams or not self.fits(prefix_len, n_slots):
             raise ValueError(f"static draft step for {self.beams} nodes, a {self.width}-slot tree region and "
                              f"prefixes <= {self.bound}: got {m} nodes, {n_slots} slots, prefix {prefix_len}")
-        self.tokens.zero_()
-        self.tokens[:m] = tokens
-        self.positions.zero_()
+        self.tokens[:m] = tokens       # padding rows keep earlier, valid tokens and positions
         self.positions[:m] = positions
         self.slots.copy_(self.scratch)
         self.slots[:m] = slots

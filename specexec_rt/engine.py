@@ -165,8 +165,7 @@ class Engine:
             static_draft = (self.draft is not None and self.draft.device.type == "cuda"
                             and type(self.draft.layer_source).__name__ == "ResidentLayers")
         self.static_draft = bool(static_draft) and method == "specexec"
-        self._draft_runners: dict = {}
-        self._pass_beams = self.params.get("beams_per_step")
+        self._draft_runners: dict = {}     # beams -> StaticDraftStep (None: cache too short)
         if self.auto:
             from .budget import BudgetController
 
@@ -463,12 +462,12 @@ class Engine:
         tree.mark_expanded(torch.zeros(1, dtype=torch.long, device=dev))
         return logits[0]
 
-    def _draft_step(self, tree: DraftTree, nodes: torch.Tensor, stats: GenerationStats) -> torch.Tensor:
+    def _draft_step(self, tree: DraftTree, nodes: torch.Tensor, stats: GenerationStats,
+                    runner=None) -> torch.Tensor:
         """One draft call over ``nodes`` (each attends to the prefix and its ancestors) -> logits
-        ``[m, V]``."""
+        ``[m, V]``. ``runner``: the pass's StaticDraftStep, used where the step fits it."""
         slots = tree.mark_expanded(nodes)
         dp = self._dp
-        runner = self._static_runner()
         if runner is not None and runner.fits(dp, tree.n_draft_slots):
             logits = runner(tree.tokens[nodes], dp + tree.depths[nodes], dp + slots, tree.draft_mask(nodes), dp)
             stats.static_draft_calls += 1
@@ -478,20 +477,18 @@ class Engine:
         stats.draft_calls += 1
         return logits
 
-    def _static_runner(self):
-        """The static-shape draft step for this pass's beams (one per beams value; None when
-        off or when the draft's cache is too short for one)."""
+    def _static_runner(self, beams: int):
+        """The static-shape draft step for ``beams`` nodes per step (one per beams value; None
+        when off or when the draft's cache is too short for one)."""
         if not self.static_draft:
             return None
-        from .draft_graph import StaticDraftStep
+        if beams not in self._draft_runners:
+            from .draft_graph import StaticDraftStep
 
-        beams = self._pass_beams
-        width = 1 + (self.params["max_depth"] - 1) * beams
-        key = (beams, width)
-        if key not in self._draft_runners:
+            width = 1 + (self.params["max_depth"] - 1) * beams   # the widest tree region of a pass
             fits = self.draft.max_len >= beams + width + 1
-            self._draft_runners[key] = StaticDraftStep(self.draft, beams, width) if fits else None
-        return self._draft_runners[key]
+            self._draft_runners[beams] = StaticDraftStep(self.draft, beams, width) if fits else None
+        return self._draft_runners[beams]
 
     def _grow(self, params: SamplingParams, gen, limit: int, stats: GenerationStats):
         root = self._pending[-1]
@@ -509,7 +506,7 @@ class Engine:
         budget, beams, width = self._budget, self.params["beams_per_step"], self.params["branch_width"]
         if self.auto and not self._user_beams:
             beams = min(budget, 32)
-        self._pass_beams = beams
+        runner = self._static_runner(beams)
         temp = params.temperature if params.temperature > 0 else 1.0
         tree = DraftTree(1 + max_depth * beams * width, self.device, root)
 
@@ -532,7 +529,7 @@ class Engine:
             if n_valid == 0:
                 break
             nodes = idx[:n_valid]
-            threshold = expand(nodes, self._draft_step(tree, nodes, stats))
+            threshold = expand(nodes, self._draft_step(tree, nodes, stats, runner))
         self._syncs += 1    # nonzero() reads the count
         if self.auto:
             self._curve = self._prediction_curve(tree, budget)

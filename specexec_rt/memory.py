@@ -151,22 +151,25 @@ def largest_fitting_budget(engine, available: int, sampled: bool) -> int:
     return 0
 
 
+def _fit_or_raise(engine, avail: int, sampled: bool, what: str) -> int:
+    """The budget ceiling that fits in ``avail`` bytes: the engine's own if its largest pass
+    fits, else (auto) the largest that does; raises MemoryBudgetError otherwise."""
+    need = pass_bytes(engine, sampled=sampled)
+    if need <= avail:
+        return engine._max_budget
+    fit = largest_fitting_budget(engine, avail, sampled) if engine.auto else 0
+    if fit:
+        return fit
+    raise MemoryBudgetError(describe(engine, need, avail, what))
+
+
 def check_engine(engine) -> None:
     """At construction: the largest pass with greedy acceptance must fit. A fixed budget that
     does not raises MemoryBudgetError; ``budget='auto'`` lowers its ceiling (``max_budget``) to
     what fits, like it does for the KV cache."""
     avail = available_bytes(engine.device)
-    if avail is None:
-        return
-    need = pass_bytes(engine, sampled=False)
-    if need <= avail:
-        return
-    if engine.auto:
-        fit = largest_fitting_budget(engine, avail, sampled=False)
-        if fit:
-            engine._max_budget = fit
-            return
-    raise MemoryBudgetError(describe(engine, need, avail, "one draft-and-verify pass"))
+    if avail is not None:
+        engine._max_budget = _fit_or_raise(engine, avail, False, "one draft-and-verify pass")
 
 
 def check_request(engine, prompt_len: int, sampled: bool) -> int:
@@ -180,15 +183,8 @@ def check_request(engine, prompt_len: int, sampled: bool) -> int:
         raise MemoryBudgetError(
             f"the prompt's prefill ({prompt_len} tokens) needs about {_gib(need)} of working memory on "
             f"{engine.device} but {_gib(avail)} is available; use a shorter prompt or free memory")
-    need = pass_bytes(engine, sampled=sampled)
-    if need <= avail:
-        return engine._max_budget
-    if engine.auto:
-        fit = largest_fitting_budget(engine, avail, sampled)
-        if fit:
-            return fit
-    raise MemoryBudgetError(describe(engine, need, avail, "one draft-and-verify pass"
-                                     + (" with sampling" if sampled else "")))
+    return _fit_or_raise(engine, avail, sampled,
+                         "one draft-and-verify pass" + (" with sampling" if sampled else ""))
 
 
 def setting_and_fix(engine) -> tuple[str, str]:

@@ -93,12 +93,8 @@ def rope_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, dty
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[n, heads, head_dim]`` by per-row ``cos``/``sin``: ``[n, 1, head_dim]`` in
-    x's dtype from :func:`rope_rows`, or float32 ``[n, head_dim]`` rows of the tables."""
-    if cos.dim() == 2:
-        cos, sin = cos[:, None, :], sin[:, None, :]
-    if cos.dtype != x.dtype:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    """Rotate ``x`` ``[n, heads, head_dim]`` by ``cos``/``sin`` ``[n, 1, head_dim]`` in x's dtype
+    (:func:`rope_rows`)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -150,24 +146,10 @@ def prepare_attention(tree_mask: torch.Tensor, prefix_len: int, group: int, head
     if meta.use_kernel:
         meta.packed_mask = ta.pack_tree_mask(tree_mask, prefix_len if prefix_dev is None else None)
     elif prefix_dev is not None:
-        meta.reference_mask = static_reference_mask(tree_mask, prefix_len, prefix_dev, group)
+        meta.reference_mask = ta.reference_mask_device_prefix(tree_mask, prefix_len, prefix_dev, group)
     elif not decode:
         meta.reference_mask = ta.reference_mask(tree_mask, prefix_len, group)
     return meta
-
-
-def static_reference_mask(tree_mask: torch.Tensor, bound: int, prefix_dev: torch.Tensor,
-                          group: int) -> torch.Tensor:
-    """The reference path's additive mask ``[group * n_q, bound + n_tree]`` when the prefix
-    length is a device value: key j is visible if ``j < prefix`` or ``tree_mask[i, j - prefix]``
-    (device ops only, no sync)."""
-    n_q, n_tree = tree_mask.shape
-    rel = torch.arange(bound + n_tree, device=tree_mask.device) - prefix_dev.long()
-    in_tree = (rel >= 0) & (rel < n_tree)
-    visible = tree_mask[:, rel.clamp(0, max(0, n_tree - 1))] & in_tree if n_tree else in_tree[None].expand(n_q, -1)
-    visible = visible | (rel < 0)[None, :]
-    mask = torch.zeros(n_q, bound + n_tree, device=tree_mask.device).masked_fill_(~visible, float("-inf"))
-    return mask.repeat(group, 1) if group > 1 else mask
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
