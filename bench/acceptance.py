@@ -48,7 +48,7 @@ def prompt_ids(tok, text: str) -> list:
 
 
 def run(target, draft, tok, budgets, methods, prompts, max_new_tokens, temperature, chain_cap, reference):
-    from specexec_rt.engine import Engine
+    from specexec_rt.speculative.engine import Engine
 
     rows = []
     for budget in budgets:
@@ -76,7 +76,7 @@ def run(target, draft, tok, budgets, methods, prompts, max_new_tokens, temperatu
 
 def draft_agreement(target, tok, prompts) -> list:
     """Teacher-forced agreement of candidate drafts with the target over the prompts' text."""
-    from specexec_rt.drafts import default_keep, int4_draft, layer_dropped_draft
+    from specexec_rt.speculative.drafts import default_keep, int4_draft, layer_dropped_draft
 
     n = target.config.n_layers
     candidates = {
@@ -164,8 +164,8 @@ def main(argv=None) -> None:
     args.max_new_tokens = args.max_new_tokens or (24 if args.quick else 64)
 
     from specexec_rt import load_model, load_tokenizer
-    from specexec_rt.drafts import default_draft
-    from specexec_rt.engine import Engine
+    from specexec_rt.speculative.drafts import default_draft
+    from specexec_rt.speculative.engine import Engine
 
     max_len = 512 + args.max_new_tokens + max(budgets) + 1
     target = load_model("smollm2-135m", device="cpu", max_len=max_len)

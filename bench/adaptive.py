@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from specexec_rt.drafts import default_draft
-    from specexec_rt.engine import Engine
+    from specexec_rt.speculative.drafts import default_draft
+    from specexec_rt.speculative.engine import Engine
     from specexec_rt.loading import load_model, load_tokenizer
 
     if args.threads:

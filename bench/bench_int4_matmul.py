@@ -83,12 +83,14 @@ def _bench_cpu(fn, n_copies: int, reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def _row(name, k, n, m, mod, torch, dry, tune=False):
+def _row(name, k, n, m, torch, dry, tune=False):
+    from specexec_rt.kernels import int4_gemm, int4_plans, int4_weight
+
     device = "cpu" if dry else "cuda"
     dtype = torch.float32 if dry else torch.float16
     g = torch.Generator(device=device).manual_seed(k * 7 + n + m)
     w0 = torch.randn(n, k, device=device, generator=g, dtype=torch.float32) * 0.02
-    wq = mod.quantize_int4(w0, GROUP)
+    wq = int4_weight.quantize_int4(w0, GROUP)
     w16 = w0.to(dtype)
     del w0
     q_bytes = wq.nbytes
@@ -102,9 +104,9 @@ def _row(name, k, n, m, mod, torch, dry, tune=False):
           for _ in range(max(n_q, n_16))]
 
     # Correctness first: a fast wrong kernel must not reach the table.
-    ref = mod.int4_matmul_reference(xs[0], wq).float()
-    for label, y in (("ours", mod.int4_matmul(xs[0], wq)),
-                     ("fused", mod._launch_fused(xs[0], wq))):
+    ref = int4_weight.int4_matmul_reference(xs[0], wq).float()
+    for label, y in (("ours", int4_gemm.int4_matmul(xs[0], wq)),
+                     ("fused", int4_gemm._launch_fused(xs[0], wq))):
         scale = (xs[0].float().abs() @ wq.dequantize().abs().T).max().item()
         err = (y.float() - ref).abs().max().item()
         if not math.isfinite(err) or err > 5e-3 * scale + 1e-4:
@@ -115,20 +117,20 @@ def _row(name, k, n, m, mod, torch, dry, tune=False):
         from specexec_rt.kernels import int4_tuning
 
         int4_tuning.tune_shape(n, k, GROUP, ms=[m], dtype=dtype, device=device, weight=wq)
-    plan = mod.plan_for(xs[0], wq)
-    default = mod.default_plan(m, k, GROUP, dequant=not dry)
-    t_ours = bench(lambda i: mod.int4_matmul(xs[i], wqs[i % n_q]), len(xs))
-    t_default = t_ours if plan == default else bench(lambda i: mod.run_plan(xs[i], wqs[i % n_q], default), len(xs))
-    t_fused = bench(lambda i: mod._launch_fused(xs[i], wqs[i % n_q]), len(xs))
+    plan = int4_plans.plan_for(xs[0], wq)
+    default = int4_plans.default_plan(m, k, GROUP, dequant=not dry)
+    t_ours = bench(lambda i: int4_gemm.int4_matmul(xs[i], wqs[i % n_q]), len(xs))
+    t_default = t_ours if plan == default else bench(lambda i: int4_gemm.run_plan(xs[i], wqs[i % n_q], default), len(xs))
+    t_fused = bench(lambda i: int4_gemm._launch_fused(xs[i], wqs[i % n_q]), len(xs))
     if dry:
         t_deq = bench(lambda i: xs[i] @ wqs[i % n_q].dequantize(dtype).T, len(xs))
     else:
-        t_deq = bench(lambda i: mod._dequant_matmul(xs[i], wqs[i % n_q]), len(xs))
+        t_deq = bench(lambda i: int4_gemm._dequant_matmul(xs[i], wqs[i % n_q]), len(xs))
     t_16 = bench(lambda i: xs[i] @ w16s[i % n_16].T, len(xs))
     t_best = min(t_ours, t_fused)
     g_ours = g_16 = None
     if not dry:
-        g_ours = _bench_cuda_graph(lambda i: mod.int4_matmul(xs[i], wqs[i % n_q]), len(xs))
+        g_ours = _bench_cuda_graph(lambda i: int4_gemm.int4_matmul(xs[i], wqs[i % n_q]), len(xs))
         g_16 = _bench_cuda_graph(lambda i: xs[i] @ w16s[i % n_16].T, len(xs))
     return {
         "shape": name, "K": k, "N": n, "M": m, "dtype": str(dtype).replace("torch.", ""),
@@ -147,7 +149,7 @@ def _row(name, k, n, m, mod, torch, dry, tune=False):
         "tuned_over_default": t_default / t_ours,
         "speedup_vs_dequant_mm": t_deq / t_ours,
         "best_path_speedup_vs_fp16": t_16 / t_best,
-        "stages": mod.K_LOOP_STAGES,
+        "stages": int4_gemm.K_LOOP_STAGES,
     }
 
 
@@ -163,12 +165,12 @@ def run(dry: bool = False, models: tuple[str, ...] = ("70b", "7b"), ms=None,
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from specexec_rt.kernels import int4_matmul as mod
+    from specexec_rt.kernels import int4_gemm
 
     if not dry and not torch.cuda.is_available():
         raise RuntimeError("the int4 benchmark needs a CUDA GPU (or --dry)")
     if stages is not None:
-        mod.K_LOOP_STAGES = stages
+        int4_gemm.K_LOOP_STAGES = stages
     shapes = DRY_SHAPES if dry else {s: v for s, v in SHAPES.items()
                                      if s.split(".")[0] in models}
     rows = []
@@ -177,7 +179,7 @@ def run(dry: bool = False, models: tuple[str, ...] = ("70b", "7b"), ms=None,
         for m in (DRY_MS if dry else (ms or MS)):
             t0 = time.perf_counter()
             tune_now = tune and tuning_s < tune_budget_s
-            rows.append(_row(name, k, n, m, mod, torch, dry, tune_now))
+            rows.append(_row(name, k, n, m, torch, dry, tune_now))
             rows[-1]["tuned_in_run"] = tune_now
             if tune_now:
                 tuning_s += time.perf_counter() - t0

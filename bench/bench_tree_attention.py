@@ -46,10 +46,10 @@ N_INPUT_SETS = 3
 def _kernel_module(dry: bool):
     """Import the kernel module; the dry run needs the interpreter on before Triton loads."""
     if dry:
-        if "specexec_rt.kernels.tree_attention" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        if "specexec_rt.kernels.attention" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("dry run needs TRITON_INTERPRET=1 set before the kernel module is imported")
         os.environ["TRITON_INTERPRET"] = "1"
-    from specexec_rt.kernels import tree_attention as ta
+    from specexec_rt.kernels import attention as ta
 
     return ta
 

@@ -48,11 +48,11 @@ if __name__ == "__main__" and "--dry" in sys.argv[1:]:
 
 import torch  # noqa: E402
 
-from specexec_rt.config import ModelConfig
-from specexec_rt.kernels.int4_matmul import Int4Weight  # noqa: E402
+from specexec_rt.model.config import ModelConfig
+from specexec_rt.kernels.int4_weight import Int4Weight  # noqa: E402
 from specexec_rt.model import Transformer  # noqa: E402
 from specexec_rt.offload import LayerStreamer, layout_layer, plan_residency  # noqa: E402
-from specexec_rt.weights import LayerWeights, ModelWeights, weights_nbytes  # noqa: E402
+from specexec_rt.model.weights import LayerWeights, ModelWeights, weights_nbytes  # noqa: E402
 
 GROUP = 128
 PREFIX = 512
@@ -178,7 +178,7 @@ def h2d_bandwidth(streamer: LayerStreamer, device: torch.device, max_bytes: int)
     copy engine: median over layers of CUDA-event-timed copies. None on the CPU."""
     if device.type != "cuda" or not streamer.n_streamed:
         return None
-    from specexec_rt import native
+    from specexec_rt.offload import native
 
     stream = torch.cuda.Stream(device)
     dst = torch.empty(streamer.slot_bytes, dtype=torch.uint8, device=device)
@@ -200,7 +200,7 @@ def h2d_bandwidth(streamer: LayerStreamer, device: torch.device, max_bytes: int)
 def probe_pinned_gbps(device: torch.device, nbytes: int = 1 << 30) -> Optional[float]:
     if device.type != "cuda":
         return None
-    from specexec_rt import native
+    from specexec_rt.offload import native
 
     return nbytes / (statistics.median(native.probe_bandwidth(nbytes, "pinned", "h2d", 5, device)) / 1e3) / 1e9
 
@@ -209,7 +209,7 @@ def probe_pinned_gbps(device: torch.device, nbytes: int = 1 << 30) -> Optional[f
 
 def _draft_engine(target, draft, budget: int, beams: Optional[int], width: int, max_depth: int,
                   static_draft: Optional[bool] = None):
-    from specexec_rt.engine import Engine
+    from specexec_rt.speculative.engine import Engine
 
     kw = dict(branch_width=width, max_depth=max_depth, static_draft=static_draft)
     if beams:
@@ -219,8 +219,8 @@ def _draft_engine(target, draft, budget: int, beams: Optional[int], width: int, 
 
 def grow_tree_engine(engine, prefix_len: int, root: int, gen) -> dict:
     """One SpecExec tree growth by the engine's own code on a committed draft prefix."""
-    from specexec_rt.engine import GenerationStats
-    from specexec_rt.sampling import SamplingParams
+    from specexec_rt.speculative.engine import GenerationStats
+    from specexec_rt.speculative.sampling import SamplingParams
 
     engine._dp, engine._pending, engine._syncs = prefix_len, [root], 0
     stats = GenerationStats()

@@ -11,7 +11,7 @@ fatal, and the rest still run):
            set TRITON_INTERPRET=1 at import, (3) ``tests/test_offload.py -m cuda`` under
            ``TORCH_CUDA_SANITIZER=1``. Summary lines and failures go into the report.
   kernels  bench/bench_tree_attention.py and bench/bench_int4_matmul.py ``run(dry)``.
-  offload  ``specexec_rt.profile_offload.run_profile`` (llama-2-70b, int4; tiny in --dry).
+  offload  ``specexec_rt.offload.profile.run_profile`` (llama-2-70b, int4; tiny in --dry).
   e2e      bench/e2e_synthetic.py ``run(dry)``: 70B-shaped 4-bit target streamed, 7B-shaped
            4-bit draft resident, budgets 64..2048 (costs only).
 
@@ -231,7 +231,7 @@ def section_kernels(budget_s: float, dry: bool, flex: bool) -> dict:
 # ------------------------------------------------------------------ section: offload
 
 def section_offload(budget_s: float, dry: bool) -> dict:
-    from specexec_rt.profile_offload import run_profile
+    from specexec_rt.offload.profile import run_profile
 
     kw = dict(passes=2, iters=3) if dry else {}  # the interpreter makes tiny passes slow, not informative
     res = run_profile(shape="tiny" if dry else "llama-2-70b", quantize="int4", dry=dry, **kw)

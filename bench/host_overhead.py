@@ -29,15 +29,15 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from specexec_rt import ops
-from specexec_rt.config import ModelConfig
-from specexec_rt.kernels import int4_matmul as q4
-from specexec_rt.kernels import tree_attention as ta
+from specexec_rt.model import ops
+from specexec_rt.model.config import ModelConfig
+from specexec_rt.kernels import int4_gemm, int4_weight
+from specexec_rt.kernels import attention as ta
 from specexec_rt.model import Transformer
-from specexec_rt.weights import LayerWeights, ModelWeights
+from specexec_rt.model.weights import LayerWeights, ModelWeights
 
 KERNELS = {ta: ("_tree_attn_fwd", "_tree_attn_merge"),
-           q4: ("_int4_gemv_kernel", "_int4_mm_kernel", "_sum_splits_kernel", "_int4_dequant_kernel")}
+           int4_gemm: ("_int4_gemv_kernel", "_int4_mm_kernel", "_sum_splits_kernel", "_int4_dequant_kernel")}
 # Ops that launch no kernel on a GPU (views, and allocations).
 NO_KERNEL_OPS = {"view", "_unsafe_view", "slice", "select", "expand", "t", "transpose", "unsqueeze", "squeeze",
             "permute", "as_strided", "alias", "detach", "split", "split_with_sizes", "chunk", "unbind",
@@ -61,7 +61,7 @@ class CountingStub:
 def stubbed_triton_path():
     """Route the runtime's CPU tensors through the Triton launchers, with counting stubs."""
     saved, stubs = [], {}
-    patches = [(ops, "use_triton", lambda device: True), (q4, "_interpreting", lambda: True),
+    patches = [(ops, "use_triton", lambda device: True), (int4_gemm, "_interpreting", lambda: True),
                (ta, "_interpreting", lambda: True)]
     for mod, names in KERNELS.items():
         for name in names:
@@ -70,13 +70,13 @@ def stubbed_triton_path():
     for mod, name, value in patches:
         saved.append((mod, name, getattr(mod, name)))
         setattr(mod, name, value)
-    q4._fused_launch.cache_clear()
+    int4_gemm._fused_launch.cache_clear()
     try:
         yield stubs
     finally:
         for mod, name, value in saved:
             setattr(mod, name, value)
-        q4._fused_launch.cache_clear()
+        int4_gemm._fused_launch.cache_clear()
 
 
 class OpCounter(TorchDispatchMode):
@@ -98,7 +98,7 @@ def tiny_int4_model(n_layers: int, max_len: int, dtype=torch.float16, seed: int 
     g = torch.Generator().manual_seed(seed)
 
     def int4(n, k):
-        return q4.quantize_int4(torch.randn(n, k, generator=g) / math.sqrt(k), group_size=64)
+        return int4_weight.quantize_int4(torch.randn(n, k, generator=g) / math.sqrt(k), group_size=64)
 
     h = cfg.hidden_size
     layers = [LayerWeights(attn_norm=torch.ones(h, dtype=dtype), wqkv=int4(cfg.qkv_size, h), bqkv=None,
@@ -172,9 +172,9 @@ def run(n_layers: int = 32, n_q: int = 32, n_tree: int = 96, prefix: int = 512, 
         # The launchers alone, per call.
         lw = model.weights.layers[0]
         x = torch.randn(n_q, model.config.hidden_size, dtype=model.dtype)
-        out["int4_matmul_us"] = median_us(lambda: q4.int4_matmul(x, lw.w_gate_up), reps * 20)
+        out["int4_matmul_us"] = median_us(lambda: int4_gemm.int4_matmul(x, lw.w_gate_up), reps * 20)
         x1 = x[:1].contiguous()
-        out["int4_matmul_m1_us"] = median_us(lambda: q4.int4_matmul(x1, lw.w_gate_up), reps * 20)
+        out["int4_matmul_m1_us"] = median_us(lambda: int4_gemm.int4_matmul(x1, lw.w_gate_up), reps * 20)
         c = model.config
         q = torch.randn(n_q, c.n_heads, c.head_dim, dtype=model.dtype)
         k = model.cache.k[0][:prefix + n_tree]

@@ -13,7 +13,7 @@ import importlib
 import json
 import os
 
-KERNEL_MODULES = ("specexec_rt.kernels.tree_attention", "specexec_rt.kernels.int4_matmul")
+KERNEL_MODULES = ("specexec_rt.kernels.attention", "specexec_rt.kernels.int4_gemm")
 _state: dict = {"import_errors": {}, "interpret_set_during_collection": None}
 
 

@@ -1,4 +1,32 @@
-"""Triton kernels of specexec-rt, installed as ``specexec_rt.kernels``.
+"""Kernels of specexec-rt, installed as ``specexec_rt.kernels``.
 
-Each module holds a kernel, its launcher and a plain PyTorch reference.
+Each module holds a kernel, its launcher and the plain PyTorch reference the tests compare it
+with:
+
+| module | what |
+| --- | --- |
+| ``attention`` | tree-masked attention (Triton): ``tree_attention``, the planned ``TreeAttentionLaunch``, ``tree_attention_reference``, flash-SDPA decode path |
+| ``int4_weight`` | the 4-bit format ``Int4Weight``, ``quantize_int4``, ``int4_matmul_reference`` |
+| ``int4_gemm`` | ``int4_matmul`` (Triton GEMV / tensor-core / dequantise + cuBLAS), ``run_plan`` |
+| ``int4_plans`` | ``Int4Plan`` launch plans and the table of measured plans |
+| ``int4_tuning`` | ``tune_shape``: measures the candidate plans on this GPU |
+| ``int4_cpu`` | ``int4_matmul_cpu``: the CPU path |
+
+Micro-benchmarking needs only the names below, e.g.::
+
+    from specexec_rt.kernels import tree_attention, pack_tree_mask, TreeAttentionLaunch
+    from specexec_rt.kernels import int4_matmul, quantize_int4, Int4Weight, Int4Plan, run_plan
 """
+from .attention import (TreeAttentionLaunch, pack_tree_mask, prefix_attention_sdpa, tree_attention,
+                        tree_attention_packed, tree_attention_reference)
+from .int4_cpu import int4_matmul_cpu
+from .int4_gemm import int4_matmul, run_plan
+from .int4_plans import Int4Plan, candidate_plans, default_plan, plan_for
+from .int4_weight import Int4Weight, int4_matmul_reference, quantize_int4
+
+__all__ = [
+    "tree_attention", "tree_attention_packed", "tree_attention_reference", "TreeAttentionLaunch",
+    "pack_tree_mask", "prefix_attention_sdpa",
+    "int4_matmul", "int4_matmul_reference", "int4_matmul_cpu", "run_plan", "quantize_int4", "Int4Weight",
+    "Int4Plan", "default_plan", "candidate_plans", "plan_for",
+]

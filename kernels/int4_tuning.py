@@ -1,87 +1,31 @@
-"""Measured launch plans for ``int4_matmul``, kept per GPU model in a JSON file.
+"""Measure the fastest ``int4_matmul`` launch plan per weight shape on this GPU.
 
-The default plans (``int4_matmul.default_plan``) are guesses for an H100. ``tune_shape``
+The default plans (``int4_plans.default_plan``) are guesses for an H100. ``tune_shape``
 times every plan of ``candidate_plans`` on this GPU for one weight shape and a set of M
 buckets, after checking each against the reference (a fast wrong plan is never chosen), and
-registers the fastest; ``save_tuning`` writes them to ``tuning_path()``
-(``SPECEXEC_INT4_TUNING``, default ``~/.cache/specexec_rt/int4_tuning.json``), which
-``int4_matmul`` reads on its first GPU call. Tuning costs seconds per shape (every tile
-config compiles once), so it is an explicit step: ``specexec-rt tune-int4`` or
-``bench/bench_int4_matmul.py --tune``, never a side effect of a forward pass.
+registers the fastest with ``int4_plans.register_plan``; ``int4_plans.save_tuning`` writes
+them to the tuning file that ``int4_matmul`` reads on its first GPU call. Tuning costs
+seconds per shape (every tile config compiles once), so it is an explicit step:
+``specexec-rt tune-int4`` or ``bench/bench_int4_matmul.py --tune``, never a side effect of a
+forward pass.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import math
-import os
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from . import int4_matmul as q4
+from .int4_gemm import run_plan
+from .int4_plans import Int4Plan, candidate_plans, default_plan, m_bucket, register_plan, tuned_key
+from .int4_weight import Int4Weight, int4_matmul_reference, quantize_int4
 
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # Weights rotate over copies until this many bytes are in play, so the L2 cannot serve them.
 L2_FLUSH_BYTES = 256 * 1024 * 1024
-
-
-def tuning_path() -> Path:
-    return Path(os.environ.get("SPECEXEC_INT4_TUNING",
-                               Path.home() / ".cache" / "specexec_rt" / "int4_tuning.json")).expanduser()
-
-
-def _key_to_json(key, plan: q4.Int4Plan, extra: dict) -> dict:
-    device, dtype, n, k, g, bucket = key
-    return {"device": device, "dtype": dtype, "N": n, "K": k, "group_size": g, "m_bucket": bucket,
-            "plan": plan.to_dict(), **extra}
-
-
-def load_tuning(path: Optional[Path] = None) -> int:
-    """Register the plans in ``path`` (default ``tuning_path()``); returns how many. A missing
-    file is no error; an unreadable one is logged and ignored (the defaults still work)."""
-    path = Path(path) if path is not None else tuning_path()
-    if not path.is_file():
-        return 0
-    try:
-        data = json.loads(path.read_text())
-        if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
-        count = 0
-        for e in data["entries"]:
-            plan = q4.Int4Plan.from_dict(e["plan"])
-            if plan.problem(int(e["K"]), int(e["group_size"])) is not None:
-                continue
-            key = (e["device"], e["dtype"], int(e["N"]), int(e["K"]), int(e["group_size"]), int(e["m_bucket"]))
-            q4._TUNED[key] = plan
-            _MEASURED[key] = {k: e[k] for k in ("ms", "default_ms") if k in e}
-            count += 1
-        return count
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("ignoring int4 tuning file %s: %s", path, e)
-        return 0
-
-
-# Timings behind the registered plans, written next to them.
-_MEASURED: dict = {}
-
-
-def save_tuning(path: Optional[Path] = None) -> Path:
-    """Write every registered plan (loaded or tuned in this process) to ``path``, atomically."""
-    path = Path(path) if path is not None else tuning_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entries = [_key_to_json(key, plan, _MEASURED.get(key, {})) for key, plan in sorted(q4._TUNED.items())]
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": FORMAT_VERSION, "entries": entries}, indent=1))
-    os.replace(tmp, path)
-    return path
 
 
 def _default_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -102,7 +46,7 @@ def _default_timer(device: torch.device) -> Callable[[Callable[[], object]], flo
     return cpu_timer
 
 
-def _copies(w: q4.Int4Weight, m: int, k: int, dtype, device) -> int:
+def _copies(w: Int4Weight, m: int, k: int, dtype, device) -> int:
     if device.type != "cuda":
         return 1
     per = w.nbytes + m * k * torch.finfo(dtype).bits // 8
@@ -112,8 +56,8 @@ def _copies(w: q4.Int4Weight, m: int, k: int, dtype, device) -> int:
 def tune_shape(n: int, k: int, group_size: int = 128, ms: Sequence[int] = DEFAULT_MS,
                dtype: torch.dtype = torch.float16, device=None,
                timer: Optional[Callable[[Callable[[], object]], float]] = None,
-               plans: Optional[Callable[[int], Iterable[q4.Int4Plan]]] = None,
-               weight: Optional[q4.Int4Weight] = None, progress: bool = False) -> list[dict]:
+               plans: Optional[Callable[[int], Iterable[Int4Plan]]] = None,
+               weight: Optional[Int4Weight] = None, progress: bool = False) -> list[dict]:
     """Time the candidate plans of an ``[n, k]`` int4 weight at every M bucket of ``ms`` and
     register the fastest correct one. Returns one row per bucket: ``m``, ``plan``, ``ms``,
     ``default_ms``, ``candidates``, ``rejected`` (plans that failed or gave wrong results).
@@ -126,21 +70,21 @@ def tune_shape(n: int, k: int, group_size: int = 128, ms: Sequence[int] = DEFAUL
         "cuda" if torch.cuda.is_available() else "cpu")
     timer = timer or _default_timer(device)
     on_cuda = device.type == "cuda"
-    plans = plans or (lambda m: q4.candidate_plans(m, k, group_size, dequant=on_cuda))
+    plans = plans or (lambda m: candidate_plans(m, k, group_size, dequant=on_cuda))
     g = torch.Generator(device="cpu").manual_seed(n * 31 + k)
     if weight is None:
-        weight = q4.quantize_int4((torch.randn(n, k, generator=g) * 0.02).to(device), group_size)
+        weight = quantize_int4((torch.randn(n, k, generator=g) * 0.02).to(device), group_size)
     elif weight.shape != (n, k) or weight.group_size != group_size:
         raise ValueError(f"weight is {weight.shape} group {weight.group_size}, expected {(n, k)} group {group_size}")
     rows = []
-    for bucket in sorted({q4.m_bucket(m) for m in ms}):
+    for bucket in sorted({m_bucket(m) for m in ms}):
         n_copies = _copies(weight, bucket, k, dtype, device)
         ws = [weight] + [dataclasses.replace(weight, qweight=weight.qweight.clone(), scales=weight.scales.clone(),
                                              mins=weight.mins.clone()) for _ in range(n_copies - 1)]
         xs = [(torch.randn(bucket, k, generator=g) * 0.5).to(device=device, dtype=dtype) for _ in ws]
-        ref = q4.int4_matmul_reference(xs[0].float(), weight)
+        ref = int4_matmul_reference(xs[0].float(), weight)
         tol = 2e-2 * ref.abs().max().item() + 1e-3 if dtype != torch.float32 else 1e-3 * ref.abs().max().item() + 1e-4
-        default = q4.default_plan(bucket, k, group_size, dequant=on_cuda)
+        default = default_plan(bucket, k, group_size, dequant=on_cuda)
         timed, rejected = {}, []
         for plan in dict.fromkeys([default, *plans(bucket)]):
             why = plan.problem(k, group_size)
@@ -148,7 +92,7 @@ def tune_shape(n: int, k: int, group_size: int = 128, ms: Sequence[int] = DEFAUL
                 rejected.append((plan, why))
                 continue
             try:
-                y = q4.run_plan(xs[0], weight, plan)
+                y = run_plan(xs[0], weight, plan)
                 err = (y.float() - ref).abs().max().item()
                 if not math.isfinite(err) or err > tol:
                     rejected.append((plan, f"max error {err:.3g} > {tol:.3g}"))
@@ -158,7 +102,7 @@ def tune_shape(n: int, k: int, group_size: int = 128, ms: Sequence[int] = DEFAUL
                 def call(plan=plan):
                     i = state["i"] % n_copies
                     state["i"] += 1
-                    q4.run_plan(xs[i], ws[i], plan)
+                    run_plan(xs[i], ws[i], plan)
 
                 timed[plan] = float(timer(call))
             except Exception as e:  # a config this GPU cannot compile or run is skipped
@@ -166,9 +110,8 @@ def tune_shape(n: int, k: int, group_size: int = 128, ms: Sequence[int] = DEFAUL
         if not timed:
             raise RuntimeError(f"int4 tuning: no plan ran correctly for N={n} K={k} M={bucket}: {rejected[:3]}")
         best = min(timed, key=timed.get)
-        key = q4.tuned_key(device, dtype, n, k, group_size, bucket)
-        q4._TUNED[key] = best
-        _MEASURED[key] = {"ms": timed[best], "default_ms": timed.get(default)}
+        key = tuned_key(device, dtype, n, k, group_size, bucket)
+        register_plan(key, best, {"ms": timed[best], "default_ms": timed.get(default)})
         rows.append({"N": n, "K": k, "group_size": group_size, "m": bucket, "plan": best,
                      "ms": timed[best], "default_ms": timed.get(default), "candidates": len(timed),
                      "rejected": rejected})

@@ -11,13 +11,16 @@ class ModelLoadError(SpecExecError, ValueError):
 
 
 class UnsupportedModelError(SpecExecError, ValueError):
-    def __init__(self, model_type, detail: str | None = None):
-        from .config import SUPPORTED_MODEL_TYPES
+    """An architecture (or one of its options) the runtime does not implement. ``supported``
+    lists what is, for the message."""
 
+    def __init__(self, model_type, detail: str | None = None, supported=()):
         self.model_type = model_type
-        supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
         msg = f"unsupported model_type {model_type!r}"
-        msg += f": {detail}" if detail else f" (supported: {supported})"
+        if detail:
+            msg += f": {detail}"
+        elif supported:
+            msg += f" (supported: {', '.join(sorted(supported))})"
         super().__init__(msg)
 
 
@@ -39,4 +42,4 @@ class NonFiniteLogitsError(SpecExecError, FloatingPointError):
 
 class MemoryBudgetError(SpecExecError, MemoryError):
     """A budget (draft tree, verification pass) or a prompt needs more working memory than the
-    device has free; the message names the setting to lower (see specexec_rt/memory.py)."""
+    device has free; the message names the setting to lower (see specexec_rt/speculative/memory.py)."""

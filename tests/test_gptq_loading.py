@@ -6,7 +6,8 @@ import torch
 
 from hf_models import assert_prefill_matches_hf, make_hf_model, quantize_checkpoint
 from specexec_rt import load_model
-from specexec_rt.kernels import int4_matmul as q4
+from specexec_rt.kernels import int4_cpu
+from specexec_rt.kernels.int4_weight import Int4Weight
 
 GROUP = 32
 
@@ -57,9 +58,9 @@ def test_gptq_dequantized_matches_hf(gptq_dir):
 
 def test_gptq_stays_4bit_with_act_order(gptq_dir, monkeypatch):
     d, hf = gptq_dir
-    monkeypatch.setattr(q4, "CPU_COMPUTE_DTYPE", torch.float32)   # exact CPU int4 path
+    monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", torch.float32)   # exact CPU int4 path
     model = load_model(d, device="cpu", quantize="int4", max_len=64)
     layer = model.weights.layers[0]
-    assert isinstance(layer.wqkv, q4.Int4Weight) and layer.wqkv.perm is not None
-    assert isinstance(layer.w_down, q4.Int4Weight) and layer.w_down.perm is not None
+    assert isinstance(layer.wqkv, Int4Weight) and layer.wqkv.perm is not None
+    assert isinstance(layer.w_down, Int4Weight) and layer.w_down.perm is not None
     assert_prefill_matches_hf(model, hf, atol=2e-3)

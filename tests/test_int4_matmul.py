@@ -1,4 +1,4 @@
-"""Tests of kernels/int4_matmul.py (+ int4_formats.py).
+"""Tests of the int4 kernels (kernels/int4_weight.py, int4_gemm.py, int4_cpu.py) and the checkpoint converters (specexec_rt/loading/int4_formats.py).
 
 The Triton kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is set
 before anything imports Triton). In the interpreter bf16 tensor-core dots are upcast to
@@ -23,17 +23,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from gguf import quants as gguf_quants  # noqa: E402
 
-from specexec_rt.kernels import int4_matmul as mod  # noqa: E402
-from specexec_rt.kernels.int4_matmul import (  # noqa: E402
-    Int4Weight,
-    from_gguf_q4_0,
-    from_gguf_q4_1,
-    from_gptq,
-    int4_matmul,
-    int4_matmul_cpu,
-    int4_matmul_reference,
-    quantize_int4,
-)
+from specexec_rt.kernels import int4_gemm  # noqa: E402
+from specexec_rt.loading.int4_formats import from_gguf_q4_0, from_gguf_q4_1, from_gptq  # noqa: E402
+from specexec_rt.kernels.int4_cpu import int4_matmul_cpu  # noqa: E402
+from specexec_rt.kernels.int4_gemm import int4_matmul  # noqa: E402
+from specexec_rt.kernels.int4_weight import Int4Weight, int4_matmul_reference, quantize_int4  # noqa: E402
 
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -114,7 +108,7 @@ def test_fused_kernel_split_k_and_configs(split_k, cfg):
     w = quantize_int4(_rand_weight(n, k, 7 + split_k), group)
     x = _rand_x(3, k, torch.float32, 11 + split_k)
     out = torch.full((3, n), float("nan"))
-    y = mod._launch_fused(x, w, split_k=split_k, cfg=cfg, out=out)
+    y = int4_gemm._launch_fused(x, w, split_k=split_k, cfg=cfg, out=out)
     w_deq = w.dequantize()
     _assert_close_bound(y, x @ w_deq.T, _dtype_bound(x, w_deq, torch.float32), "split-K")
 
@@ -142,14 +136,14 @@ def test_dequant_then_matmul_path(dtype, monkeypatch):
     scratch = torch.full((n, k), float("nan"), dtype=dtype)
     # The kernel computes (1024 + q) * s + (min - 1024 s) for 16-bit outputs: equal up to
     # the output rounding.
-    torch.testing.assert_close(mod.dequantize_into(w, scratch).float(), w_deq,
+    torch.testing.assert_close(int4_gemm.dequantize_into(w, scratch).float(), w_deq,
                                rtol=torch.finfo(dtype).eps, atol=1e-5)
     for max_elems in (n * k, 30 * k):  # one piece; three chunks of rows (30, 30, 12)
-        monkeypatch.setattr(mod, "SCRATCH_MAX_ELEMENTS", max_elems)
-        mod._scratch.clear()
-        mod._get_scratch(x.device, dtype, n * k).fill_(float("nan"))
+        monkeypatch.setattr(int4_gemm, "SCRATCH_MAX_ELEMENTS", max_elems)
+        int4_gemm._scratch.clear()
+        int4_gemm._get_scratch(x.device, dtype, n * k).fill_(float("nan"))
         out = torch.full((20, n), float("nan"), dtype=dtype)
-        y = mod._dequant_matmul(x, w, out)
+        y = int4_gemm._dequant_matmul(x, w, out)
         # CPU fp16 matmul accumulates like the kernels: same relative bound.
         _assert_close_bound(y, ref, _dtype_bound(x, w_deq, dtype), f"dequant path {max_elems}")
 

@@ -10,7 +10,7 @@ import torch
 
 from hf_models import make_hf_model
 from specexec_rt import ModelLoadError, UnsupportedModelError, load_model
-from specexec_rt.config import config_from_hf
+from specexec_rt.model.config import config_from_hf
 from specexec_rt.loading import resolve_source
 from specexec_rt.loading.hf import read_hf_config
 from specexec_rt.loading import sources
@@ -63,6 +63,55 @@ def test_hf_cache_layout(llama3_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert resolve_source("org/tiny").path == snap
     assert resolve_source(tmp_path / "hub" / "models--org--tiny").path == snap
+
+
+def test_hub_id_offline_names_the_id_and_how_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    called = []
+    monkeypatch.setattr(sources, "_snapshot_download", lambda *a, **k: called.append(a))
+    with pytest.raises(ModelLoadError, match=r"'org/not-cached'.*HF_HUB_OFFLINE.*huggingface-cli download org/not-cached"):
+        load_model("org/not-cached", device="cpu")
+    assert not called      # offline: the hub is never asked
+
+
+def test_hub_id_not_in_cache_is_downloaded(llama3_dir, tmp_path, monkeypatch):
+    """The download path, with a stand-in for huggingface_hub.snapshot_download: only the files
+    the loader needs are asked for, and the downloaded snapshot loads like the local one."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        asked["repo_id"], asked["patterns"] = repo_id, allow_patterns
+        snap = tmp_path / "hub" / "models--org--remote" / "snapshots" / "0123"
+        shutil.copytree(llama3_dir, snap)
+        return str(snap)
+
+    monkeypatch.setattr(sources, "_snapshot_download", fake_snapshot_download)
+    model = load_model("org/remote", device="cpu", max_len=32)
+    assert asked["repo_id"] == "org/remote"
+    assert "config.json" in asked["patterns"] and "*.safetensors" in asked["patterns"]
+    assert not any(p.endswith((".bin", ".gguf", ".onnx")) for p in asked["patterns"])
+    local = load_model(llama3_dir, device="cpu", max_len=32)
+    ids = torch.arange(3, 11)
+    torch.testing.assert_close(model.forward(ids, torch.arange(8), model.cache, 0),
+                               local.forward(ids, torch.arange(8), local.cache, 0), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("exc_name, match", [("RepositoryNotFoundError", "no accessible repository 'org/gone'"),
+                                             ("ConnectionError", "downloading 'org/gone' failed")])
+def test_hub_download_failures_are_named(tmp_path, monkeypatch, exc_name, match):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    exc_type = type(exc_name, (Exception,), {})
+
+    def failing(repo_id, allow_patterns):
+        raise exc_type("boom")
+
+    monkeypatch.setattr(sources, "_snapshot_download", failing)
+    with pytest.raises(ModelLoadError, match=match):
+        load_model("org/gone", device="cpu")
 
 
 def test_missing_path():
@@ -163,7 +212,7 @@ def test_offloaded_load_equals_resident(llama3_dir):
 
 def test_replace_leaves_walks_layer_lists():
     from conftest import random_weights, tiny_config
-    from specexec_rt.weights import replace_leaves, tensor_leaves
+    from specexec_rt.model.weights import replace_leaves, tensor_leaves
 
     w = random_weights(tiny_config(n_layers=3))
     half = replace_leaves(w, lambda _, t: t.half())

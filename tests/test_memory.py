@@ -1,6 +1,6 @@
 """A budget that does not fit in memory is refused with an error that names it (never an
 allocator crash or the OOM killer), auto lowers its ceiling instead, and the estimates in
-specexec_rt/memory.py bound what a pass really allocates."""
+specexec_rt/speculative/memory.py bound what a pass really allocates."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import greedy_decode
-from specexec_rt import memory
-from specexec_rt.engine import Engine
+from specexec_rt.speculative import memory
+from specexec_rt.speculative.engine import Engine
 from specexec_rt.errors import MemoryBudgetError, SpecExecError
 from test_engine import make_pair
 
@@ -131,9 +131,9 @@ def test_allocation_failure_inside_a_pass_is_named(monkeypatch):
 PEAK_SCRIPT = textwrap.dedent("""
     import gc, sys, torch
     import specexec_rt
-    from specexec_rt import memory
-    from specexec_rt.drafts import default_draft
-    from specexec_rt.engine import Engine
+    from specexec_rt.speculative import memory
+    from specexec_rt.speculative.drafts import default_draft
+    from specexec_rt.speculative.engine import Engine
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -167,7 +167,7 @@ def test_estimate_bounds_the_measured_peak_on_smollm2():
 def test_estimate_bounds_the_measured_peak_on_cuda():
     from conftest import random_weights, tiny_config
     from specexec_rt.model import Transformer
-    from specexec_rt.weights import replace_leaves
+    from specexec_rt.model.weights import replace_leaves
 
     dev = torch.device("cuda")
     cfg = tiny_config(vocab_size=32000, n_layers=4, hidden_size=256, intermediate_size=512,

@@ -18,10 +18,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specexec_rt import native
-from specexec_rt.kernels.int4_matmul import Int4Weight, quantize_int4
-from specexec_rt.offload import ALIGN, LayerStreamer, layout_layer, make_layer_source, plan_residency
-from specexec_rt.weights import LayerWeights, ResidentLayers, tensor_leaves, weights_nbytes
+from specexec_rt.offload import native
+from specexec_rt.kernels.int4_weight import Int4Weight, quantize_int4
+from specexec_rt.offload.streamer import ALIGN, LayerStreamer, layout_layer, make_layer_source, plan_residency
+from specexec_rt.model.weights import LayerWeights, ResidentLayers, tensor_leaves, weights_nbytes
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.cuda
@@ -69,7 +69,7 @@ def run_passes(source, x0: torch.Tensor, passes: int) -> list:
 
 
 def check_trace(trace: list, n_resident: int, n_layers: int, n_slots: int, passes: int) -> None:
-    """The schedule invariants (see specexec_rt/offload.py):
+    """The schedule invariants (see specexec_rt/offload/streamer.py):
     - compute of a layer happens on the slot its latest copy went to, after a wait on that copy;
     - a slot is never copied into while its consumer computes, nor before the copy stream waited
       on the previous consumer's compute_done (write-after-read), nor over an unconsumed copy;
@@ -296,7 +296,7 @@ def _model_pair(device, dtype, n_resident, n_slots, seed=0):
     dev = torch.device(device)
     move = lambda t: t.to(dev, dtype)  # noqa: E731
     base = dict(embed=move(weights.embed), final_norm=move(weights.final_norm), lm_head=move(weights.lm_head))
-    from specexec_rt.weights import ModelWeights
+    from specexec_rt.model.weights import ModelWeights
 
     resident = Transformer(cfg, ModelWeights(layers=[], **base), 64, dev, dtype,
                            layer_source=make_layer_source(weights.layers, dev, offload=False))
@@ -377,7 +377,7 @@ def test_cuda_offloaded_model_forward_equals_resident():
 def test_cuda_streamer_bandwidth_and_overlap():
     """Streamer copies reach >= 90% of the pinned peak; with compute shorter than copy a pass
     costs at most 1.1x the copy-only pass."""
-    from specexec_rt.profile_offload import run_profile
+    from specexec_rt.offload.profile import run_profile
 
     res = run_profile(sizes=[256 << 20], shape="llama-2-7b", quantize="none", layers=8, tokens=16,
                       iters=5, passes=3)
@@ -414,7 +414,7 @@ def test_cuda_streamed_forward_under_sanitizer(tmp_path):
 def _cli(argv):
     import argparse
 
-    from specexec_rt import profile_offload
+    from specexec_rt.offload import profile as profile_offload
 
     parser = argparse.ArgumentParser()
     profile_offload.add_parser(parser.add_subparsers(dest="command"))
@@ -439,7 +439,7 @@ def test_profile_dry_runs_and_writes_json(tmp_path, capsys):
 
 
 def test_profile_dry_int4_shape():
-    from specexec_rt.profile_offload import run_profile, synthetic_layer
+    from specexec_rt.offload.profile import run_profile, synthetic_layer
 
     res = run_profile(sizes=[4096], shape="tiny", quantize="int4", layers=2, tokens=2, iters=1, passes=1, dry=True)
     layer = synthetic_layer("tiny", "int4")
@@ -458,7 +458,7 @@ def test_profile_without_cuda_exits_2(capsys):
 
 
 def test_parse_size():
-    from specexec_rt.profile_offload import parse_size
+    from specexec_rt.offload.profile import parse_size
 
     assert [parse_size(s) for s in ("1M", "16M", "1G", "512K", "4096", "2MiB")] == \
         [1 << 20, 16 << 20, 1 << 30, 512 << 10, 4096, 2 << 20]

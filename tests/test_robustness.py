@@ -20,7 +20,7 @@ from conftest import build_tiny_model
 from hf_models import make_hf_model
 from specexec_rt import (ContextLengthError, ModelLoadError, SamplingParameterError, SpecExecError,
                          UnsupportedModelError, VocabularyMismatchError, load_model, load_tokenizer)
-from specexec_rt.engine import Engine
+from specexec_rt.speculative.engine import Engine
 from tiny_tokenizer import tiny_tokenizer
 
 MAX_LEN = 128
@@ -405,7 +405,7 @@ def test_forward_bad_shapes_and_overflow():
 
 # ============================================================================== CLI
 def test_cli_reports_load_errors(tmp_path, capsys):
-    from specexec_rt import cli
+    from specexec_rt.serving import cli
 
     for cmd in ("generate", "serve"):
         argv = [cmd, "--model", str(tmp_path / "missing"), "--device", "cpu"]
@@ -417,7 +417,7 @@ def test_cli_reports_load_errors(tmp_path, capsys):
 
 
 def test_cli_bad_flag_values(capsys):
-    from specexec_rt import cli
+    from specexec_rt.serving import cli
 
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--prompt", "x", "--max-new-tokens", "lots"])
@@ -449,7 +449,7 @@ class FlakyEngine:
 def test_server_survives_engine_failures(tok, reference):
     import http.client
 
-    from specexec_rt.server import make_server
+    from specexec_rt.serving.server import make_server
 
     target = build_tiny_model(seed=0, max_len=MAX_LEN)
     flaky = FlakyEngine(Engine(target, build_tiny_model(seed=1, max_len=MAX_LEN), tokenizer=tok, **SPEC))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specexec_rt import sampling
+from specexec_rt.speculative import sampling
 from specexec_rt.errors import SamplingParameterError
-from specexec_rt.sampling import SamplingParams, process_logits
+from specexec_rt.speculative.sampling import SamplingParams, process_logits
 
 
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:

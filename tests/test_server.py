@@ -18,8 +18,8 @@ import pytest
 openai = pytest.importorskip("openai")  # a dev extra; bare GPU boxes lack it
 
 from conftest import build_tiny_model
-from specexec_rt.engine import Engine
-from specexec_rt.server import make_server
+from specexec_rt.speculative.engine import Engine
+from specexec_rt.serving.server import make_server
 from tiny_tokenizer import tiny_tokenizer
 
 MAX_LEN = 128
@@ -535,7 +535,7 @@ def test_shutdown_cancels_stream_in_flight(tok):
 
 # -------------------------------------------------------------------------------- CLI
 def test_serve_subcommand_flags(capsys):
-    from specexec_rt import cli
+    from specexec_rt.serving import cli
 
     with pytest.raises(SystemExit) as e:
         cli.main(["serve", "--help"])

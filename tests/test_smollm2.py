@@ -71,12 +71,13 @@ def test_int4_path_greedy_equals_dequantized(models, monkeypatch):
 
     The CPU int4 op runs in bf16 by default (speed); fp32 here so only the path differs.
     """
-    from specexec_rt.kernels import int4_matmul as q4
+    from specexec_rt.kernels import int4_cpu
+    from specexec_rt.kernels import int4_weight
 
-    monkeypatch.setattr(q4, "CPU_COMPUTE_DTYPE", torch.float32)
+    monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", torch.float32)
     ours, _, tok = models
     packed = load_model("smollm2-135m", device="cpu", quantize="int4", max_len=256)
-    assert isinstance(packed.weights.layers[0].wqkv, q4.Int4Weight)
+    assert isinstance(packed.weights.layers[0].wqkv, int4_weight.Int4Weight)
     for prompt in PROMPTS[:2]:
         ids = tok(prompt).input_ids
         assert greedy_decode(packed, ids, 24) == greedy_decode(ours, ids, 24)

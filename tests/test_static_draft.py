@@ -1,4 +1,4 @@
-"""Static-shape SpecExec draft steps (specexec_rt/draft_graph.py): the same logits and cache
+"""Static-shape SpecExec draft steps (specexec_rt/speculative/draft_graph.py): the same logits and cache
 writes as the dynamic pass, the same trees and lossless output through the engine, a fallback
 near the end of the cache; on CUDA, captured once as a graph, verified, and replayed."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, greedy_decode
-from specexec_rt import ops
-from specexec_rt.draft_graph import StaticDraftStep
-from specexec_rt.engine import Engine
+from specexec_rt.model import ops
+from specexec_rt.speculative.draft_graph import StaticDraftStep
+from specexec_rt.speculative.engine import Engine
 from test_engine import make_pair
 
 interpreting = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -155,7 +155,7 @@ def test_static_draft_defaults():
 def test_cuda_graph_draft_is_lossless_captured_and_replayed(dtype):
     from conftest import random_weights, tiny_config
     from specexec_rt.model import Transformer
-    from specexec_rt.weights import replace_leaves
+    from specexec_rt.model.weights import replace_leaves
 
     dev = torch.device("cuda")
     cfg = tiny_config(vocab_size=256, n_layers=3, hidden_size=128, intermediate_size=256, n_heads=4,

@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from specexec_rt.tree import NEG_INF, DraftTree, path_rows, walk_accept
+from specexec_rt.speculative.tree import NEG_INF, DraftTree, path_rows, walk_accept
 
 V = 12
 
@@ -102,7 +102,7 @@ def test_growth_keeps_tree_ancestor_closed_and_best(seed, budget, beams, width, 
 
 
 def host_walk(vt, draws: list) -> list:
-    """Reference: the sequential walk of SPECEXEC.md step 3."""
+    """Reference: the sequential walk of docs/ALGORITHM.md, step 3."""
     tokens, parents = vt.tokens.tolist(), vt.parents.tolist()
     path = [0]
     while True:

@@ -20,7 +20,7 @@ import zlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from specexec_rt.kernels.tree_attention import (  # noqa: E402
+from specexec_rt.kernels.attention import (  # noqa: E402
     TileConfig,
     pack_tree_mask,
     prefix_attention_sdpa,
@@ -266,8 +266,8 @@ def _kernel_forbidden(*args, **kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_one_token_chain_takes_the_sdpa_path_when_the_kernel_is_on(monkeypatch, dtype):
-    from specexec_rt import ops
-    from specexec_rt.kernels import tree_attention as ta
+    from specexec_rt.model import ops
+    from specexec_rt.kernels import attention as ta
     from specexec_rt.model import causal_mask
 
     gen = torch.Generator().manual_seed(13)
@@ -293,7 +293,7 @@ def test_one_token_chain_takes_the_sdpa_path_when_the_kernel_is_on(monkeypatch, 
 def test_only_one_token_chains_skip_the_kernel(monkeypatch):
     """A one-row tree mask (draft growth) may hide tree entries; a longer chain needs its
     causal mask: both keep the kernel."""
-    from specexec_rt import ops
+    from specexec_rt.model import ops
     from specexec_rt.model import causal_mask
 
     monkeypatch.setattr(ops, "use_triton", lambda device: True)
@@ -306,8 +306,8 @@ def test_only_one_token_chains_skip_the_kernel(monkeypatch):
 def test_model_decode_with_kernel_on_matches_the_cpu_path(monkeypatch, tiny_model):
     """Prefill through the interpreted kernel, decode steps through prefix_attention_sdpa:
     same logits as the CPU reference path."""
-    from specexec_rt import ops
-    from specexec_rt.kernels import tree_attention as ta
+    from specexec_rt.model import ops
+    from specexec_rt.kernels import attention as ta
 
     def run(model):
         ids = torch.tensor([5, 9, 2, 7, 1, 3])
@@ -398,7 +398,7 @@ def check_device_prefix(n_q, n_tree, bound, prefixes, n_heads, n_kv, d, num_spli
     """One planned launch over a static [bound + n_tree] key range serves every prefix length
     read from the device: each equals the reference on exactly that prefix. Keys past
     prefix + n_tree are NaN, so reading any of them would show."""
-    from specexec_rt.kernels.tree_attention import TreeAttentionLaunch
+    from specexec_rt.kernels.attention import TreeAttentionLaunch
 
     gen = torch.Generator().manual_seed(n_q * 7 + n_tree + bound + d)
     mask = random_tree_mask(n_tree, n_q, gen, device=device)
@@ -427,7 +427,7 @@ def test_kernel_with_prefix_on_the_device(n_q, n_tree, bound, prefixes, n_kv, gr
 
 
 def test_device_prefix_is_validated():
-    from specexec_rt.kernels.tree_attention import TreeAttentionLaunch
+    from specexec_rt.kernels.attention import TreeAttentionLaunch
 
     gen = torch.Generator().manual_seed(3)
     q, k, v = make_qkv(2, 10, 2, 1, 64, gen)
@@ -484,7 +484,7 @@ def test_cuda_kernel_matches_reference(dtype, n_q, n_tree, prefix_len, n_heads, 
 def test_cuda_decode_sdpa_path_matches_reference(monkeypatch, dtype, n_k, n_heads, n_kv, d):
     """The runtime's CUDA decode step: ops picks prefix_attention_sdpa, which computes in the
     cache's dtype without copying K/V (peak memory stays far below one K slice)."""
-    from specexec_rt import ops
+    from specexec_rt.model import ops
     from specexec_rt.model import causal_mask
 
     monkeypatch.delenv("SPECEXEC_DISABLE_TRITON", raising=False)

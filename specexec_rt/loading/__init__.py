@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..errors import ModelLoadError
-from ..model import Transformer
+from ..model.transformer import Transformer
 from .assemble import assemble_weights
 from .sources import ALIASES, Source, resolve_source
 

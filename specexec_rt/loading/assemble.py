@@ -6,8 +6,8 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig
-from ..weights import LayerWeights, ModelWeights
+from ..model.config import ModelConfig
+from ..model.weights import LayerWeights, ModelWeights
 
 # get_matrix(name) -> float tensor [out, in] or Int4Weight; get_vector(name) -> tensor or None.
 MatrixGetter = Callable[[str], object]
@@ -30,7 +30,7 @@ def fuse_rows(mats: list):
     if all(_is_dense(m) for m in mats):
         return torch.cat(mats, dim=0)
     if not any(_is_dense(m) for m in mats):
-        from ..kernels.int4_matmul import Int4Weight
+        from ..kernels.int4_weight import Int4Weight
 
         perms = [m.perm for m in mats]
         if all(p is None for p in perms) or (all(p is not None for p in perms)
@@ -44,7 +44,7 @@ def finish_matrix(m, dtype: torch.dtype, quantize: str):
     """Cast a dense matrix, quantize it when asked, or dequantize a 4-bit one for quantize="none"."""
     if _is_dense(m):
         if quantize == "int4":
-            from ..kernels.int4_matmul import quantize_int4
+            from ..kernels.int4_weight import quantize_int4
 
             return quantize_int4(m.float(), group_size=int4_group_size(m.shape[1]))
         return m.to(dtype)
@@ -125,7 +125,7 @@ def assemble_weights(cfg: ModelConfig, get_matrix: MatrixGetter, get_vector: Vec
 
 
 def move_layer(layer: LayerWeights, device) -> LayerWeights:
-    from ..weights import replace_leaves
+    from ..model.weights import replace_leaves
 
     device = torch.device(device)
     return replace_leaves(layer, lambda _, t: t if t.device == device else t.to(device))

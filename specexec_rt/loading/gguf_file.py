@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..model.config import ModelConfig
 from ..errors import ModelLoadError, UnsupportedModelError
 
 # GGUF architecture -> our model_type
@@ -142,9 +142,9 @@ def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool):
             rows = _unpermute_rows(rows, n_head)
         out_features, in_features = int(t.shape[1]), int(t.shape[0])
         if keep_int4 and qtype in INT4_TYPES:
-            from ..kernels import int4_matmul as q4
+            from . import int4_formats as f
 
-            convert = {"Q4_0": q4.from_gguf_q4_0, "Q4_1": q4.from_gguf_q4_1, "Q4_K": q4.from_gguf_q4_k}[qtype]
+            convert = {"Q4_0": f.from_gguf_q4_0, "Q4_1": f.from_gguf_q4_1, "Q4_K": f.from_gguf_q4_k}[qtype]
             return convert(np.ascontiguousarray(rows), (out_features, in_features))
         w = dequantize(rows, t.tensor_type).reshape(out_features, in_features)
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))

@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from ..config import ModelConfig, config_from_hf
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnsupportedModelError
+from ..model.config import SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf
 
 
 def read_hf_config(directory: Path) -> ModelConfig:
@@ -20,9 +20,7 @@ def read_hf_config(directory: Path) -> ModelConfig:
     except ValueError as e:
         # AutoConfig raises ValueError for a model_type it does not know; ours is stricter anyway.
         raw = json.loads((directory / "config.json").read_text())
-        from ..errors import UnsupportedModelError
-
-        raise UnsupportedModelError(raw.get("model_type")) from e
+        raise UnsupportedModelError(raw.get("model_type"), supported=SUPPORTED_MODEL_TYPES) from e
     except OSError as e:
         raise ModelLoadError(f"cannot read {directory / 'config.json'}: {e}") from e
     return config_from_hf(hf)
@@ -112,7 +110,7 @@ def hf_getters(directory: Path, cfg: ModelConfig):
 
 
 def _gptq_matrix(ckpt: SafetensorsCheckpoint, base: str, qcfg: dict):
-    from ..kernels.int4_matmul import from_gptq
+    from .int4_formats import from_gptq
 
     g_idx = ckpt.get(base + ".g_idx") if ckpt.has(base + ".g_idx") else None
     weight, perm = from_gptq(
@@ -126,6 +124,6 @@ def _gptq_matrix(ckpt: SafetensorsCheckpoint, base: str, qcfg: dict):
 
 
 def _awq_matrix(ckpt: SafetensorsCheckpoint, base: str, qcfg: dict):
-    from ..kernels.int4_matmul import from_awq
+    from .int4_formats import from_awq
 
     return from_awq(ckpt.get(base + ".qweight"), ckpt.get(base + ".qzeros"), ckpt.get(base + ".scales"))

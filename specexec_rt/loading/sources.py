@@ -1,9 +1,10 @@
-"""Resolve what the user typed (an alias, a .gguf file, an HF directory, a hub id in the local
-HF cache) into a concrete local path."""
+"""Resolve what the user typed (an alias, a .gguf file, an HF directory, a hub id) into a
+concrete local path, downloading a hub id that is not in the local HF cache yet."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def _latest_snapshot(repo_dir: Path) -> Path | None:
 
 def resolve_source(source) -> Source:
     """An alias, a ``.gguf`` file, an HF model directory (or an HF cache ``models--org--name``
-    directory), or a hub id ``org/name`` already present in the local HF cache."""
+    directory), or a hub id ``org/name`` (from the local HF cache, downloaded if absent)."""
     text = str(source)
     if text in ALIASES:
         return Source("gguf", resolve_alias(text))
@@ -86,13 +87,64 @@ def resolve_source(source) -> Source:
         if len(ggufs) == 1:
             return Source("gguf", ggufs[0])
         raise ModelLoadError(f"{path} holds no config.json (and not exactly one .gguf file)")
-    if text.count("/") == 1 and not text.startswith((".", "/")):
+    if is_hub_id(text):
         for cache in _hf_cache_dirs():
             repo_dir = cache / ("models--" + text.replace("/", "--"))
             snap = _latest_snapshot(repo_dir) if repo_dir.is_dir() else None
             if snap is not None and (snap / "config.json").is_file():
                 return Source("hf", snap)
+        return Source("hf", download(text))
     raise ModelLoadError(
         f"model {text!r} not found: not an existing file or directory, not a known alias "
-        f"({', '.join(sorted(ALIASES))}), not a hub id in the local HF cache "
-        f"(models are never downloaded at run time)")
+        f"({', '.join(sorted(ALIASES))}), and not a hub id of the form org/name")
+
+
+def is_hub_id(text: str) -> bool:
+    """``org/name`` as the Hugging Face hub spells repository ids."""
+    return bool(_HUB_ID.fullmatch(text))
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+# What the loader reads from an HF repository: the config, the weights (single or sharded
+# safetensors), the tokenizer and generation config. Nothing else is downloaded (no .bin
+# duplicates, no ONNX/GGUF/flax copies).
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                "quantize_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.*"]
+
+
+def _snapshot_download(repo_id: str, allow_patterns: list) -> str:
+    """``huggingface_hub.snapshot_download`` (a module-level hook, so tests can stand in for the
+    hub). Honours ``HF_HUB_OFFLINE``, ``HF_TOKEN``, ``HF_HOME``/``HF_HUB_CACHE`` and shows
+    huggingface_hub's progress bars."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, allow_patterns=allow_patterns)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def download(repo_id: str) -> Path:
+    """Download the files the loader needs from hub repository ``repo_id`` into the HF cache
+    (as transformers does) and return the local snapshot directory."""
+    how = (f"fetch it on a machine with network access (huggingface-cli download {repo_id}, then copy "
+           f"the HF cache), or pass a local directory")
+    if hub_offline():
+        raise ModelLoadError(f"model {repo_id!r} is not in the local HF cache and HF_HUB_OFFLINE is set, so it "
+                             f"cannot be downloaded; unset HF_HUB_OFFLINE or {how}")
+    try:
+        path = Path(_snapshot_download(repo_id, HUB_PATTERNS))
+    except Exception as e:   # huggingface_hub raises many kinds: not found, gated, offline, HTTP
+        kind = type(e).__name__
+        if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+            why = f"the hub has no accessible repository {repo_id!r} ({kind}; a private or gated model needs HF_TOKEN)"
+        else:
+            why = f"downloading {repo_id!r} failed ({kind}: {e})"
+        raise ModelLoadError(f"{why}; {how}") from e
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"hub repository {repo_id!r} has no config.json (a GGUF-only repository? download "
+                             f"the .gguf file and pass its path)")
+    return path

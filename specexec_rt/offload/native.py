@@ -21,9 +21,12 @@ from typing import Optional
 
 import torch
 
+from ..csrc import SOURCE_DIR
+
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# The sources ship inside the package (specexec_rt.csrc), so an installed wheel builds too.
+CSRC = SOURCE_DIR
 SOURCES = ("offload.cu", "offload.h")
 ABI_VERSION = 2  # csrc/offload.h SX_ABI_VERSION
 

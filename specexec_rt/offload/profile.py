@@ -13,7 +13,6 @@ CUDA device it exits with code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -24,9 +23,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..kernels.int4_gemm import int4_matmul
+from ..kernels.int4_weight import Int4Weight
 from . import native
-from .offload import LayerStreamer, layout_layer
-from .weights import LayerWeights, ResidentLayers, replace_leaves
+from .streamer import LayerStreamer, layout_layer
+from ..model.weights import LayerWeights, ResidentLayers, replace_leaves
 
 SHAPES = {
     "llama-2-70b": dict(hidden=8192, n_heads=64, n_kv_heads=8, head_dim=128, inter=28672, n_layers=80),
@@ -54,35 +55,14 @@ def parse_size(text: str) -> int:
 
 # ---------------------------------------------------------------- synthetic layers
 
-@dataclasses.dataclass
-class Int4Bytes:
-    """Stand-in of the right byte size when the int4 kernels are unavailable: packed nibbles
-    ``[out, in/2]`` plus fp16 scales and mins ``[in/128, out]``."""
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    mins: torch.Tensor
-
-
-def _int4_module():
-    try:
-        from .kernels import int4_matmul
-        return int4_matmul if hasattr(int4_matmul, "int4_matmul") else None
-    except ImportError:
-        return None
-
-
 def _matrix(out: int, inp: int, quantize: str, g: torch.Generator):
     if quantize == "none":
         return torch.empty(out, inp, dtype=torch.float16).uniform_(-0.02, 0.02, generator=g)
     q = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8, generator=g)
     scales = torch.empty(inp // GROUP_SIZE, out, dtype=torch.float16).uniform_(1e-3, 2e-3, generator=g)
     mins = -8 * scales
-    mod = _int4_module()
-    if mod is not None:
-        return mod.Int4Weight(qweight=q, scales=scales, mins=mins, out_features=out, in_features=inp,
-                              group_size=GROUP_SIZE)
-    return Int4Bytes(q, scales, mins)
+    return Int4Weight(qweight=q, scales=scales, mins=mins, out_features=out, in_features=inp,
+                      group_size=GROUP_SIZE)
 
 
 def synthetic_layer(shape: str, quantize: str, seed: int = 0) -> LayerWeights:
@@ -104,10 +84,7 @@ def synthetic_layer(shape: str, quantize: str, seed: int = 0) -> LayerWeights:
 def _linear(x: torch.Tensor, w) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return F.linear(x, w)
-    if isinstance(w, Int4Bytes):  # proxy: reads every packed byte as fp16 [out, in/4]
-        wq = w.qweight.view(torch.float16)
-        return F.linear(x[:, : wq.shape[1]], wq.nan_to_num(0.0) if wq.device.type == "cpu" else wq)
-    return _int4_module().int4_matmul(x, w)
+    return int4_matmul(x, w)
 
 
 def synthetic_block(x: torch.Tensor, w: LayerWeights, n_q: int) -> torch.Tensor:

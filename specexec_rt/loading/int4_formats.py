@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .int4_matmul import Int4Weight, _pack_nibbles
+from ..kernels.int4_weight import Int4Weight, pack_nibbles
 
 __all__ = ["from_gptq", "from_awq", "from_gguf_q4_0", "from_gguf_q4_1", "from_gguf_q4_k"]
 
@@ -103,7 +103,7 @@ def from_gptq(
     s = scales.to(torch.float32)
     mins = -z * s
     w = Int4Weight(
-        qweight=_pack_nibbles(q.T.contiguous()),
+        qweight=pack_nibbles(q.T.contiguous()),
         scales=s.to(scale_dtype).contiguous(),
         mins=mins.to(scale_dtype).contiguous(),
         out_features=n,
@@ -148,7 +148,7 @@ def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     z = _unpack_awq(qzeros).to(torch.float32)                      # [K/G, N]
     s = scales.to(torch.float32)
     return Int4Weight(
-        qweight=_pack_nibbles(q.T.contiguous()),
+        qweight=pack_nibbles(q.T.contiguous()),
         scales=s.to(scale_dtype).contiguous(),
         mins=(-z * s).to(scale_dtype).contiguous(),
         out_features=n, in_features=k, group_size=k // n_groups,
@@ -240,7 +240,7 @@ def from_gguf_q4_k(raw_blocks, shape) -> Int4Weight:
     if scales.dtype != mins.dtype:
         scales, mins = scales.float(), mins.float()
     return Int4Weight(
-        qweight=_pack_nibbles(q),
+        qweight=pack_nibbles(q),
         scales=scales.T.contiguous(),
         mins=mins.T.contiguous(),
         out_features=n, in_features=k, group_size=32,

@@ -13,14 +13,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from .model import Transformer
-from .weights import LayerWeights, ModelWeights
+from ..model.transformer import Transformer
+from ..model.weights import LayerWeights, ModelWeights
 
 
 def _resident_layers(target: Transformer) -> list:
     """The target's LayerWeights on its compute device (an offloaded target keeps them on the
     host; the draft must stay resident, so those are copied to the device)."""
-    from .loading.assemble import move_layer
+    from ..loading.assemble import move_layer
 
     return [move_layer(layer, target.device) for layer in target.weights.layers]
 
@@ -53,7 +53,7 @@ def layer_dropped_draft(target: Transformer, keep: Sequence[int], max_len: Optio
 def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_size: int = 64,
                max_len: Optional[int] = None) -> Transformer:
     """The target's layers ``keep`` (default all) with every matrix quantized to 4 bits."""
-    from .kernels.int4_matmul import Int4Weight, quantize_int4
+    from ..kernels.int4_weight import Int4Weight, quantize_int4
 
     keep = check_keep(target, range(target.config.n_layers) if keep is None else keep)
 
@@ -88,14 +88,10 @@ def default_draft(target: Transformer, max_len: Optional[int] = None) -> Transfo
     int4 agrees with the target on the top-1 token 73% of the time and holds the target's token
     in its top-8 99% of the time; layer-dropped copies (7 to 22 of 30 layers, first-k + last
     layers or every other layer) agree 0-2.4% (top-8 <= 5%), useless as drafts. Falls back to
-    a layer-dropped copy when the int4 kernels are unavailable or the target is already 4-bit.
+    a layer-dropped copy when the target is already 4-bit.
     """
-    try:
-        from .kernels import int4_matmul  # noqa: F401
-    except ImportError:
-        int4_matmul = None
     dense = all(isinstance(m, torch.Tensor) for lw in target.weights.layers
                 for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
-    if int4_matmul is not None and dense:
+    if dense:
         return int4_draft(target, max_len=max_len)
     return layer_dropped_draft(target, default_keep(target.config.n_layers), max_len)

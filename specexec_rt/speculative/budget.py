@@ -1,6 +1,6 @@
 """budget="auto": pick SpecExec's tree budget (and depth) before every iteration.
 
-Objective (SPECEXEC.md, "Beyond the paper"): maximise expected emitted tokens per second,
+Objective (docs/ALGORITHM.md, "Choosing the budget every pass"): maximise expected emitted tokens per second,
 
     (1 + r * E[b]) / (t_draft(b) + t_target(b))
 

@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from . import native
-from .weights import LayerWeights, ResidentLayers, replace_leaves, tensor_leaves
+from ..model.weights import LayerWeights, ResidentLayers, replace_leaves, tensor_leaves
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class LayerStreamer:
         if self.is_cuda and (pin is None or pin) and self.host_bytes:
             native.host_register(self.host_block)
             self.pinned = True
-            # Trap 1 of OFFLOAD-NOTES: a pageable source turns every copy synchronous.
+            # A pageable source turns every copy synchronous (docs/ALGORITHM.md, "The offloaded pass").
             if not native.is_pinned(self.host_block):
                 raise RuntimeError("host block registration did not page-lock the memory")
         self._make_slots()

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 if os.environ.get("SPECEXEC_TRITON_INTERPRET") == "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from ..kernels.int4_cpu import int4_matmul_cpu  # noqa: E402  (after TRITON_INTERPRET is set)
+from ..kernels.int4_gemm import int4_matmul  # noqa: E402
+
 
 def triton_interpret() -> bool:
     return os.environ.get("SPECEXEC_TRITON_INTERPRET") == "1"
@@ -39,11 +42,9 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
     """``x @ w.T + bias`` for ``x`` ``[M, in_features]`` and a dense or 4-bit ``w``."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    from .kernels import int4_matmul as q4
-
-    # On CPU the runtime takes the aten int4 path unless the interpreter switch is on;
+    # On CPU the runtime takes the CPU int4 path unless the interpreter switch is on;
     # TRITON_INTERPRET alone (set by kernel tests) must not send whole models through it.
-    y = q4.int4_matmul(x, w) if use_triton(x.device) else q4.int4_matmul_cpu(x, w)
+    y = int4_matmul(x, w) if use_triton(x.device) else int4_matmul_cpu(x, w)
     return y + bias if bias is not None else y
 
 
@@ -131,7 +132,7 @@ def prepare_attention(tree_mask: torch.Tensor, prefix_len: int, group: int, head
     """Build a pass's mask once. ``chain`` says ``tree_mask`` is the causal chain of the new
     tokens (known on the host, so a one-token decode step needs no mask at all).
     ``prefix_dev``: see ``AttentionMeta``; nothing here reads it on the host."""
-    from .kernels import tree_attention as ta
+    from ..kernels import attention as ta
 
     meta = AttentionMeta(prefix_len=prefix_len, n_tree=int(tree_mask.shape[1]), tree_mask=tree_mask,
                          prefix_dev=prefix_dev)
@@ -154,7 +155,7 @@ def prepare_attention(tree_mask: torch.Tensor, prefix_len: int, group: int, head
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
     """Tree-masked attention: ``q`` ``[n_q, H, D]``, ``k``/``v`` ``[n_k, H_kv, D]`` -> ``[n_q, H, D]``."""
-    from .kernels import tree_attention as ta
+    from ..kernels import attention as ta
 
     if meta.unmasked:
         return ta.prefix_attention_sdpa(q, k, v)

@@ -1,5 +1,5 @@
 """``specexec-rt tune-int4``: measure the fastest int4_matmul launch plan for a model's matrices
-on this GPU and save them (see ``specexec_rt.kernels.int4_tuning``).
+on this GPU and save them (measured by ``specexec_rt.kernels.int4_tuning``, kept by ``int4_plans``).
 
     specexec-rt tune-int4 --shape llama-2-70b              # synthetic weights of that shape
     specexec-rt tune-int4 --model path/or/alias            # the shapes of a model (config only)
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import SpecExecError
+from ..errors import SpecExecError
 
 
 class TuningUnavailableError(SpecExecError, RuntimeError):
@@ -21,14 +21,14 @@ class TuningUnavailableError(SpecExecError, RuntimeError):
 
 
 def _config_of(source):
-    from .loading.sources import resolve_source
+    from ..loading.sources import resolve_source
 
     src = resolve_source(source)
     if src.kind == "gguf":
-        from .loading.gguf_file import gguf_config, open_gguf
+        from ..loading.gguf_file import gguf_config, open_gguf
 
         return gguf_config(open_gguf(src.path), src.path), 32     # GGUF Q4_0/Q4_1 blocks
-    from .loading.hf import quantization_config, read_hf_config
+    from ..loading.hf import quantization_config, read_hf_config
 
     qcfg = quantization_config(src.path) or {}
     return read_hf_config(src.path), int(qcfg.get("group_size") or 0) or None
@@ -36,9 +36,9 @@ def _config_of(source):
 
 def shapes_for(model=None, shape=None, group_size=None) -> dict:
     """name -> (N, K, group size) of the int4 matrices to tune."""
-    from .kernels.int4_tuning import model_shapes
-    from .loading.assemble import int4_group_size
-    from .profile_offload import SHAPES
+    from ..kernels.int4_tuning import model_shapes
+    from ..loading.assemble import int4_group_size
+    from ..offload.profile import SHAPES
 
     if model is not None:
         cfg, ckpt_group = _config_of(model)
@@ -55,7 +55,7 @@ def shapes_for(model=None, shape=None, group_size=None) -> dict:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .profile_offload import SHAPES
+    from ..offload.profile import SHAPES
 
     p = subparsers.add_parser("tune-int4", help="measure and save the fastest int4 matmul plans on this GPU",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args) -> int:
     import torch
 
-    from .kernels import int4_tuning
+    from ..kernels import int4_plans, int4_tuning
 
     if not torch.cuda.is_available():
         raise TuningUnavailableError("tune-int4 measures GPU kernels and needs a CUDA GPU; "
@@ -85,8 +85,8 @@ def main(args) -> int:
     if any(m < 1 for m in ms):
         raise ValueError(f"--ms values must be positive, got {ms}")
     shapes = shapes_for(args.model, args.shape or (None if args.model else "llama-2-7b"), args.group_size)
-    path = int4_tuning.tuning_path() if args.out is None else args.out
-    int4_tuning.load_tuning(path)           # update the file, keep other GPUs' and shapes' entries
+    path = int4_plans.tuning_path() if args.out is None else args.out
+    int4_plans.load_tuning(path)           # update the file, keep other GPUs' and shapes' entries
     dtype = getattr(torch, args.dtype)
     print(f"[tune-int4] {torch.cuda.get_device_name()}: {len(shapes)} matrices x {len(ms)} M values",
           file=sys.stderr)
@@ -96,7 +96,7 @@ def main(args) -> int:
         for row in int4_tuning.tune_shape(n, k, g, ms, dtype=dtype, device="cuda", progress=True):
             if row["default_ms"]:
                 gains.append(row["default_ms"] / row["ms"])
-    saved = int4_tuning.save_tuning(path)
+    saved = int4_plans.save_tuning(path)
     if gains:
         print(f"[tune-int4] saved to {saved}; measured plans vs defaults: median {sorted(gains)[len(gains) // 2]:.2f}x, "
               f"best {max(gains):.2f}x", file=sys.stderr)

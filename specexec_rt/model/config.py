@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 # model_type -> what differs between the supported families. Everything else (RMSNorm, SwiGLU,
 # rotate-half RoPE, GQA) is shared.
@@ -39,7 +39,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(self.model_type)
+            raise UnsupportedModelError(self.model_type, supported=SUPPORTED_MODEL_TYPES)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
@@ -80,7 +80,7 @@ def config_from_hf(hf) -> ModelConfig:
     """Build a ModelConfig from a `transformers.PretrainedConfig` (or anything with its attributes)."""
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(model_type)
+        raise UnsupportedModelError(model_type, supported=SUPPORTED_MODEL_TYPES)
     n_heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     theta, scaling = _rope_from_hf(hf)

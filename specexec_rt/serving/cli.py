@@ -5,6 +5,10 @@ import argparse
 import sys
 import time
 
+from ..errors import SpecExecError
+from ..offload import profile
+from . import tune_int4
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -54,8 +58,8 @@ def build_engine(args):
     """Load target (and draft) and make an Engine from parsed CLI flags."""
     import torch
 
-    from . import load_model
-    from .engine import Engine
+    from ..loading import load_model
+    from ..speculative.engine import Engine
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     t0 = time.perf_counter()
@@ -63,7 +67,7 @@ def build_engine(args):
                         quantize=args.quantize, offload=args.offload, gpu_memory_gb=args.gpu_memory_gb)
     draft = None
     if args.draft == "default":
-        from .drafts import default_draft
+        from ..speculative.drafts import default_draft
 
         draft = default_draft(target)
     elif args.draft:
@@ -102,6 +106,52 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def add_serve_parser(subparsers) -> None:
+    from .server import DEFAULT_MAX_QUEUE
+
+    p = subparsers.add_parser("serve", help="serve the engine over an OpenAI-compatible HTTP API")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 request")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help=f"requests that may wait for the engine; beyond it: 429 (default {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id reported by /v1/models (default: the --model argument)")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from .server import make_server
+
+    if args.max_queue < 0:
+        raise SystemExit("specexec-rt serve: --max-queue must be >= 0")
+    engine = build_engine(args)
+    name = args.served_model_name or str(args.model)
+    server = make_server(engine, args.host, args.port, api_key=args.api_key, max_queue=args.max_queue,
+                         model_name=name, verbose=args.verbose)
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"[specexec-rt] warning: listening on {args.host} without --api-key", file=sys.stderr)
+    print(f"[specexec-rt] serving {name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt     # SIGTERM (service managers, docker stop) shuts down like Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("[specexec-rt] shutting down: the request in flight stops at its next pass", file=sys.stderr)
+        idle = server.close(timeout=10.0)
+        if not idle:
+            print("[specexec-rt] the engine did not go idle within 10 s; exiting anyway", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="specexec-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,16 +168,11 @@ def main(argv=None) -> int:
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=cmd_generate)
 
-    for module_name in ("profile_offload", "tune_int4", "server"):
-        try:
-            module = __import__(f"specexec_rt.{module_name}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        module.add_parser(sub)
+    add_serve_parser(sub)
+    profile.add_parser(sub)
+    tune_int4.add_parser(sub)
 
     args = parser.parse_args(argv)
-    from .errors import SpecExecError
-
     try:
         return args.func(args)
     except SpecExecError as e:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ContextLengthError
+from ..errors import ContextLengthError
 
 
 class KVCache:

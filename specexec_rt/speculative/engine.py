@@ -1,6 +1,6 @@
 """The speculative engine: autoregressive, chain, SpecInfer and SpecExec on one verification path.
 
-One iteration (see ../shared/SPECEXEC.md): grow a draft tree from the root (the last committed
+One iteration (docs/ALGORITHM.md): grow a draft tree from the root (the last committed
 token), verify root + tree in one target forward with the ancestor mask, accept exactly, commit
 the accepted path into both caches, emit accepted tokens + one target sample (the bonus).
 
@@ -25,7 +25,7 @@ import torch
 from . import sampling
 from . import tree as _tree
 from . import memory
-from .errors import (ContextLengthError, MemoryBudgetError, NonFiniteLogitsError, SamplingParameterError,
+from ..errors import (ContextLengthError, MemoryBudgetError, NonFiniteLogitsError, SamplingParameterError,
                      VocabularyMismatchError)
 from .sampling import SamplingParams, process_logits
 from .tree import NEG_INF, DraftTree, VerifyTree, path_rows
@@ -105,11 +105,11 @@ class Engine:
       ``branch_width`` children per expanded node [8], ``max_depth`` tree depth and draft calls
       per pass [16]. ``budget="auto"`` picks the budget (powers of two up to ``max_budget``
       [min(1024, what the target's cache holds)]) and the depth (up to ``max_depth``) before
-      every pass from online estimates (see specexec_rt/budget.py); ``stats.budgets`` lists them.
+      every pass from online estimates (see specexec_rt/speculative/budget.py); ``stats.budgets`` lists them.
 
     ``static_draft`` (SpecExec): run draft tree steps with static shapes (padded to the pass's
     beams, a fixed-width tree region, the prefix length on the device) so that on CUDA each is
-    captured once as a CUDA graph and replayed (specexec_rt/draft_graph.py). Default: on when
+    captured once as a CUDA graph and replayed (specexec_rt/speculative/draft_graph.py). Default: on when
     the draft is on CUDA and resident. ``True`` on the CPU runs the static pass eagerly.
 
     The draft shares the target's vocabulary (checked here: size, and a sample of token strings
@@ -136,7 +136,7 @@ class Engine:
                             f"it takes {list(METHOD_PARAMS[method]) or 'none'}")
         if method != "autoregressive" and draft is None:
             raise ValueError(f"method {method!r} needs a draft model (or use method='autoregressive'; "
-                             f"specexec_rt.drafts.default_draft(target) builds one from the target)")
+                             f"specexec_rt.default_draft(target) builds one from the target)")
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}"
                              if not self.auto else f"max_budget must be a positive int, got {budget!r}")
@@ -194,7 +194,7 @@ class Engine:
         """The target's tokenizer, loaded on first use from ``target.source`` (None if the target
         has no source, e.g. a model built in memory)."""
         if self._tokenizer is None and getattr(self.target, "source", None) is not None:
-            from .loading import load_tokenizer
+            from ..loading import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.target)
         return self._tokenizer
@@ -502,7 +502,7 @@ class Engine:
         return self._grow_chains(root, params, gen, n, min(depth, limit), stats)
 
     def _grow_specexec(self, root: int, params: SamplingParams, max_depth: int, stats) -> VerifyTree:
-        """Parallel best-first growth (SPECEXEC.md step 1); deterministic given the draft."""
+        """Parallel best-first growth (docs/ALGORITHM.md, step 1); deterministic given the draft."""
         budget, beams, width = self._budget, self.params["beams_per_step"], self.params["branch_width"]
         if self.auto and not self._user_beams:
             beams = min(budget, 32)
@@ -663,7 +663,7 @@ def check_same_vocabulary(target, draft, n_sample: int = 512) -> None:
     ts, ds = getattr(target, "source", None), getattr(draft, "source", None)
     if ts is None or ds is None or str(ts) == str(ds):
         return
-    from .loading import load_tokenizer
+    from ..loading import load_tokenizer
 
     try:
         tt, dt = load_tokenizer(target), load_tokenizer(draft)

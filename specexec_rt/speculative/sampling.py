@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .errors import SamplingParameterError
+from ..errors import SamplingParameterError
 
 
 @dataclass(frozen=True)

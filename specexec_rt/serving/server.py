@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from .errors import ContextLengthError, SamplingParameterError, SpecExecError
+from ..errors import ContextLengthError, SamplingParameterError, SpecExecError
 
 DEFAULT_MAX_QUEUE = 8
 SERVED_ALIAS = "specexec-rt"           # accepted as a model name besides the model's own id
@@ -716,50 +716,3 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError as e:
             raise ClientGone from e
-
-
-# --------------------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    from .cli import add_model_args
-
-    p = subparsers.add_parser("serve", help="serve the engine over an OpenAI-compatible HTTP API")
-    add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every /v1 request")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help=f"requests that may wait for the engine; beyond it: 429 (default {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--served-model-name", default=None,
-                   help="model id reported by /v1/models (default: the --model argument)")
-    p.add_argument("--verbose", action="store_true", help="log every request")
-    p.set_defaults(func=cmd_serve)
-
-
-def cmd_serve(args) -> int:
-    from .cli import build_engine
-
-    if args.max_queue < 0:
-        raise SystemExit("specexec-rt serve: --max-queue must be >= 0")
-    engine = build_engine(args)
-    name = args.served_model_name or str(args.model)
-    server = make_server(engine, args.host, args.port, api_key=args.api_key, max_queue=args.max_queue,
-                         model_name=name, verbose=args.verbose)
-    host, port = server.server_address[:2]
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"[specexec-rt] warning: listening on {args.host} without --api-key", file=sys.stderr)
-    print(f"[specexec-rt] serving {name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr)
-    import signal
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt     # SIGTERM (service managers, docker stop) shuts down like Ctrl-C
-
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("[specexec-rt] shutting down: the request in flight stops at its next pass", file=sys.stderr)
-        idle = server.close(timeout=10.0)
-        if not idle:
-            print("[specexec-rt] the engine did not go idle within 10 s; exiting anyway", file=sys.stderr)
-    return 0

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .errors import MemoryBudgetError
+from ..errors import MemoryBudgetError
 
 GiB = 1 << 30
 
@@ -58,7 +58,7 @@ def available_bytes(device) -> Optional[int]:
 def forward_bytes(model, n_q: int, n_k: int, logits_rows: Optional[int] = None) -> int:
     """Transient bytes of one ``model.forward`` of ``n_q`` new tokens that attend to ``n_k``
     cache slots and return ``logits_rows`` rows of logits (default ``n_q``)."""
-    from . import ops
+    from ..model import ops
 
     c = model.config
     e = _itemsize(model.dtype)
@@ -79,7 +79,7 @@ def forward_bytes(model, n_q: int, n_k: int, logits_rows: Optional[int] = None) 
         total += 4 * n_q * n_k * (hq // hkv) + 4 * n_q * n_k * hq + 4 * (n_q * hq + 2 * n_k * hkv) * d
     # Dense-M int4 layers on CUDA dequantise into one scratch buffer (kept between calls).
     if model.device.type == "cuda" and getattr(model, "quantization", None) == "int4" and n_q >= 256:
-        from .kernels.int4_matmul import SCRATCH_MAX_ELEMENTS
+        from ..kernels.int4_gemm import SCRATCH_MAX_ELEMENTS
 
         total += e * min(SCRATCH_MAX_ELEMENTS, max(h, inter) * max(2 * inter, c.qkv_size, h))
     total += rows * c.vocab_size * (e + 4)      # LM head output and its float32 copy

@@ -1,0 +1,6 @@
+"""``python -m specexec_rt ...`` is the ``specexec-rt`` command."""
+import sys
+
+from .serving.cli import main
+
+sys.exit(main())

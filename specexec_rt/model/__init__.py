@@ -1,0 +1,17 @@
+"""The model: config, weights, static KV cache, the ops, and the one forward path.
+
+| module | what |
+| --- | --- |
+| ``config`` | ``ModelConfig``: one dataclass for every supported architecture |
+| ``weights`` | ``LayerWeights`` / ``ModelWeights``: plain tensors or ``Int4Weight``s; ``ResidentLayers`` |
+| ``kv_cache`` | ``KVCache``: static K/V indexed by slot, ``commit()`` |
+| ``ops`` | ``linear``, ``rms_norm``, RoPE, ``prepare_attention``/``attention``: kernels or references |
+| ``transformer`` | ``Transformer.forward``: prefill, decode, draft-tree growth and verification |
+"""
+from .config import SUPPORTED_MODEL_TYPES, ModelConfig
+from .kv_cache import KVCache
+from .transformer import Transformer, causal_mask
+from .weights import LayerWeights, ModelWeights, ResidentLayers
+
+__all__ = ["ModelConfig", "SUPPORTED_MODEL_TYPES", "KVCache", "Transformer", "causal_mask", "LayerWeights",
+           "ModelWeights", "ResidentLayers"]
