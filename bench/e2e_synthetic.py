@@ -9,7 +9,7 @@ streaming is measured honestly; ``--resident auto`` keeps as many leading layers
 
 Random weights make acceptance meaningless, so this measures COSTS only, per budget:
 - ``draft_s``: one SpecExec tree growth of that budget by the engine's own code
-  (``Engine._grow``: best-first, ``beams_per_step`` nodes per draft call), on a 512-token prefix;
+  (``Engine.grow_tree``: best-first, ``beams_per_step`` nodes per draft call), on a 512-token prefix;
 - ``target_s``: one target forward over ``budget`` tree tokens with a random valid tree mask on
   top of the prefix (the verification pass);
 - ``floor_s``: streamed bytes per pass / pinned H2D bandwidth measured in this run (the higher of
@@ -57,6 +57,13 @@ from specexec_rt.model.weights import LayerWeights, ModelWeights, weights_nbytes
 GROUP = 128
 PREFIX = 512
 BUDGETS = (64, 256, 1024, 2048)
+# Batched rows: concurrent requests per pass, each with this budget (a tree of budget + 1 tokens).
+BATCHES = (1, 2, 4, 8)
+DRY_BATCHES = (1, 2)
+BATCH_BUDGET = 256
+# Tokens per pass per request assumed by the batched rows' projection (random weights accept
+# nothing): what SpecExec reached on SmolLM2-135M with its int4 draft (bench/results/acceptance.md).
+ASSUMED_TOKENS_PER_PASS = {8: 2.91, 16: 3.20, 32: 3.37, 64: 3.76, 128: 4.27, 256: 4.92, 512: 5.33, 1024: 5.33}
 DRY_BUDGETS = (8, 32)
 DRY_PREFIX = 24
 
@@ -208,23 +215,19 @@ def probe_pinned_gbps(device: torch.device, nbytes: int = 1 << 30) -> Optional[f
 # ------------------------------------------------------------------ drafting
 
 def _draft_engine(target, draft, budget: int, beams: Optional[int], width: int, max_depth: int,
-                  static_draft: Optional[bool] = None):
+                  static_draft: Optional[bool] = None, max_batch: int = 1):
     from specexec_rt.speculative.engine import Engine
 
-    kw = dict(branch_width=width, max_depth=max_depth, static_draft=static_draft)
+    kw = dict(branch_width=width, max_depth=max_depth, static_draft=static_draft, max_batch=max_batch)
     if beams:
         kw["beams_per_step"] = beams
     return Engine(target, draft, method="specexec", budget=budget, **kw)
 
 
 def grow_tree_engine(engine, prefix_len: int, root: int, gen) -> dict:
-    """One SpecExec tree growth by the engine's own code on a committed draft prefix."""
-    from specexec_rt.speculative.engine import GenerationStats
-    from specexec_rt.speculative.sampling import SamplingParams
-
-    engine._dp, engine._pending, engine._syncs = prefix_len, [root], 0
-    stats = GenerationStats()
-    tree, _ = engine._grow(SamplingParams(0.0, 1.0, 0), gen, engine.params["max_depth"], stats)
+    """One SpecExec tree growth by the engine's own code on a committed draft prefix
+    (``Engine.grow_tree``, the public drafting API)."""
+    tree, stats = engine.grow_tree(prefix_len, root)
     return dict(tree_nodes=tree.n, draft_calls=stats.draft_calls, tree_depth=int(tree.depths.max()))
 
 
@@ -253,6 +256,44 @@ def grow_tree_equivalent(draft: Transformer, prefix_len: int, budget: int, beams
 
 
 # ------------------------------------------------------------------ the benchmark
+
+def batched_rows(target, draft, prefix: int, batches, budget: int, beams: Optional[int], width: int,
+                 max_depth: int, floor: Optional[float], device, reps: int, gen, tree_gen, dry: bool) -> list:
+    """B requests per pass: the draft trees of all B grown together by the engine
+    (``Engine.grow_trees``, one draft call per level), and one target ``forward_batch`` over the B
+    trees, each request in its own region of a pooled cache. The aggregate tokens/s is projected
+    from ``ASSUMED_TOKENS_PER_PASS`` (random weights accept nothing)."""
+    from specexec_rt.model import Segment
+
+    tpp = ASSUMED_TOKENS_PER_PASS.get(budget, ASSUMED_TOKENS_PER_PASS[min(ASSUMED_TOKENS_PER_PASS,
+                                                                           key=lambda b: abs(b - budget))])
+    region = prefix + budget + 8
+    rows = []
+    for b in batches:
+        eng = _draft_engine(target, draft, budget, beams, width, max_depth, static_draft=False, max_batch=b)
+        d_s, _, (trees, stats) = timed(lambda: eng.grow_trees([prefix] * b, [1] * b), device, reps)
+        pool = target.new_cache(b * region)
+        segs, ids, pos = [], [], []
+        for i in range(b):
+            mask, depths = random_tree(budget + 1, tree_gen)
+            segs.append(Segment(budget + 1, i * region, prefix, tree_mask=mask.to(device)))
+            ids.append(torch.randint(0, target.vocab_size, (budget + 1,), device=device, generator=gen))
+            pos.append(prefix + depths.to(device))
+        ids, pos = torch.cat(ids), torch.cat(pos)
+        t_s, _, _ = timed(lambda: target.forward_batch(ids, pos, pool, segs), device, reps)
+        pool = eng = None     # free both pools before the next B allocates its own
+        agg = b * tpp / (d_s + t_s)
+        rows.append(dict(requests=b, budget_per_request=budget, draft_s=d_s, draft_calls=stats.draft_calls,
+                         tree_nodes=sum(t.n for t in trees), target_s=t_s, floor_s=floor,
+                         target_over_floor=t_s / floor if floor else None, pass_s=d_s + t_s,
+                         assumed_tokens_per_pass=tpp, projected_aggregate_tok_s=agg))
+        rows[-1]["aggregate_vs_one"] = agg / rows[0]["projected_aggregate_tok_s"]
+        print(f"batched B={b}: draft {d_s:.4f} s ({stats.draft_calls} calls), target {t_s:.4f} s"
+              + (f" ({t_s / floor:.3f}x floor)" if floor else "")
+              + f", projected {agg:.2f} tok/s ({rows[-1]['aggregate_vs_one']:.2f}x one request)",
+              file=sys.stderr, flush=True)
+    return rows
+
 
 def build_models(dry: bool, device: torch.device, dtype: torch.dtype, budgets, resident: str, n_slots: int,
                  draft_max_slots: int, draft_logit_std: float, target_layers: Optional[int]) -> dict:
@@ -297,7 +338,7 @@ def build_models(dry: bool, device: torch.device, dtype: torch.dtype, budgets, r
 def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: str = "0", n_slots: int = 2,
         beams_per_step: Optional[int] = None, branch_width: int = 8, max_depth: Optional[int] = None,
         draft_logit_std: float = 4.0, target_layers: Optional[int] = None,
-        deadline_s: Optional[float] = None) -> dict:
+        deadline_s: Optional[float] = None, batches=None, batch_budget: Optional[int] = None) -> dict:
     """Measure the costs (see module docstring). Returns a JSON-ready dict with ``rows`` (one per
     budget), ``autoregressive`` and ``info``. ``deadline_s``: stop starting new budgets after this
     many seconds (the skipped budgets are listed in ``skipped_budgets``)."""
@@ -309,6 +350,7 @@ def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: s
             raise RuntimeError("e2e_synthetic needs a CUDA GPU (or dry=True)")
         device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.float16
     budgets = tuple(budgets or (DRY_BUDGETS if dry else BUDGETS))
+    batches = tuple((DRY_BATCHES if dry else BATCHES) if batches is None else batches)
     reps = reps or (1 if dry else 3)
     max_depth = max_depth or (4 if dry else 16)
     beams_cap = beams_per_step or min(max(budgets), 32)     # the engine's default: min(budget, 32)
@@ -366,8 +408,7 @@ def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: s
                 d_s, d_all, tree = timed(lambda: grow_tree_engine(eng, prefix, 1, gen), device, reps)
                 method = "engine"
                 tree["static_draft"] = eng.static_draft
-                tree["static_draft_captured"] = any(r is not None and r.graph is not None
-                                                    for r in eng._draft_runners.values())
+                tree["static_draft_captured"] = eng.captured_draft_graphs > 0
                 if eng.static_draft:
                     # Side by side: the same growth with every step eager (the pre-graph engine).
                     eng_eager = _draft_engine(target, draft, b, beams_per_step, branch_width, max_depth,
@@ -391,6 +432,10 @@ def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: s
                   + (f"; eager {eager['draft_eager_s']:.4f} s" if eager else "") + "), "
                   f"target {t_s:.4f} s, target/floor {row['target_over_floor'] or float('nan'):.3f}",
                   file=sys.stderr, flush=True)
+        if batches:
+            out["batched"] = batched_rows(target, draft, prefix, batches, batch_budget or budgets[0],
+                                          beams_per_step, branch_width, max_depth, floor, device, reps, gen,
+                                          tree_gen, dry)
         # One more pass with the streamer's event timing: how long compute waited for copies.
         if device.type == "cuda" and budgets:
             b = out["rows"][-1]["budget"] if out["rows"] else budgets[0]
@@ -426,13 +471,19 @@ def main(argv=None) -> int:
     ap.add_argument("--target-layers", type=int, default=None, help="fewer target layers (quick runs)")
     ap.add_argument("--beams-per-step", type=int, default=None)
     ap.add_argument("--max-depth", type=int, default=None)
+    ap.add_argument("--batches", default=None, help="concurrent requests of the batched rows (default 1,2,4,8; "
+                    "'' for none)")
+    ap.add_argument("--batch-budget", type=int, default=None, help=f"budget per request of the batched rows "
+                    f"(default {BATCH_BUDGET}; --dry: the first budget)")
     args = ap.parse_args(argv)
     if args.dry:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             print("--dry: run with SPECEXEC_TRITON_INTERPRET=1 set before import", file=sys.stderr)
     budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else None
+    batches = None if args.batches is None else tuple(int(b) for b in args.batches.split(",") if b)
     res = run(args.dry, budgets, args.reps, args.resident, beams_per_step=args.beams_per_step,
-              max_depth=args.max_depth, target_layers=args.target_layers)
+              max_depth=args.max_depth, target_layers=args.target_layers, batches=batches,
+              batch_budget=args.batch_budget or (None if args.dry else BATCH_BUDGET))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

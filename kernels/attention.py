@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "Segments",
     "TileConfig",
     "TreeAttentionLaunch",
     "pack_tree_mask",
@@ -39,6 +40,8 @@ __all__ = [
     "tree_attention",
     "tree_attention_packed",
     "tree_attention_reference",
+    "tree_attention_ragged",
+    "tree_attention_ragged_reference",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -88,36 +91,45 @@ def _load_kv(k_ptrs, v_ptrs, key_ok, d_ok, BOUND: tl.constexpr, EVEN_D: tl.const
 
 @triton.jit
 def _tree_attn_fwd(
-    Q, K, V, PM, Out, PartM, PartL, PartAcc, PrefixPtr,
-    n_q, n_heads, prefix_len, n_tree, n_words, tiles_per_split, qk_scale,
+    Q, K, V, PM, Out, PartM, PartL, PartAcc,
+    SegQ, SegBase, SegPrefix, SegTree, ProgSeg, ProgBlock,
+    n_q, n_heads, n_splits, qk_scale,
     sq_n, sq_h, sq_d, sk_n, sk_h, sk_d, sv_n, sv_h, sv_d, so_n, so_h, so_d, spm_q, spm_w,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PREFIX_FROM_PTR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """Grid: (cdiv(n_q * GROUP, BLOCK_M), n_kv_heads, n_splits).
+    """Grid: (programs, n_kv_heads, n_splits), a program being one ``BLOCK_M`` block of one
+    segment's rows (``ProgSeg``/``ProgBlock``, planned on the host).
 
-    PREFIX_FROM_PTR: the prefix length is read from ``PrefixPtr`` (int32 [1]) on the device
-    and ``prefix_len`` is only its upper bound, so one launch (or CUDA graph) serves every
-    prefix length; the tree region then starts at the device value."""
-    if PREFIX_FROM_PTR:
-        prefix_len = tl.load(PrefixPtr)
+    A ragged batch of segments (one per request): segment ``s`` owns query rows
+    ``[SegQ[s], SegQ[s + 1])``, sees the ``SegPrefix[s]`` committed keys starting at cache row
+    ``SegBase[s]`` without a mask, and the ``SegTree[s]`` tree keys right after them through
+    its rows' mask bits. Every per-segment value is read on the device, so one launch (or CUDA
+    graph) serves any prefix length."""
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     WORDS: tl.constexpr = BLOCK_N // 32
-    pid_m = tl.program_id(0)
+    pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    seg = tl.load(ProgSeg + pid)
+    q0 = tl.load(SegQ + seg)
+    seg_rows = (tl.load(SegQ + seg + 1) - q0) * GROUP
+    base = tl.load(SegBase + seg).to(tl.int64)
+    prefix_len = tl.load(SegPrefix + seg)
+    n_tree = tl.load(SegTree + seg)
+    n_words = (n_tree + 31) // 32
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_q * GROUP
-    qi = rows // GROUP
+    rows = tl.load(ProgBlock + pid) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seg_rows
+    qi = q0 + rows // GROUP
     head = kvh * GROUP + rows % GROUP
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
 
     q_ptrs = Q + qi[:, None] * sq_n + head[:, None] * sq_h + offs_d[None, :] * sq_d
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + kvh * sk_h + offs_d[None, :] * sk_d
-    v_base = V + kvh * sv_h + offs_d[None, :] * sv_d
+    k_base = K + base * sk_n + kvh * sk_h + offs_d[None, :] * sk_d
+    v_base = V + base * sv_n + kvh * sv_h + offs_d[None, :] * sv_d
     pm_rows = PM + qi * spm_q
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -127,6 +139,7 @@ def _tree_attn_fwd(
     n_pre_full = prefix_len // BLOCK_N
     n_pre_tiles = (prefix_len + BLOCK_N - 1) // BLOCK_N
     n_tiles = n_pre_tiles + (n_tree + BLOCK_N - 1) // BLOCK_N
+    tiles_per_split = (n_tiles + n_splits - 1) // n_splits
     t_lo = split * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
     arange_n = tl.arange(0, BLOCK_N)
@@ -171,14 +184,15 @@ def _tree_attn_fwd(
         widx = j0 // 32 + tl.arange(0, WORDS)
         words = tl.load(pm_rows[:, None] + widx[None, :] * spm_w,
                         mask=row_ok[:, None] & (widx < n_words)[None, :], other=0)
-        # Bits past n_tree are zero (pack_tree_mask pads with False), so the bits alone
-        # mask the tile's out-of-range keys too.
+        # Bits past the segment's n_tree are zero (the packed rows are padded with False), so
+        # the bits alone mask the tile's out-of-range keys too.
         bits = (words[:, :, None] >> shifts[None, None, :]) & 1
         visible = tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
         acc, m_i, l_i = _softmax_step(q, k, v, visible, acc, m_i, l_i, qk_scale, True)
 
     if SPLIT:
-        # Partial results, indexed [split, query, head]; m in the log2 domain.
+        # Partial results, indexed [split, query, head]; m in the log2 domain. A split with
+        # no tile of this segment stores m = -inf, l = 0: the merge gives it weight 0.
         r = (split.to(tl.int64) * n_q + qi) * n_heads + head
         tl.store(PartM + r, m_i, mask=row_ok)
         tl.store(PartL + r, l_i, mask=row_ok)
@@ -367,26 +381,108 @@ def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree):
         raise ValueError(f"packed_mask is on {packed_mask.device}, q on {q.device}")
 
 
+def _check_ragged_inputs(q, k, v, packed_mask, segments: "Segments") -> None:
+    _check_qkv(q, k, v, 0)
+    if q.device.type == "cuda":
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"the CUDA kernel takes float16/bfloat16, got {q.dtype}")
+    elif not (q.device.type == "cpu" and _interpreting()):
+        raise RuntimeError(f"tree_attention's Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                           f"tensors), got {q.device}; call tree_attention_ragged_reference on the CPU")
+    if not 16 <= q.shape[2] <= 256:
+        raise ValueError(f"head_dim {q.shape[2]} unsupported by the kernel (16..256)")
+    segments.check(q.shape[0], k.shape[0])
+    if not isinstance(packed_mask, torch.Tensor) or packed_mask.dtype != torch.int32 or packed_mask.dim() != 2:
+        raise TypeError("packed_mask must be a 2-D int32 tensor from pack_tree_mask")
+    if packed_mask.shape[0] != q.shape[0] or packed_mask.shape[1] < triton.cdiv(segments.max_tree, 32):
+        raise ValueError(f"packed_mask shape {tuple(packed_mask.shape)} must be [{q.shape[0]}, >= "
+                         f"{triton.cdiv(segments.max_tree, 32)}] (rows of every segment, words of the widest tree)")
+    if packed_mask.device != q.device:
+        raise ValueError(f"packed_mask is on {packed_mask.device}, q on {q.device}")
+
+
+@functools.lru_cache(maxsize=256)
+def _device_table(values: tuple, device: torch.device) -> torch.Tensor:
+    """The int32 segment and program table of a launch, on ``device``; built once per distinct
+    table (the static-shape draft steps reuse one, which keeps host-to-device copies out of a
+    CUDA graph capture)."""
+    return torch.tensor(values, dtype=torch.int32).to(device)
+
+
+class Segments(NamedTuple):
+    """A ragged batch of attention problems over one KV cache (one segment per request).
+
+    Segment ``s`` owns ``n_q[s]`` consecutive query rows (in segment order); its keys are the
+    cache rows ``[base[s], base[s] + prefix[s] + n_tree[s])``: ``prefix[s]`` committed keys
+    seen by every row of the segment, then ``n_tree[s]`` tree keys seen through the row's
+    mask bits (bit ``j`` of a row = tree key ``j`` of its own segment). Host ints: the
+    launch is planned from them once per forward.
+    """
+
+    n_q: tuple
+    base: tuple
+    prefix: tuple
+    n_tree: tuple
+
+    @staticmethod
+    def single(n_q: int, prefix_len: int, n_tree: int) -> "Segments":
+        return Segments((int(n_q),), (0,), (int(prefix_len),), (int(n_tree),))
+
+    @property
+    def total_q(self) -> int:
+        return sum(self.n_q)
+
+    @property
+    def max_tree(self) -> int:
+        return max(self.n_tree, default=0)
+
+    def check(self, n_q_total: int, n_keys: int) -> None:
+        """Host checks: the rows add up and every segment's keys lie inside the cache."""
+        if not (len(self.n_q) == len(self.base) == len(self.prefix) == len(self.n_tree)) or not self.n_q:
+            raise ValueError("Segments: n_q, base, prefix and n_tree must be non-empty and of one length")
+        if self.total_q != n_q_total:
+            raise ValueError(f"segments hold {self.total_q} query rows but q has {n_q_total}")
+        for i, (nq, b, p, t) in enumerate(zip(*self)):
+            if min(nq, b, p, t) < 0:
+                raise ValueError(f"segment {i}: negative size in n_q={nq}, base={b}, prefix={p}, n_tree={t}")
+            if b + p + t > n_keys:
+                raise ValueError(f"segment {i}: keys [{b}, {b + p + t}) exceed the {n_keys} cache rows")
+
+
 class TreeAttentionLaunch:
     """One forward's tree-attention launch, planned once and run for every layer.
 
     Everything but the q/k/v pointers is the same in every layer of a pass (shapes, mask,
-    prefix length, tile config, split count), so the checks, the choices and the split-K
-    partial buffers happen once here; :meth:`run` is then one output allocation and the
+    segments, tile config, split count), so the checks, the choices, the program table and the
+    split-K partial buffers happen once here; :meth:`run` is then one output allocation and the
     launches (the whole launcher was ~48 us of Python per layer on a 2-core EPYC, most of a
     small tree pass's time on a launch-bound draft). The partial buffers are shared by the
     layers: each layer's merge reads them before the next layer's kernel, in stream order.
+
+    One request: ``TreeAttentionLaunch(q, k, v, packed_mask, prefix_len, n_tree)`` with k, v
+    ``[prefix_len + n_tree, n_kv, D]``. A ragged batch of requests: ``segments=Segments(...)``
+    (then ``prefix_len``/``n_tree`` are not given) with k, v the whole cache layer, and
+    ``packed_mask`` ``[total n_q, ceil(max n_tree / 32)]`` packed from per-row masks padded with
+    False past each segment's tree.
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed_mask: torch.Tensor,
-                 prefix_len: int, n_tree: int, scale: float | None = None, *,
-                 num_splits: int | None = None, config: TileConfig | None = None, validate: bool = False,
-                 prefix_dev: torch.Tensor | None = None):
-        """``prefix_dev`` (int32 ``[1]`` on q's device): the real prefix length, read by the
-        kernel on the device, so the launch does not depend on it (CUDA graphs); then
-        ``prefix_len`` is its upper bound (k/v hold ``prefix_len + n_tree`` keys) and the
-        tree region starts at the device value. The caller keeps the value <= the bound."""
-        _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree)
+                 prefix_len: int | None = None, n_tree: int | None = None, scale: float | None = None, *,
+                 segments: Segments | None = None, num_splits: int | None = None, config: TileConfig | None = None,
+                 validate: bool = False, prefix_dev: torch.Tensor | None = None):
+        """``prefix_dev`` (int32 ``[1]`` on q's device, one segment only): the real prefix
+        length, read by the kernel on the device, so the launch does not depend on it (CUDA
+        graphs); then ``prefix_len`` is its upper bound (k/v hold ``prefix_len + n_tree`` keys)
+        and the tree region starts at the device value. The caller keeps the value <= the bound."""
+        if segments is None:
+            if prefix_len is None or n_tree is None:
+                raise TypeError("TreeAttentionLaunch needs prefix_len and n_tree, or segments=")
+            _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree)
+            segments = Segments.single(q.shape[0], prefix_len, n_tree)
+        else:
+            if prefix_len is not None or n_tree is not None or prefix_dev is not None:
+                raise TypeError("with segments=, pass no prefix_len, n_tree or prefix_dev")
+            _check_ragged_inputs(q, k, v, packed_mask, segments)
         if prefix_dev is not None:
             if (not isinstance(prefix_dev, torch.Tensor) or prefix_dev.dtype != torch.int32
                     or prefix_dev.numel() != 1 or prefix_dev.device != q.device):
@@ -394,32 +490,65 @@ class TreeAttentionLaunch:
             if validate:
                 raise ValueError("validate=True needs the prefix length on the host")
         self.prefix_dev = prefix_dev
-        if validate and prefix_len == 0:
-            if n_tree == 0 or bool((packed_mask == 0).all(dim=1).any()):
-                raise ValueError("prefix_len == 0 and some tree_mask row sees no key")
+        if validate:
+            for i, (p, t) in enumerate(zip(segments.prefix, segments.n_tree)):
+                if p == 0:
+                    q0 = sum(segments.n_q[:i])
+                    rows = packed_mask[q0:q0 + segments.n_q[i]]
+                    if t == 0 or bool((rows == 0).all(dim=1).any()):
+                        raise ValueError("prefix_len == 0 and some tree_mask row sees no key")
         n_q, n_heads, d = q.shape
         n_kv = k.shape[1]
         self.q_shape, self.k_shape, self.dtype = q.shape, k.shape, q.dtype
-        self.packed_mask, self.prefix_len, self.n_tree = packed_mask, prefix_len, n_tree
+        self.packed_mask, self.segments = packed_mask, segments
         self.n_q, self.n_heads, self.n_kv = n_q, n_heads, n_kv
         self.group = n_heads // n_kv
         self.scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         self.d, self.d_pad = d, triton.next_power_of_2(d)
-        cfg = config or _choose_config(n_q * self.group, self.d_pad, q.device.type != "cuda")
+        max_rows = max(segments.n_q) * self.group
+        cfg = config or _choose_config(max_rows, self.d_pad, q.device.type != "cuda")
         if cfg.block_n % 32 or cfg.block_m < 16 or cfg.block_n < 32:
             raise ValueError(f"bad TileConfig {cfg}: block_m >= 16, block_n a multiple of 32")
         self.cfg = cfg
-        self.m_blocks = triton.cdiv(n_q * self.group, cfg.block_m)
-        n_tiles = triton.cdiv(prefix_len, cfg.block_n) + triton.cdiv(n_tree, cfg.block_n)
-        splits = num_splits if num_splits is not None else _choose_splits(self.m_blocks * n_kv, n_tiles, q.device)
-        splits = max(1, min(int(splits), n_tiles))
-        self.tiles_per_split = triton.cdiv(n_tiles, splits)    # n_tiles >= 1: n_k == 0 is rejected
-        self.splits = triton.cdiv(n_tiles, self.tiles_per_split)
+        # The program table: one program per BLOCK_M rows of one segment (plan once, run many).
+        prog_seg, prog_block = [], []
+        for s_i, nq in enumerate(segments.n_q):
+            blocks = triton.cdiv(nq * self.group, cfg.block_m)
+            prog_seg += [s_i] * blocks
+            prog_block += list(range(blocks))
+        self.programs = len(prog_seg)
+        n_tiles = max(triton.cdiv(p, cfg.block_n) + triton.cdiv(t, cfg.block_n)
+                      for p, t in zip(segments.prefix, segments.n_tree))
+        n_tiles = max(n_tiles, 1)
+        splits = num_splits if num_splits is not None else _choose_splits(self.programs * n_kv, n_tiles, q.device)
+        self.splits = max(1, min(int(splits), n_tiles))
+        q_offsets = [0]
+        for nq in segments.n_q:
+            q_offsets.append(q_offsets[-1] + nq)
+        b = len(segments.n_q)
+        table = _device_table(tuple(q_offsets + list(segments.base) + list(segments.prefix) + list(segments.n_tree)
+                                    + prog_seg + prog_block), q.device)
+        o = 0
+        self.seg_q, o = table[o:o + b + 1], o + b + 1
+        self.seg_base, o = table[o:o + b], o + b
+        self.seg_prefix, o = (prefix_dev if prefix_dev is not None else table[o:o + b]), o + b
+        self.seg_tree, o = table[o:o + b], o + b
+        self.prog_seg, o = table[o:o + self.programs], o + self.programs
+        self.prog_block = table[o:o + self.programs]
         if self.splits > 1:
             rows = n_q * n_heads
             self.part_m = torch.empty(self.splits, rows, device=q.device, dtype=torch.float32)
             self.part_l = torch.empty_like(self.part_m)
             self.part_acc = torch.empty(self.splits, rows, self.d_pad, device=q.device, dtype=torch.float32)
+
+    # Kept for callers of the one-request form.
+    @property
+    def prefix_len(self) -> int:
+        return self.segments.prefix[0]
+
+    @property
+    def n_tree(self) -> int:
+        return self.segments.n_tree[0]
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out: torch.Tensor | None = None) -> torch.Tensor:
@@ -436,15 +565,13 @@ class TreeAttentionLaunch:
         cfg, split = self.cfg, self.splits > 1
         pm = self.packed_mask
         part_m, part_l, part_acc = (self.part_m, self.part_l, self.part_acc) if split else (out, out, out)
-        from_ptr = self.prefix_dev is not None
-        _tree_attn_fwd[(self.m_blocks, self.n_kv, self.splits)](
-            q, k, v, pm, out, part_m, part_l, part_acc, self.prefix_dev if from_ptr else pm,
-            # With the prefix on the device the host value is unused (0: never the constexpr 1).
-            self.n_q, self.n_heads, 0 if from_ptr else self.prefix_len, self.n_tree, pm.shape[1],
-            self.tiles_per_split, self.scale * _LOG2E,
+        _tree_attn_fwd[(self.programs, self.n_kv, self.splits)](
+            q, k, v, pm, out, part_m, part_l, part_acc,
+            self.seg_q, self.seg_base, self.seg_prefix, self.seg_tree, self.prog_seg, self.prog_block,
+            self.n_q, self.n_heads, self.splits, self.scale * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pm.stride(),
             GROUP=self.group, HEAD_DIM=self.d, D_PAD=self.d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            SPLIT=split, PREFIX_FROM_PTR=from_ptr, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if split:
             _tree_attn_merge[(self.n_q * self.n_heads,)](
@@ -510,6 +637,33 @@ def tree_attention(
     packed = pack_tree_mask(tree_mask, prefix_len)
     return tree_attention_packed(q, k, v, packed, prefix_len, n_tree, scale,
                                  out=out, num_splits=num_splits, config=config)
+
+
+def tree_attention_ragged(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree_mask: torch.Tensor,
+    segments: Segments,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Tree-masked attention for a ragged batch of requests in one launch (Triton).
+
+    q ``[sum n_q, n_heads, D]`` (segments' rows in order); k, v the shared cache
+    ``[n_rows, n_kv_heads, D]``; tree_mask bool ``[sum n_q, max n_tree]``, row ``i`` of segment
+    ``s`` holding its visibility of tree keys ``0 .. n_tree[s] - 1`` of its own segment (columns
+    past ``n_tree[s]`` must be False). See :class:`Segments`. Per-layer callers should pack the
+    mask once and plan with ``TreeAttentionLaunch(..., segments=...)``.
+    """
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.bool or tree_mask.dim() != 2:
+        raise TypeError("tree_mask must be a 2-D bool tensor [sum n_q, max n_tree]")
+    launch = TreeAttentionLaunch(q, k, v, pack_tree_mask(tree_mask), scale=scale, segments=segments,
+                                 num_splits=num_splits, config=config)
+    return launch.run(q, k, v, out)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -621,3 +775,44 @@ def tree_attention_reference(
         _check_rows_visible(tree_mask)
     mask = reference_mask(tree_mask, prefix_len, n_heads // n_kv) if n_k - prefix_len > 0 else None
     return tree_attention_reference_prepared(q, k, v, mask, scale)
+
+
+def ragged_reference_masks(tree_mask: torch.Tensor, segments: Segments, group: int) -> list:
+    """Per segment, the reference path's additive mask (``reference_mask``; None where the
+    segment's rows see all their keys), built once per forward; ``tree_mask`` as for
+    :func:`tree_attention_ragged`."""
+    masks, q0 = [], 0
+    for nq, p, t in zip(segments.n_q, segments.prefix, segments.n_tree):
+        masks.append(reference_mask(tree_mask[q0:q0 + nq, :t], p, group) if t else None)
+        q0 += nq
+    return masks
+
+
+def tree_attention_ragged_reference_prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: list,
+                                             segments: Segments, scale: float | None = None) -> torch.Tensor:
+    """The ragged reference with masks from :func:`ragged_reference_masks`: one SDPA per
+    segment over its own slice of the cache (the CPU runtime's path)."""
+    if len(segments.n_q) == 1 and segments.base[0] == 0:
+        n = segments.prefix[0] + segments.n_tree[0]
+        return tree_attention_reference_prepared(q, k[:n], v[:n], masks[0], scale)
+    out, q0 = [], 0
+    for nq, b, p, t, mask in zip(*segments, masks):
+        out.append(tree_attention_reference_prepared(q[q0:q0 + nq], k[b:b + p + t], v[b:b + p + t], mask, scale))
+        q0 += nq
+    return torch.cat(out, 0)
+
+
+def tree_attention_ragged_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
+                                    segments: Segments, scale: float | None = None) -> torch.Tensor:
+    """PyTorch oracle of :func:`tree_attention_ragged`: each segment through
+    :func:`tree_attention_reference` on its own slice of the cache. Same contract."""
+    _check_qkv(q, k, v, 0)
+    segments.check(q.shape[0], k.shape[0])
+    if tree_mask.shape[0] != q.shape[0] or tree_mask.shape[1] < segments.max_tree:
+        raise ValueError(f"tree_mask shape {tuple(tree_mask.shape)} must be [{q.shape[0]}, >= {segments.max_tree}]")
+    out, q0 = [], 0
+    for nq, b, p, t in zip(*segments):
+        out.append(tree_attention_reference(q[q0:q0 + nq], k[b:b + p + t], v[b:b + p + t], tree_mask[q0:q0 + nq, :t],
+                                            p, scale))
+        q0 += nq
+    return torch.cat(out, 0)

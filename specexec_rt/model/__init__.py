@@ -10,8 +10,8 @@
 """
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig
 from .kv_cache import KVCache
-from .transformer import Transformer, causal_mask
+from .transformer import Segment, Transformer, causal_mask
 from .weights import LayerWeights, ModelWeights, ResidentLayers
 
-__all__ = ["ModelConfig", "SUPPORTED_MODEL_TYPES", "KVCache", "Transformer", "causal_mask", "LayerWeights",
+__all__ = ["ModelConfig", "SUPPORTED_MODEL_TYPES", "KVCache", "Segment", "Transformer", "causal_mask", "LayerWeights",
            "ModelWeights", "ResidentLayers"]

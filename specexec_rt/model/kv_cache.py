@@ -50,3 +50,10 @@ class KVCache:
         self.k[:, dst] = self.k.index_select(1, slots)
         self.v[:, dst] = self.v.index_select(1, slots)
         return prefix_len + n
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the entries at slots ``src`` to slots ``dst`` (int64 ``[n]`` each) in every layer
+        at once: several requests' commits into their own regions in one call. The gather
+        materialises before the scatter, so sources may overlap destinations."""
+        self.k[:, dst] = self.k.index_select(1, src)
+        self.v[:, dst] = self.v.index_select(1, src)

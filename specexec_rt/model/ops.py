@@ -105,13 +105,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class AttentionMeta:
-    """Everything about a pass's mask that is the same for every layer, built once per forward."""
+    """Everything about a pass's mask that is the same for every layer, built once per forward.
 
-    prefix_len: int
-    n_tree: int                      # tree-region slots visible to this pass
-    tree_mask: torch.Tensor          # bool [n_q, n_tree]
+    ``segments`` (``kernels.attention.Segments``) describes the pass: one segment per request,
+    each with its query rows, the first cache slot of its region, its committed prefix and its
+    tree region. One request at the start of the cache is the common case (``single``)."""
+
+    segments: object
+    tree_mask: torch.Tensor          # bool [n_q, max n_tree] (row bits index the row's own segment)
     packed_mask: Optional[torch.Tensor] = None   # Triton path: bit-packed tree mask
-    reference_mask: Optional[torch.Tensor] = None  # reference path: additive, GQA-folded, or None
+    reference_mask: Optional[torch.Tensor] = None  # reference path, one segment: additive, GQA-folded, or None
+    reference_masks: Optional[list] = None         # reference path, several segments: one mask each
     use_kernel: bool = False
     # One-token chain on the kernel's devices: no mask at all, flash SDPA in the cache's dtype
     # (prefix_attention_sdpa). Decided on the host once, so attention() never syncs to choose.
@@ -119,24 +123,44 @@ class AttentionMeta:
     # The kernel's launch, planned by the first layer and run by every layer (same shapes).
     launch: Optional[object] = None
     # Static-shape passes (CUDA graphs): the real prefix length, int32 [1] on the device;
-    # prefix_len is then its upper bound and the tree region starts at the device value.
+    # the segment's prefix is then its upper bound and the tree region starts at the device value.
     prefix_dev: Optional[torch.Tensor] = None
 
     @property
+    def single(self) -> bool:
+        return len(self.segments.n_q) == 1 and self.segments.base[0] == 0
+
+    @property
+    def prefix_len(self) -> int:
+        return self.segments.prefix[0]
+
+    @property
+    def n_tree(self) -> int:
+        return self.segments.n_tree[0]
+
+    @property
     def n_k(self) -> int:
-        return self.prefix_len + self.n_tree
+        """Cache slots the pass reads: ``[0, n_k)``."""
+        return max(b + p + t for b, p, t in zip(self.segments.base, self.segments.prefix, self.segments.n_tree))
 
 
-def prepare_attention(tree_mask: torch.Tensor, prefix_len: int, group: int, head_dim: int,
-                      chain: bool = False, prefix_dev: Optional[torch.Tensor] = None) -> AttentionMeta:
-    """Build a pass's mask once. ``chain`` says ``tree_mask`` is the causal chain of the new
-    tokens (known on the host, so a one-token decode step needs no mask at all).
-    ``prefix_dev``: see ``AttentionMeta``; nothing here reads it on the host."""
+def prepare_attention(tree_mask: torch.Tensor, prefix_len: Optional[int], group: int, head_dim: int,
+                      chain: bool = False, prefix_dev: Optional[torch.Tensor] = None, *,
+                      segments=None) -> AttentionMeta:
+    """Build a pass's mask once. One request: ``tree_mask`` bool ``[n_q, n_tree]`` over the tree
+    slots after ``prefix_len`` committed ones; ``chain`` says it is the causal chain of the new
+    tokens (known on the host, so a one-token decode step needs no mask at all). Several
+    requests: ``segments`` (``kernels.attention.Segments``; ``prefix_len`` None) and the rows'
+    masks padded to the widest tree. ``prefix_dev``: see ``AttentionMeta``; nothing here reads
+    it on the host."""
     from ..kernels import attention as ta
 
-    meta = AttentionMeta(prefix_len=prefix_len, n_tree=int(tree_mask.shape[1]), tree_mask=tree_mask,
-                         prefix_dev=prefix_dev)
-    decode = chain and tree_mask.shape[0] == 1 and prefix_dev is None
+    if segments is None:
+        segments = ta.Segments.single(tree_mask.shape[0], prefix_len, tree_mask.shape[1])
+    elif prefix_len is not None or prefix_dev is not None:
+        raise ValueError("with segments, the prefix lengths are the segments'")
+    meta = AttentionMeta(segments=segments, tree_mask=tree_mask, prefix_dev=prefix_dev)
+    decode = chain and meta.single and tree_mask.shape[0] == 1 and prefix_dev is None
     if decode and use_triton(tree_mask.device):
         # At n_q = 1 the tree kernel's launch cost dominates (~0.12 ms on an H100 vs
         # 0.015-0.05 ms for flash SDPA) and there is nothing to mask: go to flash SDPA.
@@ -145,23 +169,32 @@ def prepare_attention(tree_mask: torch.Tensor, prefix_len: int, group: int, head
     # The kernel's tiles need head_dim >= 16; real models have 64-128.
     meta.use_kernel = use_triton(tree_mask.device) and head_dim >= 16
     if meta.use_kernel:
-        meta.packed_mask = ta.pack_tree_mask(tree_mask, prefix_len if prefix_dev is None else None)
+        check_empty_prefix = meta.single and prefix_dev is None
+        meta.packed_mask = ta.pack_tree_mask(tree_mask, meta.prefix_len if check_empty_prefix else None)
     elif prefix_dev is not None:
-        meta.reference_mask = ta.reference_mask_device_prefix(tree_mask, prefix_len, prefix_dev, group)
+        meta.reference_mask = ta.reference_mask_device_prefix(tree_mask, meta.prefix_len, prefix_dev, group)
+    elif not meta.single:
+        meta.reference_masks = ta.ragged_reference_masks(tree_mask, segments, group)
     elif not decode:
-        meta.reference_mask = ta.reference_mask(tree_mask, prefix_len, group)
+        meta.reference_mask = ta.reference_mask(tree_mask, meta.prefix_len, group)
     return meta
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-    """Tree-masked attention: ``q`` ``[n_q, H, D]``, ``k``/``v`` ``[n_k, H_kv, D]`` -> ``[n_q, H, D]``."""
+    """Tree-masked attention: ``q`` ``[n_q, H, D]``, ``k``/``v`` ``[n_k, H_kv, D]`` (the cache's
+    first ``meta.n_k`` slots) -> ``[n_q, H, D]``."""
     from ..kernels import attention as ta
 
     if meta.unmasked:
         return ta.prefix_attention_sdpa(q, k, v)
     if meta.use_kernel:
         if meta.launch is None:
-            meta.launch = ta.TreeAttentionLaunch(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree,
-                                                 prefix_dev=meta.prefix_dev)
+            if meta.single:
+                meta.launch = ta.TreeAttentionLaunch(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree,
+                                                     prefix_dev=meta.prefix_dev)
+            else:
+                meta.launch = ta.TreeAttentionLaunch(q, k, v, meta.packed_mask, segments=meta.segments)
         return meta.launch.run(q, k, v)
+    if meta.reference_masks is not None:
+        return ta.tree_attention_ragged_reference_prepared(q, k, v, meta.reference_masks, meta.segments)
     return ta.tree_attention_reference_prepared(q, k, v, meta.reference_mask)

@@ -5,7 +5,8 @@ draft growth and verification pass an explicit ancestor mask over the tree regio
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,28 @@ from . import ops
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .weights import LayerWeights, ModelWeights, ResidentLayers
+
+
+@dataclass
+class Segment:
+    """One request's part of a batched forward (``Transformer.forward_batch``).
+
+    ``n_new`` new tokens attend to the committed slots ``[base, base + prefix_len)`` of the
+    request's cache region and to its tree slots ``base + prefix_len + j`` where
+    ``tree_mask[i, j]`` (bool ``[n_new, n_tree]``; None: a causal chain over the new tokens,
+    ``n_tree = n_new``). Their K/V go to ``cache_slots`` (absolute, int64 ``[n_new]``;
+    default: the last ``n_new`` slots of the tree region).
+    """
+
+    n_new: int
+    base: int = 0
+    prefix_len: int = 0
+    tree_mask: Optional[torch.Tensor] = None
+    cache_slots: Optional[torch.Tensor] = None
+
+    @property
+    def n_tree(self) -> int:
+        return self.n_new if self.tree_mask is None else int(self.tree_mask.shape[1])
 
 
 def causal_mask(n: int, device) -> torch.Tensor:
@@ -79,6 +102,7 @@ class Transformer:
         New token i attends to every prefix slot ``[0, prefix_len)`` and to tree slot
         ``prefix_len + j`` where ``tree_mask[i, j]``; ``tree_mask=None`` is a causal chain. Its K/V
         go to ``cache_slots`` (default: the last ``n`` slots of the tree region). See docs/DESIGN.md.
+        This is ``forward_batch`` with one segment at the start of the cache.
 
         ``prefix_dev`` (int32 ``[1]``, static-shape passes for CUDA graphs): the real prefix
         length, on the device; ``prefix_len`` is then its upper bound, the tree region starts
@@ -101,6 +125,40 @@ class Transformer:
         c = self.config
         meta = ops.prepare_attention(tree_mask, prefix_len, c.n_heads // c.n_kv_heads, c.head_dim, chain,
                                      prefix_dev=prefix_dev)
+        return self._run(token_ids, positions, cache, cache_slots, meta, logits_rows)
+
+    @torch.inference_mode()
+    def forward_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                      segments: Sequence[Segment], logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One forward over the new tokens of several requests (a ragged batch): the tokens of
+        ``segments[0]``, then of ``segments[1]``, ... Each segment attends only to its own region
+        of the cache (its committed prefix and its own tree slots), so the result for a request
+        is what ``forward`` gives it alone; the weights are read once for all of them.
+        Returns float32 ``[rows, vocab]`` (``logits_rows`` as in ``forward``)."""
+        from ..kernels.attention import Segments
+
+        n = int(token_ids.shape[0])
+        if sum(s.n_new for s in segments) != n or positions.shape[0] != n:
+            raise ValueError(f"token_ids [{n}], positions {list(positions.shape)} and the segments' "
+                             f"{sum(s.n_new for s in segments)} new tokens disagree")
+        width = max(s.n_tree for s in segments)
+        mask = torch.zeros(n, width, dtype=torch.bool, device=self.device)
+        slots, q0 = [], 0
+        for s in segments:
+            cache.check_fits(s.base + s.prefix_len + s.n_tree)
+            mask[q0:q0 + s.n_new, :s.n_tree] = causal_mask(s.n_new, self.device) if s.tree_mask is None else s.tree_mask
+            end = s.base + s.prefix_len + s.n_tree
+            slots.append(torch.arange(end - s.n_new, end, device=self.device) if s.cache_slots is None
+                         else s.cache_slots)
+            q0 += s.n_new
+        segs = Segments(tuple(s.n_new for s in segments), tuple(s.base for s in segments),
+                        tuple(s.prefix_len for s in segments), tuple(s.n_tree for s in segments))
+        c = self.config
+        meta = ops.prepare_attention(mask, None, c.n_heads // c.n_kv_heads, c.head_dim, segments=segs)
+        return self._run(token_ids, positions, cache, torch.cat(slots), meta, logits_rows)
+
+    def _run(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, cache_slots: torch.Tensor,
+             meta: ops.AttentionMeta, logits_rows: Optional[torch.Tensor]) -> torch.Tensor:
         cos, sin = ops.rope_rows(self.cos, self.sin, positions, self.dtype)
         x = self.weights.embed[token_ids].to(self.dtype)
         for i, layer in enumerate(self.layer_source.iter_layers()):

@@ -11,8 +11,8 @@
 | ``memory`` | working-memory estimates and checks |
 """
 from .drafts import default_draft, int4_draft, layer_dropped_draft
-from .engine import METHODS, Engine, GenerationResult, GenerationStats
+from .engine import METHODS, Engine, GenerationResult, GenerationStats, RequestHandle
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "GenerationResult", "GenerationStats", "METHODS", "SamplingParams", "default_draft",
+__all__ = ["Engine", "GenerationResult", "GenerationStats", "RequestHandle", "METHODS", "SamplingParams", "default_draft",
            "int4_draft", "layer_dropped_draft"]

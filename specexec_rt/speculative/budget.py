@@ -169,11 +169,11 @@ class BudgetController:
         return max(1, min(self.max_depth, b, max(4, d)))
 
     def observe(self, budget: int, n_verified: int, draft_calls: int, draft_seconds: Optional[float],
-                target_seconds: float, points: Sequence[int], values: Sequence[float], accepted: int,
+                target_seconds: Optional[float], points: Sequence[int], values: Sequence[float], accepted: int,
                 truncated: bool = False) -> None:
-        """Record one pass: the measured times (draft_seconds None: not representative, e.g. it
-        included the draft's prompt prefill), the tree's prediction curve at ``points`` and the
-        number of draft tokens actually accepted. A ``truncated`` pass (its depth cut short by
+        """Record one pass: the measured times (None: not representative, e.g. the draft time
+        included the draft's prompt prefill, or the target pass carried a prompt), the tree's
+        prediction curve at ``points`` and the number of draft tokens actually accepted. A ``truncated`` pass (its depth cut short by
         the tokens left to generate) says nothing about the next one and is ignored."""
         if truncated:
             return
@@ -181,7 +181,8 @@ class BudgetController:
             draft_seconds, target_seconds = self.cost_model(budget, n_verified, draft_calls)
         if draft_seconds is not None:
             self.draft_cost.add(budget, draft_seconds)
-        self.target_cost.add(budget, target_seconds)
+        if target_seconds is not None:
+            self.target_cost.add(budget, target_seconds)
         curve = dict(zip(points, values))
         if curve:
             used = min(budget, max(curve))

@@ -1,135 +1,99 @@
-"""The speculative engine: autoregressive, chain, SpecInfer and SpecExec on one verification path.
+"""The speculative engine: requests in, passes run, tokens out.
 
-One iteration (docs/ALGORITHM.md): grow a draft tree from the root (the last committed
-token), verify root + tree in one target forward with the ancestor mask, accept exactly, commit
-the accepted path into both caches, emit accepted tokens + one target sample (the bonus).
+One pass (docs/ALGORITHM.md) serves every active request at once: the decoding method grows
+each request's draft tree (one draft call per tree level for all of them), one target forward
+verifies all trees (each request attends only to its own region of the caches), each request
+accepts exactly from its own tree, and all accepted paths are committed into both caches with
+one index copy per cache. A request that has just arrived rides in the same pass: its prompt
+(or a chunk of it, ``prefill_chunk`` tokens per pass at most) is prefilled as a causal chain
+in front of its tree instead of costing a target pass of its own. Requests join and leave
+between passes.
 
-Cache bookkeeping (host ints, no device reads):
-- target: slots ``[0, tp)`` hold every committed token except the root; the root is fed in the
-  next verification pass.
-- draft: slots ``[0, dp)`` hold committed tokens; ``pending`` (the rest, ending with the root)
-  is fed as a causal chain in the first draft call of the next iteration. Accepted nodes the
-  draft never ran on (leaves) and the bonus token end up pending.
+Threads: ``submit`` may be called from any thread; whichever thread waits on a handle
+(``stream``, ``result``, ``generate``) runs the next pass for every request when no other
+thread is running one, so one thread or many work the same way, without a background thread.
 
-Host syncs: one per draft step (how many nodes to expand), one for the alive-node count, one
-for the acceptance result; ``GenerationStats.syncs`` counts them.
+Host syncs per pass: one per draft step (how many nodes each tree expands), one for the trees'
+sizes, one for every request's acceptance result together; ``GenerationStats.syncs`` counts
+them.
 """
 from __future__ import annotations
 
+import collections
+import threading
 import time
-from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from . import sampling
-from . import tree as _tree
 from . import memory
-from ..errors import (ContextLengthError, MemoryBudgetError, NonFiniteLogitsError, SamplingParameterError,
-                     VocabularyMismatchError)
+from ..errors import (ContextLengthError, MemoryBudgetError, ModelLoadError, NonFiniteLogitsError,
+                      SamplingParameterError, SpecExecError, VocabularyMismatchError)
+from ..model import Segment, causal_mask
+from .detok import TextTracker
+from .drafting import Drafter, runner_for
+from .methods import CURVE_SCALE, METHODS, PassContext, SpecExec
+from .request import GenerationResult, GenerationStats, Request, RequestHandle
 from .sampling import SamplingParams, process_logits
-from .tree import NEG_INF, DraftTree, VerifyTree, path_rows
+from .tree import path_rows
 
-_CURVE_SCALE = 1e6     # prediction-curve values travel as int64 micro-tokens in the packet
+__all__ = ["Engine", "GenerationResult", "GenerationStats", "RequestHandle", "METHODS",
+           "check_same_vocabulary"]
 
-METHODS = ("autoregressive", "chain", "specinfer", "specexec")
-METHOD_PARAMS = {
-    "autoregressive": (),
-    "chain": ("k",),
-    "specinfer": ("n", "depth"),
-    "specexec": ("beams_per_step", "branch_width", "max_depth"),
-}
-
-
-@dataclass
-class GenerationStats:
-    """target_passes counts verification passes (the prompt prefill is not one); tokens per pass
-    is new tokens / target passes. draft_seconds covers tree growth (including the draft's
-    prompt prefill); target_seconds covers verification, acceptance and commits; on CUDA both
-    end at a host sync, so they are wall-clock exact."""
-
-    new_tokens: int = 0
-    target_passes: int = 0
-    draft_calls: int = 0
-    static_draft_calls: int = 0                # draft steps run by the static (CUDA-graph) runner
-    tree_tokens: int = 0                       # tokens verified, summed over passes
-    tokens_per_pass_histogram: dict = field(default_factory=dict)   # tokens emitted -> passes
-    draft_seconds: float = 0.0
-    target_seconds: float = 0.0
-    prefill_seconds: float = 0.0
-    syncs: int = 0
-    max_syncs_per_pass: int = 0
-    finish_reason: str = ""
-    budgets: list = field(default_factory=list)    # specexec: the budget of each pass, in order
-
-    @property
-    def tokens_per_pass(self) -> float:
-        return self.new_tokens / self.target_passes if self.target_passes else 0.0
-
-    def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["tokens_per_pass"] = self.tokens_per_pass
-        return d
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list
-    text: str
-    stats: GenerationStats
-
-
-@dataclass
-class _Pass:
-    """What one iteration produced: the accepted path (root first) and the bonus token."""
-
-    tokens: list        # path tokens, root first (length m + 1)
-    draft_slots: list   # their draft tree-region slots (-1: no draft K/V)
-    rows: list          # their verification rows
-    bonus: int
-    tail: list = field(default_factory=list)   # budget="auto": the tree's prediction curve (scaled)
+METHOD_PARAMS = {name: cls.param_names for name, cls in METHODS.items()}
+SEED_LIMIT = 1 << 64
 
 
 class Engine:
     """Generate exactly as ``target`` would, verifying draft trees in as few passes as possible.
 
-    Engine(target, draft=None, method="specexec", budget=256, tokenizer=None, **method_params)
+    Engine(target, draft=None, method="specexec", budget=256, tokenizer=None, static_draft=None,
+           max_batch=1, prefill_chunk=1024, **method_params)
 
     Method parameters (defaults in brackets):
     - ``autoregressive``: none (no draft needed).
     - ``chain``: ``k`` draft tokens per pass [min(budget, 8)].
     - ``specinfer``: ``n`` root candidates [min(budget, 8)], each a chain of ``depth`` tokens
       [max(1, budget // n)], so ``n * depth`` tokens per pass.
-    - ``specexec``: ``budget`` draft nodes per tree (the root is verified too: budget + 1
-      tokens per pass), ``beams_per_step`` nodes expanded per draft call [min(budget, 32)],
-      ``branch_width`` children per expanded node [8], ``max_depth`` tree depth and draft calls
-      per pass [16]. ``budget="auto"`` picks the budget (powers of two up to ``max_budget``
-      [min(1024, what the target's cache holds)]) and the depth (up to ``max_depth``) before
-      every pass from online estimates (see specexec_rt/speculative/budget.py); ``stats.budgets`` lists them.
+    - ``specexec``: ``budget`` draft nodes per tree and request (the root is verified too: budget
+      + 1 tokens per pass; with several requests in a pass one search shares ``budget x
+      requests`` nodes among them), ``beams_per_step`` nodes expanded per draft call
+      [min(budget, 32)], ``branch_width`` children per expanded node [8], ``max_depth`` tree
+      depth and draft calls per pass [16]. ``budget="auto"`` picks the budget (powers of two up
+      to ``max_budget`` [min(1024, what the target's cache holds)]) and the depth (up to
+      ``max_depth``) before every pass from online estimates (specexec_rt/speculative/budget.py);
+      ``stats.budgets`` lists them.
 
-    ``static_draft`` (SpecExec): run draft tree steps with static shapes (padded to the pass's
-    beams, a fixed-width tree region, the prefix length on the device) so that on CUDA each is
-    captured once as a CUDA graph and replayed (specexec_rt/speculative/draft_graph.py). Default: on when
-    the draft is on CUDA and resident. ``True`` on the CPU runs the static pass eagerly.
+    ``max_batch``: requests that share each pass (continuous batching); each owns a region of
+    ``max_len`` slots in both models' KV caches (with 1, the models' own caches; with more, the
+    engine allocates ``max_batch`` regions once). Further requests wait in a queue.
+    ``prefill_chunk``: prompt tokens prefilled per pass at most (longer prompts are prefilled
+    over several passes, each also verifying the other requests' trees).
+
+    ``static_draft`` (SpecExec, one request per pass): run draft tree steps with static shapes
+    (padded to the pass's beams, a fixed-width tree region, the prefix length on the device) so
+    that on CUDA each is captured once as a CUDA graph and replayed
+    (specexec_rt/speculative/draft_graph.py). Default: on when the draft is on CUDA, resident,
+    and ``max_batch == 1``. ``True`` on the CPU runs the static pass eagerly.
 
     The draft shares the target's vocabulary (checked here: size, and a sample of token strings
     when both come from different checkpoints) and device.
     """
 
     def __init__(self, target, draft=None, method: str = "specexec", budget: Union[int, str] = 256,
-                 tokenizer=None, static_draft: Optional[bool] = None, **method_params):
+                 tokenizer=None, static_draft: Optional[bool] = None, max_batch: int = 1,
+                 prefill_chunk: int = 1024, **method_params):
         if method not in METHODS:
-            raise ValueError(f"method={method!r}; choose one of {METHODS}")
+            raise ValueError(f"method={method!r}; choose one of {tuple(METHODS)}")
         self.auto = isinstance(budget, str) and budget == "auto"
-        max_budget = None
+        if isinstance(budget, str) and not self.auto:
+            raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}")
+        method_params = dict(method_params)
         if self.auto:
             if method != "specexec":
                 raise ValueError(f"budget='auto' needs method='specexec', not {method!r}")
-            method_params = dict(method_params)
             max_budget = method_params.pop("max_budget", None)
-            if max_budget is None:
-                max_budget = max(1, min(1024, target.max_len - 3))
-            budget = max_budget
+            budget = max(1, min(1024, target.max_len - 3)) if max_budget is None else max_budget
         unknown = set(method_params) - set(METHOD_PARAMS[method])
         if unknown:
             raise TypeError(f"method {method!r} takes no parameter(s) {sorted(unknown)}; "
@@ -140,66 +104,78 @@ class Engine:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}"
                              if not self.auto else f"max_budget must be a positive int, got {budget!r}")
+        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.target = target
         self.draft = draft if method != "autoregressive" else None
         self.method = method
         self.budget = "auto" if self.auto else budget
-        self._max_budget = budget       # the largest tree: the fixed budget, or auto's ceiling
-        self._budget = budget           # this pass's budget
-        self._user_beams = "beams_per_step" in method_params
+        self.decoder = SpecExec(budget, method_params, self.auto) if method == "specexec" \
+            else METHODS[method](budget, method_params)
+        self.params = self.decoder.params
         self.device = target.device
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self._tokenizer = tokenizer
-        self.params = self._method_defaults(method, budget, method_params)
+        self._tokenizer_error: Optional[Exception] = None
         if self.draft is not None:
             check_same_vocabulary(target, self.draft)
+        self._max_budget = budget       # the largest tree: the fixed budget, or auto's ceiling
         self._check_tree_fits()
-        memory.check_engine(self)     # may lower auto's ceiling (self._max_budget)
-        budget = self._max_budget
-        self.last_result: Optional[GenerationResult] = None
-        self._prefill_bad = None
-        self._curve = None
-        self._depth = self.params.get("max_depth")
-        self._auto_cap = budget
-        self.budget_controller = None
+        avail = memory.available_bytes(self.device)
+        if avail is not None:           # auto lowers its ceiling to what fits instead of raising
+            what = "one draft-and-verify pass" + (f" of {max_batch} requests" if max_batch > 1 else "")
+            self._max_budget = memory.fit_budget(target, self.draft, self.decoder, budget, self.auto, avail,
+                                                 False, what, n_requests=max_batch)
+        # Cache regions: with one, the models' own caches; with more, pools allocated once, on
+        # first use.
+        self.region_len = target.max_len
+        self.draft_region_len = self.draft.max_len if self.draft is not None else 0
+        self._pools: dict = {}
         if static_draft is None:
-            static_draft = (self.draft is not None and self.draft.device.type == "cuda"
+            static_draft = (self.draft is not None and self.draft.device.type == "cuda" and max_batch == 1
                             and type(self.draft.layer_source).__name__ == "ResidentLayers")
-        self.static_draft = bool(static_draft) and method == "specexec"
+        self.static_draft = bool(static_draft) and method == "specexec" and max_batch == 1
         self._draft_runners: dict = {}     # beams -> StaticDraftStep (None: cache too short)
+        self.budget_controller = None
         if self.auto:
             from .budget import BudgetController
 
-            self.budget_controller = BudgetController(budget, max_depth=self.params["max_depth"])
-
-    @staticmethod
-    def _method_defaults(method: str, budget: int, given: dict) -> dict:
-        p = dict(given)
-        if method == "chain":
-            p.setdefault("k", min(budget, 8))
-        elif method == "specinfer":
-            p.setdefault("n", min(budget, 8))
-            p.setdefault("depth", max(1, budget // p["n"]))
-        elif method == "specexec":
-            p.setdefault("beams_per_step", min(budget, 32))
-            p.setdefault("branch_width", 8)
-            p.setdefault("max_depth", 16)
-        for k, v in p.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{method} parameter {k} must be a positive int, got {v!r}")
-        return p
+            self.budget_controller = BudgetController(self._max_budget, max_depth=self.params["max_depth"])
+        # Scheduling state. _cond guards the queue, the free regions and every request's
+        # pieces/done/error; _loop is held by the thread running a pass.
+        self._cond = threading.Condition()
+        self._loop = threading.Lock()
+        self._queue: collections.deque = collections.deque()
+        self._active: list = []
+        self._free = list(range(max_batch))
+        self.last_result: Optional[GenerationResult] = None
+        self._last_request: Optional[Request] = None
 
     # ------------------------------------------------------------------ tokenizer
     @property
     def tokenizer(self):
-        """The target's tokenizer, loaded on first use from ``target.source`` (None if the target
-        has no source, e.g. a model built in memory)."""
-        if self._tokenizer is None and getattr(self.target, "source", None) is not None:
+        """The target's tokenizer, loaded on first use from ``target.source``; None when there is
+        none (a model built in memory, or a checkpoint saved without tokenizer files: token ids
+        still work, text prompts and stop strings raise with the reason)."""
+        if self._tokenizer is None and self._tokenizer_error is None and getattr(self.target, "source", None) is not None:
             from ..loading import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.target)
+            try:
+                self._tokenizer = load_tokenizer(self.target)
+            except ModelLoadError as e:
+                self._tokenizer_error = e
         return self._tokenizer
 
+    def _no_tokenizer(self, what: str) -> SamplingParameterError:
+        why = f" ({self._tokenizer_error})" if self._tokenizer_error is not None else ""
+        return SamplingParameterError(f"{what} needs a tokenizer, and this engine has none{why}: pass "
+                                      f"Engine(..., tokenizer=...) or give the prompt as token ids")
+
     def apply_chat_template(self, messages: list) -> str:
+        if self.tokenizer is None:
+            raise self._no_tokenizer("a chat template")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode(self, text: str) -> list:
@@ -211,23 +187,26 @@ class Engine:
     def _encode(self, prompt) -> list:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise SamplingParameterError("a text prompt needs a tokenizer: pass Engine(..., tokenizer=...) "
-                                             "or token ids")
+                raise self._no_tokenizer("a text prompt")
             ids = list(self.tokenizer(prompt).input_ids)
         elif isinstance(prompt, torch.Tensor):
+            if prompt.is_floating_point() or prompt.dtype == torch.bool:
+                raise SamplingParameterError(f"prompt token ids must be integers, got a {prompt.dtype} tensor")
             ids = [int(t) for t in prompt.reshape(-1).tolist()]
+        elif isinstance(prompt, (list, tuple)):
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)]
+            if bad:
+                raise SamplingParameterError(f"prompt token ids must be ints, got {type(bad[0]).__name__} "
+                                             f"{bad[0]!r}")
+            ids = list(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            raise SamplingParameterError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise SamplingParameterError("the prompt is empty")
         v = self.target.vocab_size
         if min(ids) < 0 or max(ids) >= v:
             raise SamplingParameterError(f"prompt token ids must be in [0, {v})")
         return ids
-
-    def _decode(self, ids: list) -> str:
-        tok = self.tokenizer
-        return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
 
     def _eos_ids(self) -> set:
         eos = set(self.target.config.eos_token_ids or [])
@@ -237,6 +216,15 @@ class Engine:
         return eos
 
     # ------------------------------------------------------------------ public API
+    def submit(self, prompt_or_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> RequestHandle:
+        """Queue a request and return its handle (thread-safe). Its parameters are checked here;
+        it runs in the passes that the threads waiting on handles drive (see ``generate``)."""
+        req = self._make_request(prompt_or_ids, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        with self._cond:
+            self._queue.append(req)
+        return RequestHandle(self, req)
+
     def generate(self, prompt_or_ids, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
                  stop: Optional[Sequence[str]] = None) -> GenerationResult:
@@ -247,407 +235,428 @@ class Engine:
         Raises SamplingParameterError for bad parameters and ContextLengthError when prompt +
         max_new_tokens + the largest draft tree cannot fit the KV caches (the budget is never
         shrunk silently: load the models with a larger max_len or lower the budget)."""
-        for _ in self.stream(prompt_or_ids, max_new_tokens, temperature, top_p, top_k, seed, stop):
-            pass
-        return self.last_result
+        result = self.submit(prompt_or_ids, max_new_tokens, temperature, top_p, top_k, seed, stop).result()
+        self.last_result = result
+        return result
 
     def stream(self, prompt_or_ids, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
                stop: Optional[Sequence[str]] = None) -> Iterator[str]:
         """Like ``generate`` but yields one text piece after every target pass, possibly ""
         (text held back while it could still be the start of a stop string or an incomplete
-        character, or no tokenizer), so a consumer that closes the iterator stops the engine at
+        character, or no tokenizer), so a consumer that closes the iterator stops its request at
         the next pass. ``self.last_result`` holds the GenerationResult when the iterator ends."""
+        handle = self.submit(prompt_or_ids, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        yield from handle.stream()
+        self.last_result = handle.result()
+
+    def generate_batch(self, prompts: Sequence, max_new_tokens: int = 256, **sampling) -> list:
+        """Generate for several prompts together (they share passes, ``max_batch`` at a time);
+        returns their ``GenerationResult`` in order. ``sampling`` as for ``generate``; a
+        ``seed`` seeds request ``i`` with ``seed + i``."""
+        seed = sampling.pop("seed", None)
+        handles = [self.submit(p, max_new_tokens, seed=None if seed is None else seed + i, **sampling)
+                   for i, p in enumerate(prompts)]
+        return [h.result() for h in handles]
+
+    def grow_trees(self, committed: Sequence[int], roots: Sequence[int], temperature: float = 0.0):
+        """Grow the draft trees of one pass as the engine would, for ``len(roots)`` requests
+        (at most ``max_batch``): request ``i`` uses region ``i`` of the draft's cache, which
+        already holds ``committed[i]`` tokens, and its last token is ``roots[i]``. Returns
+        ``([VerifyTree], GenerationStats)`` (stats of the growth: draft calls, syncs). For
+        benchmarks of the drafting cost alone: nothing is verified or committed."""
+        if self.draft is None:
+            raise ValueError("growing draft trees needs a draft model")
+        if not 1 <= len(roots) <= self.max_batch or len(committed) != len(roots):
+            raise ValueError(f"grow_trees takes 1..max_batch={self.max_batch} requests, one committed length each")
+        reqs = []
+        for i, (c, root) in enumerate(zip(committed, roots)):
+            req = Request([int(root)], SamplingParams(float(temperature)), 0, 1 << 30, None, self.device)
+            req.dp, req.pending, req.region = int(c), [int(root)], i
+            reqs.append(req)
+        syncs = [0]
+
+        def host(t):
+            syncs[0] += 1
+            return t.tolist()
+
+        stats = GenerationStats()
+        drafter = Drafter(self.draft, self._dcache, reqs, [i * self.draft_region_len for i in range(len(reqs))],
+                          self.draft_region_len, [stats], self._runner(len(reqs), self._max_budget))
+        ctx = PassContext(reqs, drafter, host, self.device, self._max_budget, self.params.get("max_depth", 0))
+        trees = [vt for vt, _ in self.decoder.grow(ctx)]
+        stats.syncs = syncs[0]
+        return trees, stats
+
+    def grow_tree(self, committed: int, root: int, temperature: float = 0.0):
+        """``grow_trees`` for one request: ``(VerifyTree, GenerationStats)``."""
+        (tree,), stats = self.grow_trees([committed], [root], temperature)
+        return tree, stats
+
+    @property
+    def _tcache(self):
+        """The target's KV cache holding every request's region."""
+        return self._pool(self.target)
+
+    @property
+    def _dcache(self):
+        return self._pool(self.draft) if self.draft is not None else None
+
+    def _pool(self, model):
+        if self.max_batch == 1:
+            return model.cache
+        if id(model) not in self._pools:
+            self._pools[id(model)] = model.new_cache(self.max_batch * model.max_len)
+        return self._pools[id(model)]
+
+    @property
+    def captured_draft_graphs(self) -> int:
+        """Static draft steps captured as CUDA graphs so far (one per beams value used)."""
+        return sum(1 for r in self._draft_runners.values() if r is not None and r.graph is not None)
+
+    def pass_bytes(self, budget: Optional[int] = None, sampled: bool = True, n_requests: int = 1) -> int:
+        """The working-memory estimate of one pass at ``budget`` (default: the largest)."""
+        b = self._max_budget if budget is None else budget
+        return memory.pass_bytes(self.target, self.draft, self.decoder.pass_shape(b, n_requests), sampled)
+
+    # ------------------------------------------------------------------ requests
+    def _make_request(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop) -> Request:
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SamplingParameterError(f"{name} must be a number, got {value!r}")
         params = SamplingParams(float(temperature), float(top_p), top_k)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise SamplingParameterError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+            raise SamplingParameterError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
+        if stop is not None and not isinstance(stop, (str, list, tuple)):
+            raise SamplingParameterError(f"stop must be a str or a list of str, got {type(stop).__name__}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not s for s in stops):
-            raise SamplingParameterError("stop strings must be non-empty")
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise SamplingParameterError("stop strings must be non-empty str")
         if stops and self.tokenizer is None:
-            raise SamplingParameterError("stop strings need a tokenizer")
-        ids = self._encode(prompt_or_ids)
-        self._check_fits(len(ids), max_new_tokens)
-        mem_cap = memory.check_request(self, len(ids), sampled=not params.greedy)
-        if self.auto:
-            self._auto_cap = min(self._auto_cap, mem_cap)
-        text_on = self.tokenizer is not None
-        eos = self._eos_ids()
-        out: list = []
-        emitted = ""
-        stats = GenerationStats()
-        for new in self._out_of_memory_named(self._passes(ids, max_new_tokens, params, seed, stats)):
-            finish = None
-            for i, t in enumerate(new):
-                if t in eos:
-                    new, finish = new[:i + 1], "eos"
-                    break
-            out.extend(new)
-            if len(out) >= max_new_tokens:
-                out, finish = out[:max_new_tokens], finish or "length"
-            if text_on:
-                text = self._decode(out)
-                cut = _find_stop(text, stops)
-                if cut is not None:
-                    text, finish = text[:cut[0]], "stop"
-                    out = self._trim_to_stop(out, cut[1])
-                    safe = len(text)
-                else:
-                    safe = len(text) if finish else _safe_prefix_len(text, stops)
-                piece = ""
-                if safe > len(emitted):
-                    piece = text[len(emitted):safe]
-                    emitted = text[:safe]
-                yield piece
+            raise self._no_tokenizer("stop strings")
+        ids = self._encode(prompt)
+        cap = self._check_fits(len(ids), max_new_tokens)
+        cap = min(cap, memory.check_request(self.target, self.draft, self.decoder, self._max_budget, self.auto,
+                                            len(ids), sampled=not params.greedy, n_requests=self.max_batch))
+        tracker = TextTracker(self.tokenizer, self._eos_ids(), max_new_tokens, stops)
+        req = Request(ids, params, seed, max_new_tokens, tracker, self.device)
+        req.auto_cap = cap
+        req.seq = list(ids)        # committed text (introspection and tests)
+        return req
+
+    def _cancel(self, req: Request) -> None:
+        with self._cond:
+            if req.done:
+                return
+            req.cancelled = True
+            if req in self._queue:
+                self._queue.remove(req)
+                self._finish(req, "cancelled")
+            self._cond.notify_all()
+
+    def _wait(self, req: Request) -> tuple[list, bool]:
+        """Text pieces of ``req`` not yet handed out, and whether it is done. Runs passes (for
+        every request) while this request has nothing new and no other thread runs one."""
+        while True:
+            with self._cond:
+                if req.pieces or req.done:
+                    pieces, req.pieces = req.pieces, []
+                    return pieces, req.done
+            if self._loop.acquire(blocking=False):
+                try:
+                    with self._cond:
+                        ready = bool(req.pieces) or req.done
+                    if not ready:
+                        self._run_pass()
+                finally:
+                    self._loop.release()
+                    with self._cond:
+                        self._cond.notify_all()
             else:
-                yield ""
-            if finish:
-                stats.finish_reason = finish
-                break
-        stats.new_tokens = len(out)
-        self.last_result = GenerationResult(token_ids=out, text=emitted if text_on else "", stats=stats)
+                with self._cond:
+                    if not (req.pieces or req.done):
+                        self._cond.wait(0.05)
 
-    def _out_of_memory_named(self, passes: Iterator[list]) -> Iterator[list]:
-        """An allocation failure inside a pass (the estimate in memory.py missed, or another
-        process took the memory) becomes a MemoryBudgetError that names the setting to lower."""
+    def _finish(self, req: Request, reason: str, error: Optional[BaseException] = None) -> None:
+        """Under ``_cond``: the request is done; its region is free again."""
+        if req.done:
+            return
+        req.stats.wall_seconds = time.perf_counter() - req.submitted
+        if error is None:
+            req.stats.finish_reason = req.stats.finish_reason or reason
+            req.stats.new_tokens = len(req.tracker.token_ids)
+            req.result = GenerationResult(token_ids=list(req.tracker.token_ids), text=req.tracker.text, stats=req.stats)
+        req.error = error
+        req.done = True
+        if req in self._active:
+            self._active.remove(req)
+        if req.region is not None:
+            self._free.append(req.region)
+            self._free.sort()
+            req.region = None
+        self._last_request = req
+
+    def _admit(self) -> list:
+        """Under ``_cond``: drop cancelled requests, admit queued ones into free regions."""
+        for r in [r for r in self._active if r.cancelled]:
+            self._finish(r, "cancelled")
+        while self._queue and self._free:
+            r = self._queue.popleft()
+            r.region = self._free.pop(0)
+            self._active.append(r)
+        return list(self._active)
+
+    def _run_pass(self) -> None:
+        with self._cond:
+            reqs = self._admit()
+        if not reqs:
+            return
         try:
-            yield from passes
-        except RuntimeError as e:
-            oom = isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in str(e)
-            if not oom:
+            self._pass(reqs)
+        except BaseException as e:
+            err = e
+            if isinstance(e, RuntimeError) and _is_oom(e):
+                err = MemoryBudgetError(memory.describe_failure(self.target, self.draft, self.decoder,
+                                                                self._max_budget, e))
+                err.__cause__ = e
+            with self._cond:
+                for r in reqs:
+                    self._finish(r, "error", err)
+            if not isinstance(e, Exception):
                 raise
-            raise MemoryBudgetError(memory.describe_failure(self, e)) from e
-
-    def _trim_to_stop(self, out: list, end: int) -> list:
-        """The shortest prefix of ``out`` whose text contains the stop string ending at ``end``."""
-        for i in range(1, len(out) + 1):
-            if len(self._decode(out[:i])) >= end:
-                return out[:i]
-        return out
 
     # ------------------------------------------------------------------ capacity
-    def _tree_sizes(self) -> tuple[int, int]:
-        """(most tokens one verification pass writes, most draft tree-region slots per pass)."""
-        p = self.params
-        if self.method == "autoregressive":
-            return 1, 0
-        if self.method == "chain":
-            return 1 + p["k"], p["k"]
-        if self.method == "specinfer":
-            return 1 + p["n"] * p["depth"], 1 + p["n"] * (p["depth"] - 1)
-        return 1 + self._max_budget, 1 + (p["max_depth"] - 1) * p["beams_per_step"]
-
     def _check_tree_fits(self) -> None:
         """At construction: the largest verification pass must fit the target's cache next to the
         shortest possible request (a 1-token prompt, 1 new token)."""
-        verify, _ = self._tree_sizes()
+        verify = self.decoder.verify_rows(self._max_budget)
         if 2 + verify > self.target.max_len:
-            what = {"specexec": f"budget={self.budget}" + (f" (max_budget={self._max_budget})" if self.auto else ""), "chain": f"k={self.params.get('k')}",
-                    "specinfer": f"n={self.params.get('n')} x depth={self.params.get('depth')}"}.get(self.method, "")
+            setting = self.decoder.settings()[0] if self.method != "specexec" else \
+                f"budget={self.budget}" + (f" (max_budget={self._max_budget})" if self.auto else "")
             raise ContextLengthError(
-                f"{what}: a verification tree of {verify} tokens (plus a 1-token prompt and 1 new token) "
+                f"{setting}: a verification tree of {verify} tokens (plus a 1-token prompt and 1 new token) "
                 f"does not fit the target's KV cache (max_len={self.target.max_len}); lower the budget or "
                 f"load the target with a larger max_len")
 
-    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
-        verify, draft_slots = self._tree_sizes()
+    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Raise ContextLengthError unless the request fits both caches; returns the largest
+        budget its caches allow (auto shrinks the tree to it; a fixed budget must fit whole)."""
+        verify = self.decoder.verify_rows(self._max_budget)
+        cap = self._max_budget
         if self.auto:
             # Shrinking the tree to what this request leaves free is auto's job; it needs 1 node.
-            self._auto_cap = min(self._max_budget, self.target.max_len - prompt_len - max_new_tokens - 1)
-            verify = 1 + max(1, self._auto_cap)
+            cap = min(self._max_budget, self.region_len - prompt_len - max_new_tokens - 1)
+            verify = 1 + max(1, cap)
         need = prompt_len + max_new_tokens + verify
-        if need > self.target.max_len:
+        if need > self.region_len:
             raise ContextLengthError(
                 f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + verification tree ({verify}) "
                 f"= {need} tokens exceed the target's KV cache (max_len={self.target.max_len}); lower "
                 f"max_new_tokens or the budget, or load the target with a larger max_len")
         if self.draft is not None:
-            # SpecExec grows a smaller tree when the draft's cache runs short; it needs one slot.
-            draft_slots = 1 if self.method == "specexec" else draft_slots
+            draft_slots = self.decoder.draft_slots()
             need = prompt_len + max_new_tokens + draft_slots
-            if need > self.draft.max_len:
+            if need > self.draft_region_len:
                 raise ContextLengthError(
                     f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + draft tree ({draft_slots}) "
                     f"= {need} tokens exceed the draft's KV cache (max_len={self.draft.max_len})")
+        return max(1, cap)
 
-    # ------------------------------------------------------------------ the loop
-    def _host(self, t: torch.Tensor):
-        """Every device -> host read of the engine goes through here, so syncs are counted."""
-        self._syncs += 1
-        return t.tolist()
-
-    def _passes(self, ids: list, max_new_tokens: int, params: SamplingParams, seed: Optional[int],
-                stats: GenerationStats) -> Iterator[list]:
-        """Yields the new tokens of each target pass (the caller stops the iteration)."""
-        gen = torch.Generator(device=self.device)
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(int(seed))
-        t0 = time.perf_counter()
-        tp = len(ids) - 1
-        # Checked with the first acceptance read, so a broken prefill costs no extra sync.
-        self._prefill_bad = None
-        if tp:
-            pl = self.target.forward(torch.tensor(ids[:-1], device=self.device), torch.arange(tp, device=self.device),
-                                     self.target.cache, 0, logits_rows=torch.tensor([tp - 1], device=self.device))
-            self._prefill_bad = ~torch.isfinite(pl).all()
-        stats.prefill_seconds = time.perf_counter() - t0
-        self._dp, self._pending = 0, list(ids)
-        self._tp, self._seq = tp, list(ids)     # introspection: committed target prefix and text
-        produced = 0
-        while produced < max_new_tokens:
-            self._syncs = 0
-            # Drafting deeper than what is left to generate is wasted work.
-            limit = max_new_tokens - produced
-            if self.auto:
-                self._budget, self._depth = self.budget_controller.plan(self._auto_cap)
-            self._curve = None
-            calls0 = stats.draft_calls
-            t0 = time.perf_counter()
-            tree, extra = self._grow(params, gen, limit, stats)
-            t1 = time.perf_counter()
-            stats.draft_seconds += t1 - t0
-            positions = tp + tree.depths
-            logits = self.target.forward(tree.tokens, positions, self.target.cache, tp, tree.mask)
-            res = self._accept(tree, extra, logits, params, gen)
-            tp = self.target.cache.commit(tp, torch.tensor(res.rows, device=self.device) + tp)
-            self._commit_draft(res)
-            t2 = time.perf_counter()
-            stats.target_seconds += t2 - t1
-            if self.method == "specexec":
-                stats.budgets.append(self._budget)
-            if self.auto:
-                pts = self._curve[0] if self._curve is not None else []
-                # The first pass's draft time includes the draft's prompt prefill: not a tree cost.
-                self.budget_controller.observe(
-                    self._budget, tree.n, stats.draft_calls - calls0, None if stats.target_passes == 0 else t1 - t0,
-                    t2 - t1, pts, [v / _CURVE_SCALE for v in res.tail], len(res.tokens) - 1,
-                    truncated=limit < self._depth)
-            stats.target_passes += 1
-            stats.tree_tokens += tree.n
-            new = res.tokens[1:] + [res.bonus]
-            h = stats.tokens_per_pass_histogram
-            h[len(new)] = h.get(len(new), 0) + 1
-            stats.syncs += self._syncs
-            stats.max_syncs_per_pass = max(stats.max_syncs_per_pass, self._syncs)
-            produced += len(new)
-            self._tp = tp
-            self._seq.extend(new)
-            yield new
-
-    def _commit_draft(self, res: _Pass) -> None:
-        if self.draft is None:
-            self._pending = [res.bonus]
-            return
-        k = 0
-        while k < len(res.draft_slots) and res.draft_slots[k] >= 0:
-            k += 1
-        if k:
-            slots = torch.tensor(res.draft_slots[:k], device=self.device) + self._dp
-            self._dp = self.draft.cache.commit(self._dp, slots)
-        self._pending = res.tokens[k:] + [res.bonus]
-
-    # ------------------------------------------------------------------ drafting
-    def _draft_root(self, tree: DraftTree, stats: GenerationStats) -> torch.Tensor:
-        """Feed the pending chain (ending with the root) to the draft: it becomes committed
-        draft prefix except the root, whose K/V lands in draft slot 0. Returns root logits [V]."""
-        dev, dp, pend = self.device, self._dp, self._pending
-        n = len(pend)
-        logits = self.draft.forward(torch.tensor(pend, device=dev), torch.arange(dp, dp + n, device=dev),
-                                    self.draft.cache, dp, logits_rows=torch.tensor([n - 1], device=dev))
-        stats.draft_calls += 1
-        self._dp = dp + n - 1
-        self._pending = []
-        tree.mark_expanded(torch.zeros(1, dtype=torch.long, device=dev))
-        return logits[0]
-
-    def _draft_step(self, tree: DraftTree, nodes: torch.Tensor, stats: GenerationStats,
-                    runner=None) -> torch.Tensor:
-        """One draft call over ``nodes`` (each attends to the prefix and its ancestors) -> logits
-        ``[m, V]``. ``runner``: the pass's StaticDraftStep, used where the step fits it."""
-        slots = tree.mark_expanded(nodes)
-        dp = self._dp
-        if runner is not None and runner.fits(dp, tree.n_draft_slots):
-            logits = runner(tree.tokens[nodes], dp + tree.depths[nodes], dp + slots, tree.draft_mask(nodes), dp)
-            stats.static_draft_calls += 1
-        else:
-            logits = self.draft.forward(tree.tokens[nodes], dp + tree.depths[nodes], self.draft.cache, dp,
-                                        tree_mask=tree.draft_mask(nodes), cache_slots=dp + slots)
-        stats.draft_calls += 1
-        return logits
-
-    def _static_runner(self, beams: int):
-        """The static-shape draft step for ``beams`` nodes per step (one per beams value; None
-        when off or when the draft's cache is too short for one)."""
-        if not self.static_draft:
+    def _runner(self, n_tree_requests: int, budget: int):
+        """The static-shape draft step for a pass of one request at ``budget`` (or None)."""
+        if not self.static_draft or n_tree_requests != 1:
             return None
-        if beams not in self._draft_runners:
-            from .draft_graph import StaticDraftStep
+        return runner_for(self._draft_runners, self.draft, self.decoder.beams(budget), self.params["max_depth"])
 
-            width = 1 + (self.params["max_depth"] - 1) * beams   # the widest tree region of a pass
-            fits = self.draft.max_len >= beams + width + 1
-            self._draft_runners[beams] = StaticDraftStep(self.draft, beams, width) if fits else None
-        return self._draft_runners[beams]
-
-    def _grow(self, params: SamplingParams, gen, limit: int, stats: GenerationStats):
-        root = self._pending[-1]
-        if self.method == "autoregressive":
-            tree = DraftTree(1, self.device, root)
-            return tree.compact(torch.zeros(1, dtype=torch.long, device=self.device)), None
-        if self.method == "specexec":
-            return self._grow_specexec(root, params, min(limit, self._depth), stats), None
-        n = 1 if self.method == "chain" else self.params["n"]
-        depth = self.params["k"] if self.method == "chain" else self.params["depth"]
-        return self._grow_chains(root, params, gen, n, min(depth, limit), stats)
-
-    def _grow_specexec(self, root: int, params: SamplingParams, max_depth: int, stats) -> VerifyTree:
-        """Parallel best-first growth (docs/ALGORITHM.md, step 1); deterministic given the draft."""
-        budget, beams, width = self._budget, self.params["beams_per_step"], self.params["branch_width"]
-        if self.auto and not self._user_beams:
-            beams = min(budget, 32)
-        runner = self._static_runner(beams)
-        temp = params.temperature if params.temperature > 0 else 1.0
-        tree = DraftTree(1 + max_depth * beams * width, self.device, root)
-
-        def expand(nodes, logits):
-            logq = torch.log_softmax(logits.float() / temp, dim=-1)
-            vals, toks = logq.topk(min(width, logq.shape[-1]), dim=-1)
-            tree.add_children(nodes, toks, vals)
-            return tree.prune(budget)
-
-        threshold = expand(torch.zeros(1, dtype=torch.long, device=self.device),
-                           self._draft_root(tree, stats)[None])
-        for _ in range(1, max_depth):
-            # Near the end of the draft's cache the tree just grows less (still exact).
-            room = self.draft.max_len - self._dp - tree.n_draft_slots
-            if room <= 0:
-                break
-            cand = tree.candidates(threshold, max_depth)
-            vals, idx = cand.topk(min(beams, tree.n_nodes, room))
-            n_valid = self._host((vals > NEG_INF).sum())
-            if n_valid == 0:
-                break
-            nodes = idx[:n_valid]
-            threshold = expand(nodes, self._draft_step(tree, nodes, stats, runner))
-        self._syncs += 1    # nonzero() reads the count
-        if self.auto:
-            self._curve = self._prediction_curve(tree, budget)
-        return tree.compact(tree.alive_nodes())
-
-    def _prediction_curve(self, tree: DraftTree, budget: int):
-        """(sizes, device int64 values): the expected accepted draft tokens of the best ``size``
-        nodes created (sum of their path probabilities), at the controller's sizes; scaled to
-        integers so they ride in the acceptance packet (budget.py)."""
-        n = tree.n_nodes - 1
-        pts = self.budget_controller.eval_points(budget, n)
-        if not pts:
-            return None
-        cum = tree.scores[1:n + 1].exp().sort(descending=True).values.cumsum(0)
-        vals = cum[torch.tensor([p - 1 for p in pts], device=self.device)]
-        return pts, (vals * _CURVE_SCALE).round().long()
-
-    def _grow_chains(self, root: int, params: SamplingParams, gen, n: int, depth: int, stats):
-        """``n`` root candidates (greedy: the draft's top-n; sampling: drawn without replacement
-        from the processed draft distribution), each continued to a chain of ``depth`` tokens.
-        Node of chain j at depth i (1-based) is ``1 + (i - 1) * n + j``."""
+    # ------------------------------------------------------------------ one pass
+    def _pass(self, reqs: list) -> None:
         dev = self.device
-        tree = DraftTree(1 + n * depth, dev, root)
-        root_logits = self._draft_root(tree, stats)
-        n = min(n, root_logits.shape[-1])
-        q_rows = None
-        if params.greedy:
-            cands, valid = root_logits.topk(n).indices, torch.ones(n, dtype=torch.bool, device=dev)
-        else:
-            q_rows = torch.zeros(1 + n * depth, root_logits.shape[-1], device=dev)
-            q_rows[0] = process_logits(root_logits, params)
-            cands, valid = sampling.sample_without_replacement(q_rows[0], n, gen)
-        zero = torch.zeros(1, n, device=dev)
-        tips = tree.add_children(torch.zeros(1, dtype=torch.long, device=dev), cands[None],
-                                 torch.where(valid[None], zero, zero - float("inf")))
-        for _ in range(1, depth):
-            logits = self._draft_step(tree, tips, stats)
-            if params.greedy:
-                nxt = logits.argmax(-1)
+        syncs = [0]
+
+        def host(t: torch.Tensor):
+            """Every device -> host read of the pass goes through here, so syncs are counted."""
+            syncs[0] += 1
+            return t.tolist()
+
+        # Which requests verify a tree this pass, and how much of a new prompt rides along.
+        room = self.prefill_chunk
+        tree_reqs, chunk_reqs = [], []
+        for r in reqs:
+            c = len(r.t_pending)
+            if c <= room:
+                tree_reqs.append(r)
+                room -= c
+            elif room > 0:
+                chunk_reqs.append((r, room))
+                room = 0
+        first_trees = any(r.stats.target_passes == 0 for r in tree_reqs)
+        carries_prompt = any(r.t_pending for r in tree_reqs) or bool(chunk_reqs)
+
+        t0 = time.perf_counter()
+        budget, depth, ctx = self._max_budget, self.params.get("max_depth", 0), None
+        grown, drafter = [], None
+        if tree_reqs:
+            if self.auto:
+                cap = min(r.auto_cap for r in tree_reqs)
+                budget, depth = self.budget_controller.plan(cap)
+            if self.draft is not None:
+                bases = [r.region * self.draft_region_len for r in tree_reqs]
+                drafter = Drafter(self.draft, self._dcache, tree_reqs, bases, self.draft_region_len,
+                                  [r.stats for r in tree_reqs], self._runner(len(tree_reqs), budget))
+            ctx = PassContext(tree_reqs, drafter, host, dev, budget, depth, self.budget_controller)
+            grown = self.decoder.grow(ctx)
+        t1 = time.perf_counter()
+
+        # The target pass: prompt chunks, then each tree (behind whatever prompt still rides with it).
+        segs, toks, poss, logit_rows, row = [], [], [], [], 0
+        for r, c in chunk_reqs:
+            base = r.region * self.region_len
+            segs.append(Segment(c, base, r.tp))
+            toks.append(torch.tensor(r.t_pending[:c], device=dev))
+            poss.append(torch.arange(r.tp, r.tp + c, device=dev))
+            row += c
+        tree_rows = []
+        for r, (vt, _) in zip(tree_reqs, grown):
+            base, c, n = r.region * self.region_len, len(r.t_pending), vt.n
+            if c:
+                mask = torch.zeros(c + n, c + n, dtype=torch.bool, device=dev)
+                mask[:c, :c] = causal_mask(c, dev)
+                mask[c:, :c] = True
+                mask[c:, c:] = vt.mask
+                segs.append(Segment(c + n, base, r.tp, tree_mask=mask))
+                toks.append(torch.tensor(r.t_pending, device=dev))
+                poss.append(torch.arange(r.tp, r.tp + c, device=dev))
             else:
-                q = process_logits(logits, params)
-                q_rows[tips] = q
-                nxt = sampling.sample(q, gen)
-            tips = tree.add_children(tips, nxt[:, None], torch.zeros(n, 1, device=dev))
-        vt = tree.compact(torch.arange(tree.n_nodes, device=dev))
-        return vt, (q_rows, cands, valid, n, depth)
-
-    # ------------------------------------------------------------------ acceptance
-    def _accept(self, tree: VerifyTree, extra, logits: torch.Tensor, params: SamplingParams, gen) -> _Pass:
-        p = process_logits(logits, params)
-        if extra is None or params.greedy:
-            # The walk is exact for any tree; for greedy it is what every method reduces to.
-            draws = p.argmax(-1) if params.greedy else sampling.sample(p, gen)
-            last = _tree.walk_accept(tree, draws)   # module lookup: tests swap in a broken walk
-            bonus = draws[last]
+                segs.append(Segment(n, base, r.tp, tree_mask=vt.mask))
+            toks.append(vt.tokens)
+            poss.append(r.tp + c + vt.depths)
+            tree_rows.append((row + c, n))
+            logit_rows.append(torch.arange(row + c, row + c + n, device=dev))
+            row += c + n
+        token_ids = torch.cat(toks) if len(toks) > 1 else toks[0]
+        positions = torch.cat(poss) if len(poss) > 1 else poss[0]
+        rows_t = None
+        if chunk_reqs or any(r.t_pending for r in tree_reqs):
+            rows_t = torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long, device=dev)
+        if len(segs) == 1 and segs[0].base == 0:
+            s = segs[0]
+            logits = self.target.forward(token_ids, positions, self._tcache, s.prefix_len, s.tree_mask,
+                                         logits_rows=rows_t)
         else:
-            last, bonus = self._accept_chains(tree, extra, p, gen)
-        rows = path_rows(tree, last, tree.n)
-        bad = (~torch.isfinite(logits).all()).long()
-        if self._prefill_bad is not None:
-            bad = bad + 2 * self._prefill_bad.long()
-            self._prefill_bad = None
-        parts = [bad.view(1), tree.depths[last].view(1), bonus.view(1), tree.tokens[rows],
-                 tree.draft_slots[rows], rows]
-        n_tail = 0
-        if self._curve is not None:
-            parts.append(self._curve[1])
-            n_tail = len(self._curve[0])
-        h = self._host(torch.cat(parts))
-        tail = h[len(h) - n_tail:] if n_tail else []
-        if h[0]:
-            where = "the prompt prefill" if h[0] >= 2 else "a verification pass"
-            raise NonFiniteLogitsError(
-                f"the target model produced NaN/inf logits in {where} (method={self.method}); its weights "
-                f"or activations are not finite (a corrupt checkpoint, or an overflow in a low-precision "
-                f"dtype)")
-        m, bonus_tok, rest = h[1], h[2], h[3:]
-        n = len(rows)
-        return _Pass(tokens=rest[:m + 1], draft_slots=rest[n:n + m + 1], rows=rest[2 * n:2 * n + m + 1],
-                     bonus=bonus_tok, tail=tail)
+            logits = self.target.forward_batch(token_ids, positions, self._tcache, segs, logits_rows=rows_t)
 
-    def _accept_chains(self, tree: VerifyTree, extra, p: torch.Tensor, gen):
-        """Multi-candidate rejection at the root, then chain rejection along the accepted
-        candidate's chain (n = 1 is classic speculative sampling). Device-only."""
-        q_rows, cands, valid, n, depth = extra
-        dev = p.device
-        acc_j, p_root = sampling.multi_candidate_accept(p[0], q_rows[0], cands, valid, gen)
-        rows = 1 + torch.arange(depth, device=dev) * n + acc_j.clamp_min(0)
-        n_acc, tok = sampling.chain_accept(p[rows], q_rows[rows[:-1]], tree.tokens[rows[1:]], gen)
-        rejected = acc_j < 0
-        last = torch.where(rejected, torch.zeros_like(n_acc), rows[n_acc])
-        bonus = torch.where(rejected, sampling.sample(p_root, gen), tok)
-        return last, bonus
+        # Exact acceptance for each tree; every request's result is read in one sync.
+        parts, layout, offset = [], [], 0
+        for r, (vt, extra) in zip(tree_reqs, grown):
+            n = vt.n
+            lg = logits[offset:offset + n]
+            offset += n
+            p = process_logits(lg, r.params)
+            last, bonus = self.decoder.accept(vt, extra, p, r.gen, r.params)
+            path = path_rows(vt, last, n)
+            bad = (~torch.isfinite(lg).all()).long()
+            parts += [bad.view(1), vt.depths[last].view(1), bonus.view(1), vt.tokens[path], vt.draft_slots[path], path]
+            layout.append(n)
+        n_curve = 0
+        if ctx is not None and ctx.curve is not None:
+            parts.append(ctx.curve[1])
+            n_curve = len(ctx.curve[0])
+        h = host(torch.cat(parts)) if parts else []
+
+        # Commits: every request's accepted path (and its prompt chunk, already in place) into
+        # its region, one index copy per cache.
+        t_src, t_dst, d_src, d_dst = [], [], [], []
+        results, pos = [], 0
+        for r, n in zip(tree_reqs, layout):
+            bad, m, bonus, rest = h[pos], h[pos + 1], h[pos + 2], h[pos + 3:pos + 3 + 3 * n]
+            pos += 3 + 3 * n
+            tokens, dslots, path = rest[:m + 1], rest[n:n + m + 1], rest[2 * n:2 * n + m + 1]
+            base, c = r.region * self.region_len, len(r.t_pending)
+            start = base + r.tp + c
+            t_src += [start + j for j in path]
+            t_dst += list(range(start, start + m + 1))
+            results.append((r, bool(bad), tokens, dslots, bonus))
+        self._move(self._tcache, t_src, t_dst)
+        for r, c in chunk_reqs:
+            r.tp += c
+            del r.t_pending[:c]
+        for r, _, tokens, dslots, bonus in results:
+            r.tp += len(r.t_pending) + len(tokens)
+            r.t_pending = []
+            if self.draft is None:
+                r.pending = [bonus]
+                continue
+            k = 0
+            while k < len(dslots) and dslots[k] >= 0:
+                k += 1
+            dbase = r.region * self.draft_region_len
+            d_src += [dbase + r.dp + s for s in dslots[:k]]
+            d_dst += list(range(dbase + r.dp, dbase + r.dp + k))
+            r.dp += k
+            r.pending = tokens[k:] + [bonus]
+        if self.draft is not None:
+            self._move(self._dcache, d_src, d_dst)
+        t2 = time.perf_counter()
+
+        # Bookkeeping, text, and who is done.
+        n_tree_reqs = len(tree_reqs)
+        tree_size = {id(r): vt.n for r, (vt, _) in zip(tree_reqs, grown)}
+        accepted = []
+        finished = []
+        for r, bad, tokens, _, bonus in results:
+            if bad:
+                finished.append((r, NonFiniteLogitsError(
+                    f"the target model produced NaN/inf logits in a verification pass (method={self.method}); its "
+                    f"weights or activations are not finite (a corrupt checkpoint, or an overflow in a "
+                    f"low-precision dtype)")))
+                continue
+            s = r.stats
+            new = tokens[1:] + [bonus]
+            accepted.append(len(tokens) - 1)
+            s.draft_seconds += t1 - t0
+            s.target_seconds += t2 - t1
+            s.target_passes += 1
+            s.tree_tokens += tree_size[id(r)]
+            s.tokens_per_pass_histogram[len(new)] = s.tokens_per_pass_histogram.get(len(new), 0) + 1
+            s.syncs += syncs[0]
+            s.max_syncs_per_pass = max(s.max_syncs_per_pass, syncs[0])
+            s.batch_sizes.append(n_tree_reqs)
+            if self.method == "specexec":
+                s.budgets.append(budget)
+            r.produced += len(new)
+            r.seq.extend(new)
+            piece = r.tracker.add(new)
+            with self._cond:
+                r.pieces.append(piece)
+            if r.tracker.finish_reason:
+                finished.append((r, None))
+        for r, _ in chunk_reqs:
+            r.stats.prefill_seconds += t2 - t1
+        if self.auto and accepted:
+            # A pass that carried a prompt (or a draft's prompt prefill) says nothing about the
+            # cost of a tree: its times are left out of the fits.
+            curve_vals = [v / CURVE_SCALE for v in h[len(h) - n_curve:]] if n_curve else []
+            pts = ctx.curve[0] if ctx.curve is not None else []
+            self.budget_controller.observe(
+                budget, sum(vt.n for vt, _ in grown), drafter.calls if drafter is not None else 0,
+                None if first_trees else t1 - t0, None if carries_prompt else t2 - t1, pts, curve_vals,
+                max(accepted), truncated=any(r.remaining < depth for r in tree_reqs))
+        with self._cond:
+            for r, err in finished:
+                self._finish(r, r.tracker.finish_reason or "error", err)
+            self._cond.notify_all()
+
+    @staticmethod
+    def _move(cache, src: list, dst: list) -> None:
+        if src:
+            dev = cache.device
+            cache.move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
 
 
-# ---------------------------------------------------------------------- helpers
-def _find_stop(text: str, stops: list) -> Optional[tuple[int, int]]:
-    """(start, end) of the earliest stop string in ``text``, or None."""
-    best = None
-    for s in stops:
-        i = text.find(s)
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, i + len(s))
-    return best
-
-
-def _safe_prefix_len(text: str, stops: list) -> int:
-    """How much of ``text`` can be shown: hold back an incomplete character and any suffix that
-    may be the start of a stop string."""
-    n = len(text)
-    while n and text[n - 1] == "\ufffd":
-        n -= 1
-    for s in stops:
-        for k in range(min(len(s) - 1, n), 0, -1):
-            if text[:n].endswith(s[:k]):
-                n -= k
-                break
-    return max(n, 0)
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in str(e)
 
 
 def check_same_vocabulary(target, draft, n_sample: int = 512) -> None:
@@ -667,7 +676,7 @@ def check_same_vocabulary(target, draft, n_sample: int = 512) -> None:
 
     try:
         tt, dt = load_tokenizer(target), load_tokenizer(draft)
-    except Exception:
+    except SpecExecError:
         return    # no tokenizer to compare: the size check is all we can do
     v = target.vocab_size
     ids = sorted(set(torch.linspace(0, v - 1, min(n_sample, v)).long().tolist()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -92,47 +93,55 @@ def draft_tree_bytes(capacity: int, expand_rows: int) -> int:
     return int(2 * capacity * capacity + expand_rows * capacity + 64 * capacity)
 
 
-def pass_bytes(engine, budget: Optional[int] = None, sampled: bool = True) -> int:
-    """Peak transient bytes of one draft-then-verify pass of ``engine`` at ``budget`` (default:
-    its largest), against full KV caches. ``sampled`` counts top-p/top-k sampling's temporaries
-    (greedy needs fewer)."""
-    p = engine.params
-    method = engine.method
-    target = engine.target
+@dataclass(frozen=True)
+class PassShape:
+    """The sizes of one pass that its working memory depends on (a decoding method gives it
+    for a budget; see ``methods.py``).
+
+    verify_rows: target rows one request verifies (the root included).
+    draft_rows: new tokens of one draft call for one request (0: no draft).
+    tree_capacity: nodes of one request's ``DraftTree`` (its ancestor matrix is this squared).
+    keeps_draft_probs: sampling keeps the draft's processed distribution of every node.
+    n_requests: requests sharing the pass (their rows add up; each has its own tree).
+    """
+
+    verify_rows: int
+    draft_rows: int = 0
+    tree_capacity: int = 0
+    keeps_draft_probs: bool = False
+    n_requests: int = 1
+
+
+def pass_bytes(target, draft, shape: PassShape, sampled: bool = True) -> int:
+    """Peak transient bytes of one draft-then-verify pass of this ``shape`` against full KV
+    caches. ``sampled`` counts top-p/top-k sampling's temporaries (greedy needs fewer)."""
     v = target.config.vocab_size
+    b = shape.n_requests
     accept = ACCEPT_BYTES_SAMPLED if sampled else ACCEPT_BYTES_GREEDY
-    if method == "autoregressive":
-        return forward_bytes(target, 1, target.max_len) + v * accept
-    if method == "specexec":
-        b = engine._max_budget if budget is None else budget
-        beams = p["beams_per_step"] if engine._user_beams or not engine.auto else min(b, 32)
-        width, depth = p["branch_width"], p["max_depth"]
-        capacity = 1 + depth * beams * width
-        verify_rows = 1 + b
-        # One draft step: beams new tokens, logits, log-softmax and top-k over them.
-        draft = draft_tree_bytes(capacity, beams * width) \
-            + forward_bytes(engine.draft, beams, engine.draft.max_len) + beams * v * 8
-    else:
-        n, depth = (1, p["k"]) if method == "chain" else (p["n"], p["depth"])
-        verify_rows = 1 + n * depth
-        capacity = verify_rows
-        # Sampling keeps the draft's processed distribution of every node for acceptance.
-        draft = draft_tree_bytes(capacity, n) + forward_bytes(engine.draft, n, engine.draft.max_len) \
-            + (verify_rows * v * 4 if sampled else 0) + n * v * accept
+    verify_rows = b * shape.verify_rows
     verify = forward_bytes(target, verify_rows, target.max_len) + verify_rows * v * accept \
-        + verify_rows * verify_rows  # the verification tree's mask
-    if target.device == engine.draft.device:
-        # The draft tree is gone by verification, but the caching allocator keeps its blocks.
-        return int(max(draft, verify) if target.device.type == "cpu" else draft + verify)
-    return int(max(draft, verify))
+        + b * shape.verify_rows ** 2  # the verification trees' masks
+    if draft is None or not shape.draft_rows:
+        return int(verify)
+    rows = b * shape.draft_rows
+    # One draft step: its new tokens, logits, log-softmax and top-k over them (or the kept
+    # distributions of chain/SpecInfer sampling).
+    draft_b = b * draft_tree_bytes(shape.tree_capacity, shape.draft_rows * 8) \
+        + forward_bytes(draft, rows, draft.max_len) + rows * v * 8
+    if shape.keeps_draft_probs and sampled:
+        draft_b += verify_rows * v * 4 + rows * v * accept
+    if target.device == draft.device:
+        # The draft trees are gone by verification, but the caching allocator keeps their blocks.
+        return int(max(draft_b, verify) if target.device.type == "cpu" else draft_b + verify)
+    return int(max(draft_b, verify))
 
 
-def prefill_bytes(engine, prompt_len: int) -> int:
+def prefill_bytes(target, draft, prompt_len: int) -> int:
     """The prompt's prefill through the target (and, for speculative methods, the draft)."""
     n = max(1, prompt_len)
-    need = forward_bytes(engine.target, n, n, logits_rows=1)
-    if engine.draft is not None:
-        need = max(need, forward_bytes(engine.draft, n, n, logits_rows=1))
+    need = forward_bytes(target, n, n, logits_rows=1)
+    if draft is not None:
+        need = max(need, forward_bytes(draft, n, n, logits_rows=1))
     return int(need)
 
 
@@ -140,82 +149,57 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def largest_fitting_budget(engine, available: int, sampled: bool) -> int:
-    """The largest power of two (or the ceiling itself) <= ``engine._max_budget`` whose pass fits
-    in ``available`` bytes; 0 if not even a 1-token tree fits."""
-    cap = engine._max_budget
+def largest_fitting_budget(fits, cap: int) -> int:
+    """The largest power of two (or ``cap`` itself) <= ``cap`` for which ``fits(budget)``; 0 if none."""
     candidates = sorted({cap} | {1 << i for i in range(int(math.log2(cap)) + 1)}, reverse=True)
     for b in candidates:
-        if b <= cap and pass_bytes(engine, b, sampled) <= available:
+        if b <= cap and fits(b):
             return b
     return 0
 
 
-def _fit_or_raise(engine, avail: int, sampled: bool, what: str) -> int:
-    """The budget ceiling that fits in ``avail`` bytes: the engine's own if its largest pass
-    fits, else (auto) the largest that does; raises MemoryBudgetError otherwise."""
-    need = pass_bytes(engine, sampled=sampled)
+def fit_budget(target, draft, method, cap: int, auto: bool, avail: int, sampled: bool, what: str,
+               n_requests: int = 1) -> int:
+    """The budget ceiling that fits in ``avail`` bytes: ``cap`` if its largest pass fits, else
+    (auto) the largest that does; raises MemoryBudgetError otherwise."""
+    need = pass_bytes(target, draft, method.pass_shape(cap, n_requests), sampled)
     if need <= avail:
-        return engine._max_budget
-    fit = largest_fitting_budget(engine, avail, sampled) if engine.auto else 0
+        return cap
+    fit = largest_fitting_budget(
+        lambda b: pass_bytes(target, draft, method.pass_shape(b, n_requests), sampled) <= avail, cap) if auto else 0
     if fit:
         return fit
-    raise MemoryBudgetError(describe(engine, need, avail, what))
+    raise MemoryBudgetError(describe(method, target.device, need, avail, what))
 
 
-def check_engine(engine) -> None:
-    """At construction: the largest pass with greedy acceptance must fit. A fixed budget that
-    does not raises MemoryBudgetError; ``budget='auto'`` lowers its ceiling (``max_budget``) to
-    what fits, like it does for the KV cache."""
-    avail = available_bytes(engine.device)
-    if avail is not None:
-        engine._max_budget = _fit_or_raise(engine, avail, False, "one draft-and-verify pass")
-
-
-def check_request(engine, prompt_len: int, sampled: bool) -> int:
+def check_request(target, draft, method, cap: int, auto: bool, prompt_len: int, sampled: bool,
+                  n_requests: int = 1) -> int:
     """Before a request: its prefill and its passes must fit. Returns the budget ceiling auto
-    may use for it (the engine's own for fixed budgets); raises MemoryBudgetError otherwise."""
-    avail = available_bytes(engine.device)
+    may use for it (``cap`` for fixed budgets); raises MemoryBudgetError otherwise."""
+    avail = available_bytes(target.device)
     if avail is None:
-        return engine._max_budget
-    need = prefill_bytes(engine, prompt_len)
+        return cap
+    need = prefill_bytes(target, draft, prompt_len)
     if need > avail:
         raise MemoryBudgetError(
             f"the prompt's prefill ({prompt_len} tokens) needs about {_gib(need)} of working memory on "
-            f"{engine.device} but {_gib(avail)} is available; use a shorter prompt or free memory")
-    return _fit_or_raise(engine, avail, sampled,
-                         "one draft-and-verify pass" + (" with sampling" if sampled else ""))
+            f"{target.device} but {_gib(avail)} is available; use a shorter prompt or free memory")
+    return fit_budget(target, draft, method, cap, auto, avail, sampled,
+                      "one draft-and-verify pass" + (" with sampling" if sampled else ""), n_requests)
 
 
-def setting_and_fix(engine) -> tuple[str, str]:
-    """(the engine's size settings, what to lower), for error messages."""
-    p = engine.params
-    if engine.method == "specexec":
-        setting = (f"budget={engine.budget}" + (f" (max_budget={engine._max_budget})" if engine.auto else "")
-                   + f", beams_per_step={p['beams_per_step']}, branch_width={p['branch_width']}, "
-                     f"max_depth={p['max_depth']}")
-        fix = ("lower the budget, or beams_per_step x branch_width x max_depth (the draft tree holds "
-               "1 + their product nodes and a bool matrix of that size squared)")
-    elif engine.method == "chain":
-        setting, fix = f"k={p['k']}", "lower k"
-    elif engine.method == "specinfer":
-        setting, fix = f"n={p['n']}, depth={p['depth']}", "lower n or depth"
-    else:
-        setting, fix = "", "load the model with a smaller max_len"
-    return setting, fix
+def describe(method, device, need: int, avail: int, what: str) -> str:
+    setting, fix = method.settings()
+    return (f"method={method.name} {setting}: {what} needs about {_gib(need)} of working memory on "
+            f"{device} but {_gib(avail)} is available; {fix}")
 
 
-def describe(engine, need: int, avail: int, what: str) -> str:
-    setting, fix = setting_and_fix(engine)
-    return (f"method={engine.method} {setting}: {what} needs about {_gib(need)} of working memory on "
-            f"{engine.device} but {_gib(avail)} is available; {fix}")
-
-
-def describe_failure(engine, error: Exception) -> str:
+def describe_failure(target, draft, method, cap: int, error: Exception) -> str:
     """An allocation that failed inside a pass, with the estimate next to what is free now."""
-    setting, fix = setting_and_fix(engine)
-    avail = available_bytes(engine.device)
+    setting, fix = method.settings()
+    avail = available_bytes(target.device)
     free = f"{_gib(avail)} is available now" if avail is not None else "free memory is unknown"
-    return (f"method={engine.method} {setting}: a pass ran out of memory on {engine.device} "
-            f"({str(error).splitlines()[0]}); the estimate for one pass is {_gib(pass_bytes(engine))} "
+    est = pass_bytes(target, draft, method.pass_shape(cap))
+    return (f"method={method.name} {setting}: a pass ran out of memory on {target.device} "
+            f"({str(error).splitlines()[0]}); the estimate for one pass is {_gib(est)} "
             f"and {free} (another process may hold memory); {fix}")

@@ -112,23 +112,23 @@ class DraftTree:
         dead ancestor (ties can split a parent from its equally scored child), so the alive set
         is ancestor-closed. Returns the score of the ``budget``-th best node, -inf when the tree
         has room (0-dim float, on device)."""
+        return prune_forest([self], budget)
+
+    def prune_keys(self) -> torch.Tensor:
+        """Scores of the nodes that compete for the budget (alive, not the root), -inf elsewhere."""
         n = self.n_nodes
         key = torch.where(self.alive[:n], self.scores[:n], torch.full_like(self.scores[:n], NEG_INF))
         key[0] = NEG_INF
-        k = min(budget, n - 1)
-        keep = torch.zeros(n, dtype=torch.bool, device=self.device)
+        return key
+
+    def keep_only(self, keep: torch.Tensor) -> None:
+        """Alive := the root, the nodes in ``keep`` (bool ``[n_nodes]``), minus any node with an
+        ancestor outside that set."""
+        n = self.n_nodes
+        keep = keep.clone()
         keep[0] = True
-        if k > 0:
-            vals, idx = key.topk(k)
-            keep[idx] = vals > NEG_INF
-            # With fewer than ``budget`` live nodes topk also returns the root (key -inf).
-            keep[0] = True
-            full = vals[-1] if n - 1 >= budget else torch.tensor(NEG_INF, device=self.device)
-        else:
-            full = torch.tensor(float("inf") if budget == 0 else NEG_INF, device=self.device)
         keep &= ~(self.anc[:n, :n] & ~keep[None, :]).any(-1)
         self.alive[:n] = keep
-        return full
 
     def candidates(self, threshold: torch.Tensor, max_depth: int) -> torch.Tensor:
         """Scores of nodes worth expanding (alive, unexpanded, shallower than ``max_depth``,
@@ -174,3 +174,27 @@ def path_rows(tree: VerifyTree, last_row: torch.Tensor, max_len: int) -> torch.T
     key = torch.where(on, tree.depths, tree.depths + tree.n + 1)
     order = key.argsort(stable=True)
     return order[:max_len]
+
+
+def prune_forest(trees: list, budget: int) -> torch.Tensor:
+    """One best-first budget over several requests' trees: keep every root and the ``budget``
+    best non-root nodes of all trees together (scores are comparable across trees: each is the
+    log-probability that its path is accepted), each tree ancestor-closed. Returns the score of
+    the ``budget``-th best node, -inf while the trees hold fewer (0-dim float, on device)."""
+    dev = trees[0].device
+    keys = trees[0].prune_keys() if len(trees) == 1 else torch.cat([t.prune_keys() for t in trees])
+    n_compete = sum(t.n_nodes - 1 for t in trees)
+    k = min(budget, n_compete)
+    keep = torch.zeros(keys.shape[0], dtype=torch.bool, device=dev)
+    if k > 0:
+        vals, idx = keys.topk(k)
+        keep[idx] = vals > NEG_INF
+        full = vals[-1] if n_compete >= budget else torch.tensor(NEG_INF, device=dev)
+    else:
+        full = torch.tensor(float("inf") if budget == 0 else NEG_INF, device=dev)
+    if len(trees) == 1:
+        trees[0].keep_only(keep)
+    else:
+        for t, part in zip(trees, keep.split([t.n_nodes for t in trees])):
+            t.keep_only(part)
+    return full
