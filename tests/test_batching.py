@@ -221,3 +221,28 @@ def test_batched_broken_acceptance_is_caught(sampling_pair, monkeypatch):  # noq
     eng = Engine(target, draft, method="specexec", max_batch=3, **SAMPLING_ENGINES["specexec"])
     counts = _batched_first_two(eng, params, 3)
     assert chi2_pvalue(counts, exact_first_two(target, params)) < 1e-6
+
+
+def test_serving_loop_with_step_and_callbacks(pair, expected):
+    """What a server does: one loop thread calls step(); requests report through on_update."""
+    eng = _engine(pair, "specexec", 2)
+    got = {i: [] for i in range(3)}
+    done = threading.Event()
+    finished = []
+
+    def cb(i):
+        def on_update(piece, is_done):
+            got[i].append(piece)
+            if is_done:
+                finished.append(i)
+                if len(finished) == 3:
+                    done.set()
+        return on_update
+
+    handles = [eng.submit(PROMPTS[i], NEW[i], on_update=cb(i)) for i in range(3)]
+    assert eng.pending_requests == (0, 3)
+    while not done.is_set():
+        assert eng.step(timeout=1.0) > 0
+    assert sorted(finished) == [0, 1, 2]
+    assert [h.result().token_ids for h in handles] == expected[:3]
+    assert eng.step(timeout=0.01) == 0 and eng.pending_requests == (0, 0)

@@ -217,13 +217,43 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt_or_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None) -> RequestHandle:
+               top_k: int = 0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
+               on_update=None) -> RequestHandle:
         """Queue a request and return its handle (thread-safe). Its parameters are checked here;
-        it runs in the passes that the threads waiting on handles drive (see ``generate``)."""
+        it runs in the passes that the threads waiting on handles drive (see ``generate``), or
+        that a serving loop drives with ``step``. ``on_update(piece, done)``, if given, is called
+        from the thread running the pass after each of the request's passes (and once when it
+        ends): what a server uses to forward text without a thread per request."""
         req = self._make_request(prompt_or_ids, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        req.on_update = on_update
         with self._cond:
             self._queue.append(req)
+            self._cond.notify_all()
         return RequestHandle(self, req)
+
+    def step(self, timeout: Optional[float] = None) -> int:
+        """Run one pass for every active request (admitting queued ones first); returns how many
+        requests it served. With nothing to do, waits up to ``timeout`` seconds (None: forever)
+        for a submission and returns 0. For serving loops; callers of ``generate``/``stream``
+        never need it."""
+        with self._cond:
+            if not self._queue and not self._active:
+                self._cond.wait(timeout)
+                if not self._queue and not self._active:
+                    return 0
+        with self._loop:
+            with self._cond:
+                n = len(self._active) + min(len(self._queue), len(self._free))
+            self._run_pass()
+        with self._cond:
+            self._cond.notify_all()
+        return n
+
+    @property
+    def pending_requests(self) -> tuple[int, int]:
+        """(requests in passes, requests queued for a cache region)."""
+        with self._cond:
+            return len(self._active), len(self._queue)
 
     def generate(self, prompt_or_ids, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
@@ -390,6 +420,9 @@ class Engine:
             req.result = GenerationResult(token_ids=list(req.tracker.token_ids), text=req.tracker.text, stats=req.stats)
         req.error = error
         req.done = True
+        if req.on_update is not None:
+            # The last piece (text made safe by the end) goes with the done signal.
+            req.on_update(req.final_piece if error is None else "", True)
         if req in self._active:
             self._active.remove(req)
         if req.region is not None:
@@ -630,6 +663,10 @@ class Engine:
             piece = r.tracker.add(new)
             with self._cond:
                 r.pieces.append(piece)
+            if r.tracker.finish_reason:
+                r.final_piece = piece        # delivered with the done signal
+            elif r.on_update is not None:
+                r.on_update(piece, False)
             if r.tracker.finish_reason:
                 finished.append((r, None))
         for r, _ in chunk_reqs:

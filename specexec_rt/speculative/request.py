@@ -92,6 +92,8 @@ class Request:
         self.produced = 0
         self.auto_cap = 0                          # budget="auto": the largest tree its caches allow
         self.submitted = time.perf_counter()
+        self.on_update = None                      # callback(piece, done) from the pass thread
+        self.final_piece = ""
         # Guarded by the engine's condition:
         self.pieces: list = []
         self.done = False

@@ -1,0 +1,234 @@
+"""End to end on the CPU, side by side with what CPU users run: SmolLM2-135M, three chat prompts,
+greedy, one process, interleaved rounds, medians.
+
+Rows (tokens/s of generated tokens, prompt prefill included, as a user sees it):
+- HF transformers ``generate`` (float32, the GGUF dequantized), HF prompt-lookup decoding
+  (``prompt_lookup_num_tokens=10``) and HF assisted generation (assistant: the same model with
+  its linear layers dynamically quantized to int8, the closest HF analogue of our int4 draft);
+- ours: autoregressive (float32), ``budget="auto"``, SpecExec at fixed budgets, chain k=4,
+  all with the default draft; and our autoregressive decoding of a target kept 4-bit
+  (``quantize="int4"``: the GGUF's Q4_1 tensors stay packed);
+- llama.cpp on the same GGUF through ``llama-cpp-python`` (2 threads), run in its own
+  virtualenv (it builds llama.cpp from source, so it is never a dependency of ours): the
+  bench uses ``--llama-python`` (or ``$SPECEXEC_LLAMA_PYTHON``, or ``.llama-venv/bin/python``)
+  and says so when none is found.
+
+Every one of our greedy outputs is checked against our autoregressive output (lossless); HF's
+and llama.cpp's outputs are compared and mismatches counted, not failed (different kernels,
+llama.cpp different weights).
+
+    python bench/cpu_e2e.py [--new 96] [--rounds 3] [--budgets 4,16,64] [--out-md ...] [--out-png ...]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTIONS = [
+    "Explain in three sentences why the sky is blue.",
+    "What are the main differences between Python lists and tuples?",
+    "Give me three tips for a good night's sleep.",
+]
+
+# Runs inside the llama-cpp-python virtualenv: JSON lines in (prompt, n), JSON lines out.
+LLAMA_WORKER = r"""
+import json, sys, time
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=1024, n_threads=int(sys.argv[2]), verbose=False)
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    t0 = time.perf_counter()
+    out = llm.create_completion(req["prompt"], max_tokens=req["n"], temperature=0.0, top_k=1)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"seconds": dt, "tokens": out["usage"]["completion_tokens"],
+                      "text": out["choices"][0]["text"]}), flush=True)
+"""
+
+
+def llama_python(arg):
+    for cand in (arg, os.environ.get("SPECEXEC_LLAMA_PYTHON"), str(ROOT / ".llama-venv" / "bin" / "python")):
+        if cand and Path(cand).is_file():
+            ok = subprocess.run([cand, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+            if ok:
+                return cand
+            print(f"[cpu_e2e] {cand} cannot import llama_cpp; llama.cpp rows skipped", file=sys.stderr)
+    return None
+
+
+class LlamaWorker:
+    def __init__(self, python: str, gguf: str, threads: int):
+        self.proc = subprocess.Popen([python, "-c", LLAMA_WORKER, gguf, str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        json.loads(self.proc.stdout.readline())
+
+    def run(self, prompt: str, n: int) -> dict:
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budgets", default="4,16,64")
+    ap.add_argument("--llama-python", default=None)
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF rows (quicker)")
+    ap.add_argument("--out-md", default=None)
+    ap.add_argument("--out-png", default=None)
+    args = ap.parse_args()
+    threads = torch.get_num_threads()
+
+    import transformers
+
+    from specexec_rt import Engine, default_draft, load_model, load_tokenizer
+
+    target = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=1024)
+    target4 = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=1024, quantize="int4")
+    draft = default_draft(target)
+    tok = load_tokenizer(target)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in QUESTIONS]
+    prompt_ids = [tok(p).input_ids for p in prompts]
+    gguf = str(target.source.path)
+
+    runners: dict = {}
+    ours = {"ours autoregressive": Engine(target, method="autoregressive", tokenizer=tok),
+            "ours autoregressive, int4 target": Engine(target4, method="autoregressive", tokenizer=tok),
+            "ours budget=auto": Engine(target, draft, budget="auto", tokenizer=tok)}
+    for b in (int(x) for x in args.budgets.split(",") if x):
+        ours[f"ours specexec b={b}"] = Engine(target, draft, budget=b, tokenizer=tok)
+    ours["ours chain k=4"] = Engine(target, draft, method="chain", budget=4, tokenizer=tok)
+    for name, eng in ours.items():
+        def run_ours(i, eng=eng):
+            t0 = time.perf_counter()
+            res = eng.generate(prompt_ids[i], args.new)
+            return res.token_ids, time.perf_counter() - t0, res.stats
+        runners[name] = run_ours
+
+    if not args.no_hf:
+        path = target.source.path
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+        assistant = torch.ao.quantization.quantize_dynamic(
+            transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval(),
+            {torch.nn.Linear}, dtype=torch.qint8)
+        eos = tok.eos_token_id
+
+        def hf_run(i, **kw):
+            ids = torch.tensor([prompt_ids[i]])
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                out = hf.generate(ids, max_new_tokens=args.new, do_sample=False, pad_token_id=eos, **kw)
+                dt = time.perf_counter() - t0
+            return out[0, ids.shape[1]:].tolist(), dt, None
+
+        runners["HF generate"] = hf_run
+        runners["HF prompt lookup"] = lambda i: hf_run(i, prompt_lookup_num_tokens=10)
+        runners["HF assisted (int8 assistant)"] = lambda i: hf_run(i, assistant_model=assistant)
+
+    llama = None
+    lp = llama_python(args.llama_python)
+    if lp:
+        llama = LlamaWorker(lp, gguf, threads)
+
+        def llama_run(i):
+            r = llama.run(prompts[i], args.new)
+            return r["tokens"], r["seconds"], r["text"]
+        runners["llama.cpp (llama-cpp-python)"] = llama_run
+    else:
+        print("[cpu_e2e] llama-cpp-python not found (pass --llama-python or set SPECEXEC_LLAMA_PYTHON); "
+              "llama.cpp rows skipped", file=sys.stderr)
+
+    for fn in runners.values():     # warm-up
+        fn(0)
+    samples = {name: [[] for _ in prompts] for name in runners}
+    outputs: dict = {}
+    for rnd in range(args.rounds):
+        for i in range(len(prompts)):
+            for name, fn in runners.items():
+                out, dt, extra = fn(i)
+                n = out if isinstance(out, int) else len(out)
+                samples[name][i].append((n / dt, extra))
+                if not isinstance(out, int):
+                    outputs[(name, i)] = out
+            print(f"[cpu_e2e] round {rnd} prompt {i}: " + ", ".join(
+                f"{k} {samples[k][i][-1][0]:.1f}" for k in runners), file=sys.stderr, flush=True)
+    if llama:
+        llama.close()
+
+    ref = "ours autoregressive"
+    rows = []
+    for name in runners:
+        per_prompt = [statistics.median(s[0] for s in samples[name][i]) for i in range(len(prompts))]
+        ratios = [per_prompt[i] / statistics.median(s[0] for s in samples[ref][i]) for i in range(len(prompts))]
+        mismatches = sum(1 for i in range(len(prompts)) if (name, i) in outputs and (ref, i) in outputs
+                         and outputs[(name, i)] != outputs[(ref, i)])
+        stats = [s[1] for i in range(len(prompts)) for s in samples[name][i] if hasattr(s[1], "tokens_per_pass")]
+        tpp = statistics.median(s.tokens_per_pass for s in stats) if stats else None
+        rows.append(dict(name=name, tok_s=statistics.median(per_prompt), per_prompt=per_prompt,
+                         vs_ours_ar=statistics.median(ratios), min_vs_ours_ar=min(ratios), tokens_per_pass=tpp,
+                         greedy_mismatches=mismatches))
+        if name.startswith("ours") and mismatches and "int4 target" not in name:
+            raise AssertionError(f"{name}: greedy output differs from our autoregressive output")
+    # Roofline: float32 weights read per token by autoregressive decoding.
+    fp32_bytes = sum(t.numel() * 4 for lw in target.weights.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)) \
+        + target.weights.lm_head.numel() * 4
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = ["# CPU end to end: SmolLM2-135M, ours vs what CPU users run", "",
+             f"{datetime.date.today()}, commit {commit}, {cpu}, {threads} threads, torch {torch.__version__}; "
+             f"greedy, {args.new} new tokens, {len(prompts)} chat prompts, medians of {args.rounds} interleaved "
+             f"rounds (per prompt, then the median over prompts). Roofline: float32 autoregressive decoding reads "
+             f"{fp32_bytes / 1e6:.0f} MB of weights per token." + ("" if lp else " llama.cpp: not installed, skipped."),
+             "", "| engine | tok/s | vs ours autoregressive (median / worst prompt) | tokens per pass | "
+             "fp32-weight GB/s equivalent | greedy output differs from ours (prompts) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        tpp = f"{r['tokens_per_pass']:.2f}" if r["tokens_per_pass"] else ""
+        lines.append(f"| {r['name']} | {r['tok_s']:.1f} | {r['vs_ours_ar']:.2f}x / {r['min_vs_ours_ar']:.2f}x | {tpp} | "
+                     f"{r['tok_s'] * fp32_bytes / 1e9:.1f} | {r['greedy_mismatches']} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    stem = ROOT / "bench" / "results" / f"{datetime.date.today()}-cpu-e2e"
+    Path(args.out_md or f"{stem}.md").write_text(text)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+        names = [r["name"] for r in rows]
+        ax.barh(names, [r["tok_s"] for r in rows], color=["C0" if n.startswith("ours") else "C7" for n in names])
+        ax.invert_yaxis()
+        ax.set_xlabel("tokens/s (greedy, SmolLM2-135M, CPU)")
+        ax.set_title(f"{cpu}, {threads} threads")
+        fig.tight_layout()
+        fig.savefig(args.out_png or f"{stem}.png", dpi=110)
+    except ImportError:
+        print("[cpu_e2e] matplotlib missing: no plot", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
