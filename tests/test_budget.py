@@ -111,7 +111,8 @@ def test_auto_is_greedy_lossless_and_records_budgets(models, reference):
         res = engine.generate([5, 9, 2, 7], max_new_tokens=30)
         assert res.token_ids == reference
         s = res.stats
-        assert len(s.budgets) == s.target_passes and all(1 <= b <= 64 for b in s.budgets)
+        assert len(s.budgets) == s.target_passes and all(0 <= b <= 64 for b in s.budgets)
+        assert s.modes == ["autoregressive" if b == 0 else "specexec" for b in s.budgets]
         assert s.max_syncs_per_pass <= 2 + 16     # no extra sync: the curve rides the acceptance read
     assert res.stats.as_dict()["budgets"] == s.budgets
 
@@ -197,3 +198,73 @@ def test_nan_draft_keeps_target_text(models, reference):
         res = Engine(target, bad, budget=budget).generate([5, 9, 2, 7], max_new_tokens=30)
         assert res.token_ids == reference
         assert res.stats.tokens_per_pass == 1.0     # nothing drafted survives; only speed is lost
+
+
+# ============================================================================ plain decoding as a mode
+def _engine_with_costs(models, cost, max_budget=32):
+    target, draft = models
+    eng = Engine(target, draft, budget="auto", max_budget=max_budget)
+    eng.budget_controller.cost_model = cost
+    return eng
+
+
+def test_auto_decodes_plainly_when_drafting_never_pays(models, reference):
+    """A draft that costs 10x a target pass per call: auto runs plain passes (no draft call),
+    probing a tree now and then, and the output is the target's own."""
+    eng = _engine_with_costs(models, lambda b, n, calls: (10.0 * max(calls, 1), 1.0 + 0.01 * n))
+    res = eng.generate([5, 9, 2, 7], max_new_tokens=30)
+    assert res.token_ids == reference
+    modes = res.stats.modes
+    assert modes.count("autoregressive") >= 20 and modes[-1] == "autoregressive"
+    assert res.stats.draft_calls < 3 * modes.count("specexec") + 2     # plain passes call no draft
+
+
+def test_auto_grows_trees_when_drafting_pays(models, reference):
+    """An offloaded-target-like cost (a pass costs the same for any tree, the draft is nearly
+    free): auto keeps growing trees."""
+    eng = _engine_with_costs(models, lambda b, n, calls: (1e-4 * calls, 1.0))
+    res = eng.generate([5, 9, 2, 7], max_new_tokens=30)
+    assert res.token_ids == reference
+    assert res.stats.modes.count("specexec") == len(res.stats.modes)
+
+
+def test_mode_switches_are_lossless_greedy_and_resume_drafting(models, reference):
+    """Costs that flip mid-generation: plain passes while drafting is dear, trees again once it
+    is cheap (the draft catches up on the tokens it skipped), output unchanged throughout."""
+    passes = []
+
+    def cost(b, n, calls):
+        passes.append(b)
+        dear = 8 <= len(passes) < 20
+        return (50.0 * max(calls, 1) if dear else 1e-4 * calls), 1.0
+
+    eng = _engine_with_costs(models, cost)
+    res = eng.generate([5, 9, 2, 7] * 3, max_new_tokens=60)
+    target = models[0]
+    from conftest import greedy_decode
+    assert res.token_ids == greedy_decode(target, [5, 9, 2, 7] * 3, 60)
+    modes = res.stats.modes
+    first_plain = modes.index("autoregressive")
+    assert "specexec" in modes[first_plain:], modes       # it resumed growing trees
+
+
+def test_mode_switches_keep_the_sampled_distribution(monkeypatch):
+    """Sampling across switches: every other pass plain, the first two tokens still follow the
+    target's exact distribution (chi-square), and the draft stays consistent."""
+    from specexec_rt.speculative.budget import BudgetController
+    from specexec_rt.speculative.sampling import SamplingParams
+    from test_engine import exact_first_two, first_two_counts, make_pair
+    from test_sampling import chi2_pvalue
+
+    target, draft = make_pair(vocab=16, noise=0.8, max_len=64, head_scale=0.15)
+    eng = Engine(target, draft, budget="auto", max_budget=8, max_depth=3)
+    flip = [0]
+
+    def plan(self, cap):
+        flip[0] += 1
+        return (0, 0) if flip[0] % 2 else (8, 3)
+
+    monkeypatch.setattr(BudgetController, "plan", plan)
+    params = SamplingParams(0.7, 0.9)
+    counts = first_two_counts(eng, params, runs=600)
+    assert chi2_pvalue(counts, exact_first_two(target, params)) > 1e-3

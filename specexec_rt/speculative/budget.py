@@ -64,8 +64,8 @@ class LinearCost:
         n = len(xs)
         mx, mt = sum(xs) / n, sum(ts) / n
         c = self.prior_slope
-        if max(xs) >= self.min_spread * min(xs):
-            sxx = sum((x - mx) ** 2 for x in xs)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx > 0 and max(xs) >= self.min_spread * min(xs):
             c = max(0.0, sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx)
         a = max(0.0, mt - c * mx)
         return a, c
@@ -92,11 +92,16 @@ class BudgetController:
     prior_budget: the first pass's budget. max_depth: the depth cap.
     cost_model: optional ``f(budget, n_verified, draft_calls) -> (draft_s, target_s)`` that
     replaces measured times (simulating other hardware with real acceptance: bench/adaptive.py).
+    allow_autoregressive: budget 0 (plain decoding, no draft call) is a candidate too, priced at
+    the measured cost of a one-token target pass; while it wins, a speculative pass is still
+    tried every ``probe_every`` passes (doubling while the probes keep losing, up to 64), so a
+    draft that starts to pay is noticed.
     """
 
     def __init__(self, max_budget: int, min_budget: int = 4, prior_budget: int = 16, max_depth: int = 16,
                  window: int = 24, calibration_decay: float = 0.3, max_step: float = 2.0,
-                 cost_model: Optional[Callable] = None):
+                 cost_model: Optional[Callable] = None, allow_autoregressive: bool = False,
+                 probe_every: int = 8):
         if max_budget < 1:
             raise ValueError(f"max_budget must be >= 1, got {max_budget}")
         self.max_budget = int(max_budget)
@@ -114,6 +119,10 @@ class BudgetController:
         self._pred = 1.0                         # EWMA of predicted accepted tokens
         self.recent_accepted: deque = deque(maxlen=8)
         self.last_budget: Optional[int] = None
+        self.allow_autoregressive = allow_autoregressive
+        self.probe_every = probe_every
+        self._probe_gap = probe_every
+        self._ar_streak = 0
 
     # ------------------------------------------------------------------ prediction
     @property
@@ -140,14 +149,18 @@ class BudgetController:
         return self.curve[n] + gain * math.log2(size / n)
 
     def score(self, b: int) -> float:
-        """Expected emitted tokens per second at budget ``b``."""
+        """Expected emitted tokens per second at budget ``b`` (0: plain decoding, no draft)."""
+        if b == 0:
+            t = self.target_cost(0)
+            return 1.0 / t if t > 0 else 1.0
         t = self.draft_cost(b) + self.target_cost(b)
         tokens = 1.0 + self.calibration * self.expected(b)
         return tokens / t if t > 0 else tokens
 
     # ------------------------------------------------------------------ decisions
     def plan(self, cap: int) -> tuple[int, int]:
-        """(budget, max_depth) for the next pass; ``cap``: the largest budget the caches allow."""
+        """(budget, max_depth) for the next pass; ``cap``: the largest budget the caches allow.
+        Budget 0 (only with ``allow_autoregressive``): decode one token without drafting."""
         cap = max(1, min(cap, self.max_budget))
         cands = [c for c in self.candidates if c <= cap] or [cap]
         if self.curve is None or not len(self.target_cost):
@@ -157,6 +170,17 @@ class BudgetController:
             allowed = [c for c in cands if c <= self.max_step * last] or [cands[0]]
             b = max(allowed, key=lambda c: (self.score(c), -c))
         self.last_budget = b
+        if self.allow_autoregressive and self.curve is not None and len(self.target_cost) \
+                and self.score(0) > self.score(b):
+            self._ar_streak += 1
+            if self._ar_streak < self._probe_gap:
+                return 0, 0
+            # A probe: one speculative pass to refresh the draft's cost and acceptance. Each
+            # probe that loses again waits twice as long for the next one.
+            self._ar_streak = 0
+            self._probe_gap = min(64, 2 * self._probe_gap)
+        else:
+            self._ar_streak, self._probe_gap = 0, self.probe_every
         return b, self._depth(b)
 
     def _depth(self, b: int) -> int:
@@ -179,6 +203,10 @@ class BudgetController:
             return
         if self.cost_model is not None:
             draft_seconds, target_seconds = self.cost_model(budget, n_verified, draft_calls)
+        if budget == 0:       # a plain decoding pass: only the target's one-token cost is news
+            if target_seconds is not None:
+                self.target_cost.add(0, target_seconds)
+            return
         if draft_seconds is not None:
             self.draft_cost.add(budget, draft_seconds)
         if target_seconds is not None:

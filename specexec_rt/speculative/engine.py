@@ -142,7 +142,11 @@ class Engine:
         if self.auto:
             from .budget import BudgetController
 
-            self.budget_controller = BudgetController(self._max_budget, max_depth=self.params["max_depth"])
+            # Plain decoding (budget 0) and trees down to one node are candidates too: auto never
+            # keeps drafting when drafting does not pay on this device.
+            self.budget_controller = BudgetController(self._max_budget, min_budget=1, max_depth=self.params["max_depth"],
+                                                      allow_autoregressive=self.draft is not None)
+        self._plain = METHODS["autoregressive"](1, {})
         # Scheduling state. _cond guards the queue, the free regions and every request's
         # pieces/done/error; _loop is held by the thread running a pass.
         self._cond = threading.Condition()
@@ -527,19 +531,22 @@ class Engine:
         first_trees = any(r.stats.target_passes == 0 for r in tree_reqs)
         carries_prompt = any(r.t_pending for r in tree_reqs) or bool(chunk_reqs)
 
+        catch_up_lens = [len(r.pending) for r in tree_reqs] or [0]
         t0 = time.perf_counter()
         budget, depth, ctx = self._max_budget, self.params.get("max_depth", 0), None
-        grown, drafter = [], None
+        grown, drafter, decoder = [], None, self.decoder
         if tree_reqs:
             if self.auto:
                 cap = min(r.auto_cap for r in tree_reqs)
                 budget, depth = self.budget_controller.plan(cap)
-            if self.draft is not None:
+                if budget == 0:          # drafting does not pay now: decode one token, no draft call
+                    decoder = self._plain
+            if self.draft is not None and decoder is not self._plain:
                 bases = [r.region * self.draft_region_len for r in tree_reqs]
                 drafter = Drafter(self.draft, self._dcache, tree_reqs, bases, self.draft_region_len,
                                   [r.stats for r in tree_reqs], self._runner(len(tree_reqs), budget))
             ctx = PassContext(tree_reqs, drafter, host, dev, budget, depth, self.budget_controller)
-            grown = self.decoder.grow(ctx)
+            grown = decoder.grow(ctx)
         t1 = time.perf_counter()
 
         # The target pass: prompt chunks, then each tree (behind whatever prompt still rides with it).
@@ -587,7 +594,7 @@ class Engine:
             lg = logits[offset:offset + n]
             offset += n
             p = process_logits(lg, r.params)
-            last, bonus = self.decoder.accept(vt, extra, p, r.gen, r.params)
+            last, bonus = decoder.accept(vt, extra, p, r.gen, r.params)
             path = path_rows(vt, last, n)
             bad = (~torch.isfinite(lg).all()).long()
             parts += [bad.view(1), vt.depths[last].view(1), bonus.view(1), vt.tokens[path], vt.draft_slots[path], path]
@@ -620,6 +627,11 @@ class Engine:
             r.t_pending = []
             if self.draft is None:
                 r.pending = [bonus]
+                continue
+            if drafter is None:
+                # No draft call this pass: the draft's cache stays as it was and catches up on
+                # these tokens in its next call (its pending chain).
+                r.pending += tokens[1:] + [bonus]
                 continue
             k = 0
             while k < len(dslots) and dslots[k] >= 0:
@@ -657,7 +669,8 @@ class Engine:
             s.max_syncs_per_pass = max(s.max_syncs_per_pass, syncs[0])
             s.batch_sizes.append(n_tree_reqs)
             if self.method == "specexec":
-                s.budgets.append(budget)
+                s.budgets.append(budget if decoder is not self._plain else 0)
+            s.modes.append(decoder.name)
             r.produced += len(new)
             r.seq.extend(new)
             piece = r.tracker.add(new)
@@ -676,10 +689,12 @@ class Engine:
             # cost of a tree: its times are left out of the fits.
             curve_vals = [v / CURVE_SCALE for v in h[len(h) - n_curve:]] if n_curve else []
             pts = ctx.curve[0] if ctx.curve is not None else []
+            # A draft catching up on tokens it skipped in plain passes is not a tree's cost either.
+            catch_up = max(catch_up_lens) > self.params["max_depth"] + 2
             self.budget_controller.observe(
                 budget, sum(vt.n for vt, _ in grown), drafter.calls if drafter is not None else 0,
-                None if first_trees else t1 - t0, None if carries_prompt else t2 - t1, pts, curve_vals,
-                max(accepted), truncated=any(r.remaining < depth for r in tree_reqs))
+                None if first_trees or catch_up else t1 - t0, None if carries_prompt else t2 - t1, pts, curve_vals,
+                max(accepted), truncated=budget > 0 and any(r.remaining < depth for r in tree_reqs))
         with self._cond:
             for r, err in finished:
                 self._finish(r, r.tracker.finish_reason or "error", err)

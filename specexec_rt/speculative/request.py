@@ -46,7 +46,8 @@ class GenerationStats:
     max_syncs_per_pass: int = 0
     finish_reason: str = ""
     wall_seconds: float = 0.0                  # from submit to finish (queueing included)
-    budgets: list = field(default_factory=list)       # specexec: the pass's tree budget, each pass
+    budgets: list = field(default_factory=list)       # specexec: the tree budget of each pass (auto: 0 = plain decoding)
+    modes: list = field(default_factory=list)         # each pass's growth: "specexec", "chain", ..., "autoregressive"
     batch_sizes: list = field(default_factory=list)   # requests that shared each verification pass
 
     @property
