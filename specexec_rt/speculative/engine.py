@@ -557,7 +557,6 @@ class Engine:
             toks.append(torch.tensor(r.t_pending[:c], device=dev))
             poss.append(torch.arange(r.tp, r.tp + c, device=dev))
             row += c
-        tree_rows = []
         for r, (vt, _) in zip(tree_reqs, grown):
             base, c, n = r.region * self.region_len, len(r.t_pending), vt.n
             if c:
@@ -572,7 +571,6 @@ class Engine:
                 segs.append(Segment(n, base, r.tp, tree_mask=vt.mask))
             toks.append(vt.tokens)
             poss.append(r.tp + c + vt.depths)
-            tree_rows.append((row + c, n))
             logit_rows.append(torch.arange(row + c, row + c + n, device=dev))
             row += c + n
         token_ids = torch.cat(toks) if len(toks) > 1 else toks[0]
