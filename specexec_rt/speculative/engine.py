@@ -25,8 +25,9 @@ import torch
 from . import sampling
 from . import tree as _tree
 from . import memory
-from ..errors import (ContextLengthError, MemoryBudgetError, NonFiniteLogitsError, SamplingParameterError,
-                     VocabularyMismatchError)
+from ..errors import (ContextLengthError, InvalidParameterError, MemoryBudgetError, NonFiniteLogitsError,
+                      SamplingParameterError, VocabularyMismatchError)
+from .params import check_prompt, check_request, check_token_ids
 from .sampling import SamplingParams, process_logits
 from .tree import NEG_INF, DraftTree, VerifyTree, path_rows
 
@@ -209,21 +210,16 @@ class Engine:
         return self._encode(text)
 
     def _encode(self, prompt) -> list:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise SamplingParameterError("a text prompt needs a tokenizer: pass Engine(..., tokenizer=...) "
-                                             "or token ids")
-            ids = list(self.tokenizer(prompt).input_ids)
-        elif isinstance(prompt, torch.Tensor):
-            ids = [int(t) for t in prompt.reshape(-1).tolist()]
-        else:
-            ids = [int(t) for t in prompt]
+        prompt = check_prompt(prompt, self.target.vocab_size)      # a str, or checked token ids
+        if not isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise SamplingParameterError("a text prompt needs a tokenizer: pass Engine(..., tokenizer=...) "
+                                         "or token ids")
+        ids = list(self.tokenizer(prompt).input_ids)
         if not ids:
-            raise SamplingParameterError("the prompt is empty")
-        v = self.target.vocab_size
-        if min(ids) < 0 or max(ids) >= v:
-            raise SamplingParameterError(f"prompt token ids must be in [0, {v})")
-        return ids
+            raise InvalidParameterError("prompt", "the prompt is empty once tokenized")
+        return check_token_ids(ids, self.target.vocab_size)
 
     def _decode(self, ids: list) -> str:
         tok = self.tokenizer
@@ -258,12 +254,10 @@ class Engine:
         (text held back while it could still be the start of a stop string or an incomplete
         character, or no tokenizer), so a consumer that closes the iterator stops the engine at
         the next pass. ``self.last_result`` holds the GenerationResult when the iterator ends."""
-        params = SamplingParams(float(temperature), float(top_p), top_k)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise SamplingParameterError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not s for s in stops):
-            raise SamplingParameterError("stop strings must be non-empty")
+        req = check_request(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        max_new_tokens, seed = req.max_new_tokens, req.seed
+        params = SamplingParams(req.temperature, req.top_p, req.top_k)
+        stops = list(req.stop)
         if stops and self.tokenizer is None:
             raise SamplingParameterError("stop strings need a tokenizer")
         ids = self._encode(prompt_or_ids)
