@@ -484,7 +484,7 @@ def test_server_survives_engine_failures(tok, reference):
                   if line.startswith("data: {")]
         assert "boom mid-stream" in events[-1]["error"]["message"]
         assert "[DONE]" not in body
-        assert server.gate.idle(60)
+        assert server.worker.idle(60)
         status, body = post()
         assert status == 200 and json.loads(body)["choices"][0]["text"] == reference.text
     finally:

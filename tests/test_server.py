@@ -387,7 +387,7 @@ def test_queue_limit_gives_429(engine, reference):
     with the right output."""
     n, max_queue = 5, 2
     with running(engine, max_queue=max_queue) as srv:
-        with srv.gate.hold():           # the engine is "running" something
+        with srv.worker.hold():           # the engine is "running" something
             results = [None] * len(PROMPTS)
             threads = []
             for i, prompt in enumerate(PROMPTS):
@@ -396,7 +396,7 @@ def test_queue_limit_gives_429(engine, reference):
                                      {"model": "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0})
                 threads.append(threading.Thread(target=one))
                 threads[-1].start()
-            _wait_for(lambda: srv.gate.waiting == max_queue
+            _wait_for(lambda: srv.worker.waiting == max_queue
                       and srv.counters["rejected_queue_full"] == len(PROMPTS) - max_queue, "queue to fill")
             rejected = [r for r in results if r is not None]
             assert len(rejected) == len(PROMPTS) - max_queue
@@ -410,13 +410,15 @@ def test_queue_limit_gives_429(engine, reference):
         for prompt, (_, body) in served:
             assert body["choices"][0]["text"] == reference(prompt, n).text
         with pytest.raises(openai.RateLimitError):
-            with srv.gate.hold():
-                for _ in range(max_queue):   # fill the queue without threads: waiters are counted
-                    srv.gate.waiting += 1
+            with srv.worker.hold():
+                # Fill the queue without threads: jobs that wait are counted, whoever sent them.
+                queued = [srv.worker.submit([1], {"max_new_tokens": 1}, lambda event: None)
+                          for _ in range(max_queue)]
                 try:
                     client_for(srv).completions.create(model="tiny", prompt="w1", max_tokens=2)
                 finally:
-                    srv.gate.waiting -= max_queue
+                    for job in queued:
+                        srv.worker.cancel(job)
 
 
 # --------------------------------------------------------------------------- disconnects
@@ -468,7 +470,7 @@ def test_client_disconnect_mid_stream_frees_engine(tok, reference):
         assert got.startswith(b"HTTP/1.1 200")
         sock.close()
         _wait_for(lambda: srv.counters["cancelled"] == 1 and counting.closed_early == 1, "cancellation")
-        assert srv.gate.idle(TIMEOUT)
+        assert srv.worker.idle(TIMEOUT)
         assert counting.pieces < n // 2, "the engine kept generating for a client that had left"
         # The engine is free and correct afterwards, streamed and not.
         assert_serves_correctly(srv, reference, "w5 w6 w7", 10)
@@ -487,7 +489,7 @@ def test_client_disconnect_without_stream_frees_engine(tok, reference):
         _wait_for(lambda: counting.pieces >= 1, "generation to start")
         sock.close()
         _wait_for(lambda: srv.counters["cancelled"] == 1 and counting.closed_early == 1, "cancellation")
-        assert srv.gate.idle(TIMEOUT)
+        assert srv.worker.idle(TIMEOUT)
         assert counting.pieces < n // 2
         assert_serves_correctly(srv, reference, "w5 w6 w7", 10)
 
@@ -495,9 +497,9 @@ def test_client_disconnect_without_stream_frees_engine(tok, reference):
 def test_client_gone_while_queued_is_skipped(tok, reference):
     counting = CountingEngine(make_engine(tok))
     with running(counting, max_queue=2) as srv:
-        with srv.gate.hold():
+        with srv.worker.hold():
             sock = _open_stream(srv, {"model": "tiny", "prompt": "w1 w2", "max_tokens": 20, "stream": True})
-            _wait_for(lambda: srv.gate.waiting == 1, "request to queue")
+            _wait_for(lambda: srv.worker.waiting == 1, "request to queue")
             sock.close()
             time.sleep(0.05)
         _wait_for(lambda: srv.counters["cancelled"] == 1, "queued request to be dropped")
