@@ -168,19 +168,18 @@ def cmd_serve(args) -> int:
     except BaseException:
         sock.close()
         raise
-    if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="[specexec-rt serve] %(message)s")
-    host, port = server.server_address
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"[specexec-rt] warning: listening on {args.host} without --api-key", file=sys.stderr)
-    print(f"[specexec-rt] serving {name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr)
-
     def _terminate(signum, frame):
         raise _Terminated
 
     signal.signal(signal.SIGTERM, _terminate)
     code = EXIT_OK
     try:
+        if args.verbose:
+            logging.basicConfig(level=logging.INFO, format="[specexec-rt serve] %(message)s")
+        host, port = server.server_address
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+            print(f"[specexec-rt] warning: listening on {args.host} without --api-key", file=sys.stderr)
+        print(f"[specexec-rt] serving {name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr)
         server.serve_forever()      # a signal stops it gracefully, then comes back here as an exception
     except KeyboardInterrupt as e:
         code = EXIT_OK if isinstance(e, _Terminated) else EXIT_INTERRUPTED
