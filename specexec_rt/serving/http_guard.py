@@ -3,6 +3,8 @@
 ``RequestGuard`` (an ASGI middleware, outermost):
 - the API key is checked from the headers, before a byte of the body is read (FastAPI would
   read and parse the body before any dependency runs);
+- headers over ``max_header_bytes`` in total are a 431 (h11 bounds only a head that arrives
+  in several reads);
 - ``Content-Length`` over the limit is a 413 at once; a chunked body is cut at the limit (413);
 - the whole body must arrive within ``body_timeout`` seconds of the headers, however it
   trickles in (a deadline per request, not per read): else 408;
@@ -89,18 +91,22 @@ class RequestGuard:
 
     def __init__(self, app, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
                  body_timeout: float = BODY_TIMEOUT, send_timeout: float = SEND_TIMEOUT,
-                 public_paths: tuple = PUBLIC_PATHS):
-        self.app, self.api_key = app, api_key or None
+                 public_paths: tuple = PUBLIC_PATHS, max_header_bytes: int = MAX_HEADER_BYTES):
+        self.app, self.api_key, self.max_header_bytes = app, api_key or None, max_header_bytes
         self.max_body_bytes, self.body_timeout, self.send_timeout = max_body_bytes, body_timeout, send_timeout
         self.public_paths = public_paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {}
+        headers, size = {}, 0
         for k, v in scope["headers"]:
             headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+            size += len(k) + len(v) + 4
         try:
+            if size > self.max_header_bytes:     # h11's own bound applies only to a head split across reads
+                raise APIError(431, f"request headers of {size} bytes exceed the {self.max_header_bytes}-byte limit",
+                               code="request_header_fields_too_large")
             if scope["path"].rstrip("/") not in self.public_paths:
                 self._check_key(headers)
             body = await self._read_body(receive, headers)
