@@ -196,7 +196,8 @@ async def _run(state: ServerState, request: Request, req, kind: str, ids: list) 
     max_tokens = req.max_new_tokens(kind)
     try:
         job = state.worker.submit(ids, req.engine_kwargs(kind),
-                                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                  pieces=bool(req.stream))
     except QueueFull:
         raise APIError(429, f"the engine is busy and {state.worker.max_queue} requests are already waiting; "
                             f"retry later", type_="rate_limit_error", code="queue_full",

@@ -11,7 +11,8 @@ Cancellation (client gone, shutdown) is a flag the worker reads after every pass
 engine's stream generator there, so the engine stops at the pass in flight and the next job
 starts. A job cancelled while it waits never runs.
 
-Events a job emits, in order: ``("piece", str)`` per pass (possibly ""), then exactly one of
+Events a job emits, in order: ``("piece", str)`` per pass (possibly ""; unless the job was
+submitted with ``pieces=False``), then exactly one of
 ``("done", GenerationResult)``, ``("error", exception)``, ``("cancelled", None)``.
 """
 from __future__ import annotations
@@ -31,10 +32,11 @@ class QueueFull(Exception):
 
 class Job:
     """One generation request: token ids and checked engine kwargs; ``emit`` gets its events
-    (called on the worker thread: it must not block)."""
+    (called on the worker thread: it must not block). ``pieces=False``: only the last event (a
+    non-streamed answer needs no per-pass wake-up of its receiver)."""
 
-    def __init__(self, prompt_ids: list, kwargs: dict, emit: Callable[[tuple], None]):
-        self.prompt_ids, self.kwargs, self.emit = prompt_ids, kwargs, emit
+    def __init__(self, prompt_ids: list, kwargs: dict, emit: Callable[[tuple], None], pieces: bool = True):
+        self.prompt_ids, self.kwargs, self.emit, self.pieces = prompt_ids, kwargs, emit, pieces
         self._cancel = threading.Event()
         self.started = False
         self.finished = False
@@ -82,9 +84,9 @@ class EngineWorker:
         with self._cond:
             return self._running is not None
 
-    def submit(self, prompt_ids: list, kwargs: dict, emit: Callable[[tuple], None]) -> Job:
+    def submit(self, prompt_ids: list, kwargs: dict, emit: Callable[[tuple], None], pieces: bool = True) -> Job:
         """Queue a job; QueueFull when the engine is busy and ``max_queue`` jobs already wait."""
-        return self._enqueue(Job(prompt_ids, kwargs, emit))
+        return self._enqueue(Job(prompt_ids, kwargs, emit, pieces))
 
     def _enqueue(self, job: Job) -> Job:
         with self._cond:
@@ -193,7 +195,8 @@ class EngineWorker:
                 for piece in gen:
                     if job.cancelled:
                         return ("cancelled", None)
-                    _emit(job, ("piece", piece))
+                    if job.pieces:
+                        _emit(job, ("piece", piece))
             finally:
                 gen.close()     # GeneratorExit at the engine's yield: the pass just done was its last
         except Exception as e:  # noqa: BLE001 - every failure is the request's answer, the worker lives on
