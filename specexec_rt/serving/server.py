@@ -146,9 +146,14 @@ async def _generate(state: ServerState, request: Request, kind: str) -> Response
     except ClientGone:
         return Response(status_code=499)     # nobody reads it: the client has left
     except Exception as e:  # noqa: BLE001 - every failure becomes a JSON answer
-        if not isinstance(e, (SpecExecError, APIError)):
-            print(f"[specexec-rt serve] {kind} request failed: {type(e).__name__}: {e}", file=sys.stderr)
+        _log_unexpected(e, kind)
         return _error_response(e, prompt_param)
+
+
+def _log_unexpected(e: Exception, kind: str) -> None:
+    """One line on stderr for a failure that is not the client's (an engine or server bug)."""
+    if not isinstance(e, (SpecExecError, APIError)):
+        print(f"[specexec-rt serve] {kind} request failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 async def _parse(state: ServerState, raw: bytes, kind: str):
@@ -182,7 +187,7 @@ async def _prompt_ids(state: ServerState, req, kind: str, param: str) -> list:
                 raise APIError(400, f"cannot apply the model's chat template: {type(e).__name__}: {e}",
                                param="messages", code="chat_template_error") from e
         if not ids:
-            raise InvalidParameterError(param, f"the {param} encode to no tokens")
+            raise InvalidParameterError(param, f"{param} gives no tokens once tokenized")
         ids = params.check_token_ids(ids, state.vocab_size, param)
     if state.max_len is not None and len(ids) >= state.max_len:
         raise ContextLengthError(f"the prompt is {len(ids)} tokens; this server's context is {state.max_len} tokens "
@@ -278,6 +283,7 @@ async def _sse(first: tuple, events: asyncio.Queue, kind: str, env: dict, prompt
             yield fmt.sse(c)
         yield fmt.sse("[DONE]")
     elif what == "error":
+        _log_unexpected(value, kind)
         yield fmt.sse(classify(value).body())
 
 
