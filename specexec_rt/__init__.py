@@ -10,8 +10,9 @@ Layers, top to bottom (imports only run downward): ``serving`` (CLI, server) ->
 tokenizers, hub) -> ``offload`` (layer streaming) -> ``model`` (config, weights, KV cache, ops,
 transformer) -> ``kernels`` (Triton kernels and references; also ``specexec_rt.kernels``).
 """
-from .errors import (ContextLengthError, MemoryBudgetError, ModelLoadError, NonFiniteLogitsError,
-                     SamplingParameterError, SpecExecError, UnsupportedModelError, VocabularyMismatchError)
+from .errors import (ContextLengthError, InvalidParameterError, MemoryBudgetError, ModelLoadError,
+                     NonFiniteLogitsError, SamplingParameterError, SpecExecError, UnsupportedModelError,
+                     VocabularyMismatchError)
 from .loading import load_model, load_tokenizer
 from .model import ModelConfig, Transformer
 from .speculative import Engine, GenerationResult, GenerationStats, SamplingParams, default_draft
@@ -22,5 +23,5 @@ __all__ = [
     "load_model", "load_tokenizer", "Engine", "default_draft", "GenerationResult", "GenerationStats",
     "SamplingParams", "Transformer", "ModelConfig",
     "SpecExecError", "ModelLoadError", "UnsupportedModelError", "ContextLengthError", "VocabularyMismatchError",
-    "SamplingParameterError", "MemoryBudgetError", "NonFiniteLogitsError",
+    "SamplingParameterError", "InvalidParameterError", "MemoryBudgetError", "NonFiniteLogitsError",
 ]

@@ -43,3 +43,19 @@ class NonFiniteLogitsError(SpecExecError, FloatingPointError):
 class MemoryBudgetError(SpecExecError, MemoryError):
     """A budget (draft tree, verification pass) or a prompt needs more working memory than the
     device has free; the message names the setting to lower (see specexec_rt/speculative/memory.py)."""
+
+
+class InvalidParameterError(SamplingParameterError):
+    """A request parameter of the wrong type or out of range (``specexec_rt/speculative/params.py``).
+
+    ``param`` names it as the caller spelled it (``temperature`` in the API, ``--temperature`` on
+    the command line, ``messages[0].content`` in a chat request); ``code`` says how it is wrong:
+    ``invalid_type``, ``invalid_value``, ``missing_required_parameter`` or ``unsupported_value``
+    (the OpenAI error codes, so the server can pass them on)."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+    def __reduce__(self):       # picklable although __init__ takes more than the message
+        return type(self), (self.param, str(self), self.code)

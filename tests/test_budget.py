@@ -152,6 +152,7 @@ def test_cli_accepts_budget_auto(models, monkeypatch, capsys):
     target, draft = models
     tok = tiny_tokenizer()
     monkeypatch.setattr(loading, "load_model", lambda src, **kw: target if src == "T" else draft)
+    monkeypatch.setattr(loading, "resolve_source", lambda src: src)
     monkeypatch.setattr(Engine, "tokenizer", property(lambda self: tok))
     built = []
     real_build = cli.build_engine

@@ -427,23 +427,36 @@ def test_cli_bad_flag_values(capsys):
 
 # ====================================================== the server when the engine fails
 class FlakyEngine:
-    """Delegates to an Engine but raises an unexpected error on chosen calls (mid-stream too)."""
+    """Delegates to an Engine whose target raises an unexpected error on a chosen pass: the next
+    one ("stream-start") or the one after ("stream-middle", once text is out)."""
 
     def __init__(self, engine):
         self._engine = engine
-        self.fail_next = None      # None, "generate", "stream-start", "stream-middle"
+        self._countdown = None
+        real = engine.target.forward
+
+        def forward(*args, **kwargs):
+            if self._countdown is not None:
+                if self._countdown == 0:
+                    self._countdown = None
+                    raise RuntimeError(self._message)
+                self._countdown -= 1
+            return real(*args, **kwargs)
+
+        engine.target.forward = forward
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def stream(self, *args, **kwargs):
-        mode, self.fail_next = self.fail_next, None
-        if mode == "stream-start":
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        for i, piece in enumerate(self._engine.stream(*args, **kwargs)):
-            if mode == "stream-middle" and i == 1:
-                raise RuntimeError("boom mid-stream")
-            yield piece
+    @property
+    def fail_next(self):
+        return self._countdown
+
+    @fail_next.setter
+    def fail_next(self, mode):
+        self._countdown = {None: None, "stream-start": 0, "stream-middle": 1}[mode]
+        self._message = ("CUDA error: an illegal memory access was encountered" if mode == "stream-start"
+                         else "boom mid-stream")
 
 
 def test_server_survives_engine_failures(tok, reference):
@@ -484,7 +497,7 @@ def test_server_survives_engine_failures(tok, reference):
                   if line.startswith("data: {")]
         assert "boom mid-stream" in events[-1]["error"]["message"]
         assert "[DONE]" not in body
-        assert server.gate.idle(60)
+        assert server.worker.idle(60)
         status, body = post()
         assert status == 200 and json.loads(body)["choices"][0]["text"] == reference.text
     finally:

@@ -387,7 +387,7 @@ def test_queue_limit_gives_429(engine, reference):
     with the right output."""
     n, max_queue = 5, 2
     with running(engine, max_queue=max_queue) as srv:
-        with srv.gate.hold():           # the engine is "running" something
+        with srv.worker.hold():           # the engine is "running" something
             results = [None] * len(PROMPTS)
             threads = []
             for i, prompt in enumerate(PROMPTS):
@@ -396,8 +396,9 @@ def test_queue_limit_gives_429(engine, reference):
                                      {"model": "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0})
                 threads.append(threading.Thread(target=one))
                 threads[-1].start()
-            _wait_for(lambda: srv.gate.waiting == max_queue
-                      and srv.counters["rejected_queue_full"] == len(PROMPTS) - max_queue, "queue to fill")
+            _wait_for(lambda: srv.worker.waiting == max_queue
+                      and srv.counters["rejected_queue_full"] == len(PROMPTS) - max_queue
+                      and sum(r is not None for r in results) == len(PROMPTS) - max_queue, "queue to fill")
             rejected = [r for r in results if r is not None]
             assert len(rejected) == len(PROMPTS) - max_queue
             for status, body in rejected:
@@ -410,19 +411,21 @@ def test_queue_limit_gives_429(engine, reference):
         for prompt, (_, body) in served:
             assert body["choices"][0]["text"] == reference(prompt, n).text
         with pytest.raises(openai.RateLimitError):
-            with srv.gate.hold():
-                for _ in range(max_queue):   # fill the queue without threads: waiters are counted
-                    srv.gate.waiting += 1
+            with srv.worker.hold():
+                # Fill the queue without threads: jobs that wait are counted, whoever sent them.
+                queued = [srv.worker.submit([1], {"max_new_tokens": 1}, lambda event: None)
+                          for _ in range(max_queue)]
                 try:
                     client_for(srv).completions.create(model="tiny", prompt="w1", max_tokens=2)
                 finally:
-                    srv.gate.waiting -= max_queue
+                    for job in queued:
+                        srv.worker.cancel(job)
 
 
 # --------------------------------------------------------------------------- disconnects
 class CountingEngine:
-    """Delegates to an Engine; counts the pieces its streams produce and whether they were closed
-    before finishing (the server's cancellation)."""
+    """Delegates to an Engine; counts the text pieces its requests produce and how many were
+    cancelled before finishing (the server's cancellation)."""
 
     def __init__(self, engine):
         self._engine = engine
@@ -432,16 +435,19 @@ class CountingEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def stream(self, *args, **kwargs):
-        finished = False
-        try:
-            for piece in self._engine.stream(*args, **kwargs):
+    def submit(self, *args, on_update=None, **kwargs):
+        holder = {}
+
+        def counted(piece, done):
+            if on_update is not None:
+                on_update(piece, done)      # the worker's callback: holder is set by now
+            if not done:
                 self.pieces += 1
-                yield piece
-            finished = True
-        finally:
-            if not finished:
+            elif holder["handle"].result().stats.finish_reason == "cancelled":
                 self.closed_early += 1
+
+        holder["handle"] = self._engine.submit(*args, on_update=counted, **kwargs)
+        return holder["handle"]
 
 
 def _open_stream(server, body) -> socket.socket:
@@ -468,7 +474,7 @@ def test_client_disconnect_mid_stream_frees_engine(tok, reference):
         assert got.startswith(b"HTTP/1.1 200")
         sock.close()
         _wait_for(lambda: srv.counters["cancelled"] == 1 and counting.closed_early == 1, "cancellation")
-        assert srv.gate.idle(TIMEOUT)
+        assert srv.worker.idle(TIMEOUT)
         assert counting.pieces < n // 2, "the engine kept generating for a client that had left"
         # The engine is free and correct afterwards, streamed and not.
         assert_serves_correctly(srv, reference, "w5 w6 w7", 10)
@@ -487,7 +493,7 @@ def test_client_disconnect_without_stream_frees_engine(tok, reference):
         _wait_for(lambda: counting.pieces >= 1, "generation to start")
         sock.close()
         _wait_for(lambda: srv.counters["cancelled"] == 1 and counting.closed_early == 1, "cancellation")
-        assert srv.gate.idle(TIMEOUT)
+        assert srv.worker.idle(TIMEOUT)
         assert counting.pieces < n // 2
         assert_serves_correctly(srv, reference, "w5 w6 w7", 10)
 
@@ -495,9 +501,9 @@ def test_client_disconnect_without_stream_frees_engine(tok, reference):
 def test_client_gone_while_queued_is_skipped(tok, reference):
     counting = CountingEngine(make_engine(tok))
     with running(counting, max_queue=2) as srv:
-        with srv.gate.hold():
+        with srv.worker.hold():
             sock = _open_stream(srv, {"model": "tiny", "prompt": "w1 w2", "max_tokens": 20, "stream": True})
-            _wait_for(lambda: srv.gate.waiting == 1, "request to queue")
+            _wait_for(lambda: srv.worker.waiting == 1, "request to queue")
             sock.close()
             time.sleep(0.05)
         _wait_for(lambda: srv.counters["cancelled"] == 1, "queued request to be dropped")
@@ -573,3 +579,92 @@ def test_smollm2_chat_end_to_end():
         chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
                                                 stream=True))
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want.text
+
+
+# --------------------------------------------------------------------------- several users per pass
+class GatedEngine:
+    """Delegates to an Engine whose passes wait until ``gate`` is set (so a test can line up
+    its clients before any of them runs)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.gate = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def step(self, timeout=None):
+        if not self.gate.wait(timeout if timeout is not None else TIMEOUT):
+            return 0
+        return self._engine.step(timeout)
+
+
+def _batched_engine(tok, max_batch):
+    return GatedEngine(Engine(build_tiny_model(seed=0, max_len=MAX_LEN), build_tiny_model(seed=1, max_len=MAX_LEN),
+                              tokenizer=tok, max_batch=max_batch, **SPEC))
+
+
+def test_batched_server_serves_six_streaming_clients(tok, reference):
+    """--max-batch 4 --max-queue 1 and six streaming clients (the official openai package): four
+    share the passes, one waits for a slot, one gets 429 at once; every text equals the solo
+    greedy text."""
+    n = 24
+    gated = _batched_engine(tok, 4)
+    with running(gated, max_queue=1) as srv:
+        client = client_for(srv)
+        texts, errors = [None] * 6, [None] * 6
+
+        def one(i):
+            try:
+                stream = client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=n, temperature=0,
+                                                    stream=True)
+                texts[i] = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+            except Exception as e:   # noqa: BLE001 - the 429 is what one client must get
+                errors[i] = e
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: srv.counters["requests"] == 5 and srv.counters["rejected_queue_full"] == 1
+                  and sum(e is not None for e in errors) == 1, "five requests in and one refused")
+        assert srv.worker.waiting == 1
+        gated.gate.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        refused = [i for i, e in enumerate(errors) if e is not None]
+        assert len(refused) == 1 and isinstance(errors[refused[0]], openai.RateLimitError)
+        for i in range(6):
+            if i not in refused:
+                assert texts[i] == reference(PROMPTS[i], n).text, PROMPTS[i]
+        assert srv.counters["batched_passes"] > 0 and srv.counters["completed"] == 5
+        assert srv.worker.idle(TIMEOUT)
+
+
+def test_batched_server_disconnect_frees_a_slot(tok, reference):
+    """--max-batch 2 --max-queue 0: with two requests running a third is refused; once a client
+    disconnects mid-stream its slot is free at the next pass and a new client is served."""
+    gated = _batched_engine(tok, 2)
+    with running(gated, max_queue=0) as srv:
+        sock = _open_stream(srv, {"model": "tiny", "prompt": "w5 w6 w7", "max_tokens": 100, "temperature": 0,
+                                  "stream": True})
+        other = {}
+        thread = threading.Thread(target=lambda: other.update(r=raw(srv, "POST", "/v1/completions", {
+            "model": "tiny", "prompt": "w40", "max_tokens": 30, "temperature": 0})))
+        thread.start()
+        _wait_for(lambda: srv.counters["requests"] == 2, "two requests running")
+        status, body = raw(srv, "POST", "/v1/completions", {"model": "tiny", "prompt": "w60", "max_tokens": 4})
+        assert_error(status, body, 429, code="queue_full")
+        gated.gate.set()
+        got = b""
+        while b"data: {" not in got:
+            chunk = sock.recv(4096)
+            assert chunk
+            got += chunk
+        sock.close()                                      # gone mid-stream
+        _wait_for(lambda: srv.counters["cancelled"] == 1, "the disconnect to cancel its request")
+        _wait_for(lambda: gated.pending_requests[0] <= 1, "its slot to be freed")
+        status, body = raw(srv, "POST", "/v1/completions", {"model": "tiny", "prompt": "w60", "max_tokens": 4,
+                                                            "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"] == reference("w60", 4).text
+        thread.join(TIMEOUT)
+        assert other["r"][0] == 200 and other["r"][1]["choices"][0]["text"] == reference("w40", 30).text

@@ -30,13 +30,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len: Optional[int] = None,
                quantize: str = "auto", offload: bool = False, gpu_memory_gb: Optional[float] = None,
-               offload_reserve_gb: float = 2.0) -> Transformer:
+               offload_reserve_gb: float = 2.0, max_len_cap: int = 4096) -> Transformer:
     """Load a model for inference.
 
     source: an HF model directory, a ``.gguf`` file, an HF cache entry, or an alias
         (``smollm2-135m``).
     device / dtype: default CUDA + float16 when a GPU exists, else CPU + float32.
-    max_len: KV-cache length (default: the model's context, capped at 4096).
+    max_len: KV-cache length (default: the model's context, capped at ``max_len_cap``; a draft
+        loaded with ``max_len_cap=target.max_len`` gets the target's length or its own shorter
+        context).
     quantize: ``"auto"`` keeps 4-bit checkpoints (GPTQ, GGUF Q4_0/Q4_1) 4-bit on CUDA and
         dequantizes them on CPU; ``"none"`` dequantizes everything; ``"int4"`` also quantizes
         dense checkpoints to 4-bit on load.
@@ -65,7 +67,7 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
 
         cfg = read_hf_config(src.path)
         get_matrix, get_vector = hf_getters(src.path, cfg)
-    max_len = resolve_max_len(cfg, max_len)
+    max_len = resolve_max_len(cfg, max_len, max_len_cap)
     weights = assemble_weights(cfg, get_matrix, get_vector, dtype, quantize, layer_device, device,
                                desc=f"loading {src.path.name}")
     layer_source = None
@@ -84,14 +86,20 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
     return model
 
 
-def resolve_max_len(cfg, max_len: Optional[int]) -> int:
+def context_limit(cfg) -> int:
+    """The largest ``max_len`` a model supports: its context, or its sliding window if smaller."""
     limit = cfg.max_position_embeddings
     if cfg.sliding_window:
         limit = min(limit, cfg.sliding_window)
+    return limit
+
+
+def resolve_max_len(cfg, max_len: Optional[int], max_len_cap: int = 4096) -> int:
+    limit = context_limit(cfg)
     if max_len is None:
-        return min(limit, 4096)
-    if max_len <= 0:
-        raise ValueError(f"max_len must be positive, got {max_len}")
+        return min(limit, max_len_cap)
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
     if max_len > limit:
         why = (f"the sliding window ({cfg.sliding_window}) is not supported beyond the window"
                if cfg.sliding_window and cfg.sliding_window < cfg.max_position_embeddings
@@ -179,4 +187,5 @@ def _load_gguf_tokenizer(path: Path):
     return tok
 
 
-__all__ = ["load_model", "load_tokenizer", "tokenizer_cache_dir", "resolve_source", "Source", "ALIASES"]
+__all__ = ["load_model", "load_tokenizer", "context_limit", "tokenizer_cache_dir", "resolve_source", "Source",
+           "ALIASES"]

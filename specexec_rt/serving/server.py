@@ -1,343 +1,374 @@
-"""OpenAI-compatible HTTP server over one Engine (stdlib only).
+"""OpenAI-compatible HTTP server over one Engine: FastAPI + uvicorn + pydantic.
 
-Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
-streaming with server-sent events), ``GET /health``. See docs/SERVER.md.
+Endpoints: ``GET /v1/models[/{id}]``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+(both streaming with server-sent events), ``GET /health``. See docs/SERVER.md.
 
-One engine serves one request at a time (it owns a single KV cache): requests wait for the
-engine in FIFO order, at most ``max_queue`` of them besides the one running; beyond that the
-server answers 429 at once. Requests are validated and tokenized *before* they queue, so a bad
-request never waits and never touches the engine.
-
-A streamed request pulls text from ``engine.stream`` one accepted pass at a time; before each
-write the server checks whether the client is still there, and when it is gone it closes the
-stream generator, which ends the engine's work at that pass and frees it for the next request.
+How a request flows:
+1. ``http_guard``: the connection limit and the head deadline (uvicorn protocol), then the API
+   key from the headers, the body's size limit and its total deadline (ASGI middleware).
+2. The handler parses the body (depth-limited JSON), validates it (``openai_schema``: pydantic
+   models whose validators are the engine API's own checks), refuses text that cannot fit the
+   context by its byte length, and tokenizes on a pool thread with a private tokenizer copy
+   (``tokenize_pool``). A bad request never waits and never touches the engine.
+3. The job goes to the engine's worker thread (``worker``), which runs the engine's passes:
+   up to the engine's ``max_batch`` requests share each pass, ``max_queue`` more may wait for a
+   slot, 429 beyond. Text pieces come back per pass through an asyncio queue.
+4. A client that disconnects (while queued, while generating, mid-stream) cancels its job: the
+   engine stops at its next pass. Every error is ``{"error": {...}}`` JSON (``error_map``).
 """
 from __future__ import annotations
 
-import dataclasses
-import hmac
-import json
-import math
-import select
+import asyncio
 import socket
 import sys
 import threading
 import time
-import uuid
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from ..errors import ContextLengthError, SamplingParameterError, SpecExecError
+import anyio
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-DEFAULT_MAX_QUEUE = 8
+from ..errors import ContextLengthError, InvalidParameterError, SpecExecError
+from ..speculative import params
+from . import openai_format as fmt
+from .error_map import APIError, classify
+from .http_guard import (BODY_TIMEOUT, HEAD_TIMEOUT, MAX_BODY_BYTES, MAX_HEADER_BYTES, SEND_TIMEOUT, RequestGuard,
+                         protocol_class)
+from .openai_schema import ChatCompletionRequest, CompletionRequest, parse_json_object, validate_body
+from .tokenize_pool import TokenizerPool
+from .worker import DEFAULT_MAX_QUEUE, EngineWorker, QueueFull
+
 SERVED_ALIAS = "specexec-rt"           # accepted as a model name besides the model's own id
-MAX_BODY_BYTES = 8 * 2**20
-DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 256}   # OpenAI's completions default is 16
-MAX_STOP_SEQUENCES = 4
+DEFAULT_MAX_CONNECTIONS = 64
+OFF_LOOP_BYTES = 64 * 2**10            # bodies larger than this are parsed on a thread
 
 
-class APIError(Exception):
-    """An OpenAI-style error answer: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_param(param: str, message: str, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-# ---------------------------------------------------------------------------------- requests
-@dataclasses.dataclass
-class GenerationRequest:
-    """A validated request, tokenized, ready for the engine."""
-
-    kind: str                   # "completions" or "chat"
-    model: str
-    prompt_ids: list
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: Optional[int]
-    stop: Optional[list]
-    stream: bool
-    include_usage: bool
-
-    def engine_kwargs(self) -> dict:
-        return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    top_k=self.top_k, seed=self.seed, stop=self.stop)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _number(body: dict, name: str, default: float, lo: float, lo_open: bool, hi: Optional[float]) -> float:
-    x = body.get(name)
-    if x is None:
-        return default
-    if not _is_number(x) or not math.isfinite(x):
-        raise bad_param(name, f"{name} must be a finite number, got {x!r}", "invalid_type")
-    if x < lo or (lo_open and x == lo) or (hi is not None and x > hi):
-        lo_s = f"({lo}" if lo_open else f"[{lo}"
-        hi_s = f"{hi}]" if hi is not None else "inf)"
-        raise bad_param(name, f"{name} must be in {lo_s}, {hi_s}, got {x!r}")
-    return float(x)
-
-
-def _integer(body: dict, name: str, default: Optional[int], lo: Optional[int]) -> Optional[int]:
-    x = body.get(name)
-    if x is None:
-        return default
-    if not _is_int(x):
-        raise bad_param(name, f"{name} must be an integer, got {x!r}", "invalid_type")
-    if lo is not None and x < lo:
-        raise bad_param(name, f"{name} must be >= {lo}, got {x}")
-    return x
-
-
-def _stop(body: dict) -> Optional[list]:
-    stop = body.get("stop")
-    if stop is None:
-        return None
-    if isinstance(stop, str):
-        stop = [stop]
-    if (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)
-            or len(stop) > MAX_STOP_SEQUENCES):
-        raise bad_param("stop", f"stop must be a string or a list of at most {MAX_STOP_SEQUENCES} strings")
-    if any(s == "" for s in stop):
-        raise bad_param("stop", "stop sequences must not be empty strings")
-    return stop or None
-
-
-def _reject_unsupported(body: dict) -> None:
-    """Options we cannot honour fail loudly rather than being silently ignored."""
-    n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise bad_param("n", f"only n=1 is supported, got {n!r}", "unsupported_value")
-    best_of = body.get("best_of")
-    if best_of not in (None, 1) or isinstance(best_of, bool):
-        raise bad_param("best_of", "best_of is not supported", "unsupported_value")
-    if body.get("echo"):
-        raise bad_param("echo", "echo is not supported", "unsupported_value")
-    lp = body.get("logprobs")
-    if lp not in (None, False) or body.get("top_logprobs") is not None:
-        raise bad_param("logprobs", "logprobs are not supported", "unsupported_value")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise bad_param(name, f"{name} is not supported (it would change the target's distribution)",
-                            "unsupported_value")
-
-
-def _message_text(content, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):   # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise bad_param(f"messages[{i}].content", "only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise bad_param(f"messages[{i}].content", "message content must be a string or a list of text parts")
-
-
-def _messages(body: dict) -> list:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad_param("messages", "messages must be a non-empty list of {role, content} objects",
-                        "missing_required_parameter" if msgs is None else "invalid_value")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-            raise bad_param(f"messages[{i}]", "each message needs a role: system, developer, user, assistant or tool")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _message_text(m.get("content"), i)})
-    if not any(m["content"] for m in out):
-        raise bad_param("messages", "messages are all empty")
-    return out
-
-
-# ----------------------------------------------------------------------------- engine facade
-class EngineAdapter:
-    """What the server needs from an Engine: tokenize, chat template, generate, stream, stats.
-
-    The engine is driven with token ids (the server counts ``usage`` from the same ids it sends).
-    """
-
-    def __init__(self, engine, tokenizer=None):
-        self.engine = engine
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
-        if self.tokenizer is None:
-            raise ValueError("the server needs a tokenizer: pass tokenizer= or use an engine that has one")
-        target = getattr(engine, "target", None)
-        self.max_len = getattr(target, "max_len", None)
-        # Rust tokenizers are not safe to call from several threads at once.
-        self._tok_lock = threading.Lock()
-
-    def encode(self, text: str) -> list:
-        with self._tok_lock:
-            encode = getattr(self.engine, "encode", None)
-            if encode is not None:
-                return list(encode(text))
-            # Exactly as Engine._encode does for a text prompt, so ids (and usage) match the CLI.
-            return list(self.tokenizer(text).input_ids)
-
-    def chat_prompt(self, messages: list) -> str:
-        with self._tok_lock:
-            try:
-                apply = getattr(self.engine, "apply_chat_template", None)
-                if apply is not None:
-                    return apply(messages)
-                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except (ValueError, TypeError) as e:   # transformers: "no chat template"
-                raise APIError(400, f"cannot apply the model's chat template: {e}", param="messages",
-                               code="chat_template_error") from e
-
-
-def stats_json(stats) -> dict:
-    """Engine stats -> JSON: every public numeric/str/list/dict field and property."""
-    if stats is None:
-        return {}
-    if isinstance(stats, dict):
-        items = dict(stats)
-    else:
-        items = {}
-        if dataclasses.is_dataclass(stats):
-            items.update({f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)})
-        else:
-            items.update(vars(stats))
-        for name in dir(type(stats)):       # computed properties such as tokens_per_pass
-            if not name.startswith("_") and isinstance(getattr(type(stats), name, None), property):
-                try:
-                    items[name] = getattr(stats, name)
-                except Exception:    # a property that cannot be computed (e.g. zero passes) is skipped
-                    pass
-    return {k: v for k, v in ((k, _jsonable(v)) for k, v in items.items() if not k.startswith("_"))
-            if v is not None}
-
-
-def _jsonable(v):
-    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "tolist"):        # tensors, numpy arrays
-        return _jsonable(v.tolist())
-    return None
-
-
-def finish_reason(result, max_tokens: int) -> str:
-    reason = getattr(result, "finish_reason", None) or getattr(getattr(result, "stats", None), "finish_reason", None)
-    if reason in ("stop", "eos"):       # the engine says "eos" for an end-of-sequence token
-        return "stop"
-    if reason == "length":
-        return reason
-    return "length" if len(result.token_ids) >= max_tokens else "stop"
-
-
-# ------------------------------------------------------------------------------------ queue
-class QueueFull(Exception):
+class ClientGone(Exception):
     pass
 
 
-class EngineGate:
-    """One runner at a time; at most ``max_queue`` waiters (FIFO: Condition wakes in wait order)."""
+class ServerState:
+    """What the handlers share: the engine's worker, the tokenizer pool, the model's limits."""
 
-    def __init__(self, max_queue: int):
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        self.max_queue = max_queue
-        self._cond = threading.Condition()
-        self._busy = False
-        self.waiting = 0
-
-    @contextmanager
-    def hold(self):
-        with self._cond:
-            if self._busy and self.waiting >= self.max_queue:
-                raise QueueFull
-            self.waiting += 1
-            try:
-                while self._busy:
-                    self._cond.wait()
-            finally:
-                self.waiting -= 1
-            self._busy = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify()
-
-    def idle(self, timeout: float) -> bool:
-        """Wait until nothing runs and nothing waits; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._busy or self.waiting:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.05))
-            return True
-
-
-# ----------------------------------------------------------------------------------- server
-class SpecExecServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address, engine, api_key: Optional[str] = None, max_queue: int = DEFAULT_MAX_QUEUE,
-                 model_name: Optional[str] = None, tokenizer=None, verbose: bool = False):
-        self.adapter = EngineAdapter(engine, tokenizer)
-        self.engine = engine
-        self.api_key = api_key or None
-        self.gate = EngineGate(max_queue)
-        self.model_id = model_name or _default_model_id(engine)
+    def __init__(self, engine, worker: EngineWorker, tokens: TokenizerPool, model_id: str):
+        self.engine, self.worker, self.tokens, self.model_id = engine, worker, tokens, model_id
         self.created = int(time.time())
-        self.verbose = verbose
-        self.closing = threading.Event()
-        self.counters = {"requests": 0, "completed": 0, "cancelled": 0, "rejected_queue_full": 0, "errors": 0}
-        self._counter_lock = threading.Lock()
-        self._serving = False
-        super().__init__(address, Handler)
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self._serving = True
-        super().serve_forever(poll_interval)
-
-    def count(self, name: str) -> None:
-        with self._counter_lock:
-            self.counters[name] += 1
+        target = getattr(engine, "target", None)
+        self.max_len = getattr(target, "max_len", None)
+        self.vocab_size = getattr(target, "vocab_size", None)
+        self.text_limit = (params.text_byte_limit(self.max_len, tokens.longest_token_bytes)
+                           if self.max_len else None)
+        self.closing = False
 
     def model_names(self) -> tuple:
         return (self.model_id, SERVED_ALIAS)
 
+
+# ---------------------------------------------------------------------------------- the app
+def build_app(state: ServerState, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
+              body_timeout: float = BODY_TIMEOUT, send_timeout: float = SEND_TIMEOUT) -> RequestGuard:
+    """The FastAPI app behind its RequestGuard (an ASGI app)."""
+    app = FastAPI(title="specexec-rt", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.specexec = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 405:
+            err = APIError(405, f"{request.url.path} does not take {request.method}", code="method_not_allowed",
+                           headers=exc.headers)
+        elif exc.status_code == 404:
+            err = APIError(404, f"no route {request.method} {request.url.path}", code="not_found")
+        else:
+            err = APIError(exc.status_code, str(exc.detail), code="http_error", headers=exc.headers)
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error_response(APIError(400, str(exc), code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def any_error(request: Request, exc: Exception):
+        print(f"[specexec-rt serve] {request.method} {request.url.path} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return _error_response(exc)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(state, state.model_id)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name not in state.model_names():
+            return _error_response(APIError(404, f"model {name!r} does not exist", param="model",
+                                            code="model_not_found"))
+        return _model_card(state, name)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _generate(state, request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _generate(state, request, "chat")
+
+    return RequestGuard(app, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout,
+                        send_timeout=send_timeout)
+
+
+def _model_card(state: ServerState, name: str) -> dict:
+    return {"id": name, "object": "model", "created": state.created, "owned_by": "specexec-rt"}
+
+
+def _error_response(exc: BaseException, prompt_param: Optional[str] = None) -> JSONResponse:
+    answer = classify(exc, prompt_param)
+    headers = dict(answer.headers)
+    if answer.status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return JSONResponse(answer.body(), status_code=answer.status, headers=headers)
+
+
+# ------------------------------------------------------------------------------- generation
+async def _generate(state: ServerState, request: Request, kind: str) -> Response:
+    prompt_param = "prompt" if kind == "completions" else "messages"
+    try:
+        if state.closing:
+            raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
+        req = await _parse(state, await request.body(), kind)
+        ids = await _prompt_ids(state, req, kind, prompt_param)
+        return await _run(state, request, req, kind, ids)
+    except ClientGone:
+        return Response(status_code=499)     # nobody reads it: the client has left
+    except Exception as e:  # noqa: BLE001 - every failure becomes a JSON answer
+        _log_unexpected(e, kind)
+        return _error_response(e, prompt_param)
+
+
+def _log_unexpected(e: Exception, kind: str) -> None:
+    """One line on stderr for a failure that is not the client's (an engine or server bug)."""
+    if not isinstance(e, (SpecExecError, APIError)):
+        print(f"[specexec-rt serve] {kind} request failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+async def _parse(state: ServerState, raw: bytes, kind: str):
+    model_cls = CompletionRequest if kind == "completions" else ChatCompletionRequest
+
+    def parse():
+        return validate_body(model_cls, parse_json_object(raw), state.vocab_size)
+
+    req = await anyio.to_thread.run_sync(parse) if len(raw) > OFF_LOOP_BYTES else parse()
+    model = req.model if req.model is not None else state.model_id
+    if model not in state.model_names():
+        raise APIError(404, f"model {model!r} does not exist; this server serves {state.model_id!r} "
+                            f"(alias {SERVED_ALIAS!r})", param="model", code="model_not_found")
+    req.model = model
+    return req
+
+
+async def _prompt_ids(state: ServerState, req, kind: str, param: str) -> list:
+    if kind == "completions" and not isinstance(req.prompt, str):
+        ids = req.prompt                                     # checked against the vocabulary already
+    else:
+        text = req.prompt if kind == "completions" else "".join(m["content"] for m in req.messages)
+        if state.text_limit is not None:
+            params.check_text_bytes(text, state.text_limit, param)
+        if kind == "completions":
+            ids = await state.tokens.encode(req.prompt)
+        else:
+            try:
+                ids = await state.tokens.chat_ids(req.messages)
+            except Exception as e:  # noqa: BLE001 - no template, or the template refuses these messages
+                raise APIError(400, f"cannot apply the model's chat template: {type(e).__name__}: {e}",
+                               param="messages", code="chat_template_error") from e
+        if not ids:
+            raise InvalidParameterError(param, f"{param} gives no tokens once tokenized")
+        ids = params.check_token_ids(ids, state.vocab_size, param)
+    if state.max_len is not None and len(ids) >= state.max_len:
+        raise ContextLengthError(f"the prompt is {len(ids)} tokens; this server's context is {state.max_len} tokens "
+                                 f"(max_len; prompt + max_tokens must fit)")
+    return ids
+
+
+async def _run(state: ServerState, request: Request, req, kind: str, ids: list) -> Response:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    max_tokens = req.max_new_tokens(kind)
+    try:
+        job = state.worker.submit(ids, req.engine_kwargs(kind),
+                                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                  pieces=bool(req.stream))
+    except QueueFull:
+        raise APIError(429, f"all {state.worker.max_batch} engine slots are busy and {state.worker.max_queue} "
+                            f"requests are already waiting; "
+                            f"retry later", type_="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    watcher = asyncio.ensure_future(_disconnected(request))
+    streaming = False
+    try:
+        first = await _next_event(events, watcher)
+        if first[0] == "error":
+            raise first[1]
+        if first[0] == "cancelled":
+            raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
+        env = fmt.envelope(kind, req.model, stream=bool(req.stream))
+        if req.stream:
+            watcher.cancel()            # StreamingResponse listens for the disconnect from here on
+            streaming = True            # and _JobStream cancels the job when the response ends
+            return _JobStream(_sse(first, events, kind, env, len(ids), max_tokens, req.include_usage),
+                              on_close=lambda: state.worker.cancel(job))
+        event = first
+        while event[0] == "piece":
+            event = await _next_event(events, watcher)
+        if event[0] == "error":
+            raise event[1]
+        if event[0] == "cancelled":
+            raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
+        return JSONResponse(fmt.completion(kind, env, event[1], len(ids), max_tokens))
+    finally:
+        watcher.cancel()
+        if not streaming:
+            state.worker.cancel(job)        # a no-op once the job has finished
+
+
+class _JobStream(StreamingResponse):
+    """The SSE response of one job: however the response ends (done, client gone, error),
+    ``on_close`` cancels the job, which is a no-op once it has finished."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is already read: only a disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next_event(events: asyncio.Queue, watcher: asyncio.Future) -> tuple:
+    get = asyncio.ensure_future(events.get())
+    done, _ = await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if get in done:
+        return get.result()
+    get.cancel()
+    raise ClientGone
+
+
+async def _sse(first: tuple, events: asyncio.Queue, kind: str, env: dict, prompt_tokens: int, max_tokens: int,
+               include_usage: bool):
+    """The event stream: a role chunk (chat), a chunk per non-empty piece, the final chunk(s) and
+    ``[DONE]``. An engine error after the headers ends the stream with an in-band error and no
+    ``[DONE]``; so does a shutdown (the job's "cancelled")."""
+    if kind == "chat":
+        yield fmt.sse(fmt.chunk(kind, env, "", first=True))
+    event = first
+    while event[0] == "piece":
+        if event[1]:
+            yield fmt.sse(fmt.chunk(kind, env, event[1]))
+        event = await events.get()
+    what, value = event
+    if what == "done":
+        for c in fmt.final_chunks(kind, env, value, prompt_tokens, max_tokens, include_usage):
+            yield fmt.sse(c)
+        yield fmt.sse("[DONE]")
+    elif what == "error":
+        _log_unexpected(value, kind)
+        yield fmt.sse(classify(value).body())
+
+
+# ------------------------------------------------------------------------------- the server
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, telling us when its shutdown begins (Ctrl-C, SIGTERM, close())."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown):
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets=None) -> None:
+        self._on_shutdown()
+        await super().shutdown(sockets)
+
+
+class SpecExecServer:
+    """One engine behind an OpenAI-compatible API on a bound socket.
+
+    ``serve_forever()`` runs it (in this thread); ``close(timeout)`` from another thread (or a
+    signal in the main thread) stops accepting, stops the request in flight at its next pass,
+    and waits for the engine. ``server_address``: (host, port) actually bound.
+    """
+
+    def __init__(self, sock: socket.socket, engine, api_key: Optional[str] = None,
+                 max_queue: int = DEFAULT_MAX_QUEUE, model_name: Optional[str] = None, tokenizer=None,
+                 verbose: bool = False, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
+                 send_timeout: float = SEND_TIMEOUT, max_body_bytes: int = MAX_BODY_BYTES,
+                 keep_alive_timeout: float = 5.0, shutdown_timeout: float = 10.0, tokenizer_threads: int = 2):
+        tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+        self.socket = sock
+        self._address = sock.getsockname()[:2]
+        self.engine = engine
+        self.api_key = api_key or None
+        self.tokens = TokenizerPool(tokenizer, tokenizer_threads)
+        self.worker = EngineWorker(engine, max_queue)
+        self.state = ServerState(engine, self.worker, self.tokens, model_name or _default_model_id(engine))
+        self.app = build_app(self.state, self.api_key, max_body_bytes, body_timeout, send_timeout)
+        config = uvicorn.Config(
+            self.app, http=protocol_class(head_timeout, max_connections), loop="asyncio", lifespan="off",
+            log_config=None, log_level="info" if verbose else "warning", access_log=verbose,
+            proxy_headers=False, server_header=False, timeout_keep_alive=keep_alive_timeout,
+            timeout_graceful_shutdown=shutdown_timeout, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+        self._uvicorn = _Uvicorn(config, self._begin_shutdown)
+        self._serving = False
+        self._stopped = threading.Event()
+
+    @property
+    def server_address(self) -> tuple:
+        return self._address
+
+    @property
+    def model_id(self) -> str:
+        return self.state.model_id
+
+    @property
+    def counters(self) -> dict:
+        return self.worker.counters
+
+    def serve_forever(self, poll_interval: Optional[float] = None) -> None:
+        """Serve until ``close()`` or a signal. ``poll_interval`` is accepted for the
+        ``socketserver``-style API and ignored (uvicorn checks for shutdown every 0.1 s)."""
+        self._serving = True
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def _begin_shutdown(self) -> None:
+        self.state.closing = True
+        self.worker.cancel_all()        # the request in flight stops at its next pass
+
     def close(self, timeout: float = 10.0) -> bool:
-        """Stop accepting, cancel running streams at their next pass, wait for the engine to be
-        free (up to ``timeout`` s), close the socket. Returns whether the engine went idle.
-        Call from a thread other than the one running ``serve_forever`` (or after it returned)."""
-        self.closing.set()
+        """Stop accepting, cancel what runs and waits, wait up to ``timeout`` s for the engine to
+        be free, release the socket. Returns whether the engine went idle."""
+        self._begin_shutdown()
         if self._serving:
-            self.shutdown()     # returns at once when serve_forever has already ended
-        idle = self.gate.idle(timeout)
-        self.server_close()
+            self._uvicorn.should_exit = True
+            self._stopped.wait(timeout)
+        idle = self.worker.shutdown(timeout)
+        self.tokens.close()
+        self.socket.close()
         return idle
 
 
@@ -349,370 +380,35 @@ def _default_model_id(engine) -> str:
     return SERVED_ALIAS
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one. OSError when the address
+    is in use or not this machine's."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def make_server(engine, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
                 max_queue: int = DEFAULT_MAX_QUEUE, model_name: Optional[str] = None, tokenizer=None,
-                verbose: bool = False) -> SpecExecServer:
-    """Bind (port 0 picks a free port: read ``server.server_address``); run ``serve_forever()``."""
-    return SpecExecServer((host, port), engine, api_key=api_key, max_queue=max_queue, model_name=model_name,
-                          tokenizer=tokenizer, verbose=verbose)
-
-
-class ClientGone(Exception):
-    pass
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "specexec-rt"
-    timeout = 120               # idle keep-alive connections do not hold a thread forever
-    server: SpecExecServer
-
-    # -------------------------------------------------------------------------- plumbing
-    def log_message(self, format, *args):
-        if self.server.verbose:
-            super().log_message(format, *args)
-
-    def _send_json(self, status: int, obj: dict, extra_headers: Optional[dict] = None) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (extra_headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, err: APIError) -> None:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        if err.status == 429:
-            headers = {"Retry-After": "1"}
-        self._send_json(err.status, err.body(), headers)
-
-    def _read_body(self) -> dict:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise APIError(411, "chunked request bodies are not supported; send Content-Length",
-                           code="length_required")
-        try:
-            n = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            self.close_connection = True
-            raise APIError(400, "bad Content-Length header", code="invalid_request")
-        if n < 0 or n > MAX_BODY_BYTES:
-            self.close_connection = True    # the unread body would be taken for the next request
-            raise APIError(413, f"request body of {n} bytes exceeds the {MAX_BODY_BYTES}-byte limit",
-                           code="request_too_large")
-        raw = self.rfile.read(n)
-        if len(raw) != n:
-            self.close_connection = True
-            raise APIError(400, "request body shorter than Content-Length", code="invalid_request")
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from e
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object", code="invalid_json")
-        return body
-
-    def _check_auth(self) -> None:
-        key = self.server.api_key
-        if key is None:
-            return
-        header = self.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-    def _client_gone(self) -> bool:
-        """True when the peer has closed its end (readable with nothing to read) or reset it."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if not readable:
-                return False
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def _dispatch(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
-        try:
-            if method == "POST":
-                # Read the body first, even when the answer will be an error, so a keep-alive
-                # connection stays in sync.
-                body = self._read_body()
-            if path == "/health" and method == "GET":
-                return self._send_json(200, {"status": "ok"})
-            self._check_auth()
-            if path == "/v1/models" and method == "GET":
-                return self._send_json(200, self._models())
-            if path.startswith("/v1/models/") and method == "GET":
-                name = path[len("/v1/models/"):]
-                if name not in self.server.model_names():
-                    raise APIError(404, f"model {name!r} does not exist", param="model", code="model_not_found")
-                return self._send_json(200, self._model_card(name))
-            routes = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
-            if path in routes:
-                if method != "POST":
-                    raise APIError(405, f"{path} takes POST", code="method_not_allowed")
-                return self._generate(routes[path], body)
-            raise APIError(404, f"no route {method} {path}", code="not_found")
-        except APIError as e:
-            self._send_error(e)
-        except ClientGone:
-            self.close_connection = True
-
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    # ------------------------------------------------------------------------- endpoints
-    def _model_card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": self.server.created, "owned_by": "specexec-rt"}
-
-    def _models(self) -> dict:
-        return {"object": "list", "data": [self._model_card(self.server.model_id)]}
-
-    def _parse(self, kind: str, body: dict) -> GenerationRequest:
-        model = body.get("model")
-        if model is None:
-            model = self.server.model_id
-        if not isinstance(model, str):
-            raise bad_param("model", "model must be a string", "invalid_type")
-        if model not in self.server.model_names():
-            raise APIError(404, f"model {model!r} does not exist; this server serves "
-                                f"{self.server.model_id!r} (alias {SERVED_ALIAS!r})",
-                           param="model", code="model_not_found")
-        _reject_unsupported(body)
-        max_tokens = _integer(body, "max_tokens", None, 1)
-        if kind == "chat":
-            max_tokens = _integer(body, "max_completion_tokens", max_tokens, 1)
-        if max_tokens is None:
-            max_tokens = DEFAULT_MAX_TOKENS[kind]
-        temperature = _number(body, "temperature", 1.0, 0.0, False, None)
-        top_p = _number(body, "top_p", 1.0, 0.0, True, 1.0)
-        top_k = _integer(body, "top_k", 0, 0)
-        seed = _integer(body, "seed", None, None)
-        stop = _stop(body)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise bad_param("stream", "stream must be a boolean", "invalid_type")
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise bad_param("stream_options", "stream_options must be an object", "invalid_type")
-        include_usage = bool(opts.get("include_usage", False))
-
-        if kind == "chat":
-            prompt_ids = self.server.adapter.encode(self.server.adapter.chat_prompt(_messages(body)))
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-                prompt = prompt[0]      # the openai client may wrap a single prompt in a list
-            if isinstance(prompt, str):
-                if not prompt:
-                    raise bad_param("prompt", "prompt must not be empty")
-                prompt_ids = self.server.adapter.encode(prompt)
-            elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-                prompt_ids = list(prompt)
-            elif prompt is None:
-                raise bad_param("prompt", "prompt is required", "missing_required_parameter")
-            else:
-                raise bad_param("prompt", "prompt must be a non-empty string, or a non-empty list of token ids "
-                                          "(batches of several prompts are not supported)")
-        if not prompt_ids:
-            raise bad_param("prompt" if kind == "completions" else "messages", "the prompt encodes to no tokens")
-        self._check_token_ids(prompt_ids)
-        max_len = self.server.adapter.max_len
-        if max_len is not None and len(prompt_ids) >= max_len:
-            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this server's context is {max_len} "
-                                f"tokens (prompt + max_tokens must fit)",
-                           param="prompt" if kind == "completions" else "messages", code="context_length_exceeded")
-        return GenerationRequest(kind, model, prompt_ids, max_tokens, temperature, top_p, top_k, seed, stop,
-                                 stream, include_usage)
-
-    def _check_token_ids(self, ids: list) -> None:
-        vocab = getattr(getattr(self.server.engine, "target", None), "vocab_size", None)
-        if vocab is not None and any(t < 0 or t >= vocab for t in ids):
-            raise bad_param("prompt", f"token ids must be in [0, {vocab})")
-
-    def _generate(self, kind: str, body: dict) -> None:
-        if self.server.closing.is_set():
-            raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
-        req = self._parse(kind, body)
-        self.server.count("requests")
-        try:
-            with self.server.gate.hold():
-                if self._client_gone():         # gave up while queued: do not run it
-                    self.server.count("cancelled")
-                    raise ClientGone
-                if req.stream:
-                    self._run_stream(req)
-                else:
-                    self._run_once(req)
-        except QueueFull:
-            self.server.count("rejected_queue_full")
-            raise APIError(429, f"the engine is busy and {self.server.gate.max_queue} requests are already "
-                                f"waiting; retry later", type_="rate_limit_error", code="queue_full")
-
-    def _engine_error(self, e: Exception, req: GenerationRequest) -> APIError:
-        param = "prompt" if req.kind == "completions" else "messages"
-        if isinstance(e, ContextLengthError):
-            return APIError(400, str(e), param=param, code="context_length_exceeded")
-        if isinstance(e, SamplingParameterError):
-            return APIError(400, str(e), code="invalid_value")
-        if isinstance(e, SpecExecError):
-            return APIError(500, f"{type(e).__name__}: {e}", type_="server_error", code="engine_error")
-        self.server.count("errors")
-        print(f"[specexec-rt serve] engine failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return APIError(500, f"internal engine error: {type(e).__name__}: {e}", type_="server_error",
-                        code="internal_error")
-
-    def _envelope(self, req: GenerationRequest) -> dict:
-        prefix = "chatcmpl" if req.kind == "chat" else "cmpl"
-        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion" if req.kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": req.model}
-
-    def _usage(self, req: GenerationRequest, result) -> dict:
-        n = len(result.token_ids)
-        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,
-                "total_tokens": len(req.prompt_ids) + n}
-
-    def _run_once(self, req: GenerationRequest) -> None:
-        # Driven through ``stream`` rather than ``generate`` so that a client that gives up (a
-        # timeout, Ctrl-C) frees the engine at the next pass here too.
-        engine = self.server.engine
-        gen = engine.stream(req.prompt_ids, **req.engine_kwargs())
-        try:
-            for _ in gen:
-                if self._client_gone() or self.server.closing.is_set():
-                    self.server.count("cancelled")
-                    self.close_connection = True
-                    raise ClientGone
-        except ClientGone:
-            raise
-        except Exception as e:      # noqa: BLE001 - every engine failure becomes an HTTP answer
-            raise self._engine_error(e, req) from e
-        finally:
-            gen.close()
-        result = engine.last_result
-        reason = finish_reason(result, req.max_tokens)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                   "finish_reason": reason} if req.kind == "chat" else
-                  {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason})
-        out = self._envelope(req)
-        out.update(choices=[choice], usage=self._usage(req, result), specexec=stats_json(result.stats))
-        self.server.count("completed")
-        try:
-            self._send_json(200, out)
-        except OSError as e:
-            raise ClientGone from e
-
-    # ------------------------------------------------------------------------- streaming
-    def _write_chunk(self, data: bytes) -> None:
-        """One HTTP/1.1 chunk; raises ClientGone when the peer has left."""
-        if self._client_gone():
-            raise ClientGone
-        try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-        except OSError as e:        # BrokenPipeError, ConnectionResetError, timeouts
-            raise ClientGone from e
-
-    def _sse(self, obj) -> None:
-        payload = obj if isinstance(obj, str) else json.dumps(obj)
-        self._write_chunk(b"data: " + payload.encode() + b"\n\n")
-
-    def _chunk(self, req: GenerationRequest, env: dict, text: Optional[str], reason: Optional[str],
-               first: bool = False) -> dict:
-        if req.kind == "chat":
-            delta = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-        return dict(env, choices=[choice])
-
-    def _run_stream(self, req: GenerationRequest) -> None:
-        engine = self.server.engine
-        gen = engine.stream(req.prompt_ids, **req.engine_kwargs())
-        try:
-            # Pull the first piece before answering 200, so errors raised at prefill (context
-            # length, sampling parameters) still become a proper 4xx.
-            try:
-                first = next(gen)
-                done = False
-            except StopIteration:
-                first, done = None, True
-            except Exception as e:  # noqa: BLE001
-                raise self._engine_error(e, req) from e
-            env = self._envelope(req)
-            env["object"] = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-            self._start_stream()
-            if req.kind == "chat":
-                self._sse(self._chunk(req, env, "", None, first=True))
-            pending = [] if first is None else [first]
-            while True:
-                for piece in pending:
-                    if piece:
-                        self._sse(self._chunk(req, env, piece, None))
-                if done or self.server.closing.is_set():
-                    break
-                try:
-                    pending = [next(gen)]
-                except StopIteration:
-                    pending, done = [], True
-                except Exception as e:  # noqa: BLE001 - headers are sent: report in-band and end
-                    err = self._engine_error(e, req)
-                    self._sse(err.body())
-                    self._end_stream()
-                    return
-            result = getattr(engine, "last_result", None)
-            if self.server.closing.is_set() and not done:
-                raise ClientGone       # shutting down: end the response without a finish chunk
-            final = self._chunk(req, env, None if req.kind == "chat" else "",
-                                finish_reason(result, req.max_tokens) if result is not None else "stop")
-            if result is not None:
-                final["usage"] = self._usage(req, result)
-                final["specexec"] = stats_json(result.stats)
-            self._sse(final)
-            if req.include_usage and result is not None:
-                self._sse(dict(env, choices=[], usage=final["usage"]))
-            self._sse("[DONE]")
-            self._end_stream()
-            self.server.count("completed")
-        except ClientGone:
-            self.server.count("cancelled")
-            self.close_connection = True
-            raise
-        finally:
-            gen.close()     # GeneratorExit at the engine's current yield: the pass in flight is its last
-
-    def _start_stream(self) -> None:
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self.wfile.flush()
-        except OSError as e:
-            raise ClientGone from e
-
-    def _end_stream(self) -> None:
-        try:
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except OSError as e:
-            raise ClientGone from e
+                verbose: bool = False, sock: Optional[socket.socket] = None, **limits) -> SpecExecServer:
+    """Bind (port 0 picks a free port: ``server.server_address``) unless ``sock`` is given
+    already bound; then ``serve_forever()``. ``limits``: ``max_connections``, ``head_timeout``,
+    ``body_timeout``, ``send_timeout``, ``max_body_bytes``, ``keep_alive_timeout``,
+    ``shutdown_timeout``, ``tokenizer_threads`` (see SpecExecServer)."""
+    sock = sock if sock is not None else bind(host, port)
+    try:
+        return SpecExecServer(sock, engine, api_key=api_key, max_queue=max_queue, model_name=model_name,
+                              tokenizer=tokenizer, verbose=verbose, **limits)
+    except BaseException:
+        sock.close()
+        raise

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from ..errors import SpecExecError
+from .error_map import UsageError
 
 
 class TuningUnavailableError(SpecExecError, RuntimeError):
@@ -81,9 +82,12 @@ def main(args) -> int:
     if not torch.cuda.is_available():
         raise TuningUnavailableError("tune-int4 measures GPU kernels and needs a CUDA GPU; "
                                      "without one the CPU path (aten's int4 op) needs no tuning")
-    ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else int4_tuning.DEFAULT_MS
+    try:
+        ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else int4_tuning.DEFAULT_MS
+    except ValueError:
+        raise UsageError(f"--ms must be a comma list of positive integers, got {args.ms!r}") from None
     if any(m < 1 for m in ms):
-        raise ValueError(f"--ms values must be positive, got {ms}")
+        raise UsageError(f"--ms values must be positive, got {ms}")
     shapes = shapes_for(args.model, args.shape or (None if args.model else "llama-2-7b"), args.group_size)
     path = int4_plans.tuning_path() if args.out is None else args.out
     int4_plans.load_tuning(path)           # update the file, keep other GPUs' and shapes' entries

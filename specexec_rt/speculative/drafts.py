@@ -93,5 +93,21 @@ def default_draft(target: Transformer, max_len: Optional[int] = None) -> Transfo
     dense = all(isinstance(m, torch.Tensor) for lw in target.weights.layers
                 for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
     if dense:
-        return int4_draft(target, max_len=max_len)
+        return int4_draft(target, group_size=int4_group_size(target), max_len=max_len)
     return layer_dropped_draft(target, default_keep(target.config.n_layers), max_len)
+
+
+def int4_group_size(target: Transformer, preferred: int = 64) -> int:
+    """``preferred`` if it divides every matrix's in_features, else the largest power of two
+    below it that does (a small model's 96-wide MLP takes groups of 32)."""
+    from ..errors import UnsupportedModelError
+    from ..kernels.int4_weight import PACK
+
+    widths = {m.shape[1] for lw in target.weights.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)}
+    g = preferred
+    while g >= PACK:
+        if all(k % g == 0 for k in widths):
+            return g
+        g //= 2
+    raise UnsupportedModelError(target.config.model_type, f"the default int4 draft needs matrix widths divisible "
+                                                          f"by {PACK} (got {sorted(widths)}); pass a draft model")

@@ -27,12 +27,13 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from . import memory
-from ..errors import (ContextLengthError, MemoryBudgetError, ModelLoadError, NonFiniteLogitsError,
-                      SamplingParameterError, SpecExecError, VocabularyMismatchError)
+from ..errors import (ContextLengthError, InvalidParameterError, MemoryBudgetError, ModelLoadError,
+                      NonFiniteLogitsError, SamplingParameterError, SpecExecError, VocabularyMismatchError)
 from ..model import Segment, causal_mask
 from .detok import TextTracker
 from .drafting import Drafter, runner_for
 from .methods import CURVE_SCALE, METHODS, PassContext, SpecExec
+from .params import check_prompt, check_request, check_token_ids
 from .request import GenerationResult, GenerationStats, Request, RequestHandle
 from .sampling import SamplingParams, process_logits
 from .tree import path_rows
@@ -41,7 +42,6 @@ __all__ = ["Engine", "GenerationResult", "GenerationStats", "RequestHandle", "ME
            "check_same_vocabulary"]
 
 METHOD_PARAMS = {name: cls.param_names for name, cls in METHODS.items()}
-SEED_LIMIT = 1 << 64
 
 
 class Engine:
@@ -154,6 +154,7 @@ class Engine:
         self._queue: collections.deque = collections.deque()
         self._active: list = []
         self._free = list(range(max_batch))
+        self._callbacks: list = []         # (on_update, last piece) of requests just finished
         self.last_result: Optional[GenerationResult] = None
         self._last_request: Optional[Request] = None
 
@@ -174,7 +175,7 @@ class Engine:
 
     def _no_tokenizer(self, what: str) -> SamplingParameterError:
         why = f" ({self._tokenizer_error})" if self._tokenizer_error is not None else ""
-        return SamplingParameterError(f"{what} needs a tokenizer, and this engine has none{why}: pass "
+        return SamplingParameterError(f"{what}: a tokenizer is needed and this engine has none{why}; pass "
                                       f"Engine(..., tokenizer=...) or give the prompt as token ids")
 
     def apply_chat_template(self, messages: list) -> str:
@@ -189,28 +190,15 @@ class Engine:
         return self._encode(text)
 
     def _encode(self, prompt) -> list:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise self._no_tokenizer("a text prompt")
-            ids = list(self.tokenizer(prompt).input_ids)
-        elif isinstance(prompt, torch.Tensor):
-            if prompt.is_floating_point() or prompt.dtype == torch.bool:
-                raise SamplingParameterError(f"prompt token ids must be integers, got a {prompt.dtype} tensor")
-            ids = [int(t) for t in prompt.reshape(-1).tolist()]
-        elif isinstance(prompt, (list, tuple)):
-            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)]
-            if bad:
-                raise SamplingParameterError(f"prompt token ids must be ints, got {type(bad[0]).__name__} "
-                                             f"{bad[0]!r}")
-            ids = list(prompt)
-        else:
-            raise SamplingParameterError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        prompt = check_prompt(prompt, self.target.vocab_size)      # a str, or checked token ids
+        if not isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise self._no_tokenizer("a text prompt")
+        ids = list(self.tokenizer(prompt).input_ids)
         if not ids:
-            raise SamplingParameterError("the prompt is empty")
-        v = self.target.vocab_size
-        if min(ids) < 0 or max(ids) >= v:
-            raise SamplingParameterError(f"prompt token ids must be in [0, {v})")
-        return ids
+            raise InvalidParameterError("prompt", "the prompt is empty once tokenized")
+        return check_token_ids(ids, self.target.vocab_size)
 
     def _eos_ids(self) -> set:
         eos = set(self.target.config.eos_token_ids or [])
@@ -355,19 +343,9 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def _make_request(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop) -> Request:
-        for name, value in (("temperature", temperature), ("top_p", top_p)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SamplingParameterError(f"{name} must be a number, got {value!r}")
-        params = SamplingParams(float(temperature), float(top_p), top_k)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise SamplingParameterError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
-            raise SamplingParameterError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
-        if stop is not None and not isinstance(stop, (str, list, tuple)):
-            raise SamplingParameterError(f"stop must be a str or a list of str, got {type(stop).__name__}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise SamplingParameterError("stop strings must be non-empty str")
+        checked = check_request(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        max_new_tokens, seed, stops = checked.max_new_tokens, checked.seed, list(checked.stop)
+        params = SamplingParams(checked.temperature, checked.top_p, checked.top_k)
         if stops and self.tokenizer is None:
             raise self._no_tokenizer("stop strings")
         ids = self._encode(prompt)
@@ -389,6 +367,14 @@ class Engine:
                 self._queue.remove(req)
                 self._finish(req, "cancelled")
             self._cond.notify_all()
+        self._notify()
+
+    def _notify(self) -> None:
+        """Run the done-callbacks of requests that finished, outside ``_cond``."""
+        with self._cond:
+            calls, self._callbacks = self._callbacks, []
+        for on_update, piece in calls:
+            on_update(piece, True)
 
     def _wait(self, req: Request) -> tuple[list, bool]:
         """Text pieces of ``req`` not yet handed out, and whether it is done. Runs passes (for
@@ -425,8 +411,9 @@ class Engine:
         req.error = error
         req.done = True
         if req.on_update is not None:
-            # The last piece (text made safe by the end) goes with the done signal.
-            req.on_update(req.final_piece if error is None else "", True)
+            # The last piece (text made safe by the end) goes with the done signal, once the
+            # lock is released (_notify): a callback may take locks of its own.
+            self._callbacks.append((req.on_update, req.final_piece if error is None else ""))
         if req in self._active:
             self._active.remove(req)
         if req.region is not None:
@@ -446,6 +433,12 @@ class Engine:
         return list(self._active)
 
     def _run_pass(self) -> None:
+        try:
+            self._run_pass_inner()
+        finally:
+            self._notify()
+
+    def _run_pass_inner(self) -> None:
         with self._cond:
             reqs = self._admit()
         if not reqs:

@@ -1,0 +1,143 @@
+"""Every ``specexec-rt`` argument checked before any model loads.
+
+argparse types catch what is malformed in isolation (``--max-len 0``, ``--port 70000``,
+``--budget lots``); ``check_model_args`` / ``check_sampling_args`` catch what only makes sense
+together (a method that needs a draft without one, ``--k`` with ``--method specexec``, a CUDA
+device on a machine without a GPU) and run the sampling flags through the same validation layer
+as the API and the server (``specexec_rt/speculative/params.py``). Loading a model takes seconds
+to minutes: nothing that can be known before it may fail after it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ..speculative import params
+from ..speculative.engine import METHOD_PARAMS
+from .error_map import UsageError
+
+# flag -> Engine parameter, for the method parameters
+METHOD_FLAGS = {"beams_per_step": "--beams-per-step", "branch_width": "--branch-width", "max_depth": "--max-depth",
+                "k": "--k", "n": "--n", "depth": "--depth"}
+SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+                  "top_k": "--top-k", "seed": "--seed", "stop": "--stop"}
+
+
+# ------------------------------------------------------------------------ argparse types
+def parse_budget(text: str):
+    """``--budget``: 'auto' or a positive int."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'auto', got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535] (0: any free port), got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------ combined checks
+@dataclass(frozen=True)
+class ModelPlan:
+    """What the model flags decided, before anything loads."""
+
+    device: Optional[str]
+    method: str
+    budget: Union[int, str]
+    method_params: dict = field(default_factory=dict)
+
+
+def check_device(text: Optional[str]) -> Optional[str]:
+    """``--device``: cpu, cuda or cuda:N that exists on this machine (None: the default)."""
+    if text is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type != "cuda":
+        raise UsageError(f"--device {text!r}: the runtime runs on cpu or cuda, not {dev.type}")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {text}: no CUDA GPU is available here (torch {torch.__version__}); "
+                         f"use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return text
+
+
+def check_model_args(args) -> ModelPlan:
+    """The model flags together: device, method and its draft, budget, method parameters."""
+    device = check_device(args.device)
+    method = args.method or ("specexec" if args.draft else "autoregressive")
+    if method != "autoregressive" and not args.draft:
+        raise UsageError(f"--method {method} needs a draft model: add --draft default (the target re-quantized "
+                         f"to int4) or --draft SOURCE, or use --method autoregressive")
+    if method == "autoregressive" and args.draft:
+        raise UsageError("--method autoregressive uses no draft model: drop --draft, or choose a speculative "
+                         "--method (specexec, specinfer, chain)")
+    if args.budget is not None and method == "autoregressive":
+        raise UsageError("--budget sizes draft trees: it does not apply to --method autoregressive")
+    budget = args.budget if args.budget is not None else ("auto" if method == "specexec" else 256)
+    if budget == "auto" and method != "specexec":
+        raise UsageError(f"--budget auto needs --method specexec, not {method}")
+    given = {name: getattr(args, name) for name in METHOD_FLAGS if getattr(args, name) is not None}
+    for name in given:
+        if name not in METHOD_PARAMS[method]:
+            takes = ", ".join(METHOD_FLAGS[p] for p in METHOD_PARAMS[method]) or "no method flags"
+            raise UsageError(f"{METHOD_FLAGS[name]} does not apply to --method {method} (it takes {takes})")
+    return ModelPlan(device, method, budget, given)
+
+
+def check_sampling_args(args) -> params.RequestParams:
+    """``generate``'s prompt and sampling flags, through the API's own checks."""
+    params.check_prompt(args.prompt, name="--prompt")
+    return params.check_request(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop,
+                                names=SAMPLING_FLAGS)
