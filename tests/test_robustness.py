@@ -503,3 +503,19 @@ def test_server_survives_engine_failures(tok, reference):
     finally:
         assert server.close(timeout=60)
         thread.join(60)
+
+
+def test_checkpoint_without_tokenizer_generates_from_ids(good_dir):
+    """A checkpoint saved without tokenizer files: token ids work (text fields are None), a
+    text prompt or stop strings get an error that says why, and the engine stays usable."""
+    target = load_model(good_dir, device="cpu", max_len=64)
+    engine = Engine(target, None, method="autoregressive")
+    res = engine.generate([3, 4, 5], max_new_tokens=4)
+    assert len(res.token_ids) == 4 and res.text is None
+    assert list(engine.stream([3, 4, 5], max_new_tokens=3)) == ["", "", ""]
+    assert engine.last_result.text is None and len(engine.last_result.token_ids) == 3
+    with pytest.raises(SamplingParameterError, match=r"a text prompt: a tokenizer is needed.*token ids"):
+        engine.generate("hello", max_new_tokens=2)
+    with pytest.raises(SamplingParameterError, match=r"stop strings: a tokenizer is needed"):
+        engine.generate([3, 4], max_new_tokens=2, stop=["x"])
+    assert engine.generate([3, 4, 5], max_new_tokens=4).token_ids == res.token_ids

@@ -174,7 +174,7 @@ class Engine:
         return self._tokenizer
 
     def _no_tokenizer(self, what: str) -> SamplingParameterError:
-        why = f" ({self._tokenizer_error})" if self._tokenizer_error is not None else ""
+        why = f" ({str(self._tokenizer_error).splitlines()[0]})" if self._tokenizer_error is not None else ""
         return SamplingParameterError(f"{what}: a tokenizer is needed and this engine has none{why}; pass "
                                       f"Engine(..., tokenizer=...) or give the prompt as token ids")
 
