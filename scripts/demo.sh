@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . "${SPECEXEC_VENV:-.venv}/bin/activate"
-exec specexec-rt generate --model smollm2-135m --draft default --method specexec \
+exec specexec-rt generate --model smollm2-135m --draft default --method specexec --compare \
   --max-new-tokens 96 --prompt "${1:-Explain in three sentences why the sky is blue.}"

@@ -3,6 +3,7 @@ engine, the Engine/CLI surface; plus the engine's per-pass streaming and encode(
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -165,6 +166,27 @@ def test_cli_accepts_budget_auto(models, monkeypatch, capsys):
     assert engine.budget == "auto" and engine.budget_controller is not None
     assert out.out.strip() == " ".join(f"w{i}" for i in reference_ids(target))
     assert len(engine.last_result.stats.budgets) == engine.last_result.stats.target_passes
+
+
+def test_cli_compare_prints_both_speeds_and_the_ratio(models, monkeypatch, capsys):
+    from specexec_rt import loading
+    from specexec_rt.serving import cli
+
+    target, draft = models
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(loading, "load_model", lambda src, **kw: target if src == "T" else draft)
+    monkeypatch.setattr(loading, "resolve_source", lambda src: src)
+    monkeypatch.setattr(Engine, "tokenizer", property(lambda self: tok))
+    rc = cli.main(["generate", "--model", "T", "--draft", "D", "--budget", "8", "--raw", "--device", "cpu",
+                   "--prompt", "w5 w9 w2 w7", "--max-new-tokens", "30", "--compare"])
+    assert rc == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == " ".join(f"w{i}" for i in reference_ids(target))
+    line = [ln for ln in out.err.splitlines() if "compare:" in ln][-1]
+    m = re.search(r"specexec ([\d.]+) tok/s vs autoregressive ([\d.]+) tok/s on this machine: ([\d.]+)x \(same text\)",
+                  line)
+    assert m, line
+    assert abs(float(m.group(1)) / float(m.group(2)) - float(m.group(3))) < 0.02 * float(m.group(3)) + 0.01
 
 
 def reference_ids(target):

@@ -112,9 +112,19 @@ def cmd_generate(args) -> int:
         except (ValueError, TypeError) as e:     # transformers: the tokenizer has no chat template
             raise UsageError(f"cannot apply the model's chat template ({e}); pass --raw to use the prompt as is") \
                 from e
+    kwargs = dict(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                  top_k=req.top_k, seed=req.seed, stop=list(req.stop) or None)
+    baseline = None
+    if args.compare:
+        from ..speculative.engine import Engine
+
+        baseline = Engine(engine.target, method="autoregressive", tokenizer=engine.tokenizer)
+        # Warm both (first-call costs: kernels, caches, native code) so the timed runs compare
+        # steady states; 4 tokens each.
+        for e in (engine, baseline):
+            e.generate(prompt, **{**kwargs, "max_new_tokens": min(4, req.max_new_tokens), "stop": None})
     t0 = time.perf_counter()
-    for piece in engine.stream(prompt, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                               top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=list(req.stop) or None):
+    for piece in engine.stream(prompt, **kwargs):
         sys.stdout.write(piece)
         sys.stdout.flush()
     result = engine.last_result
@@ -126,6 +136,15 @@ def cmd_generate(args) -> int:
     print(f"[specexec-rt] {n} tokens, {s.target_passes} target passes, {s.tokens_per_pass:.2f} tokens/pass, "
           f"{n / elapsed:.1f} tok/s (draft {s.draft_seconds:.2f}s, target {s.target_seconds:.2f}s)",
           file=sys.stderr)
+    if baseline is not None:
+        t0 = time.perf_counter()
+        plain = baseline.generate(prompt, **kwargs)
+        plain_s = time.perf_counter() - t0
+        ours, theirs = n / elapsed, len(plain.token_ids) / plain_s
+        same = "same text" if plain.token_ids == result.token_ids else (
+            "sampled: texts differ" if req.temperature > 0 else "TEXT DIFFERS")
+        print(f"[specexec-rt] compare: {engine.method} {ours:.1f} tok/s vs autoregressive {theirs:.1f} tok/s "
+              f"on this machine: {ours / theirs:.2f}x ({same})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -210,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--compare", action="store_true",
+                     help="also decode the same prompt autoregressively (same target, no draft) and print "
+                          "both speeds and their ratio")
     gen.set_defaults(func=cmd_generate)
 
     add_serve_parser(sub)
