@@ -1,21 +1,159 @@
-"""``int4_matmul_cpu``: ``x @ W.T`` for an ``Int4Weight`` on the CPU.
+"""``int4_matmul_cpu``: ``x @ W.T`` for an ``Int4Weight`` on the CPU, and its references.
 
-Uses ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (bf16 activations, its only vectorised
-variant), or the dequantising reference for shapes that op rejects.
+Paths, fastest first:
+- the native kernel (``csrc/int4_cpu.c`` through ``cpu_native``; ``int4_matmul_native``):
+  activations quantized per row and 32-block to int8 (llama.cpp's Q8 scheme), integer dot
+  products against the nibbles, the weight's min folded in through the activations' group
+  sums. ``int4_matmul_q8_reference`` is the same arithmetic in PyTorch, for the tests.
+- ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in ``CPU_COMPUTE_DTYPE`` (bf16 unless set),
+  used when the native library is unavailable, when ``CPU_COMPUTE_DTYPE`` is set (float32 gives
+  results exact to fp32 rounding) or when a ``compute_dtype`` is passed;
+- the dequantizing reference, for shapes the aten op rejects.
+See docs/DESIGN.md ("CPU int4 path") for why the native kernel quantizes activations.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
 
-from .int4_weight import Int4Weight, check_matmul_inputs, int4_matmul_reference
+from . import cpu_native
+from .int4_weight import PACK, Int4Weight, check_matmul_inputs, int4_matmul_reference
 
-# On CPU, convert activations to this dtype for the aten int4 op: its bf16 kernel is
-# vectorised, its fp32/fp16 kernels are ~30-100x slower (measured, torch 2.13, AVX-512).
-CPU_COMPUTE_DTYPE = torch.bfloat16
+# None: the native kernel where it is available, else the aten op in bf16 (its only vectorised
+# variant; its fp32/fp16 kernels are ~30-100x slower, measured, torch 2.13, AVX-512). A dtype:
+# always the aten op in that dtype (tests set float32 for results exact to fp32 rounding).
+CPU_COMPUTE_DTYPE: Optional[torch.dtype] = None
+ATEN_DEFAULT_DTYPE = torch.bfloat16
 
 
+# ----------------------------------------------------------------------------------------
+# Native kernel
+# ----------------------------------------------------------------------------------------
+def _native_weight(w: Int4Weight):
+    """The ``SxcWeight`` for ``w`` (cached on the instance, not a field; rebuilt if a tensor field
+    was replaced). Tensors are used in place; only non-contiguous ones are copied."""
+    c = w.__dict__.get("_native_cpu")
+    if c is not None and c[0] is w.qweight and c[1] is w.scales and c[2] is w.mins and c[3] is w.perm:
+        return c[4]
+    q, s, m = w.qweight.contiguous(), w.scales.contiguous(), w.mins.contiguous()
+    perm = None if w.perm is None else w.perm.contiguous()
+    st = cpu_native.SxcWeight(q.data_ptr(), s.data_ptr(), m.data_ptr(), 0 if perm is None else perm.data_ptr(),
+                              w.out_features, w.in_features, w.group_size, int(s.dtype == torch.float16))
+    ref = ctypes.pointer(st)
+    w.__dict__["_native_cpu"] = (w.qweight, w.scales, w.mins, w.perm, ref, (q, s, m, perm, st))
+    return ref
+
+
+def _isa_level(isa: Optional[str]) -> int:
+    if isa is None:
+        return cpu_native.isa()
+    if isa not in cpu_native.ISAS:
+        raise ValueError(f"isa must be one of {cpu_native.ISAS}, got {isa!r}")
+    if isa not in cpu_native.supported_isas():
+        raise ValueError(f"isa={isa!r} is not supported on this CPU (supported: {cpu_native.supported_isas()})")
+    return cpu_native.ISAS.index(isa)
+
+
+def int4_matmul_native(x: torch.Tensor, w: Int4Weight, isa: Optional[str] = None,
+                       threads: Optional[int] = None) -> torch.Tensor:
+    """``x @ W.T`` ``[..., N]`` in x's dtype through the native kernel (computed in fp32 with
+    int8-quantized activations: equal to ``int4_matmul_q8_reference`` up to fp32 rounding).
+
+    ``isa``: one of ``cpu_native.supported_isas()`` (default: the CPU's best or
+    ``SPECEXEC_CPU_ISA``); ``threads``: default ``torch.get_num_threads()``. Raises
+    RuntimeError when the library is unavailable (check ``cpu_native.library()`` first).
+    """
+    lib = cpu_native.library()
+    if lib is None:
+        raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
+    check_matmul_inputs(x, w)
+    if x.device.type != "cpu":
+        raise ValueError("int4_matmul_native: tensors must be on the CPU")
+    k, n = w.in_features, w.out_features
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = 0 if m == 0 else lib.sxc_int4_linear(x2.data_ptr(), m, _native_weight(w), y.data_ptr(),
+                             threads or torch.get_num_threads(), _isa_level(isa))
+    if rc != 0:
+        raise RuntimeError(f"sxc_int4_linear failed: {cpu_native.ERRORS.get(rc, rc)}")
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], n)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def quantize_activations_native(x: torch.Tensor, w: Int4Weight, isa: Optional[str] = None):
+    """The native kernel's activation quantization of ``x`` ``[M, K]`` (fp32) for ``w``:
+    ``(xq int8 [M, K], d fp32 [M, K/32], xs fp32 [M, K/G])``; compared bit-exactly with
+    ``quantize_activations_q8`` by the tests."""
+    lib = cpu_native.library()
+    if lib is None:
+        raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
+    x = x.to(torch.float32).contiguous()
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8)
+    d = torch.empty(m, k // PACK)
+    xs = torch.empty(m, k // w.group_size)
+    rc = lib.sxc_quantize_q8(x.data_ptr(), m, _native_weight(w), _isa_level(isa), xq.data_ptr(), d.data_ptr(),
+                             xs.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"sxc_quantize_q8 failed: {cpu_native.ERRORS.get(rc, rc)}")
+    return xq, d, xs
+
+
+# ----------------------------------------------------------------------------------------
+# The native kernel's arithmetic in PyTorch
+# ----------------------------------------------------------------------------------------
+def quantize_activations_q8(x: torch.Tensor, w: Int4Weight):
+    """Quantize ``x`` ``[M, K]`` as the native kernel does (bit-exact): after the act-order
+    gather, per row and 32-block ``d = amax / 127``, ``xq = round_half_even(x * (1 / d))``
+    (0 where d = 0); ``xs[:, g]`` = sum over the group's blocks, in order, of ``d * sum(xq)``.
+    Returns ``(xq int8 [M, K], d [M, K/32], xs [M, K/G])``."""
+    x = x.to(torch.float32)
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    m, k = x.shape
+    xb = x.reshape(m, k // PACK, PACK)
+    amax = xb.abs().amax(-1)
+    d = torch.div(amax, torch.full_like(amax, 127.0))           # tensor / tensor: IEEE division
+    inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
+    xq = torch.round(xb * inv[..., None])                        # half to even, as the kernel
+    sums = xq.sum(-1)                                            # exact: integers below 2**24
+    bpg = w.group_size // PACK
+    xs = torch.zeros(m, k // w.group_size)
+    for j in range(bpg):                                         # the kernel's summation order
+        xs = xs + d[:, j::bpg] * sums[:, j::bpg]
+    return xq.to(torch.int8).reshape(m, k), d, xs
+
+
+def int4_matmul_q8_reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """The native kernel's result in PyTorch, ``[..., N]`` fp32: ``Wdeq @ xhat`` with ``xhat``
+    the int8-quantized activations, computed as the kernel does (exact integer block dots, then
+    ``sum_b isum * (scale * d) + min * xs`` per group) up to fp32 rounding order."""
+    check_matmul_inputs(x, w)
+    lead = x.shape[:-1]
+    k, n, g = w.in_features, w.out_features, w.group_size
+    x2 = x.reshape(-1, k)
+    xq, d, xs = quantize_activations_q8(x2, w)
+    m, nb, bpg = x2.shape[0], k // PACK, g // PACK
+    q = w.unpack().to(torch.float32).view(n, nb, PACK)              # stored K order
+    isum = torch.einsum("mbi,nbi->mbn", xq.to(torch.float32).view(m, nb, PACK), q)  # exact integers
+    s, mn = w.scales.float(), w.mins.float()                        # [K/G, N]
+    acc = torch.zeros(m, n)
+    for b in range(nb):
+        acc = acc + isum[:, b] * (s[b // bpg][None, :] * d[:, b, None])
+        if b % bpg == bpg - 1:
+            acc = acc + mn[b // bpg][None, :] * xs[:, b // bpg, None]
+    return acc.reshape(*lead, n)
+
+
+# ----------------------------------------------------------------------------------------
+# aten fallback
+# ----------------------------------------------------------------------------------------
 def _cpu_op_available() -> bool:
     ops = torch.ops.aten
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(
@@ -45,16 +183,20 @@ def int4_matmul_cpu(x: torch.Tensor, w: Int4Weight,
                     compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """CPU ``x @ W.T`` ``[..., N]`` in x's dtype.
 
-    Uses ``aten._weight_int4pack_mm_for_cpu`` with activations, scales and zeros in
-    ``compute_dtype`` (default ``CPU_COMPUTE_DTYPE`` = bf16: the only vectorised variant;
-    results carry bf16 rounding, ~2**-8 relative, far below the 4-bit error). Pass
-    ``torch.float32`` for fp32-exact results at ~30x the cost. Shapes the op rejects
-    (N % 16 != 0, group size not in 32/64/128/256) dequantise per call.
+    Default: the native kernel (int8 activations; see the module docstring). With a
+    ``compute_dtype`` (or ``CPU_COMPUTE_DTYPE`` set), or without the native library:
+    ``aten._weight_int4pack_mm_for_cpu`` with activations, scales and zeros in that dtype
+    (default bf16: results carry bf16 rounding, ~2**-8 relative; float32 is exact to fp32
+    rounding at ~30x the cost). Shapes the op rejects (N % 16 != 0, group size not in
+    32/64/128/256) dequantise per call.
     """
     check_matmul_inputs(x, w)
     if x.device.type != "cpu":
         raise ValueError("int4_matmul_cpu: tensors must be on the CPU")
     cdt = compute_dtype or CPU_COMPUTE_DTYPE
+    if cdt is None and x.numel() and cpu_native.library() is not None:
+        return int4_matmul_native(x, w)
+    cdt = cdt or ATEN_DEFAULT_DTYPE
     lead = x.shape[:-1]
     if not _cpu_op_supports(w) or x.numel() == 0:
         return int4_matmul_reference(x, w)  # natural K order: dequantize() undoes perm
