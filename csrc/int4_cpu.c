@@ -47,6 +47,26 @@
 #define SXC_X86 0
 #endif
 
+#if SXC_X86 && defined(SXC_EMULATE_AVX512)
+/* Test builds only (tests/test_int4_cpu.py, built with -mavx2 -mfma -mf16c): the AVX-512 code
+ * paths run on an AVX2 CPU, their intrinsics implemented by SIMDe, so their lane logic is
+ * checked where no AVX-512 CPU is at hand. */
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#undef _mm512_madd_epi16 /* SIMDe 0.7.4 aliases it with the masked variant's four arguments */
+#define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
+static inline __m512 sxc_emulated_cvtepi32_ps(__m512i a) { /* missing from SIMDe 0.7.4 */
+    int32_t i[16];
+    float f[16];
+    memcpy(i, &a, sizeof i);
+    for (int j = 0; j < 16; j++) f[j] = (float)i[j];
+    __m512 r;
+    memcpy(&r, f, sizeof r);
+    return r;
+}
+#define _mm512_cvtepi32_ps sxc_emulated_cvtepi32_ps
+#endif
+
 #define SXC_ABI_VERSION 1
 
 /* ISA levels, lowest first (the Python side's names: scalar, avx2, avx512, avx512vnni). */
@@ -68,7 +88,11 @@ typedef struct {
 /* An empty asm that "uses" a vector: keeps each row's int16 sum in a register, updated in
  * program order. Without it GCC computes all of a block's products first and spills them. */
 #define KEEP_YMM(v) __asm__("" : "+x"(v))
+#ifdef SXC_EMULATE_AVX512
+#define KEEP_ZMM(v) ((void)0)
+#else
 #define KEEP_ZMM(v) __asm__("" : "+v"(v))
+#endif
 
 int sxc_abi_version(void) { return SXC_ABI_VERSION; }
 
@@ -84,6 +108,10 @@ int sxc_has_openmp(void) {
 int sxc_best_isa(void) {
 #if SXC_X86
     __builtin_cpu_init();
+#ifdef SXC_EMULATE_AVX512
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return SXC_AVX512VNNI;
+#endif
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl")) {
         return __builtin_cpu_supports("avx512vnni") ? SXC_AVX512VNNI : SXC_AVX512;
@@ -419,15 +447,22 @@ T_AVX2 static void tile_avx2(const ctx_t *c, int col0, __m256i *buf) {
 }
 
 /* AVX-512 (16 columns), without and with VNNI: one body, included twice. */
+#ifdef SXC_EMULATE_AVX512
+#define SXC_TARGET_512 T_AVX2
+#define SXC_TARGET_512VNNI T_AVX2
+#else
+#define SXC_TARGET_512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#define SXC_TARGET_512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+#endif
 #define SXC_AVX512_NAME tile_avx512
-#define SXC_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#define SXC_AVX512_TARGET SXC_TARGET_512
 #define SXC_AVX512_VNNI 0
 #include "int4_cpu_avx512.h"
 #undef SXC_AVX512_NAME
 #undef SXC_AVX512_TARGET
 #undef SXC_AVX512_VNNI
 #define SXC_AVX512_NAME tile_avx512vnni
-#define SXC_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+#define SXC_AVX512_TARGET SXC_TARGET_512VNNI
 #define SXC_AVX512_VNNI 1
 #include "int4_cpu_avx512.h"
 #undef SXC_AVX512_NAME

@@ -31,8 +31,12 @@ SXC_AVX512_TARGET INLINE void SXC_FN(_unpack)(const uint8_t *const rows[16], siz
 
 SXC_AVX512_TARGET INLINE __m512 SXC_FN(_load16)(const ctx_t *c, const void *p, int g, int col0) {
     size_t i = (size_t)g * c->w->n + col0;
-    if (c->w->scale_f16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
-    return _mm512_loadu_ps((const float *)p + i);
+    if (!c->w->scale_f16) return _mm512_loadu_ps((const float *)p + i);
+    /* Two F16C conversions (exact, as one vcvtph2ps zmm would be; SIMDe lacks the latter). */
+    const uint16_t *h = (const uint16_t *)p + i;
+    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+    __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 8)));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
 }
 
 SXC_AVX512_TARGET INLINE void SXC_FN(_scales)(const ctx_t *c, int g, int col0, __m512 *s, __m512 *mn) {

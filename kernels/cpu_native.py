@@ -22,7 +22,7 @@ import subprocess
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..csrc import SOURCE_DIR, source
 from ..csrc.build import BuildError, build_shared
@@ -87,14 +87,14 @@ def cpu_features() -> str:
     return " ".join([platform.machine(), *sorted(f for f in _FEATURE_FLAGS if f in flags)])
 
 
-def compile_command(cc: str, out: Path, openmp: bool = True) -> list[str]:
+def compile_command(cc: str, out: Path, openmp: bool = True, extra_flags: Sequence[str] = ()) -> list[str]:
     """The build command (``-ffp-contract=off``: the kernel's float operations are explicit, so
-    every ISA path rounds alike)."""
+    every ISA path rounds alike). ``extra_flags``: e.g. the tests' AVX-512 emulation build."""
     return [cc, "-O3", "-std=c11", "-ffp-contract=off", "-fPIC", "-shared", *(["-fopenmp"] if openmp else []),
-            "-I", str(SOURCE_DIR), "-o", str(out), str(source("int4_cpu.c"))]
+            *extra_flags, "-I", str(SOURCE_DIR), "-o", str(out), str(source("int4_cpu.c"))]
 
 
-def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None) -> Path:
+def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flags: Sequence[str] = ()) -> Path:
     """Build (or find in the cache) the library; returns its path. Tries with OpenMP first, then
     without. Raises BuildError (no compiler, or both builds failed)."""
     if cc is None:
@@ -104,10 +104,12 @@ def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None) -> Path:
     inputs = [source(name) for name in SOURCES]
     extra = (compiler_version(cc), cpu_features())
     try:
-        return build_shared(LIB_NAME, inputs, lambda out: compile_command(cc, out, True), extra, cache_dir)
+        return build_shared(LIB_NAME, inputs, lambda out: compile_command(cc, out, True, extra_flags), extra,
+                            cache_dir)
     except BuildError as with_omp:
         try:
-            path = build_shared(LIB_NAME, inputs, lambda out: compile_command(cc, out, False), extra, cache_dir)
+            path = build_shared(LIB_NAME, inputs, lambda out: compile_command(cc, out, False, extra_flags), extra,
+                                cache_dir)
         except BuildError:
             raise with_omp from None
         log.warning("native CPU library built without OpenMP (one thread): %s", str(with_omp).splitlines()[0])

@@ -5,7 +5,9 @@
   fp32 summation bound; against the dequantized weight with float activations within the
   activation-quantization bound; against the float weight within that plus the weight's.
 - Every ISA path this CPU has gives bit-identical results (the arithmetic is fixed), for any
-  thread count; paths the CPU lacks are skipped by name.
+  thread count; paths the CPU lacks are skipped by name. Where SIMDe's headers are at hand
+  (``$SPECEXEC_SIMDE_INCLUDE`` or the system's), the AVX-512 and VNNI paths also run on an
+  AVX2 CPU with their intrinsics emulated, and must match the scalar path bit for bit.
 - Shapes: N not a multiple of the 8/16-column tiles, K down to one block, group sizes
   32/64/128, M from 1 to 256, act-order perm, fp16 and fp32 scales.
 - Build: a missing compiler falls back with a logged reason (SPECEXEC_NATIVE_CPU=1 raises), a
@@ -280,13 +282,14 @@ def test_isa_can_be_forced_lower(monkeypatch):
 
 
 @pytest.mark.slow
-def test_cache_is_reused_and_openmp_is_optional(fresh_native, monkeypatch):
+def test_cache_is_reused_and_openmp_is_optional(tmp_path, monkeypatch):
     """Two builds into one cache: the second runs no compiler. A compiler that rejects -fopenmp
     gives a one-thread library with the same results."""
     cc, how = cpu_native.find_compiler()
     if cc is None:
         pytest.skip(how)
-    cache = fresh_native / "c1"
+    _native_or_skip()
+    cache = tmp_path / "c1"
     path = cpu_native.build(cache_dir=cache)
     calls = []
     real_run = subprocess.run
@@ -295,11 +298,11 @@ def test_cache_is_reused_and_openmp_is_optional(fresh_native, monkeypatch):
     assert not [c for c in calls if "-shared" in c[0]], "the cached library was rebuilt"
     monkeypatch.setattr(subprocess, "run", real_run)
 
-    no_omp = fresh_native / "cc-no-openmp"
+    no_omp = tmp_path / "cc-no-openmp"
     no_omp.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no openmp" >&2; exit 1; }}; done\n'
                       f'exec {cc} "$@"\n')
     no_omp.chmod(no_omp.stat().st_mode | stat.S_IEXEC)
-    lib = cpu_native.load(cpu_native.build(cache_dir=fresh_native / "c2", cc=str(no_omp)))
+    lib = cpu_native.load(cpu_native.build(cache_dir=tmp_path / "c2", cc=str(no_omp)))
     assert lib.sxc_has_openmp() == 0 and cpu_native.load(path).sxc_has_openmp() == 1
     _, w = _weight(64, 128, 64, seed=16)
     x = _x(5, 128, seed=17)
@@ -321,3 +324,33 @@ def test_build_key_depends_on_sources_command_and_machine(tmp_path):
     a.write_text("int f(void){return 2;}\n")
     assert k != build_key([a], ["cc", "-O3"], ["gcc 12", "x86_64 avx2"])
     assert os.path.basename(str(cpu_native.compile_command("cc", tmp_path / "x.so")[-1])) == "int4_cpu.c"
+
+
+def _simde_include():
+    for d in (os.environ.get("SPECEXEC_SIMDE_INCLUDE"), "/usr/include", "/usr/local/include"):
+        if d and os.path.isfile(os.path.join(d, "simde", "x86", "avx512.h")):
+            return d
+    return None
+
+
+@pytest.mark.slow
+def test_avx512_paths_under_emulation(tmp_path, monkeypatch):
+    """The AVX-512 and AVX-512 VNNI code (lane layout, 16-row unpack, 8-row passes, partial
+    tiles, both scale dtypes, perm) run with SIMDe's portable intrinsics on an AVX2 CPU."""
+    _isa_or_skip("avx2")
+    inc = _simde_include()
+    if inc is None:
+        pytest.skip("SIMDe headers not found (set SPECEXEC_SIMDE_INCLUDE; Debian: libsimde-dev)")
+    emulated = cpu_native.load(cpu_native.build(
+        cache_dir=tmp_path / "emu", extra_flags=("-DSXC_EMULATE_AVX512", "-mavx2", "-mfma", "-mf16c", "-I", inc)))
+    cases = [(n, k, g, m, perm, sd) for (n, k, g) in [(1, 32, 32), (100, 256, 64), (257, 384, 128), (40, 1536, 64)]
+             for m in (1, 8, 9, 17) for perm, sd in [(False, torch.float16), (True, torch.float32)]]
+    want = []
+    for i, (n, k, g, m, perm, sd) in enumerate(cases):
+        _, w = _weight(n, k, g, seed=i, scale_dtype=sd, perm=perm)
+        x = _x(m, k, seed=i)
+        want.append((x, w, int4_matmul_native(x, w, isa="scalar")))
+    monkeypatch.setattr(cpu_native, "_state", {"lib": emulated, "reason": None, "best": 3, "isa": 3})
+    for (x, w, y), case in zip(want, cases):
+        for isa in ("avx512", "avx512vnni"):
+            assert torch.equal(int4_matmul_native(x, w, isa=isa, threads=2), y), (isa, case)
