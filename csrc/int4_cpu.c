@@ -67,7 +67,7 @@ static inline __m512 sxc_emulated_cvtepi32_ps(__m512i a) { /* missing from SIMDe
 #define _mm512_cvtepi32_ps sxc_emulated_cvtepi32_ps
 #endif
 
-#define SXC_ABI_VERSION 1
+#define SXC_ABI_VERSION 2
 
 /* ISA levels, lowest first (the Python side's names: scalar, avx2, avx512, avx512vnni). */
 enum { SXC_SCALAR = 0, SXC_AVX2 = 1, SXC_AVX512 = 2, SXC_AVX512VNNI = 3 };
@@ -247,6 +247,7 @@ typedef struct {
     const int8_t *xq;
     const float *d, *xs;
     float *y;
+    const float *res; /* [m, n] added to the output, or NULL */
     int m, nb, ng, bpg;
     size_t row_bytes;
 } ctx_t;
@@ -272,7 +273,8 @@ static void load_cols_scalar(const ctx_t *c, int g, int col0, int count, float *
 static void store_cols(const ctx_t *c, int row, int col0, int count, const float *v) {
     int n = c->w->n;
     float *dst = c->y + (size_t)row * n;
-    for (int j = 0; j < count && col0 + j < n; j++) dst[col0 + j] = v[j];
+    const float *res = c->res ? c->res + (size_t)row * n : NULL;
+    for (int j = 0; j < count && col0 + j < n; j++) dst[col0 + j] = res ? v[j] + res[col0 + j] : v[j];
 }
 
 /* ------------------------------------------------------------------ scalar kernel (8 columns) */
@@ -350,7 +352,9 @@ T_AVX2 INLINE void scales8_avx2(const ctx_t *c, int g, int col0, __m256 *s, __m2
 
 T_AVX2 INLINE void store8_avx2(const ctx_t *c, int row, int col0, __m256 v) {
     if (col0 + 8 <= c->w->n) {
-        _mm256_storeu_ps(c->y + (size_t)row * c->w->n + col0, v);
+        size_t i = (size_t)row * c->w->n + col0;
+        if (c->res) v = _mm256_add_ps(v, _mm256_loadu_ps(c->res + i));
+        _mm256_storeu_ps(c->y + i, v);
     } else {
         float tmp[8];
         _mm256_storeu_ps(tmp, v);
@@ -480,32 +484,66 @@ static int check_weight(const sxc_weight *w) {
     return SXC_OK;
 }
 
-static void quantize_rows(const float *x, int64_t m0, int64_t m1, const sxc_weight *w, int isa, int8_t *xq,
-                          float *d, float *xs) {
-    const int k = w->k, nb = k / 32, ng = k / w->group, bpg = w->group / 32;
-    for (int64_t r = m0; r < m1; r++) {
-#if SXC_X86
-        if (isa >= SXC_AVX2) {
-            quant_row_avx2(x + r * k, w->perm, k, bpg, xq + r * k, d + r * nb, xs + r * ng);
-            continue;
+/* What is applied to each row of x before quantization (the layer ops fused into the call). */
+enum { SXC_ACT_NONE = 0, SXC_ACT_SWIGLU = 1 };
+typedef struct {
+    const float *x;
+    int64_t ldx;          /* row stride of x in floats */
+    const float *norm_w;  /* RMSNorm weight [k], or NULL */
+    float eps;
+    int act;              /* SXC_ACT_SWIGLU: x rows are [gate (k) | up (k)], input = silu(gate) * up */
+} prologue_t;
+
+/* Row r of the matmul's input (k floats): x itself, or prepared into `tmp` (k floats). Fixed
+ * operation order, so every ISA path quantizes the same values. */
+static const float *prepare_row(const prologue_t *p, int k, int64_t r, float *tmp) {
+    const float *src = p->x + r * p->ldx;
+    if (p->act == SXC_ACT_SWIGLU) {
+        for (int i = 0; i < k; i++) {
+            float g = src[i];
+            tmp[i] = g / (1.0f + expf(-g)) * src[k + i];
         }
-#endif
-        quant_row_scalar(x + r * k, w->perm, k, bpg, xq + r * k, d + r * nb, xs + r * ng);
+        src = tmp;
     }
+    if (p->norm_w) { /* RMSNorm as HF Llama in fp32: w * (x * (1 / sqrt(mean(x^2) + eps))) */
+        float part[8] = {0};
+        for (int i = 0; i < k; i++) part[i % 8] += src[i] * src[i];
+        float ss = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+        float rr = 1.0f / sqrtf(ss / (float)k + p->eps);
+        for (int i = 0; i < k; i++) tmp[i] = p->norm_w[i] * (src[i] * rr);
+        src = tmp;
+    }
+    return src;
+}
+
+static void quantize_row(const float *row, const sxc_weight *w, int isa, int64_t r, int8_t *xq, float *d,
+                         float *xs) {
+    const int k = w->k, nb = k / 32, ng = k / w->group, bpg = w->group / 32;
+#if SXC_X86
+    if (isa >= SXC_AVX2) {
+        quant_row_avx2(row, w->perm, k, bpg, xq + r * k, d + r * nb, xs + r * ng);
+        return;
+    }
+#endif
     (void)isa;
+    quant_row_scalar(row, w->perm, k, bpg, xq + r * k, d + r * nb, xs + r * ng);
 }
 
 /* Quantize activations as the matmul does (exported for the tests' bit-exact comparison). */
 int sxc_quantize_q8(const float *x, int64_t m, const sxc_weight *w, int isa, int8_t *xq, float *d, float *xs) {
     if (check_weight(w) != SXC_OK || m < 0 || isa < SXC_SCALAR || isa > SXC_AVX512VNNI) return SXC_EARG;
     if (isa > sxc_best_isa()) return SXC_EISA;
-    quantize_rows(x, 0, m, w, isa, xq, d, xs);
+    for (int64_t r = 0; r < m; r++) quantize_row(x + r * w->k, w, isa, r, xq, d, xs);
     return SXC_OK;
 }
 
-/* y [m, n] = x [m, k] (float32, row-major) times W^T, on `threads` threads at ISA level `isa`. */
-int sxc_int4_linear(const float *x, int64_t m, const sxc_weight *w, float *y, int threads, int isa) {
-    if (check_weight(w) != SXC_OK || m < 0 || m > INT32_MAX || isa < SXC_SCALAR || isa > SXC_AVX512VNNI)
+/* y [m, n] = residual + prologue(x) [m, k] times W^T, on `threads` threads at ISA level `isa`.
+ * x: float32 rows of stride ldx (>= k, or >= 2k with act = SXC_ACT_SWIGLU); y, residual:
+ * [m, n] contiguous (residual may be NULL); norm_w: [k] or NULL. */
+int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w, float *y, const float *residual,
+                    const float *norm_w, float eps, int act, int threads, int isa) {
+    if (check_weight(w) != SXC_OK || m < 0 || m > INT32_MAX || isa < SXC_SCALAR || isa > SXC_AVX512VNNI ||
+        (act != SXC_ACT_NONE && act != SXC_ACT_SWIGLU) || ldx < (act == SXC_ACT_SWIGLU ? 2 : 1) * (int64_t)w->k)
         return SXC_EARG;
     if (isa > sxc_best_isa()) return SXC_EISA;
     if (m == 0) return SXC_OK;
@@ -514,9 +552,11 @@ int sxc_int4_linear(const float *x, int64_t m, const sxc_weight *w, float *y, in
     size_t xq_bytes = ((size_t)m * k + 63) & ~(size_t)63;
     char *ws = (char *)malloc(xq_bytes + sizeof(float) * (size_t)m * (nb + ng));
     if (!ws) return SXC_ENOMEM;
-    ctx_t c = {w, (const int8_t *)ws, (const float *)(ws + xq_bytes), NULL, y, (int)m, nb, ng, w->group / 32,
-               (size_t)k / 2};
+    ctx_t c = {w, (const int8_t *)ws, (const float *)(ws + xq_bytes), NULL, y, residual, (int)m, nb, ng,
+               w->group / 32, (size_t)k / 2};
     c.xs = c.d + (size_t)m * nb;
+    const prologue_t pro = {x, ldx, norm_w, eps, act};
+    const int need_tmp = norm_w != NULL || act != SXC_ACT_NONE;
     const int units = (w->n + 15) / 16; /* columns are handed out 16 at a time */
     int nthreads = threads > 0 ? threads : 1;
     if (nthreads > units) nthreads = units;
@@ -525,9 +565,28 @@ int sxc_int4_linear(const float *x, int64_t m, const sxc_weight *w, float *y, in
      * descheduled thread would stall on a busy machine); in parallel only when M is large. */
     int qthreads = m >= 64 ? nthreads : 1;
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(qthreads) schedule(static) if (qthreads > 1)
+#pragma omp parallel num_threads(qthreads) if (qthreads > 1)
 #endif
-    for (int64_t r = 0; r < m; r++) quantize_rows(x, r, r + 1, w, isa, (int8_t *)ws, (float *)c.d, (float *)c.xs);
+    {
+        float *tmp = need_tmp ? (float *)malloc(sizeof(float) * (size_t)k) : NULL;
+        if (need_tmp && !tmp) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            status = SXC_ENOMEM;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < m; r++)
+            if (!need_tmp || tmp)
+                quantize_row(prepare_row(&pro, k, r, tmp), w, isa, r, (int8_t *)ws, (float *)c.d, (float *)c.xs);
+        free(tmp);
+    }
+    if (status != SXC_OK) {
+        free(ws);
+        return status;
+    }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif

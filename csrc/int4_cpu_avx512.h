@@ -53,7 +53,9 @@ SXC_AVX512_TARGET INLINE void SXC_FN(_scales)(const ctx_t *c, int g, int col0, _
 
 SXC_AVX512_TARGET INLINE void SXC_FN(_store)(const ctx_t *c, int row, int col0, __m512 v) {
     if (col0 + 16 <= c->w->n) {
-        _mm512_storeu_ps(c->y + (size_t)row * c->w->n + col0, v);
+        size_t i = (size_t)row * c->w->n + col0;
+        if (c->res) v = _mm512_add_ps(v, _mm512_loadu_ps(c->res + i));
+        _mm512_storeu_ps(c->y + i, v);
     } else {
         float tmp[16];
         _mm512_storeu_ps(tmp, v);

@@ -24,15 +24,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..csrc import SOURCE_DIR, source
-from ..csrc.build import BuildError, build_shared
-
 log = logging.getLogger(__name__)
+# specexec_rt.csrc is imported inside the functions that build: kernels/ must stay importable as
+# a top-level package too (transformers probes the name "kernels" from the repo root).
 
 SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h")
 LIB_NAME = "libspecexec_cpu.so"
-ABI_VERSION = 1  # csrc/int4_cpu.c SXC_ABI_VERSION
+ABI_VERSION = 2  # csrc/int4_cpu.c SXC_ABI_VERSION
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
+ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations
 ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "invalid argument"}
 # CPU flags the build key includes (the code dispatches at run time; the key keeps builds apart
 # across machines that share a home directory).
@@ -90,13 +90,18 @@ def cpu_features() -> str:
 def compile_command(cc: str, out: Path, openmp: bool = True, extra_flags: Sequence[str] = ()) -> list[str]:
     """The build command (``-ffp-contract=off``: the kernel's float operations are explicit, so
     every ISA path rounds alike). ``extra_flags``: e.g. the tests' AVX-512 emulation build."""
+    from ..csrc import SOURCE_DIR, source
+
     return [cc, "-O3", "-std=c11", "-ffp-contract=off", "-fPIC", "-shared", *(["-fopenmp"] if openmp else []),
             *extra_flags, "-I", str(SOURCE_DIR), "-o", str(out), str(source("int4_cpu.c"))]
 
 
 def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flags: Sequence[str] = ()) -> Path:
     """Build (or find in the cache) the library; returns its path. Tries with OpenMP first, then
-    without. Raises BuildError (no compiler, or both builds failed)."""
+    without. Raises ``specexec_rt.csrc.build.BuildError`` (no compiler, or both builds failed)."""
+    from ..csrc import source
+    from ..csrc.build import BuildError, build_shared
+
     if cc is None:
         cc, how = find_compiler()
         if cc is None:
@@ -118,14 +123,17 @@ def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flag
 
 def load(path: Path) -> ctypes.CDLL:
     """Load a built library, declare its functions and check its ABI version."""
+    from ..csrc.build import BuildError
+
     lib = ctypes.CDLL(str(path))
     wp = ctypes.POINTER(SxcWeight)
     sigs = {
         "sxc_abi_version": (ctypes.c_int, []),
         "sxc_has_openmp": (ctypes.c_int, []),
         "sxc_best_isa": (ctypes.c_int, []),
-        "sxc_int4_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, wp, ctypes.c_void_p, ctypes.c_int,
-                                           ctypes.c_int]),
+        "sxc_int4_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, wp, ctypes.c_void_p,
+                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int,
+                                           ctypes.c_int, ctypes.c_int]),
         "sxc_quantize_q8": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, wp, ctypes.c_int, ctypes.c_void_p,
                                            ctypes.c_void_p, ctypes.c_void_p]),
     }

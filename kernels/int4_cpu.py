@@ -56,6 +56,57 @@ def _isa_level(isa: Optional[str]) -> int:
     return cpu_native.ISAS.index(isa)
 
 
+def native_active() -> bool:
+    """Whether ``int4_matmul_cpu`` takes the native kernel (library loaded, no aten override)."""
+    return CPU_COMPUTE_DTYPE is None and cpu_native.library() is not None
+
+
+def int4_linear_native(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.Tensor] = None,
+                       norm: Optional[tuple] = None, swiglu: bool = False, isa: Optional[str] = None,
+                       threads: Optional[int] = None) -> torch.Tensor:
+    """``residual + f(x) @ W.T`` as one native call, fp32 ``[M, N]``, for a 2-D fp32 ``x``.
+
+    ``f``: with ``swiglu``, ``x`` is ``[M, 2K]`` = ``[gate | up]`` and the input is
+    ``silu(gate) * up``; with ``norm = (weight [K], eps)``, the input is then RMS-normalised
+    (HF Llama's ``rms_norm``). The input is quantized to int8 per 32-block as in
+    ``int4_matmul_native``; ``int4_linear_q8_reference`` is the same in PyTorch.
+    ``residual``: ``[M, N]`` or None. ``isa``/``threads``: as ``int4_matmul_native``.
+    """
+    lib = cpu_native.library()
+    if lib is None:
+        raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
+    k, n = w.in_features, w.out_features
+    width = 2 * k if swiglu else k
+    if x.dim() != 2 or x.shape[1] != width or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"int4_linear_native: x must be a CPU float32 [M, {width}] tensor, got "
+                         f"{x.dtype} {list(x.shape)} on {x.device}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != torch.float32):
+        raise ValueError(f"int4_linear_native: residual must be float32 [{m}, {n}], got "
+                         f"{residual.dtype} {list(residual.shape)}")
+    norm_ptr, eps = 0, 0.0
+    if norm is not None:
+        nw, eps = norm
+        if nw.shape != (k,) or nw.dtype != torch.float32:
+            raise ValueError(f"int4_linear_native: norm weight must be float32 [{k}], got {nw.dtype} {list(nw.shape)}")
+        nw = nw.contiguous()
+        norm_ptr = nw.data_ptr()
+    res_ptr = 0
+    if residual is not None:
+        residual = residual.contiguous()
+        res_ptr = residual.data_ptr()
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = 0 if m == 0 else lib.sxc_int4_linear(
+        x.data_ptr(), m, x.stride(0), _native_weight(w), y.data_ptr(), res_ptr, norm_ptr, eps,
+        cpu_native.ACT_SWIGLU if swiglu else cpu_native.ACT_NONE, threads or torch.get_num_threads(),
+        _isa_level(isa))
+    if rc != 0:
+        raise RuntimeError(f"sxc_int4_linear failed: {cpu_native.ERRORS.get(rc, rc)}")
+    return y
+
+
 def int4_matmul_native(x: torch.Tensor, w: Int4Weight, isa: Optional[str] = None,
                        threads: Optional[int] = None) -> torch.Tensor:
     """``x @ W.T`` ``[..., N]`` in x's dtype through the native kernel (computed in fp32 with
@@ -65,24 +116,15 @@ def int4_matmul_native(x: torch.Tensor, w: Int4Weight, isa: Optional[str] = None
     ``SPECEXEC_CPU_ISA``); ``threads``: default ``torch.get_num_threads()``. Raises
     RuntimeError when the library is unavailable (check ``cpu_native.library()`` first).
     """
-    lib = cpu_native.library()
-    if lib is None:
-        raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
     check_matmul_inputs(x, w)
     if x.device.type != "cpu":
         raise ValueError("int4_matmul_native: tensors must be on the CPU")
-    k, n = w.in_features, w.out_features
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    rc = 0 if m == 0 else lib.sxc_int4_linear(x2.data_ptr(), m, _native_weight(w), y.data_ptr(),
-                             threads or torch.get_num_threads(), _isa_level(isa))
-    if rc != 0:
-        raise RuntimeError(f"sxc_int4_linear failed: {cpu_native.ERRORS.get(rc, rc)}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, w.in_features)
+    if x2.dtype != torch.float32:
+        x2 = x2.to(torch.float32)
+    y = int4_linear_native(x2, w, isa=isa, threads=threads)
     if x.dim() != 2:
-        y = y.reshape(*x.shape[:-1], n)
+        y = y.reshape(*x.shape[:-1], w.out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -151,6 +193,20 @@ def int4_matmul_q8_reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     return acc.reshape(*lead, n)
 
 
+def int4_linear_q8_reference(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.Tensor] = None,
+                             norm: Optional[tuple] = None, swiglu: bool = False) -> torch.Tensor:
+    """``int4_linear_native`` in PyTorch: the prologue with torch ops (SiLU, HF's RMSNorm), then
+    ``int4_matmul_q8_reference``, then the residual."""
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * up
+    if norm is not None:
+        nw, eps = norm
+        x = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    y = int4_matmul_q8_reference(x, w)
+    return y if residual is None else y + residual
+
+
 # ----------------------------------------------------------------------------------------
 # aten fallback
 # ----------------------------------------------------------------------------------------
@@ -194,7 +250,7 @@ def int4_matmul_cpu(x: torch.Tensor, w: Int4Weight,
     if x.device.type != "cpu":
         raise ValueError("int4_matmul_cpu: tensors must be on the CPU")
     cdt = compute_dtype or CPU_COMPUTE_DTYPE
-    if cdt is None and x.numel() and cpu_native.library() is not None:
+    if cdt is None and cpu_native.library() is not None:
         return int4_matmul_native(x, w)
     cdt = cdt or ATEN_DEFAULT_DTYPE
     lead = x.shape[:-1]

@@ -24,6 +24,7 @@ import subprocess
 import pytest
 import torch
 
+from specexec_rt.csrc.build import BuildError
 from specexec_rt.kernels import cpu_native, int4_cpu
 from specexec_rt.kernels.int4_cpu import (int4_matmul_cpu, int4_matmul_native, int4_matmul_q8_reference,
                                           quantize_activations_native, quantize_activations_q8)
@@ -246,7 +247,7 @@ def test_missing_compiler_falls_back_with_a_logged_reason(fresh_native, monkeypa
     assert torch.equal(y, int4_matmul_cpu(x, w, compute_dtype=torch.bfloat16))
     cpu_native.reset()
     monkeypatch.setenv("SPECEXEC_NATIVE_CPU", "1")            # strict mode: the error surfaces
-    with pytest.raises(cpu_native.BuildError, match="no-such-cc"):
+    with pytest.raises(BuildError, match="no-such-cc"):
         cpu_native.library()
 
 
@@ -354,3 +355,110 @@ def test_avx512_paths_under_emulation(tmp_path, monkeypatch):
     for (x, w, y), case in zip(want, cases):
         for isa in ("avx512", "avx512vnni"):
             assert torch.equal(int4_matmul_native(x, w, isa=isa, threads=2), y), (isa, case)
+
+
+# ----------------------------------------------------------------------------------------
+# Fused layer ops (RMSNorm, SiLU * up, residual) in the native call, and their use by ops.py
+# ----------------------------------------------------------------------------------------
+def _step_bound(x_in, w):
+    """Both sides quantize their own float input: where those differ by rounding, an int8 value
+    may differ by one step, i.e. up to sum_k |W[n, k]| * d_k."""
+    return 2 * _act_bound(x_in, w)
+
+
+@pytest.mark.parametrize("m", [1, 5, 70])
+@pytest.mark.parametrize("norm,swiglu,residual", [(True, False, False), (False, True, True), (True, True, True),
+                                                  (False, False, True)])
+def test_fused_prologue_and_residual(m, norm, swiglu, residual):
+    _native_or_skip()
+    from specexec_rt.kernels.int4_cpu import int4_linear_native, int4_linear_q8_reference
+
+    n, k = 100, 192
+    _, w = _weight(n, k, 64, seed=m, perm=swiglu)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 2 * k if swiglu else k, generator=g) * 2
+    nw = (1 + 0.2 * torch.randn(k, generator=g), 1e-5) if norm else None
+    res = torch.randn(m, n, generator=g) if residual else None
+    got = {isa: int4_linear_native(x, w, residual=res, norm=nw, swiglu=swiglu, isa=isa)
+           for isa in cpu_native.supported_isas()}
+    y = got["scalar"]
+    assert all(torch.equal(v, y) for v in got.values()), "ISA paths differ"
+    want = int4_linear_q8_reference(x, w, residual=res, norm=nw, swiglu=swiglu)
+    x_in = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if swiglu else x
+    if norm:
+        x_in = nw[0] * (x_in * torch.rsqrt(x_in.pow(2).mean(-1, keepdim=True) + nw[1]))
+    _assert_within(y, want, _tight_bound(x_in, w) + _step_bound(x_in, w) + 1e-5 * (res.abs() if residual else 0),
+                   "fused vs reference")
+
+
+def test_fused_call_checks_its_arguments():
+    _native_or_skip()
+    from specexec_rt.kernels.int4_cpu import int4_linear_native
+
+    _, w = _weight(16, 64, 32, seed=1)
+    with pytest.raises(ValueError, match=r"x must be a CPU float32 \[M, 128\]"):
+        int4_linear_native(torch.randn(2, 64), w, swiglu=True)
+    with pytest.raises(ValueError, match=r"residual must be float32 \[2, 16\]"):
+        int4_linear_native(torch.randn(2, 64), w, residual=torch.randn(2, 15))
+    with pytest.raises(ValueError, match=r"norm weight must be float32 \[64\]"):
+        int4_linear_native(torch.randn(2, 64), w, norm=(torch.ones(63), 1e-5))
+    x = torch.randn(3, 80)[:, :64]                       # rows with a stride: no copy needed
+    assert torch.equal(int4_linear_native(x, w), int4_linear_native(x.contiguous(), w))
+
+
+def test_ops_fuse_only_for_native_int4(monkeypatch):
+    """ops.norm_linear / linear(residual=) / swiglu_linear: one native call for a CPU int4
+    weight; the PyTorch composition otherwise (dense weights, or the aten int4 path)."""
+    _native_or_skip()
+    from specexec_rt.kernels.int4_cpu import int4_linear_q8_reference
+    from specexec_rt.model import ops
+
+    _, w = _weight(96, 128, 64, seed=2)
+    w_gu = _weight(96, 64, 32, seed=3)[1]
+    g = torch.Generator().manual_seed(4)
+    x, res, nw = torch.randn(3, 128, generator=g), torch.randn(3, 96, generator=g), 1 + torch.rand(128, generator=g)
+    calls = []
+    real = ops.int4_linear_native
+    monkeypatch.setattr(ops, "int4_linear_native", lambda *a, **k: calls.append(k) or real(*a, **k))
+    y = ops.norm_linear(x, nw, 1e-5, w)
+    _assert_within(y, int4_linear_q8_reference(x, w, norm=(nw, 1e-5)), 1e-3 + 1e-3 * y.abs(), "norm_linear")
+    ops.linear(x, w, residual=res)
+    ops.swiglu_linear(x, w_gu, residual=res)
+    assert [sorted(k) for k in calls] == [["norm"], ["residual"], ["residual", "swiglu"]]
+    dense = w.dequantize()
+    torch.testing.assert_close(ops.norm_linear(x, nw, 1e-5, dense), ops.linear(ops.rms_norm(x, nw, 1e-5), dense))
+    assert torch.equal(ops.linear(x, dense, residual=res), res + torch.nn.functional.linear(x, dense))
+    monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", torch.float32)   # aten path: composed ops
+    calls.clear()
+    exact = ops.swiglu_linear(x, w_gu, residual=res)
+    assert not calls
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(exact, res + torch.nn.functional.silu(gate) * up @ w_gu.dequantize().T,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_int4_model_fused_matches_unfused():
+    """A tiny int4 model: the fused native forward equals the one that runs RMSNorm, SiLU and the
+    residual adds as PyTorch ops around the native matmuls, up to activation rounding."""
+    _native_or_skip()
+    from conftest import build_tiny_model
+
+    from specexec_rt.model import ops
+    from specexec_rt.speculative.drafts import int4_draft
+
+    target = build_tiny_model(hidden_size=64, intermediate_size=96, n_heads=4, n_kv_heads=2, head_dim=16,
+                              vocab_size=96)
+    draft = int4_draft(target, group_size=32)
+    assert isinstance(draft.weights.lm_head, type(draft.weights.layers[0].wqkv))
+    assert target.weights.lm_head is not draft.weights.lm_head and isinstance(target.weights.lm_head, torch.Tensor)
+    assert isinstance(int4_draft(target, group_size=32, lm_head_int4=False).weights.lm_head, torch.Tensor)
+    ids = torch.tensor([3, 17, 5, 60, 2, 9])
+    fused = draft.forward(ids, torch.arange(6), draft.cache, 0)
+    real = ops._native_int4
+    try:
+        ops._native_int4 = lambda x, w: False
+        unfused = draft.forward(ids, torch.arange(6), draft.cache, 0)
+    finally:
+        ops._native_int4 = real
+    assert (fused - unfused).abs().max() <= 2e-2 * unfused.abs().max()
+    assert (fused.argmax(-1) == unfused.argmax(-1)).float().mean() >= 5 / 6
