@@ -72,38 +72,45 @@ def int4_linear_native(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.
     ``int4_matmul_native``; ``int4_linear_q8_reference`` is the same in PyTorch.
     ``residual``: ``[M, N]`` or None. ``isa``/``threads``: as ``int4_matmul_native``.
     """
-    lib = cpu_native.library()
-    if lib is None:
+    if cpu_native.library() is None:
         raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
     k, n = w.in_features, w.out_features
     width = 2 * k if swiglu else k
     if x.dim() != 2 or x.shape[1] != width or x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"int4_linear_native: x must be a CPU float32 [M, {width}] tensor, got "
                          f"{x.dtype} {list(x.shape)} on {x.device}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
     m = x.shape[0]
     if residual is not None and (residual.shape != (m, n) or residual.dtype != torch.float32):
         raise ValueError(f"int4_linear_native: residual must be float32 [{m}, {n}], got "
                          f"{residual.dtype} {list(residual.shape)}")
-    norm_ptr, eps = 0, 0.0
-    if norm is not None:
-        nw, eps = norm
-        if nw.shape != (k,) or nw.dtype != torch.float32:
-            raise ValueError(f"int4_linear_native: norm weight must be float32 [{k}], got {nw.dtype} {list(nw.shape)}")
-        nw = nw.contiguous()
-        norm_ptr = nw.data_ptr()
-    res_ptr = 0
-    if residual is not None:
-        residual = residual.contiguous()
-        res_ptr = residual.data_ptr()
-    y = torch.empty(m, n, dtype=torch.float32)
-    rc = 0 if m == 0 else lib.sxc_int4_linear(
-        x.data_ptr(), m, x.stride(0), _native_weight(w), y.data_ptr(), res_ptr, norm_ptr, eps,
-        cpu_native.ACT_SWIGLU if swiglu else cpu_native.ACT_NONE, threads or torch.get_num_threads(),
-        _isa_level(isa))
-    if rc != 0:
-        raise RuntimeError(f"sxc_int4_linear failed: {cpu_native.ERRORS.get(rc, rc)}")
+    if norm is not None and (norm[0].shape != (k,) or norm[0].dtype != torch.float32):
+        raise ValueError(f"int4_linear_native: norm weight must be float32 [{k}], got {norm[0].dtype} "
+                         f"{list(norm[0].shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return run_native_linear(x, w, residual, None if norm is None else norm[0].contiguous(),
+                             0.0 if norm is None else float(norm[1]), swiglu, _isa_level(isa), threads)
+
+
+def run_native_linear(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.Tensor],
+                      norm_weight: Optional[torch.Tensor], eps: float, swiglu: bool,
+                      isa_level: Optional[int] = None, threads: Optional[int] = None) -> torch.Tensor:
+    """``int4_linear_native`` without its checks: the hot path of ``model/ops.py``, which already
+    knows ``x`` is CPU float32 ``[M, K]`` (``[M, 2K]`` with ``swiglu``) with unit column stride,
+    ``residual`` float32 ``[M, N]`` and ``norm_weight`` float32 ``[K]`` (both contiguous) or None.
+    Each tensor attribute read costs a fraction of a microsecond, and a decode step makes
+    ~120 of these calls."""
+    lib = cpu_native.library()
+    m = x.shape[0]
+    y = torch.empty(m, w.out_features)
+    if m:
+        rc = lib.sxc_int4_linear(
+            x.data_ptr(), m, x.stride(0), _native_weight(w), y.data_ptr(),
+            0 if residual is None else residual.data_ptr(), 0 if norm_weight is None else norm_weight.data_ptr(),
+            eps, 1 if swiglu else 0, threads or torch.get_num_threads(),
+            cpu_native.isa() if isa_level is None else isa_level)
+        if rc != 0:
+            raise RuntimeError(f"sxc_int4_linear failed: {cpu_native.ERRORS.get(rc, rc)}")
     return y
 
 

@@ -418,13 +418,19 @@ def test_ops_fuse_only_for_native_int4(monkeypatch):
     g = torch.Generator().manual_seed(4)
     x, res, nw = torch.randn(3, 128, generator=g), torch.randn(3, 96, generator=g), 1 + torch.rand(128, generator=g)
     calls = []
-    real = ops.int4_linear_native
-    monkeypatch.setattr(ops, "int4_linear_native", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = ops.run_native_linear
+    monkeypatch.setattr(ops, "run_native_linear", lambda *a: calls.append(a) or real(*a))
     y = ops.norm_linear(x, nw, 1e-5, w)
     _assert_within(y, int4_linear_q8_reference(x, w, norm=(nw, 1e-5)), 1e-3 + 1e-3 * y.abs(), "norm_linear")
     ops.linear(x, w, residual=res)
     ops.swiglu_linear(x, w_gu, residual=res)
-    assert [sorted(k) for k in calls] == [["norm"], ["residual"], ["residual", "swiglu"]]
+    # (x, w, residual, norm weight, eps, swiglu) of each native call
+    assert [(a[2] is not None, a[3] is not None, a[5]) for a in calls] == [(False, True, False), (True, False, False),
+                                                                           (True, False, True)]
+    monkeypatch.setattr(ops, "use_triton", lambda device: True)      # the kernels' path keeps the composition
+    calls.clear()
+    ops.norm_linear(x, nw, 1e-5, w)
+    assert not calls
     dense = w.dequantize()
     torch.testing.assert_close(ops.norm_linear(x, nw, 1e-5, dense), ops.linear(ops.rms_norm(x, nw, 1e-5), dense))
     assert torch.equal(ops.linear(x, dense, residual=res), res + torch.nn.functional.linear(x, dense))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 if os.environ.get("SPECEXEC_TRITON_INTERPRET") == "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from ..kernels.int4_cpu import int4_linear_native, int4_matmul_cpu, native_active  # noqa: E402  (after TRITON_INTERPRET is set)
+from ..kernels.int4_cpu import int4_matmul_cpu, native_active, run_native_linear  # noqa: E402  (after TRITON_INTERPRET is set)
 from ..kernels.int4_gemm import int4_matmul  # noqa: E402
 from ..kernels.int4_weight import Int4Weight  # noqa: E402
 
@@ -42,9 +42,17 @@ def use_triton(device: torch.device) -> bool:
 def _native_int4(x: torch.Tensor, w) -> bool:
     """A CPU float32 pass over a 4-bit weight that the native kernel serves: then the layer ops
     around the matmul (RMSNorm, SiLU * up, the residual add) run inside the same native call
-    instead of as separate PyTorch ops (decode steps are op-bound on the CPU)."""
-    return (isinstance(w, Int4Weight) and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
-            and not use_triton(x.device) and native_active())
+    instead of as separate PyTorch ops (decode steps are op-bound on the CPU). Cheapest checks
+    first: this runs ~120 times per decode step."""
+    return (isinstance(w, Int4Weight) and x.is_cpu and x.dtype is torch.float32 and x.dim() == 2
+            and x.is_contiguous() and native_active() and not use_triton(_CPU))
+
+
+_CPU = torch.device("cpu")
+
+
+def _contiguous_f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t if t is None or (t.dtype is torch.float32 and t.is_contiguous()) else t.float().contiguous()
 
 
 def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None,
@@ -54,7 +62,7 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None,
     if isinstance(w, torch.Tensor):
         y = F.linear(x, w, bias)
     elif _native_int4(x, w):
-        y = int4_linear_native(x, w, residual=residual if bias is None else None)
+        y = run_native_linear(x, w, _contiguous_f32(residual) if bias is None else None, None, 0.0, False)
         if bias is None:
             return y
         y = y + bias
@@ -69,8 +77,8 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None,
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``linear(rms_norm(x, norm_weight, eps), w, bias)``; one native call for a CPU int4 ``w``."""
-    if _native_int4(x, w) and norm_weight.dtype == torch.float32:
-        y = int4_linear_native(x, w, norm=(norm_weight, eps))
+    if _native_int4(x, w):
+        y = run_native_linear(x, w, None, _contiguous_f32(norm_weight), eps, False)
         return y if bias is None else y + bias
     return linear(rms_norm(x, norm_weight, eps), w, bias)
 
@@ -79,7 +87,7 @@ def swiglu_linear(gate_up: torch.Tensor, w, residual: Optional[torch.Tensor] = N
     """``residual + linear(silu(gate) * up, w)`` for ``gate_up`` ``[M, 2 * in_features]`` = gate
     rows then up rows; one native call for a CPU int4 ``w``."""
     if _native_int4(gate_up, w):
-        return int4_linear_native(gate_up, w, residual=residual, swiglu=True)
+        return run_native_linear(gate_up, w, _contiguous_f32(residual), None, 0.0, True)
     gate, up = gate_up.chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w, residual=residual)
 
