@@ -1,7 +1,7 @@
 """The CPU int4 path on SmolLM2-135M: kernel table, draft-step headline, breakdown, agreement.
 
     python bench/bench_int4_cpu.py                  # everything, markdown to bench/results/
-    python bench/bench_int4_cpu.py --part micro     # kernels only (micro, model, agreement)
+    python bench/bench_int4_cpu.py --part micro     # one part only (micro, arith, model, agreement)
     python bench/bench_int4_cpu.py --quick          # fewer repeats and M values (a smoke run)
 
 - micro: SmolLM2's matrices (q/k/v fused 960x576, o 576x576, gate/up 3072x576, down 576x1536,
@@ -14,6 +14,9 @@
   float32 target and of the target kept 4-bit (``quantize="int4"``), interleaved, medians;
   the draft step's split into native matmuls, attention and everything else; greedy
   autoregressive tok/s of the float32 and the int4 target.
+- arith: the arithmetic choice. The shipped kernel (int8 activations, integer dot products)
+  against ``bench/int4_cpu_fp32act.c`` (fp32 activations, one FMA per weight; same layout,
+  tiling and threads), compiled here with the same compiler, on the gate/up and LM head shapes.
 - agreement: teacher-forced top-1 / top-8 agreement of each draft with the target over the
   target's own greedy continuations (128 tokens) of six chat prompts (what greedy acceptance
   rests on), for the LM head choices and with the layers computed exactly.
@@ -124,6 +127,58 @@ def micro(ms: list, repeats: int) -> list:
     return rows
 
 
+# ---------------------------------------------------------------------------------------- arith
+def arith(ms: list, repeats: int) -> list:
+    """int8-activation kernel (shipped) vs the fp32-activation variant, weights read cold."""
+    import ctypes
+    import tempfile
+
+    from specexec_rt.kernels import cpu_native
+    from specexec_rt.kernels.int4_cpu import int4_matmul_native
+    from specexec_rt.kernels.int4_weight import Int4Weight, quantize_int4
+
+    cc, how = cpu_native.find_compiler()
+    if cc is None:
+        print(f"arith: skipped ({how})")
+        return []
+    out = os.path.join(tempfile.mkdtemp(prefix="int4-fp32act-"), "libfp32act.so")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int4_cpu_fp32act.c")
+    subprocess.run([cc, "-O3", "-fPIC", "-shared", "-fopenmp", "-o", out, src], check=True)
+    fn = ctypes.CDLL(out).exp_fp32_linear
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p,
+                                                                                                  ctypes.c_int]
+
+    def fp32act(x, w):
+        y = torch.empty(x.shape[0], w.out_features)
+        fn(x.data_ptr(), x.shape[0], w.qweight.data_ptr(), w.scales.data_ptr(), w.mins.data_ptr(), w.out_features,
+           w.in_features, w.group_size, y.data_ptr(), torch.get_num_threads())
+        return y
+
+    rows = []
+    for name, n, k in [s for s in SHAPES if s[0] in ("gate_up", "lm_head")]:
+        w = quantize_int4(torch.randn(n, k) * 0.05, 64)
+        ws = _copies(lambda: Int4Weight(w.qweight.clone(), w.scales.clone(), w.mins.clone(), n, k, 64), w.nbytes)
+        for m in ms:
+            x = torch.randn(m, k)
+            exact = x @ w.dequantize().T
+            err = {"int8 activations (shipped)": (int4_matmul_native(x, w) - exact).abs().max().item(),
+                   "fp32 activations": (fp32act(x, w) - exact).abs().max().item()}
+            samples: dict = {key: [] for key in err}
+            for rep in range(repeats + 1):
+                for key, f in (("int8 activations (shipped)", int4_matmul_native), ("fp32 activations", fp32act)):
+                    t = time.perf_counter()
+                    for ww in ws:
+                        f(x, ww)
+                    if rep:
+                        samples[key].append((time.perf_counter() - t) / len(ws))
+            for key, v in samples.items():
+                t_ms = median_ms(v)
+                rows.append(dict(shape=f"{name} {n}x{k}", m=m, method=key, ms=t_ms, gmacs=m * n * k / t_ms / 1e6,
+                                 err=err[key], scale=exact.abs().max().item()))
+            print("  ".join(f"{r['shape']} M={m} {r['method']} {r['ms']:.3f} ms" for r in rows[-2:]), flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- model
 def tree_mask(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A random n-node tree (node i's parent is an earlier node or the root): ancestor mask
@@ -175,8 +230,9 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
             if rep:
                 samples[name].append(time.perf_counter() - t)
     steps = {name: median_ms(s) for name, s in samples.items()}
+    best = {name: min(s) * 1e3 for name, s in samples.items()}
     for name, v in steps.items():
-        print(f"{name:45s} {v:8.2f} ms", flush=True)
+        print(f"{name:45s} {v:8.2f} ms (min {best[name]:.2f})", flush=True)
 
     # Where the draft step goes: native matmuls and attention timed inside the forward.
     spent = {"matmul": 0.0, "attention": 0.0}
@@ -206,7 +262,9 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
             parts["total"].append(time.perf_counter() - t)
             parts["matmul"].append(spent["matmul"])
             parts["attention"].append(spent["attention"])
-        split[label] = {k: median_ms(v) for k, v in parts.items()}
+        i = min(range(len(parts["total"])), key=parts["total"].__getitem__)   # the least disturbed run
+        split[label] = {**{k: median_ms(v) for k, v in parts.items()},
+                        **{f"{k} (fastest run)": v[i] * 1e3 for k, v in parts.items()}}
         print(f"draft {label}: {split[label]}", flush=True)
 
     # Greedy autoregressive decoding, float32 vs 4-bit target.
@@ -219,14 +277,15 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
             tok = logits[0].argmax().view(1)
         return n_new / (time.perf_counter() - t)
 
-    ar: dict = {"target fp32": [], "target int4": []}
+    runs: dict = {"target fp32": [], "target int4": []}
     for _ in range(max(3, repeats // 3)):
-        for name in ar:
-            ar[name].append(ar_tok_s(models[name]))
-    ar = {k: statistics.median(v) for k, v in ar.items()}
-    print(f"autoregressive tok/s: {ar}", flush=True)
+        for name in runs:
+            runs[name].append(ar_tok_s(models[name]))
+    ar = {k: statistics.median(v) for k, v in runs.items()}
+    ar_best = {k: max(v) for k, v in runs.items()}
+    print(f"autoregressive tok/s: {ar} (best {ar_best})", flush=True)
     weights = {name: sum(t.nbytes for t in _tensors(mdl)) for name, mdl in models.items()}
-    return dict(steps=steps, split=split, ar=ar, weights=weights)
+    return dict(steps=steps, best=best, split=split, ar=ar, ar_best=ar_best, weights=weights)
 
 
 def _tensors(mdl):
@@ -302,7 +361,7 @@ def agreement(n_new: int = 128) -> list:
 
 
 # ---------------------------------------------------------------------------------------- report
-def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree) -> None:
+def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree, arith_rows=None) -> None:
     lines = [f"# CPU int4 path on SmolLM2-135M ({meta['cpu']})", "",
              f"- Date {meta['date']}, commit {meta['commit']}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, native ISA `{meta['isa']}`.",
@@ -324,23 +383,42 @@ def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree) -
                          f"{by[(shape, m, 'aten int4 (bf16)')]['ms']:.3f} | {f32['ms'] / nat['ms']:.1f}x |")
         lines += ["", "GB/s: weight bytes (int4: nibbles + fp16 scales and mins; fp32: 4 per weight) over the "
                   "time; GMAC/s: M x N x K over the time.", ""]
+    if arith_rows:
+        lines += ["## Arithmetic: int8 activations vs fp32 activations (same layout, tiling, threads)", "",
+                  "| matrix | M | int8 act. ms | GMAC/s | fp32 act. ms | GMAC/s | fp32 / int8 time | "
+                  "max error vs exact, int8 / fp32 (output scale) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for i in range(0, len(arith_rows), 2):
+            a, b = arith_rows[i], arith_rows[i + 1]
+            lines.append(f"| {a['shape']} | {a['m']} | {a['ms']:.3f} | {a['gmacs']:.1f} | {b['ms']:.3f} | "
+                         f"{b['gmacs']:.1f} | {b['ms'] / a['ms']:.1f}x | {a['err']:.2e} / {b['err']:.2e} "
+                         f"({a['scale']:.1f}) |")
+        lines.append("")
     if model:
-        st, tgt = model["steps"], model["steps"]["target fp32, decode step (M=1)"]
+        st, best = model["steps"], model["best"]
+        tgt, tgt_best = st["target fp32, decode step (M=1)"], best["target fp32, decode step (M=1)"]
         lines += ["## SmolLM2-135M steps (prompt of 64 tokens in the cache)", "",
-                  "| step | ms | / fp32 target decode step | weight MB read | GB/s |", "|---|---:|---:|---:|---:|"]
+                  "Median (and min) of the interleaved repeats; the ratio is to the fp32 target's decode step of "
+                  "the same statistic.", "",
+                  "| step | median ms | ratio | min ms | ratio (min) | weight MB read | GB/s (min) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for name, v in st.items():
             mb = model["weights"][name.split(",")[0]] / 1e6
-            lines.append(f"| {name} | {v:.2f} | {v / tgt:.3f} | {mb:.0f} | {mb / v:.1f} |")
+            b = best[name]
+            lines.append(f"| {name} | {v:.2f} | {v / tgt:.3f} | {b:.2f} | {b / tgt_best:.3f} | {mb:.0f} | "
+                         f"{mb / b:.1f} |")
         lines += ["", "Draft step, split (the native calls, with their fused RMSNorm / SiLU / residual, and "
-                  "`ops.attention` timed inside the forward):", "",
+                  "`ops.attention` timed inside the forward; medians, then the fastest run's own split):", "",
                   "| draft step | total ms | native int4 calls ms | attention ms | everything else ms |",
                   "|---|---:|---:|---:|---:|"]
         for label, s in model["split"].items():
-            rest = s["total"] - s["matmul"] - s["attention"]
-            lines.append(f"| {label} | {s['total']:.2f} | {s['matmul']:.2f} | {s['attention']:.2f} | {rest:.2f} |")
-        ar = model["ar"]
-        lines += ["", f"Greedy autoregressive decoding (64 tokens): fp32 target {ar['target fp32']:.1f} tok/s, "
-                  f"int4 target {ar['target int4']:.1f} tok/s ({ar['target int4'] / ar['target fp32']:.2f}x).", ""]
+            for tag in ("", " (fastest run)"):
+                t, mm, at = s["total" + tag], s["matmul" + tag], s["attention" + tag]
+                lines.append(f"| {label}{tag} | {t:.2f} | {mm:.2f} | {at:.2f} | {t - mm - at:.2f} |")
+        ar, arb = model["ar"], model["ar_best"]
+        lines += ["", f"Greedy autoregressive decoding (64 tokens), median (best): fp32 target "
+                  f"{ar['target fp32']:.1f} ({arb['target fp32']:.1f}) tok/s, int4 target {ar['target int4']:.1f} "
+                  f"({arb['target int4']:.1f}) tok/s, ratio {ar['target int4'] / ar['target fp32']:.2f} "
+                  f"({arb['target int4'] / arb['target fp32']:.2f}).", ""]
     if agree:
         lines += ["## Draft agreement with the target (teacher forced on the target's greedy text)", "",
                   "| draft | top-1 | top-8 | tokens |", "|---|---:|---:|---:|"]
@@ -353,7 +431,7 @@ def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree) -
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["all", "micro", "model", "agreement"], default="all")
+    ap.add_argument("--part", choices=["all", "micro", "arith", "model", "agreement"], default="all")
     ap.add_argument("--repeats", type=int, default=None, help="default 9 (--quick: 3)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
@@ -368,14 +446,16 @@ def main(argv=None) -> None:
         sys.exit(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
     date = datetime.date.today().isoformat()
     meta = dict(cpu=cpu_model(), date=date, commit=commit(), isa=cpu_native.ISAS[cpu_native.isa()], loads=[])
-    floor = micro_rows = model = agree = None
-    parts = ["micro", "model", "agreement"] if args.part == "all" else [args.part]
+    floor = micro_rows = model = agree = arith_rows = None
+    parts = ["micro", "arith", "model", "agreement"] if args.part == "all" else [args.part]
     for part in parts:
         before = load()
         if part == "micro":
             floor = read_floor(args.repeats)
             print(f"read floor {floor:.1f} GB/s", flush=True)
             micro_rows = micro([1, 32] if args.quick else [1, 8, 32, 128], args.repeats)
+        elif part == "arith":
+            arith_rows = arith([1, 8, 32], args.repeats)
         elif part == "model":
             model = model_steps(args.repeats)
         else:
@@ -384,7 +464,7 @@ def main(argv=None) -> None:
     meta["loads"] = "; ".join(meta["loads"])
     os.makedirs(RESULTS, exist_ok=True)
     out = args.out or os.path.join(RESULTS, f"{date}-cpu-int4{'-quick' if args.quick else ''}.md")
-    write_report(out, args, meta, floor, micro_rows, model, agree)
+    write_report(out, args, meta, floor, micro_rows, model, agree, arith_rows)
 
 
 if __name__ == "__main__":
