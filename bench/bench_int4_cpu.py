@@ -234,10 +234,12 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     for name, v in steps.items():
         print(f"{name:45s} {v:8.2f} ms (min {best[name]:.2f})", flush=True)
 
-    # Where the draft step goes: native matmuls and attention timed inside the forward.
-    spent = {"matmul": 0.0, "attention": 0.0}
+    # Where a step goes: the native calls, dense F.linear (a tied LM head stays dense) and
+    # attention, timed inside the forward; the rest is PyTorch ops and Python.
+    spent = {"native": 0.0, "dense": 0.0, "attention": 0.0}
     # ops calls run_native_linear (fused layer ops) or, unfused, int4_cpu.int4_matmul_native.
-    real_fused, real_mm, real_attn = ops.run_native_linear, int4_cpu.int4_matmul_native, ops.attention
+    real = {"fused": ops.run_native_linear, "mm": int4_cpu.int4_matmul_native, "attn": ops.attention,
+            "dense": torch.nn.functional.linear}
 
     def timed(key, fn):
         def wrapper(*a, **k):
@@ -248,24 +250,26 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
         return wrapper
 
     split = {}
-    for label, fn in (("decode step (M=1)", decode), ("32-node tree step", tree)):
-        parts: dict = {"total": [], "matmul": [], "attention": []}
+    for label, fn, mdl in (("draft, decode step (M=1)", decode, draft), ("draft, 32-node tree step", tree, draft),
+                           ("target int4, decode step (M=1)", decode, target4)):
+        parts: dict = {"total": [], "native": [], "dense": [], "attention": []}
         for _ in range(repeats):
-            ops.run_native_linear, int4_cpu.int4_matmul_native = timed("matmul", real_fused), timed("matmul", real_mm)
-            ops.attention = timed("attention", real_attn)
-            spent.update(matmul=0.0, attention=0.0)
+            ops.run_native_linear, int4_cpu.int4_matmul_native = timed("native", real["fused"]), timed("native", real["mm"])
+            ops.attention, torch.nn.functional.linear = timed("attention", real["attn"]), timed("dense", real["dense"])
+            spent.update(native=0.0, dense=0.0, attention=0.0)
             t = time.perf_counter()
             try:
-                fn(draft)
+                fn(mdl)
             finally:
-                ops.run_native_linear, int4_cpu.int4_matmul_native, ops.attention = real_fused, real_mm, real_attn
+                ops.run_native_linear, int4_cpu.int4_matmul_native = real["fused"], real["mm"]
+                ops.attention, torch.nn.functional.linear = real["attn"], real["dense"]
             parts["total"].append(time.perf_counter() - t)
-            parts["matmul"].append(spent["matmul"])
-            parts["attention"].append(spent["attention"])
+            for key in ("native", "dense", "attention"):
+                parts[key].append(spent[key])
         i = min(range(len(parts["total"])), key=parts["total"].__getitem__)   # the least disturbed run
         split[label] = {**{k: median_ms(v) for k, v in parts.items()},
                         **{f"{k} (fastest run)": v[i] * 1e3 for k, v in parts.items()}}
-        print(f"draft {label}: {split[label]}", flush=True)
+        print(f"{label}: {split[label]}", flush=True)
 
     # Greedy autoregressive decoding, float32 vs 4-bit target.
     def ar_tok_s(mdl, n_new: int = 64) -> float:
@@ -406,14 +410,17 @@ def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree, a
             b = best[name]
             lines.append(f"| {name} | {v:.2f} | {v / tgt:.3f} | {b:.2f} | {b / tgt_best:.3f} | {mb:.0f} | "
                          f"{mb / b:.1f} |")
-        lines += ["", "Draft step, split (the native calls, with their fused RMSNorm / SiLU / residual, and "
-                  "`ops.attention` timed inside the forward; medians, then the fastest run's own split):", "",
-                  "| draft step | total ms | native int4 calls ms | attention ms | everything else ms |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", "Where a step goes: the native int4 calls (with their fused RMSNorm / SiLU / residual), "
+                  "dense `F.linear` (the int4 target's LM head is tied to the dequantized embedding and stays "
+                  "fp32) and `ops.attention`, timed inside the forward; the rest is PyTorch ops (RoPE, cache "
+                  "writes, views) and Python. Medians, then the fastest run's own split.", "",
+                  "| step | total ms | native int4 ms | dense fp32 ms | attention ms | everything else ms |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for label, s in model["split"].items():
             for tag in ("", " (fastest run)"):
-                t, mm, at = s["total" + tag], s["matmul" + tag], s["attention" + tag]
-                lines.append(f"| {label}{tag} | {t:.2f} | {mm:.2f} | {at:.2f} | {t - mm - at:.2f} |")
+                t, nat, den, at = (s[k + tag] for k in ("total", "native", "dense", "attention"))
+                lines.append(f"| {label}{tag} | {t:.2f} | {nat:.2f} | {den:.2f} | {at:.2f} | "
+                             f"{t - nat - den - at:.2f} |")
         ar, arb = model["ar"], model["ar_best"]
         lines += ["", f"Greedy autoregressive decoding (64 tokens), median (best): fp32 target "
                   f"{ar['target fp32']:.1f} ({arb['target fp32']:.1f}) tok/s, int4 target {ar['target int4']:.1f} "
