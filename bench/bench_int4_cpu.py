@@ -438,7 +438,7 @@ def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree, a
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["all", "micro", "arith", "model", "agreement"], default="all")
+    ap.add_argument("--part", default="all", help="all, or a comma-separated subset of micro,arith,model,agreement")
     ap.add_argument("--repeats", type=int, default=None, help="default 9 (--quick: 3)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
@@ -454,7 +454,10 @@ def main(argv=None) -> None:
     date = datetime.date.today().isoformat()
     meta = dict(cpu=cpu_model(), date=date, commit=commit(), isa=cpu_native.ISAS[cpu_native.isa()], loads=[])
     floor = micro_rows = model = agree = arith_rows = None
-    parts = ["micro", "arith", "model", "agreement"] if args.part == "all" else [args.part]
+    known = ["micro", "arith", "model", "agreement"]
+    parts = known if args.part == "all" else args.part.split(",")
+    if not set(parts) <= set(known):
+        sys.exit(f"--part: choose all or from {known}, got {args.part!r}")
     for part in parts:
         before = load()
         if part == "micro":
