@@ -10,7 +10,8 @@ with:
 | ``int4_gemm`` | ``int4_matmul`` (Triton GEMV / tensor-core / dequantise + cuBLAS), ``run_plan`` |
 | ``int4_plans`` | ``Int4Plan`` launch plans and the table of measured plans |
 | ``int4_tuning`` | ``tune_shape``: measures the candidate plans on this GPU |
-| ``int4_cpu`` | ``int4_matmul_cpu``: the CPU path |
+| ``int4_cpu`` | ``int4_matmul_cpu``: the CPU path (native kernel, aten fallback); ``int4_matmul_q8_reference`` |
+| ``cpu_native`` | builds (on first use) and loads the native CPU library ``csrc/int4_cpu.c`` |
 
 Micro-benchmarking needs only the names below, e.g.::
 

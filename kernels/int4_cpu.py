@@ -1,21 +1,222 @@
-"""``int4_matmul_cpu``: ``x @ W.T`` for an ``Int4Weight`` on the CPU.
+"""``int4_matmul_cpu``: ``x @ W.T`` for an ``Int4Weight`` on the CPU, and its references.
 
-Uses ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (bf16 activations, its only vectorised
-variant), or the dequantising reference for shapes that op rejects.
+Paths, fastest first:
+- the native kernel (``csrc/int4_cpu.c`` through ``cpu_native``; ``int4_matmul_native``):
+  activations quantized per row and 32-block to int8 (llama.cpp's Q8 scheme), integer dot
+  products against the nibbles, the weight's min folded in through the activations' group
+  sums. ``int4_matmul_q8_reference`` is the same arithmetic in PyTorch, for the tests.
+- ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in ``CPU_COMPUTE_DTYPE`` (bf16 unless set),
+  used when the native library is unavailable, when ``CPU_COMPUTE_DTYPE`` is set (float32 gives
+  results exact to fp32 rounding) or when a ``compute_dtype`` is passed;
+- the dequantizing reference, for shapes the aten op rejects.
+See docs/DESIGN.md ("CPU int4 path") for why the native kernel quantizes activations.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
 
-from .int4_weight import Int4Weight, check_matmul_inputs, int4_matmul_reference
+from . import cpu_native
+from .int4_weight import PACK, Int4Weight, check_matmul_inputs, int4_matmul_reference
 
-# On CPU, convert activations to this dtype for the aten int4 op: its bf16 kernel is
-# vectorised, its fp32/fp16 kernels are ~30-100x slower (measured, torch 2.13, AVX-512).
-CPU_COMPUTE_DTYPE = torch.bfloat16
+# None: the native kernel where it is available, else the aten op in bf16 (its only vectorised
+# variant; its fp32/fp16 kernels are ~30-100x slower, measured, torch 2.13, AVX-512). A dtype:
+# always the aten op in that dtype (tests set float32 for results exact to fp32 rounding).
+CPU_COMPUTE_DTYPE: Optional[torch.dtype] = None
+ATEN_DEFAULT_DTYPE = torch.bfloat16
 
 
+# ----------------------------------------------------------------------------------------
+# Native kernel
+# ----------------------------------------------------------------------------------------
+def _native_weight(w: Int4Weight):
+    """The ``SxcWeight`` for ``w`` (cached on the instance, not a field; rebuilt if a tensor field
+    was replaced). Tensors are used in place; only non-contiguous ones are copied."""
+    c = w.__dict__.get("_native_cpu")
+    if c is not None and c[0] is w.qweight and c[1] is w.scales and c[2] is w.mins and c[3] is w.perm:
+        return c[4]
+    q, s, m = w.qweight.contiguous(), w.scales.contiguous(), w.mins.contiguous()
+    perm = None if w.perm is None else w.perm.contiguous()
+    st = cpu_native.SxcWeight(q.data_ptr(), s.data_ptr(), m.data_ptr(), 0 if perm is None else perm.data_ptr(),
+                              w.out_features, w.in_features, w.group_size, int(s.dtype == torch.float16))
+    ref = ctypes.pointer(st)
+    w.__dict__["_native_cpu"] = (w.qweight, w.scales, w.mins, w.perm, ref, (q, s, m, perm, st))
+    return ref
+
+
+def _isa_level(isa: Optional[str]) -> int:
+    if isa is None:
+        return cpu_native.isa()
+    if isa not in cpu_native.ISAS:
+        raise ValueError(f"isa must be one of {cpu_native.ISAS}, got {isa!r}")
+    if isa not in cpu_native.supported_isas():
+        raise ValueError(f"isa={isa!r} is not supported on this CPU (supported: {cpu_native.supported_isas()})")
+    return cpu_native.ISAS.index(isa)
+
+
+def native_active() -> bool:
+    """Whether ``int4_matmul_cpu`` takes the native kernel (library loaded, no aten override)."""
+    return CPU_COMPUTE_DTYPE is None and cpu_native.library() is not None
+
+
+def int4_linear_native(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.Tensor] = None,
+                       norm: Optional[tuple] = None, swiglu: bool = False, isa: Optional[str] = None,
+                       threads: Optional[int] = None) -> torch.Tensor:
+    """``residual + f(x) @ W.T`` as one native call, fp32 ``[M, N]``, for a 2-D fp32 ``x``.
+
+    ``f``: with ``swiglu``, ``x`` is ``[M, 2K]`` = ``[gate | up]`` and the input is
+    ``silu(gate) * up``; with ``norm = (weight [K], eps)``, the input is then RMS-normalised
+    (HF Llama's ``rms_norm``). The input is quantized to int8 per 32-block as in
+    ``int4_matmul_native``; ``int4_linear_q8_reference`` is the same in PyTorch.
+    ``residual``: ``[M, N]`` or None. ``isa``/``threads``: as ``int4_matmul_native``.
+    """
+    if cpu_native.library() is None:
+        raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
+    k, n = w.in_features, w.out_features
+    width = 2 * k if swiglu else k
+    if x.dim() != 2 or x.shape[1] != width or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"int4_linear_native: x must be a CPU float32 [M, {width}] tensor, got "
+                         f"{x.dtype} {list(x.shape)} on {x.device}")
+    m = x.shape[0]
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != torch.float32):
+        raise ValueError(f"int4_linear_native: residual must be float32 [{m}, {n}], got "
+                         f"{residual.dtype} {list(residual.shape)}")
+    if norm is not None and (norm[0].shape != (k,) or norm[0].dtype != torch.float32):
+        raise ValueError(f"int4_linear_native: norm weight must be float32 [{k}], got {norm[0].dtype} "
+                         f"{list(norm[0].shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return run_native_linear(x, w, residual, None if norm is None else norm[0].contiguous(),
+                             0.0 if norm is None else float(norm[1]), swiglu, _isa_level(isa), threads)
+
+
+def run_native_linear(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.Tensor],
+                      norm_weight: Optional[torch.Tensor], eps: float, swiglu: bool,
+                      isa_level: Optional[int] = None, threads: Optional[int] = None) -> torch.Tensor:
+    """``int4_linear_native`` without its checks: the hot path of ``model/ops.py``, which already
+    knows ``x`` is CPU float32 ``[M, K]`` (``[M, 2K]`` with ``swiglu``) with unit column stride,
+    ``residual`` float32 ``[M, N]`` and ``norm_weight`` float32 ``[K]`` (both contiguous) or None.
+    Each tensor attribute read costs a fraction of a microsecond, and a decode step makes
+    ~120 of these calls."""
+    lib = cpu_native.library()
+    m = x.shape[0]
+    y = torch.empty(m, w.out_features)
+    if m:
+        rc = lib.sxc_int4_linear(
+            x.data_ptr(), m, x.stride(0), _native_weight(w), y.data_ptr(),
+            0 if residual is None else residual.data_ptr(), 0 if norm_weight is None else norm_weight.data_ptr(),
+            eps, 1 if swiglu else 0, threads or torch.get_num_threads(),
+            cpu_native.isa() if isa_level is None else isa_level)
+        if rc != 0:
+            raise RuntimeError(f"sxc_int4_linear failed: {cpu_native.ERRORS.get(rc, rc)}")
+    return y
+
+
+def int4_matmul_native(x: torch.Tensor, w: Int4Weight, isa: Optional[str] = None,
+                       threads: Optional[int] = None) -> torch.Tensor:
+    """``x @ W.T`` ``[..., N]`` in x's dtype through the native kernel (computed in fp32 with
+    int8-quantized activations: equal to ``int4_matmul_q8_reference`` up to fp32 rounding).
+
+    ``isa``: one of ``cpu_native.supported_isas()`` (default: the CPU's best or
+    ``SPECEXEC_CPU_ISA``); ``threads``: default ``torch.get_num_threads()``. Raises
+    RuntimeError when the library is unavailable (check ``cpu_native.library()`` first).
+    """
+    check_matmul_inputs(x, w)
+    if x.device.type != "cpu":
+        raise ValueError("int4_matmul_native: tensors must be on the CPU")
+    x2 = x if x.dim() == 2 else x.reshape(-1, w.in_features)
+    if x2.dtype != torch.float32:
+        x2 = x2.to(torch.float32)
+    y = int4_linear_native(x2, w, isa=isa, threads=threads)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], w.out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def quantize_activations_native(x: torch.Tensor, w: Int4Weight, isa: Optional[str] = None):
+    """The native kernel's activation quantization of ``x`` ``[M, K]`` (fp32) for ``w``:
+    ``(xq int8 [M, K], d fp32 [M, K/32], xs fp32 [M, K/G])``; compared bit-exactly with
+    ``quantize_activations_q8`` by the tests."""
+    lib = cpu_native.library()
+    if lib is None:
+        raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
+    x = x.to(torch.float32).contiguous()
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8)
+    d = torch.empty(m, k // PACK)
+    xs = torch.empty(m, k // w.group_size)
+    rc = lib.sxc_quantize_q8(x.data_ptr(), m, _native_weight(w), _isa_level(isa), xq.data_ptr(), d.data_ptr(),
+                             xs.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"sxc_quantize_q8 failed: {cpu_native.ERRORS.get(rc, rc)}")
+    return xq, d, xs
+
+
+# ----------------------------------------------------------------------------------------
+# The native kernel's arithmetic in PyTorch
+# ----------------------------------------------------------------------------------------
+def quantize_activations_q8(x: torch.Tensor, w: Int4Weight):
+    """Quantize ``x`` ``[M, K]`` as the native kernel does (bit-exact): after the act-order
+    gather, per row and 32-block ``d = amax / 127``, ``xq = round_half_even(x * (1 / d))``
+    (0 where d = 0); ``xs[:, g]`` = sum over the group's blocks, in order, of ``d * sum(xq)``.
+    Returns ``(xq int8 [M, K], d [M, K/32], xs [M, K/G])``."""
+    x = x.to(torch.float32)
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    m, k = x.shape
+    xb = x.reshape(m, k // PACK, PACK)
+    amax = xb.abs().amax(-1)
+    d = torch.div(amax, torch.full_like(amax, 127.0))           # tensor / tensor: IEEE division
+    inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
+    xq = torch.round(xb * inv[..., None])                        # half to even, as the kernel
+    sums = xq.sum(-1)                                            # exact: integers below 2**24
+    bpg = w.group_size // PACK
+    xs = torch.zeros(m, k // w.group_size)
+    for j in range(bpg):                                         # the kernel's summation order
+        xs = xs + d[:, j::bpg] * sums[:, j::bpg]
+    return xq.to(torch.int8).reshape(m, k), d, xs
+
+
+def int4_matmul_q8_reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """The native kernel's result in PyTorch, ``[..., N]`` fp32: ``Wdeq @ xhat`` with ``xhat``
+    the int8-quantized activations, computed as the kernel does (exact integer block dots, then
+    ``sum_b isum * (scale * d) + min * xs`` per group) up to fp32 rounding order."""
+    check_matmul_inputs(x, w)
+    lead = x.shape[:-1]
+    k, n, g = w.in_features, w.out_features, w.group_size
+    x2 = x.reshape(-1, k)
+    xq, d, xs = quantize_activations_q8(x2, w)
+    m, nb, bpg = x2.shape[0], k // PACK, g // PACK
+    q = w.unpack().to(torch.float32).view(n, nb, PACK)              # stored K order
+    isum = torch.einsum("mbi,nbi->mbn", xq.to(torch.float32).view(m, nb, PACK), q)  # exact integers
+    s, mn = w.scales.float(), w.mins.float()                        # [K/G, N]
+    acc = torch.zeros(m, n)
+    for b in range(nb):
+        acc = acc + isum[:, b] * (s[b // bpg][None, :] * d[:, b, None])
+        if b % bpg == bpg - 1:
+            acc = acc + mn[b // bpg][None, :] * xs[:, b // bpg, None]
+    return acc.reshape(*lead, n)
+
+
+def int4_linear_q8_reference(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.Tensor] = None,
+                             norm: Optional[tuple] = None, swiglu: bool = False) -> torch.Tensor:
+    """``int4_linear_native`` in PyTorch: the prologue with torch ops (SiLU, HF's RMSNorm), then
+    ``int4_matmul_q8_reference``, then the residual."""
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * up
+    if norm is not None:
+        nw, eps = norm
+        x = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    y = int4_matmul_q8_reference(x, w)
+    return y if residual is None else y + residual
+
+
+# ----------------------------------------------------------------------------------------
+# aten fallback
+# ----------------------------------------------------------------------------------------
 def _cpu_op_available() -> bool:
     ops = torch.ops.aten
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(
@@ -45,16 +246,20 @@ def int4_matmul_cpu(x: torch.Tensor, w: Int4Weight,
                     compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """CPU ``x @ W.T`` ``[..., N]`` in x's dtype.
 
-    Uses ``aten._weight_int4pack_mm_for_cpu`` with activations, scales and zeros in
-    ``compute_dtype`` (default ``CPU_COMPUTE_DTYPE`` = bf16: the only vectorised variant;
-    results carry bf16 rounding, ~2**-8 relative, far below the 4-bit error). Pass
-    ``torch.float32`` for fp32-exact results at ~30x the cost. Shapes the op rejects
-    (N % 16 != 0, group size not in 32/64/128/256) dequantise per call.
+    Default: the native kernel (int8 activations; see the module docstring). With a
+    ``compute_dtype`` (or ``CPU_COMPUTE_DTYPE`` set), or without the native library:
+    ``aten._weight_int4pack_mm_for_cpu`` with activations, scales and zeros in that dtype
+    (default bf16: results carry bf16 rounding, ~2**-8 relative; float32 is exact to fp32
+    rounding at ~30x the cost). Shapes the op rejects (N % 16 != 0, group size not in
+    32/64/128/256) dequantise per call.
     """
     check_matmul_inputs(x, w)
     if x.device.type != "cpu":
         raise ValueError("int4_matmul_cpu: tensors must be on the CPU")
     cdt = compute_dtype or CPU_COMPUTE_DTYPE
+    if cdt is None and cpu_native.library() is not None:
+        return int4_matmul_native(x, w)
+    cdt = cdt or ATEN_DEFAULT_DTYPE
     lead = x.shape[:-1]
     if not _cpu_op_supports(w) or x.numel() == 0:
         return int4_matmul_reference(x, w)  # natural K order: dequantize() undoes perm

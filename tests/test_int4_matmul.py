@@ -149,16 +149,19 @@ def test_dequant_then_matmul_path(dtype, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
-# CPU fast path (aten int4 op)
+# CPU aten fallback (the native kernel, the default, is tested in test_int4_cpu.py)
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [96, 100])  # 100: N % 16 != 0, the op refuses -> fallback
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_fast_path(n, group, dtype, monkeypatch):
+    from specexec_rt.kernels import int4_cpu
+
     k = 256
     w = quantize_int4(_rand_weight(n, k, n + group), group)
     x = _rand_x(7, k, dtype, group)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the runtime's CPU dispatch
+    monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", int4_cpu.ATEN_DEFAULT_DTYPE)  # the aten path
     out = torch.full((7, n), float("nan"), dtype=dtype)
     y = int4_matmul(x, w, out=out)
     used_op = "_cpu_cache" in w.__dict__
@@ -175,12 +178,16 @@ def test_cpu_fast_path(n, group, dtype, monkeypatch):
 
 
 def test_cpu_cache_is_not_a_field():
+    from specexec_rt.kernels import cpu_native
+
     w = quantize_int4(_rand_weight(32, 128, 1), 32)
+    int4_matmul_cpu(_rand_x(2, 128, torch.float32, 2), w, compute_dtype=torch.bfloat16)
     int4_matmul_cpu(_rand_x(2, 128, torch.float32, 2), w)
-    assert "_cpu_cache" in w.__dict__
+    caches = ["_cpu_cache"] + (["_native_cpu"] if cpu_native.library() is not None else [])
+    assert all(c in w.__dict__ for c in caches)
     names = {f.name for f in dataclasses.fields(w)}
     assert names == {"qweight", "scales", "mins", "out_features", "in_features", "group_size", "perm"}
-    assert "_cpu_cache" not in dataclasses.replace(w).__dict__
+    assert not any(c in dataclasses.replace(w).__dict__ for c in caches)
 
 
 # ----------------------------------------------------------------------------------------

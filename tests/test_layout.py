@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from specexec_rt.kernels import cpu_native
 from specexec_rt.offload import native
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,8 +137,8 @@ def test_readme_imports_work():
 @pytest.mark.slow
 def test_wheel_carries_native_sources_and_finds_them(tmp_path):
     """Build the wheel, install it (no editable install in the way) and check that the
-    installed package imports, finds its native sources inside itself and, where nvcc exists,
-    builds the copy engine from them."""
+    installed package imports, finds its native sources inside itself and builds from them the
+    CPU int4 kernel (where a C compiler exists) and the copy engine (where nvcc exists)."""
     wheel_dir = tmp_path / "wheel"
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(wheel_dir), str(ROOT)], capture_output=True, text=True)
@@ -145,7 +146,8 @@ def test_wheel_carries_native_sources_and_finds_them(tmp_path):
     (wheel,) = wheel_dir.glob("specexec_rt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("specexec_rt/csrc/offload.cu", "specexec_rt/csrc/offload.h", "specexec_rt/csrc/__init__.py",
-              "specexec_rt/kernels/attention.py", "specexec_rt/serving/cli.py"):
+              "specexec_rt/csrc/int4_cpu.c", "specexec_rt/csrc/int4_cpu_avx512.h", "specexec_rt/csrc/build.py",
+              "specexec_rt/kernels/attention.py", "specexec_rt/kernels/cpu_native.py", "specexec_rt/serving/cli.py"):
         assert f in names, f
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     site = tmp_path / "site"
@@ -157,9 +159,13 @@ def test_wheel_carries_native_sources_and_finds_them(tmp_path):
         "from specexec_rt import Engine, load_model, default_draft\n"
         "from specexec_rt.kernels import tree_attention, int4_matmul\n"
         "from specexec_rt.offload import native\n"
+        "from specexec_rt.kernels import cpu_native\n"
         "print(specexec_rt.__file__)\n"
         "print(native.CSRC)\n"
-        "print(all((native.CSRC / n).is_file() for n in native.SOURCES))\n"
+        "print(all((native.CSRC / n).is_file() for n in native.SOURCES + cpu_native.SOURCES))\n"
+        "if cpu_native.find_compiler()[0]:\n"
+        "    lib = cpu_native.load(cpu_native.build(cache_dir=sys.argv[1]))\n"
+        "    print('cpu', lib._name, lib.sxc_best_isa())\n"
         "if native.find_nvcc():\n"
         "    print(native.build(cache_dir=sys.argv[1]))\n"
     )
@@ -170,5 +176,9 @@ def test_wheel_carries_native_sources_and_finds_them(tmp_path):
     out = proc.stdout.splitlines()
     assert out[0].startswith(str(site)), f"the installed copy was not the one imported: {out[0]}"
     assert out[1].startswith(str(site)) and out[2] == "True", out
+    rest = out[3:]
+    if cpu_native.find_compiler()[0]:  # the CPU kernel builds from the installed sources
+        line = rest.pop(0)
+        assert line.startswith(f"cpu {tmp_path / 'native-cache'}") and Path(line.split()[1]).is_file(), line
     if native.find_nvcc():
-        assert Path(out[3]).is_file()
+        assert Path(rest[0]).is_file()

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 if os.environ.get("SPECEXEC_TRITON_INTERPRET") == "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from ..kernels.int4_cpu import int4_matmul_cpu  # noqa: E402  (after TRITON_INTERPRET is set)
+from ..kernels.int4_cpu import int4_matmul_cpu, native_active, run_native_linear  # noqa: E402  (after TRITON_INTERPRET is set)
 from ..kernels.int4_gemm import int4_matmul  # noqa: E402
+from ..kernels.int4_weight import Int4Weight  # noqa: E402
 
 
 def triton_interpret() -> bool:
@@ -38,14 +39,57 @@ def use_triton(device: torch.device) -> bool:
 
 # --------------------------------------------------------------------------- linear layers
 
-def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ w.T + bias`` for ``x`` ``[M, in_features]`` and a dense or 4-bit ``w``."""
+def _native_int4(x: torch.Tensor, w) -> bool:
+    """A CPU float32 pass over a 4-bit weight that the native kernel serves: then the layer ops
+    around the matmul (RMSNorm, SiLU * up, the residual add) run inside the same native call
+    instead of as separate PyTorch ops (decode steps are op-bound on the CPU). Cheapest checks
+    first: this runs ~120 times per decode step."""
+    return (isinstance(w, Int4Weight) and x.is_cpu and x.dtype is torch.float32 and x.dim() == 2
+            and x.is_contiguous() and native_active() and not use_triton(_CPU))
+
+
+_CPU = torch.device("cpu")
+
+
+def _contiguous_f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t if t is None or (t.dtype is torch.float32 and t.is_contiguous()) else t.float().contiguous()
+
+
+def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None,
+           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + (x @ w.T + bias)`` for ``x`` ``[M, in_features]`` and a dense or 4-bit ``w``
+    (``bias``, ``residual`` ``[M, out_features]`` optional)."""
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w, bias)
-    # On CPU the runtime takes the CPU int4 path unless the interpreter switch is on;
-    # TRITON_INTERPRET alone (set by kernel tests) must not send whole models through it.
-    y = int4_matmul(x, w) if use_triton(x.device) else int4_matmul_cpu(x, w)
-    return y + bias if bias is not None else y
+        y = F.linear(x, w, bias)
+    elif _native_int4(x, w):
+        y = run_native_linear(x, w, _contiguous_f32(residual) if bias is None else None, None, 0.0, False)
+        if bias is None:
+            return y
+        y = y + bias
+    else:
+        # On CPU the runtime takes the CPU int4 path unless the interpreter switch is on;
+        # TRITON_INTERPRET alone (set by kernel tests) must not send whole models through it.
+        y = int4_matmul(x, w) if use_triton(x.device) else int4_matmul_cpu(x, w)
+        y = y + bias if bias is not None else y
+    return y if residual is None else residual + y
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``linear(rms_norm(x, norm_weight, eps), w, bias)``; one native call for a CPU int4 ``w``."""
+    if _native_int4(x, w):
+        y = run_native_linear(x, w, None, _contiguous_f32(norm_weight), eps, False)
+        return y if bias is None else y + bias
+    return linear(rms_norm(x, norm_weight, eps), w, bias)
+
+
+def swiglu_linear(gate_up: torch.Tensor, w, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + linear(silu(gate) * up, w)`` for ``gate_up`` ``[M, 2 * in_features]`` = gate
+    rows then up rows; one native call for a CPU int4 ``w``."""
+    if _native_int4(gate_up, w):
+        return run_native_linear(gate_up, w, _contiguous_f32(residual), None, 0.0, True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w, residual=residual)
 
 
 # --------------------------------------------------------------------------- norms and RoPE

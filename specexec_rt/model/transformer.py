@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from .config import ModelConfig
@@ -50,7 +49,7 @@ def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: t
     """``x`` ``[n, hidden]`` -> ``[n, hidden]``; writes this layer's K/V for the new tokens."""
     n = x.shape[0]
     h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    qkv = ops.linear(ops.rms_norm(x, w.attn_norm, cfg.rms_norm_eps), w.wqkv, w.bqkv)
+    qkv = ops.norm_linear(x, w.attn_norm, cfg.rms_norm_eps, w.wqkv, w.bqkv)
     # q and k heads rotate together: one RoPE call instead of two (decode is op-bound on CPU).
     qk = ops.apply_rope(qkv[:, :(h + hkv) * d].view(n, h + hkv, d), cos, sin)
     q, k = qk[:, :h], qk[:, h:]
@@ -58,9 +57,9 @@ def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: t
     cache_k.index_copy_(0, slots, k)
     cache_v.index_copy_(0, slots, v.view(n, hkv, d))
     attn = ops.attention(q, cache_k[:meta.n_k], cache_v[:meta.n_k], meta)
-    x = x + ops.linear(attn.reshape(n, h * d), w.wo, w.bo)
-    gate, up = ops.linear(ops.rms_norm(x, w.ffn_norm, cfg.rms_norm_eps), w.w_gate_up).chunk(2, dim=-1)
-    return x + ops.linear(F.silu(gate) * up, w.w_down)
+    x = ops.linear(attn.reshape(n, h * d), w.wo, w.bo, residual=x)
+    gate_up = ops.norm_linear(x, w.ffn_norm, cfg.rms_norm_eps, w.w_gate_up)
+    return ops.swiglu_linear(gate_up, w.w_down, residual=x)
 
 
 class Transformer:
@@ -165,8 +164,7 @@ class Transformer:
             x = transformer_block(x, layer, self.config, cos, sin, cache.k[i], cache.v[i], cache_slots, meta)
         if logits_rows is not None:
             x = x[logits_rows]
-        x = ops.rms_norm(x, self.weights.final_norm, self.config.rms_norm_eps)
-        return ops.linear(x, self.weights.lm_head).float()
+        return ops.norm_linear(x, self.weights.final_norm, self.config.rms_norm_eps, self.weights.lm_head).float()
 
     __call__ = forward
 
