@@ -25,6 +25,7 @@ import torch
 from . import sampling
 from . import tree as _tree
 from . import memory
+from . import tree_policy
 from ..errors import (ContextLengthError, MemoryBudgetError, NonFiniteLogitsError, SamplingParameterError,
                      VocabularyMismatchError)
 from .sampling import SamplingParams, process_logits
@@ -37,7 +38,7 @@ METHOD_PARAMS = {
     "autoregressive": (),
     "chain": ("k",),
     "specinfer": ("n", "depth"),
-    "specexec": ("beams_per_step", "branch_width", "max_depth"),
+    "specexec": ("beams_per_step", "branch_width", "max_depth") + tree_policy.POLICY_PARAMS,
 }
 
 
@@ -103,7 +104,11 @@ class Engine:
     - ``specexec``: ``budget`` draft nodes per tree (the root is verified too: budget + 1
       tokens per pass), ``beams_per_step`` nodes expanded per draft call [min(budget, 32)],
       ``branch_width`` children per expanded node [8], ``max_depth`` tree depth and draft calls
-      per pass [16]. ``budget="auto"`` picks the budget (powers of two up to ``max_budget``
+      per pass [32; 16 for tree="softmax"], ``tree`` the tree policy (tree_policy.py):
+      ``"calibrated"`` [default] ranks the search by acceptance learned from verification,
+      ``"softmax"`` by the draft's probability (at ``growth_temperature``), ``"sequoia"`` builds
+      Sequoia's optimal static tree (from ``acceptance=[...]`` per rank, or learned online).
+      ``budget="auto"`` picks the budget (powers of two up to ``max_budget``
       [min(1024, what the target's cache holds)]) and the depth (up to ``max_depth``) before
       every pass from online estimates (see specexec_rt/speculative/budget.py); ``stats.budgets`` lists them.
 
@@ -166,6 +171,11 @@ class Engine:
                             and type(self.draft.layer_source).__name__ == "ResidentLayers")
         self.static_draft = bool(static_draft) and method == "specexec"
         self._draft_runners: dict = {}     # beams -> StaticDraftStep (None: cache too short)
+        self.tree_policy = None
+        if method == "specexec":
+            p = self.params
+            self.tree_policy = tree_policy.TreePolicy(p["tree"], self.device, p["branch_width"],
+                                                      p["growth_temperature"], p["acceptance"])
         if self.auto:
             from .budget import BudgetController
 
@@ -182,8 +192,10 @@ class Engine:
         elif method == "specexec":
             p.setdefault("beams_per_step", min(budget, 32))
             p.setdefault("branch_width", 8)
-            p.setdefault("max_depth", 16)
+            tree_policy.set_defaults(p)     # tree, max_depth, growth_temperature, acceptance
         for k, v in p.items():
+            if k in tree_policy.POLICY_PARAMS:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{method} parameter {k} must be a positive int, got {v!r}")
         return p
@@ -384,6 +396,9 @@ class Engine:
             gen.seed()
         else:
             gen.manual_seed(int(seed))
+        # The walk's draws use noise keyed by sequence position (sampling.PositionNoise): the
+        # sampled text does not depend on which tree was verified.
+        noise = sampling.PositionNoise(gen.initial_seed(), self.device)
         t0 = time.perf_counter()
         tp = len(ids) - 1
         # Checked with the first acceptance read, so a broken prefill costs no extra sync.
@@ -410,7 +425,11 @@ class Engine:
             stats.draft_seconds += t1 - t0
             positions = tp + tree.depths
             logits = self.target.forward(tree.tokens, positions, self.target.cache, tp, tree.mask)
-            res = self._accept(tree, extra, logits, params, gen)
+            walk_noise = None
+            if not params.greedy and (extra is None):
+                bound = tree.depth_bound if tree.depth_bound is not None else tree.n - 1
+                walk_noise = noise.rows(tp + 1, min(bound, tree.n - 1) + 1, logits.shape[-1])
+            res = self._accept(tree, extra, logits, params, gen, walk_noise)
             tp = self.target.cache.commit(tp, torch.tensor(res.rows, device=self.device) + tp)
             self._commit_draft(res)
             t2 = time.perf_counter()
@@ -485,7 +504,9 @@ class Engine:
         if beams not in self._draft_runners:
             from .draft_graph import StaticDraftStep
 
-            width = 1 + (self.params["max_depth"] - 1) * beams   # the widest tree region of a pass
+            # The tree region of 16 full-beam steps (deeper passes rarely fill every step;
+            # a step past the region runs dynamically).
+            width = 1 + (min(self.params["max_depth"], 16) - 1) * beams
             fits = self.draft.max_len >= beams + width + 1
             self._draft_runners[beams] = StaticDraftStep(self.draft, beams, width) if fits else None
         return self._draft_runners[beams]
@@ -506,24 +527,40 @@ class Engine:
         budget, beams, width = self._budget, self.params["beams_per_step"], self.params["branch_width"]
         if self.auto and not self._user_beams:
             beams = min(budget, 32)
+        policy = self.tree_policy
+        temp = policy.draft_temperature(params)
+        plan = policy.sequoia_plan(params, budget, max_depth) if policy.name == "sequoia" else None
+        if plan is not None:
+            beams = plan.beams
         runner = self._static_runner(beams)
-        temp = params.temperature if params.temperature > 0 else 1.0
-        tree = DraftTree(1 + max_depth * beams * width, self.device, root)
+        tree = DraftTree(plan.capacity if plan else 1 + max_depth * beams * width, self.device, root)
 
-        def expand(nodes, logits):
+        def expand(nodes, logits, shape_mask=None):
             logq = torch.log_softmax(logits.float() / temp, dim=-1)
             vals, toks = logq.topk(min(width, logq.shape[-1]), dim=-1)
-            tree.add_children(nodes, toks, vals)
+            # Tree policy (tree_policy.py): child scores (calibrated log-acceptance or draft log-prob)
+            # and the acceptance model's feature bins.
+            scores, feats = policy.child_scores(vals, params)
+            if shape_mask is not None:      # Sequoia: children outside the static shape are created dead
+                scores = torch.where(shape_mask[:, :scores.shape[1]], scores, torch.full_like(scores, NEG_INF))
+            tree.add_children(nodes, toks, scores, feats)
             return tree.prune(budget)
 
-        threshold = expand(torch.zeros(1, dtype=torch.long, device=self.device),
-                           self._draft_root(tree, stats)[None])
+        root_logits = self._draft_root(tree, stats)[None]
+        if plan is not None:
+            self._grow_static_shape(tree, plan, root_logits, expand, stats, runner)
+            self._syncs += 1    # nonzero() reads the count
+            if self.auto:
+                self._curve = self._prediction_curve(tree, budget)
+            return tree.compact(tree.alive_nodes())
+        threshold = expand(torch.zeros(1, dtype=torch.long, device=self.device), root_logits)
+        margin = policy.candidate_margin(params)
         for _ in range(1, max_depth):
             # Near the end of the draft's cache the tree just grows less (still exact).
             room = self.draft.max_len - self._dp - tree.n_draft_slots
             if room <= 0:
                 break
-            cand = tree.candidates(threshold, max_depth)
+            cand = tree.candidates(threshold - margin, max_depth)
             vals, idx = cand.topk(min(beams, tree.n_nodes, room))
             n_valid = self._host((vals > NEG_INF).sum())
             if n_valid == 0:
@@ -534,6 +571,17 @@ class Engine:
         if self.auto:
             self._curve = self._prediction_curve(tree, budget)
         return tree.compact(tree.alive_nodes())
+
+    def _grow_static_shape(self, tree: DraftTree, plan, root_logits, expand, stats, runner) -> None:
+        """Sequoia: fill ``plan`` (tree_policy.ShapePlan) level by level, one draft call per level,
+        no host reads."""
+        for level, (nodes, alive) in enumerate(plan.levels):
+            if level == 0:
+                expand(nodes, root_logits, alive)
+                continue
+            if self.draft.max_len - self._dp - tree.n_draft_slots < int(nodes.shape[0]):
+                break   # near the end of the draft's cache the tree just stops growing (still exact)
+            expand(nodes, self._draft_step(tree, nodes, stats, runner), alive)
 
     def _prediction_curve(self, tree: DraftTree, budget: int):
         """(sizes, device int64 values): the expected accepted draft tokens of the best ``size``
@@ -578,11 +626,14 @@ class Engine:
         return vt, (q_rows, cands, valid, n, depth)
 
     # ------------------------------------------------------------------ acceptance
-    def _accept(self, tree: VerifyTree, extra, logits: torch.Tensor, params: SamplingParams, gen) -> _Pass:
+    def _accept(self, tree: VerifyTree, extra, logits: torch.Tensor, params: SamplingParams, gen,
+                walk_noise: Optional[torch.Tensor] = None) -> _Pass:
+        """``walk_noise``: float ``[depths, V]`` Exp(1) noise of the sampled walk, row d for the
+        draws of tree depth d (sampling.PositionNoise)."""
         p = process_logits(logits, params)
         if extra is None or params.greedy:
             # The walk is exact for any tree; for greedy it is what every method reduces to.
-            draws = p.argmax(-1) if params.greedy else sampling.sample(p, gen)
+            draws = p.argmax(-1) if params.greedy else sampling.sample_with_noise(p, walk_noise[tree.depths])
             last = _tree.walk_accept(tree, draws)   # module lookup: tests swap in a broken walk
             bonus = draws[last]
         else:
@@ -598,7 +649,15 @@ class Engine:
         if self._curve is not None:
             parts.append(self._curve[1])
             n_tail = len(self._curve[0])
+        # Tree policy: the acceptance model's evidence rides in the same read (no extra sync).
+        evidence = self.tree_policy.observations(tree, p, params) if self.tree_policy is not None else None
+        if evidence is not None:
+            parts.append(evidence)
         h = self._host(torch.cat(parts))
+        if evidence is not None:
+            n_ev = int(evidence.shape[0])
+            self.tree_policy.update(params, h[len(h) - n_ev:])
+            h = h[:len(h) - n_ev]
         tail = h[len(h) - n_tail:] if n_tail else []
         if h[0]:
             where = "the prompt prefill" if h[0] >= 2 else "a verification pass"

@@ -10,6 +10,7 @@ only host reads are the ones the caller makes explicitly (see ``Engine._host``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,9 @@ class VerifyTree:
     mask: bool ``[n, n]``, ``mask[i, j]`` iff row j is row i or one of its ancestors;
     draft_slots: int64 ``[n]``, the draft tree-region slot holding the row's draft K/V, -1 if the
     draft never ran on it.
+    proposed: what the acceptance model learns from (acceptance.py), or None: every child the
+    draft proposed (pruned ones included), as int64 ``[k]`` triples (row of its parent in this
+    tree or -1 if the parent is not verified, token, feature bin).
     """
 
     tokens: torch.Tensor
@@ -33,6 +37,8 @@ class VerifyTree:
     mask: torch.Tensor
     draft_slots: torch.Tensor
     nodes: torch.Tensor
+    proposed: Optional[tuple] = None
+    depth_bound: Optional[int] = None     # host: no row is deeper (None: unknown, n - 1)
 
     @property
     def n(self) -> int:
@@ -42,8 +48,10 @@ class VerifyTree:
 class DraftTree:
     """Growable tree with a fixed node ``capacity``; all state lives on ``device``.
 
-    tokens / parents / depths int64 ``[C]``, scores float32 ``[C]`` (cumulative draft log-prob,
-    root 0), alive / expanded bool ``[C]``, draft_slot int64 ``[C]`` (-1 = no draft K/V),
+    tokens / parents / depths int64 ``[C]``, scores float32 ``[C]`` (cumulative log-score along
+    the path, root 0: the draft's log-probability, or the acceptance model's calibrated
+    log-acceptance), alive / expanded bool ``[C]``, draft_slot int64 ``[C]`` (-1 = no draft
+    K/V), features int64 ``[C]`` (the acceptance model's bin of the node, -1 = none),
     anc bool ``[C, C]`` (``anc[i, j]``: j is i or an ancestor of i).
     """
 
@@ -58,6 +66,7 @@ class DraftTree:
         self.alive = torch.zeros(c, dtype=torch.bool, device=dev)
         self.expanded = torch.zeros(c, dtype=torch.bool, device=dev)
         self.draft_slot = torch.full((c,), -1, dtype=torch.long, device=dev)
+        self.features = torch.full((c,), -1, dtype=torch.long, device=dev)
         self.anc = torch.zeros(c, c, dtype=torch.bool, device=dev)
         self.draft_order = torch.zeros(c, dtype=torch.long, device=dev)   # draft slot -> node
         self.tokens[0] = torch.as_tensor(root_token, device=dev)
@@ -66,6 +75,7 @@ class DraftTree:
         self.anc[0, 0] = True
         self.n_nodes = 1            # host: nodes ever created
         self.n_draft_slots = 0      # host: draft tree-region slots used
+        self.levels = 0             # host: add_children calls, a bound on the depth
 
     # ------------------------------------------------------------------ growth
     def mark_expanded(self, nodes: torch.Tensor) -> torch.Tensor:
@@ -83,10 +93,13 @@ class DraftTree:
         expanded) may attend to: its ancestors and itself."""
         return self.anc[nodes][:, self.draft_order[:self.n_draft_slots]]
 
-    def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        """Append children: ``parents`` int64 ``[m]``, ``tokens``/``logq`` ``[m, w]`` (draft
-        log-probs of each child given its parent's path). Children with ``logq == -inf`` are
-        created dead. Returns the new node indices ``[m * w]``."""
+    def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, logq: torch.Tensor,
+                     features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Append children: ``parents`` int64 ``[m]``, ``tokens``/``logq`` ``[m, w]`` (log-score of
+        each child given its parent's path: the draft's log-prob, or a calibrated log-acceptance;
+        never above 0, so scores never increase along a path), ``features`` optional int64
+        ``[m, w]`` (acceptance-model bins). Children with ``logq == -inf`` are created dead.
+        Returns the new node indices ``[m * w]``."""
         m, w = tokens.shape
         k = m * w
         if self.n_nodes + k > self.capacity:
@@ -94,6 +107,8 @@ class DraftTree:
         new = torch.arange(self.n_nodes, self.n_nodes + k, device=self.device)
         par = parents.repeat_interleave(w)
         self.tokens[new] = tokens.reshape(-1)
+        if features is not None:
+            self.features[new] = features.reshape(-1)
         self.parents[new] = par
         self.depths[new] = self.depths[par] + 1
         # A broken draft (NaN log-probs) must only cost speed: its children are created dead.
@@ -105,6 +120,7 @@ class DraftTree:
         rows[torch.arange(k, device=self.device), new] = True
         self.anc[new] = rows
         self.n_nodes += k
+        self.levels += 1
         return new
 
     def prune(self, budget: int) -> torch.Tensor:
@@ -139,14 +155,18 @@ class DraftTree:
 
     # ------------------------------------------------------------------ verification
     def compact(self, nodes: torch.Tensor) -> VerifyTree:
-        """The VerifyTree over ``nodes`` (int64 ``[n]``, ascending, ancestor-closed, root first)."""
+        """The VerifyTree over ``nodes`` (int64 ``[n]``, ascending, ancestor-closed, root first),
+        with every proposed child (nodes ``1 .. n_nodes - 1``) as acceptance-model evidence."""
         n = int(nodes.shape[0])
         remap = torch.full((self.n_nodes,), -1, dtype=torch.long, device=self.device)
         remap[nodes] = torch.arange(n, device=self.device)
         par = self.parents[nodes]
         parents = torch.where(par >= 0, remap[par.clamp_min(0)], par)
+        k = self.n_nodes
+        proposed = (remap[self.parents[1:k]], self.tokens[1:k], self.features[1:k])
         return VerifyTree(tokens=self.tokens[nodes], depths=self.depths[nodes], parents=parents,
-                          mask=self.anc[nodes][:, nodes], draft_slots=self.draft_slot[nodes], nodes=nodes)
+                          mask=self.anc[nodes][:, nodes], draft_slots=self.draft_slot[nodes], nodes=nodes,
+                          proposed=proposed, depth_bound=self.levels)
 
     def alive_nodes(self) -> torch.Tensor:
         """Indices of alive nodes, ascending (one host sync: the count)."""
