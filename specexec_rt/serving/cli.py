@@ -42,6 +42,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beams-per-step", type=int, default=None, help="specexec: nodes expanded per draft step")
     p.add_argument("--branch-width", type=int, default=None, help="specexec: children per expanded node")
     p.add_argument("--max-depth", type=int, default=None, help="specexec: maximum tree depth")
+    p.add_argument("--tree", default=None, choices=["calibrated", "softmax", "sequoia"],
+                   help="specexec tree policy: calibrated (default: ranked by acceptance learned from "
+                        "verification), softmax (by the draft's probability), sequoia (optimal static tree)")
     p.add_argument("--k", type=int, default=None, help="chain: draft tokens per pass")
     p.add_argument("--n", type=int, default=None, help="specinfer: root candidates")
     p.add_argument("--depth", type=int, default=None, help="specinfer: chain length per candidate")
@@ -74,7 +77,7 @@ def build_engine(args):
         draft = load_model(args.draft, device=target.device, dtype=target.dtype, max_len=target.max_len,
                            quantize=args.quantize)
     method = args.method or ("specexec" if draft is not None else "autoregressive")
-    params = {k: getattr(args, k) for k in ("beams_per_step", "branch_width", "max_depth", "k", "n", "depth")
+    params = {k: getattr(args, k) for k in ("beams_per_step", "branch_width", "max_depth", "tree", "k", "n", "depth")
               if getattr(args, k) is not None}
     budget = args.budget if args.budget is not None else ("auto" if method == "specexec" else 256)
     engine = Engine(target, draft, method=method, budget=budget, **params)

@@ -19,10 +19,14 @@ Learning, from every verification pass, at no extra host sync: every child the d
 expectation, which has less variance than the realised draw). Per bin (rank class x ``q``
 interval) the model keeps exponentially decayed sums of observations and of their count; the
 engine reads both back with the acceptance result (``observations`` builds them on device).
-The estimate per bin is a Beta-style posterior mean whose prior is the draft's own ``q`` (so an
-untrained model behaves like today's softmax ranking), made non-decreasing in ``q`` within a
-rank class (pool-adjacent-violators), and read off by linear interpolation in ``q`` between bin
-centres, so siblings and cousins keep their draft order inside a bin.
+The estimate per bin is a Beta-style posterior mean whose prior comes from the bin's whole rank
+class: a Platt fit ``a = sigmoid(alpha + beta * logit(q))`` of the class's bins (weighted
+logistic regression, ridge toward ``alpha = 0, beta = 1``, i.e. toward ``a = q``), so an
+untrained model behaves like the softmax ranking and a bin with little data borrows from its
+neighbours (a draft that is always right has every rank-1 bin near 1 after a few passes, not
+only the common ones). The estimates are made non-decreasing in ``q`` within a rank class
+(pool-adjacent-violators) and read off by linear interpolation in ``q`` between bin centres, so
+siblings and cousins keep their draft order inside a bin.
 
 Separate models are kept per sampling configuration (greedy and each temperature / top-p /
 top-k), since acceptance depends on it. The positional marginal (mean acceptance per rank,
@@ -50,6 +54,44 @@ def _centres() -> list:
     return [0.5 * (lo + hi) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def platt_fit(x: Sequence[float], n: Sequence[float], s: Sequence[float], ridge: float,
+              start: tuple = (0.0, 1.0), iters: int = 25) -> tuple[float, float]:
+    """``(alpha, beta)`` maximising ``sum_j s_j log sig(z_j) + (n_j - s_j) log(1 - sig(z_j))`` with
+    ``z_j = alpha + beta x_j``, minus ``ridge / 2 * (alpha^2 + (beta - 1)^2)``: Newton's method on
+    the 2-parameter problem (observations ``n_j`` with fractional successes ``s_j``)."""
+    a, b = start
+    for _ in range(iters):
+        g0, g1 = -ridge * a, -ridge * (b - 1.0)
+        h00 = h01 = h11 = ridge
+        for xj, nj, sj in zip(x, n, s):
+            if nj <= 0:
+                continue
+            sg = _sigmoid(a + b * xj)
+            r = sj - nj * sg
+            w = nj * sg * (1.0 - sg)
+            g0 += r
+            g1 += r * xj
+            h00 += w
+            h01 += w * xj
+            h11 += w * xj * xj
+        det = h00 * h11 - h01 * h01
+        if not det > 1e-12 * h00 * h11:
+            break
+        # Damped steps: separable data (a draft that is always or never right) has no finite
+        # optimum without the ridge, and full Newton steps can overshoot far before it bites.
+        da = max(-4.0, min(4.0, (h11 * g0 - h01 * g1) / det))
+        db = max(-4.0, min(4.0, (h00 * g1 - h01 * g0) / det))
+        # beta >= 0 keeps the map non-decreasing in q.
+        a, b = max(-30.0, min(30.0, a + da)), max(0.0, min(10.0, b + db))
+        if abs(da) + abs(db) < 1e-6:
+            break
+    return a, b
+
+
 def pool_adjacent_violators(values: Sequence[float], weights: Sequence[float]) -> list:
     """The non-decreasing sequence closest to ``values`` in weighted least squares."""
     blocks: list = []     # [mean, weight, length]
@@ -68,22 +110,26 @@ def pool_adjacent_violators(values: Sequence[float], weights: Sequence[float]) -
 class AcceptanceModel:
     """P(child accepted | parent reached) as a function of (rank, q), learned online.
 
-    prior_strength: pseudo-observations of the prior (``a = q``) per bin.
+    prior_strength: pseudo-observations of the prior (the rank class's Platt fit) per bin.
+    ridge: strength of the Platt fit's pull toward ``a = q``, in observations.
     decay: per-pass factor on the accumulated observations (1 = never forget).
     device: where the lookup table lives (the draft's device).
     """
 
-    def __init__(self, device="cpu", prior_strength: float = 4.0, decay: float = 0.97):
+    def __init__(self, device="cpu", prior_strength: float = 2.0, ridge: float = 1.0, decay: float = 0.97):
         if not (prior_strength > 0):
             raise ValueError(f"prior_strength must be > 0, got {prior_strength}")
         if not (0.0 < decay <= 1.0):
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.device = torch.device(device)
         self.prior_strength = float(prior_strength)
+        self.ridge = float(ridge)
         self.decay = float(decay)
         self.n_q = len(Q_EDGES) + 1
         self.n_bins = N_RANK_CLASSES * self.n_q
         self.centres = _centres()
+        self._logits = [math.log(c / (1.0 - c)) for c in self.centres]
+        self._platt = [(0.0, 1.0)] * N_RANK_CLASSES
         self.counts = [0.0] * self.n_bins          # decayed number of observations per bin
         self.sums = [0.0] * self.n_bins            # decayed sum of p_parent(child) per bin
         self.passes = 0
@@ -99,9 +145,11 @@ class AcceptanceModel:
         out = []
         for r in range(N_RANK_CLASSES):
             means, weights = [], []
+            alpha, beta = self._platt[r]
             for j in range(self.n_q):
                 b = r * self.n_q + j
-                means.append((self.sums[b] + k * self.centres[j]) / (self.counts[b] + k))
+                prior = _sigmoid(alpha + beta * self._logits[j])
+                means.append((self.sums[b] + k * prior) / (self.counts[b] + k))
                 weights.append(self.counts[b] + k)
             out.append([min(1.0, max(MIN_ACCEPT, v)) for v in pool_adjacent_violators(means, weights)])
         return out
@@ -130,6 +178,11 @@ class AcceptanceModel:
         return float(self._table.max())
 
     def _refresh(self) -> None:
+        nq = self.n_q
+        for r in range(N_RANK_CLASSES):
+            n, s = self.counts[r * nq:(r + 1) * nq], self.sums[r * nq:(r + 1) * nq]
+            if sum(n) > 0:
+                self._platt[r] = platt_fit(self._logits, n, s, self.ridge, start=self._platt[r])
         self._table = torch.tensor(self.bin_estimates(), dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ device side

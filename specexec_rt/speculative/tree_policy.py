@@ -176,7 +176,8 @@ class TreePolicy:
 
         vec = self.vector(params)
         n = 1 + min(budget, max_nodes(len(vec), max_depth) - 1)
-        return plan_shape(optimal_shape(vec, n, max_depth), len(vec), self.device)
+        # Children are created branch_width at a time (all ranks are evidence for the model).
+        return plan_shape(optimal_shape(vec, n, max_depth), self.width, self.device)
 
     # ------------------------------------------------------------------ learning
     def observations(self, tree, p: torch.Tensor, params: SamplingParams) -> Optional[torch.Tensor]:
