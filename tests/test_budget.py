@@ -85,6 +85,33 @@ def test_adapts_when_the_history_shifts():
     assert bad[-1] <= good[-1] // 4, (good, bad)
 
 
+def depth_run(call_s: float, target_s: float, passes: int = 10, max_depth: int = 32) -> list:
+    """Depths chosen when level d of the tree carries 0.9**d expected accepted tokens and a pass
+    costs ``call_s`` per draft call (one per level) plus ``target_s``."""
+    ctrl = BudgetController(64, max_depth=max_depth)
+    chosen = []
+    for _ in range(passes):
+        b, depth = ctrl.plan(64)
+        chosen.append(depth)
+        mass = [0.9 ** d if d <= depth else 0.0 for d in range(1, max_depth + 1)]
+        pts = ctrl.eval_points(b, 8 * b)
+        curve = [2 * math.log2(1 + p) for p in pts]          # big trees pay: the budget climbs to 64
+        ctrl.observe(b, b + 1, depth, call_s * depth, target_s, pts, curve + mass, round(sum(mass)))
+    return chosen
+
+
+def test_depth_weighs_each_level_against_a_draft_call():
+    """A level is kept iff the tokens it is expected to add pay for its draft call: cheap calls
+    next to an expensive target pass (an offloaded target) keep deep trees, expensive calls (a
+    CPU draft as costly as the target) make them shallow."""
+    cheap = depth_run(call_s=0.025, target_s=1.4)
+    costly = depth_run(call_s=0.3, target_s=0.5)
+    assert cheap[0] == costly[0] == 16                   # before costs are measured: the cap (<= budget)
+    assert cheap[-1] >= 18 and costly[-1] <= 8, (cheap, costly)
+    ctrl = BudgetController(64)
+    assert ctrl.level_threshold() is None
+
+
 def test_cost_model_override_replaces_measured_times():
     seen = []
     ctrl = BudgetController(64, cost_model=lambda b, n, calls: (seen.append((b, n, calls)) or (0.0, 1.0)))

@@ -585,15 +585,21 @@ class Engine:
 
     def _prediction_curve(self, tree: DraftTree, budget: int):
         """(sizes, device int64 values): the expected accepted draft tokens of the best ``size``
-        nodes created (sum of their path probabilities), at the controller's sizes; scaled to
-        integers so they ride in the acceptance packet (budget.py)."""
+        nodes created (sum of their path probabilities), at the controller's sizes, then the
+        expected accepted tokens at each depth 1..max_depth of the tree verified (the controller
+        weighs each level against the cost of its draft call); scaled to integers so they ride
+        in the acceptance packet (budget.py)."""
         n = tree.n_nodes - 1
         pts = self.budget_controller.eval_points(budget, n)
         if not pts:
             return None
-        cum = tree.scores[1:n + 1].exp().sort(descending=True).values.cumsum(0)
+        prob = tree.scores[1:n + 1].exp()
+        cum = prob.sort(descending=True).values.cumsum(0)
         vals = cum[torch.tensor([p - 1 for p in pts], device=self.device)]
-        return pts, (vals * _CURVE_SCALE).round().long()
+        depths = tree.depths[1:n + 1].clamp_max(self.params["max_depth"])
+        at_depth = torch.zeros(self.params["max_depth"] + 1, device=self.device).index_add_(
+            0, depths, prob * tree.alive[1:n + 1])[1:]
+        return pts, (torch.cat([vals, at_depth]) * _CURVE_SCALE).round().long()
 
     def _grow_chains(self, root: int, params: SamplingParams, gen, n: int, depth: int, stats):
         """``n`` root candidates (greedy: the draft's top-n; sampling: drawn without replacement
@@ -648,7 +654,7 @@ class Engine:
         n_tail = 0
         if self._curve is not None:
             parts.append(self._curve[1])
-            n_tail = len(self._curve[0])
+            n_tail = int(self._curve[1].shape[0])
         # Tree policy: the acceptance model's evidence rides in the same read (no extra sync).
         evidence = self.tree_policy.observations(tree, p, params) if self.tree_policy is not None else None
         if evidence is not None:
