@@ -87,8 +87,9 @@ def forward_bytes(model, n_q: int, n_k: int, logits_rows: Optional[int] = None) 
 
 
 def draft_tree_bytes(capacity: int, expand_rows: int) -> int:
-    """``DraftTree`` of ``capacity`` nodes: the bool ancestor matrix, prune's same-sized
-    temporary, ``add_children``'s ``[expand_rows, capacity]`` row copy, per-node vectors."""
+    """``DraftTree`` of ``capacity`` nodes: the bool ancestor matrix, the old one while it grows
+    (storage doubles on demand), ``add_children``'s ``[expand_rows, capacity]`` row copy,
+    per-node vectors."""
     return int(2 * capacity * capacity + expand_rows * capacity + 64 * capacity)
 
 

@@ -55,10 +55,29 @@ class DraftTree:
     anc bool ``[C, C]`` (``anc[i, j]``: j is i or an ancestor of i).
     """
 
+    # Storage starts at this many nodes and doubles on demand up to ``capacity``: a pass rarely
+    # creates its worst case (1 + depth * beams * width nodes), and ``anc`` is quadratic in it.
+    INITIAL_NODES = 1024
+
     def __init__(self, capacity: int, device, root_token) -> None:
         self.capacity = int(capacity)
         self.device = torch.device(device)
-        c, dev = self.capacity, self.device
+        self._allocate(min(self.capacity, self.INITIAL_NODES))
+        dev = self.device
+        self.tokens[0] = torch.as_tensor(root_token, device=dev)
+        self.scores[0] = 0.0
+        self.alive[0] = True
+        self.anc[0, 0] = True
+        self.n_nodes = 1            # host: nodes ever created
+        self.n_draft_slots = 0      # host: draft tree-region slots used
+        self.levels = 0             # host: add_children calls, a bound on the depth
+
+    def _allocate(self, c: int) -> None:
+        """(Re)allocate storage for ``c`` nodes, keeping what the first ``n_nodes`` hold."""
+        dev = self.device
+        old = {name: getattr(self, name) for name in ("tokens", "parents", "depths", "scores", "alive",
+                                                       "expanded", "draft_slot", "features", "anc",
+                                                       "draft_order")} if hasattr(self, "anc") else None
         self.tokens = torch.zeros(c, dtype=torch.long, device=dev)
         self.parents = torch.full((c,), -1, dtype=torch.long, device=dev)
         self.depths = torch.zeros(c, dtype=torch.long, device=dev)
@@ -69,13 +88,16 @@ class DraftTree:
         self.features = torch.full((c,), -1, dtype=torch.long, device=dev)
         self.anc = torch.zeros(c, c, dtype=torch.bool, device=dev)
         self.draft_order = torch.zeros(c, dtype=torch.long, device=dev)   # draft slot -> node
-        self.tokens[0] = torch.as_tensor(root_token, device=dev)
-        self.scores[0] = 0.0
-        self.alive[0] = True
-        self.anc[0, 0] = True
-        self.n_nodes = 1            # host: nodes ever created
-        self.n_draft_slots = 0      # host: draft tree-region slots used
-        self.levels = 0             # host: add_children calls, a bound on the depth
+        self.allocated = c
+        if old is not None:
+            n = self.n_nodes
+            for name, t in old.items():
+                if name == "anc":
+                    self.anc[:n, :n] = t[:n, :n]
+                elif name == "draft_order":
+                    self.draft_order[:self.n_draft_slots] = t[:self.n_draft_slots]
+                else:
+                    getattr(self, name)[:n] = t[:n]
 
     # ------------------------------------------------------------------ growth
     def mark_expanded(self, nodes: torch.Tensor) -> torch.Tensor:
@@ -104,6 +126,8 @@ class DraftTree:
         k = m * w
         if self.n_nodes + k > self.capacity:
             raise RuntimeError(f"DraftTree capacity {self.capacity} exceeded ({self.n_nodes} + {k} nodes)")
+        if self.n_nodes + k > self.allocated:
+            self._allocate(min(self.capacity, max(2 * self.allocated, self.n_nodes + k)))
         new = torch.arange(self.n_nodes, self.n_nodes + k, device=self.device)
         par = parents.repeat_interleave(w)
         self.tokens[new] = tokens.reshape(-1)
@@ -124,12 +148,14 @@ class DraftTree:
         return new
 
     def prune(self, budget: int) -> torch.Tensor:
-        """Keep the root and the ``budget`` best other nodes by score, then drop any node with a
-        dead ancestor (ties can split a parent from its equally scored child), so the alive set
-        is ancestor-closed. Returns the score of the ``budget``-th best node, -inf when the tree
-        has room (0-dim float, on device)."""
+        """Keep the root and the ``budget`` best other nodes by score. Ties are broken toward
+        shallower nodes (the key is ``score - 1e-9 * depth`` in float64), so every ancestor of a
+        kept node has a strictly larger key and is kept too: the alive set stays ancestor-closed
+        with no quadratic check. Returns the score of the ``budget``-th best node, -inf when the
+        tree has room (0-dim float, on device)."""
         n = self.n_nodes
-        key = torch.where(self.alive[:n], self.scores[:n], torch.full_like(self.scores[:n], NEG_INF))
+        key = self.scores[:n].double() - 1e-9 * self.depths[:n].double()
+        key = torch.where(self.alive[:n], key, torch.full_like(key, NEG_INF))
         key[0] = NEG_INF
         k = min(budget, n - 1)
         keep = torch.zeros(n, dtype=torch.bool, device=self.device)
@@ -139,10 +165,10 @@ class DraftTree:
             keep[idx] = vals > NEG_INF
             # With fewer than ``budget`` live nodes topk also returns the root (key -inf).
             keep[0] = True
-            full = vals[-1] if n - 1 >= budget else torch.tensor(NEG_INF, device=self.device)
+            full = self.scores[idx[-1]] if n - 1 >= budget else torch.tensor(NEG_INF, device=self.device)
+            full = torch.where(vals[-1] > NEG_INF, full, torch.full_like(full, NEG_INF))
         else:
             full = torch.tensor(float("inf") if budget == 0 else NEG_INF, device=self.device)
-        keep &= ~(self.anc[:n, :n] & ~keep[None, :]).any(-1)
         self.alive[:n] = keep
         return full
 
