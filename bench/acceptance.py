@@ -40,6 +40,11 @@ PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "Explain how a rainbow forms, step by step.",
     "def quicksort(arr):",
+    "Give me three tips for staying focused while studying.",
+    "Write a polite email asking my landlord to fix the heating.",
+    "What is the difference between a virus and a bacterium?",
+    "Summarize the plot of Romeo and Juliet in a few sentences.",
+    "Write a Python function that checks whether a string is a palindrome.",
 ]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ALL_METHODS = "calibrated,softmax,softmax-T,sequoia,specinfer,chain"
@@ -80,6 +85,19 @@ def weight_bytes(model) -> int:
     return sum(weights_nbytes(lw) for lw in w.layers) + w.lm_head.numel() * w.lm_head.element_size()
 
 
+def copy_bandwidth_gbps(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Memory-copy bandwidth of this machine right now (read + write bytes per second, median):
+    the roofline of a pass that reads every weight once."""
+    src = torch.empty(n_bytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * n_bytes / sorted(times)[repeats // 2] / 1e9
+
+
 def run_one(target, draft, tok, method, budget, prompts, args, reference) -> dict:
     from specexec_rt.speculative.engine import Engine
 
@@ -98,10 +116,12 @@ def run_one(target, draft, tok, method, budget, prompts, args, reference) -> dic
         new, passes, calls = new + s.new_tokens, passes + s.target_passes, calls + s.draft_calls
         tree_tokens += s.tree_tokens
         draft_s, target_s = draft_s + s.draft_seconds, target_s + s.target_seconds
+    # Weight bytes read per second: every target pass and every draft call reads all weights once.
+    streamed = weight_bytes(target) * passes + (weight_bytes(draft) * calls if draft is not None else 0)
     row = dict(budget=budget, method=method, params={k: v for k, v in kw.items() if k != "method"},
                tokens_per_pass=new / passes, new_tokens=new, passes=passes, draft_calls=calls,
                tree_tokens=tree_tokens, draft_s=draft_s, target_s=target_s, wall_s=wall,
-               tokens_per_s=new / wall)
+               tokens_per_s=new / wall, weights_gbps=streamed / wall / 1e9)
     if engine.tree_policy is not None and engine.tree_policy.models:
         model = next(iter(engine.tree_policy.models.values()))
         row["rank_acceptance"] = [round(x, 4) for x in model.rank_acceptance(8)]
@@ -206,6 +226,9 @@ def write_outputs(all_rows: list, meta: dict, tag: str) -> None:
         md += [""] + ratio_lines(rows)
         md += ["", f"### {draft} draft, {mode}: CPU tokens/s (wall-clock; baseline: autoregressive "
                    f"{meta['ar_tokens_per_s']:.2f} tok/s in the same run)", ""] + table(rows, "tokens_per_s", ".2f")
+        md += ["", f"### {draft} draft, {mode}: weights read, GB/s (roofline: memory copy "
+                   f"{meta['copy_gbps']:.1f} GB/s in the same run; autoregressive "
+                   f"{meta['ar_gbps']:.2f} GB/s)", ""] + table(rows, "weights_gbps", ".2f")
         md += ["", f"### {draft} draft, {mode}: draft calls per target pass", ""]
         for r in rows:
             r["calls_per_pass"] = r["draft_calls"] / r["passes"]
@@ -245,6 +268,21 @@ def write_outputs(all_rows: list, meta: dict, tag: str) -> None:
     print(f"wrote {png}")
 
 
+def render(paths: list, tag: str) -> None:
+    """One table and plot from the rows of several runs (e.g. run in parallel per draft)."""
+    rows, metas = [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        rows += data["rows"]
+        metas.append(data["meta"])
+    meta = dict(metas[0])
+    meta["argv"] = "; ".join(f"`{m['argv']}`" for m in metas).strip("`")
+    meta["run_minutes"] = sum(m.get("run_minutes", 0) for m in metas)
+    meta["agreement"] = next((m["agreement"] for m in metas if m.get("agreement")), [])
+    write_outputs(rows, meta, tag)
+
+
 def _commit() -> str:
     import subprocess
 
@@ -273,12 +311,19 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="rows file (default bench/results/acceptance[-tag].json)")
     ap.add_argument("--tag", default=None, help="output name suffix (default: quick for --quick)")
+    ap.add_argument("--render", default=None,
+                    help="comma-separated JSON row files of earlier runs: write their merged table and plot only")
     args = ap.parse_args(argv)
+    if args.render:
+        render(args.render.split(","), args.tag if args.tag is not None else "")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else (
         [8, 32, 128] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024])
     args.prompts = args.prompts or (1 if args.quick else 3)
+    if not 1 <= args.prompts <= len(PROMPTS):
+        raise SystemExit(f"--prompts must be in [1, {len(PROMPTS)}]")
     args.max_new_tokens = args.max_new_tokens or (24 if args.quick else 64)
     tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
     methods = []
@@ -297,15 +342,23 @@ def main(argv=None) -> None:
               # The target's own layers and weights with a cache of its own: always right (greedy).
               "identical": lambda: layer_dropped_draft(target, range(target.config.n_layers))}
     tok = load_tokenizer(target)
-    prompts = [prompt_ids(tok, p) for p in (PROMPTS * 4)[:args.prompts]]
+    prompts = [prompt_ids(tok, p) for p in PROMPTS[:args.prompts]]
     agreement = draft_agreement(target, tok, prompts) if args.drafts else []
     ar = Engine(target, method="autoregressive", tokenizer=tok)
     t0 = time.perf_counter()
     reference = [ar.generate(p, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              seed=i).token_ids for i, p in enumerate(prompts)]
-    ar_tps = len(prompts) * args.max_new_tokens / (time.perf_counter() - t0)
+    ar_s = time.perf_counter() - t0
+    ar_tps = len(prompts) * args.max_new_tokens / ar_s
+    ar_gbps = weight_bytes(target) * len(prompts) * args.max_new_tokens / ar_s / 1e9
+    copy_gbps = copy_bandwidth_gbps()
     rows = load_rows(json_path)
     done = {_key(r) for r in rows}
+    meta = dict(machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+                max_new_tokens=args.max_new_tokens, prompts=args.prompts, chain_cap=args.chain_cap,
+                argv=" ".join(argv if argv is not None else sys.argv[1:]), commit=_commit(),
+                date=time.strftime("%Y-%m-%d"), ar_tokens_per_s=ar_tps, ar_gbps=ar_gbps, copy_gbps=copy_gbps,
+                target_weight_bytes=weight_bytes(target))
     for draft_name in args.draft.split(","):
         draft = drafts[draft_name]()
         for budget in budgets:
@@ -319,11 +372,6 @@ def main(argv=None) -> None:
                       f"{row['tokens_per_s']:6.2f} tok/s ({row['draft_calls'] / row['passes']:.1f} draft calls/pass, "
                       f"draft {row['draft_s']:.1f}s, target {row['target_s']:.1f}s)", flush=True)
                 rows = [r for r in load_rows(json_path) if _key(r) != key] + [row]   # other processes may append
-                meta = dict(machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-                            max_new_tokens=args.max_new_tokens, prompts=args.prompts, chain_cap=args.chain_cap,
-                            argv=" ".join(argv if argv is not None else sys.argv[1:]), commit=_commit(),
-                            date=time.strftime("%Y-%m-%d"), ar_tokens_per_s=ar_tps,
-                            target_weight_bytes=weight_bytes(target))
                 save_rows(json_path, rows, meta)
     meta["run_minutes"] = (time.perf_counter() - t_start) / 60
     meta["agreement"] = agreement

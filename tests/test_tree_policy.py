@@ -100,3 +100,15 @@ def test_sequoia_uses_the_given_vector_and_learns_otherwise():
     vec = learned.tree_policy.vector(GREEDY)
     assert len(vec) == 4 and learned.tree_policy.model(GREEDY).passes > 0
     assert vec[0] > vec[1] and sum(vec) <= 1.0 + 1e-9
+
+
+def test_margin_feature_separates_a_dominant_top_token_from_a_near_tie():
+    """The acceptance model reads each child's probability re-normalised over its siblings at
+    T = 0.5: the same q = 0.5 reads near 1 when the runner-up is far behind, near 0.5 in a tie."""
+    from specexec_rt.speculative.tree_policy import margin_feature
+
+    q = torch.tensor([[0.5, 0.05, 0.05, 0.05], [0.5, 0.45, 0.02, 0.01]])
+    x = margin_feature(q.log()).exp()
+    assert x[0, 0] > 0.95 and 0.5 < x[1, 0] < 0.6
+    torch.testing.assert_close(x.sum(-1), torch.ones(2))
+    assert (x[:, :-1] >= x[:, 1:]).all()          # rank order kept

@@ -531,7 +531,9 @@ class Engine:
         temp = policy.draft_temperature(params)
         plan = policy.sequoia_plan(params, budget, max_depth) if policy.name == "sequoia" else None
         if plan is not None:
-            beams = plan.beams
+            # A static draft step pads to a power of two: shapes re-planned as the vector is
+            # learned reuse the same runner (and CUDA graph).
+            beams = 1 << (plan.beams - 1).bit_length()
         runner = self._static_runner(beams)
         tree = DraftTree(plan.capacity if plan else 1 + max_depth * beams * width, self.device, root)
 
@@ -656,7 +658,8 @@ class Engine:
             parts.append(self._curve[1])
             n_tail = int(self._curve[1].shape[0])
         # Tree policy: the acceptance model's evidence rides in the same read (no extra sync).
-        evidence = self.tree_policy.observations(tree, p, params) if self.tree_policy is not None else None
+        evidence = (self.tree_policy.observations(tree, p, params, tree.mask[last])
+                    if self.tree_policy is not None else None)
         if evidence is not None:
             parts.append(evidence)
         h = self._host(torch.cat(parts))

@@ -109,6 +109,11 @@ def pass_bytes(engine, budget: Optional[int] = None, sampled: bool = True) -> in
         beams = p["beams_per_step"] if engine._user_beams or not engine.auto else min(b, 32)
         width, depth = p["branch_width"], p["max_depth"]
         capacity = 1 + depth * beams * width
+        if p.get("tree") == "sequoia":
+            # A static shape expands each of its <= budget + 1 nodes at most once, but one level
+            # (one draft step) may hold up to budget nodes.
+            beams = b
+            capacity = 1 + (b + 1) * width
         verify_rows = 1 + b
         # One draft step: beams new tokens, logits, log-softmax and top-k over them.
         draft = draft_tree_bytes(capacity, beams * width) \

@@ -30,6 +30,8 @@ POLICIES = ("calibrated", "softmax", "sequoia")
 POLICY_PARAMS = ("tree", "growth_temperature", "acceptance")
 DEFAULT_MAX_DEPTH = {"calibrated": 32, "softmax": 16, "sequoia": 32}
 SEQUOIA_REFRESH = 0.02      # re-plan a Sequoia shape when a rank's rate moved by more than this
+# Evidence: children of every verified parent ("verified"), or of reached parents only ("reached").
+EVIDENCE = "verified"
 
 
 def set_defaults(p: dict) -> dict:
@@ -59,6 +61,17 @@ def set_defaults(p: dict) -> dict:
                              f"summing to at most 1 (distinct siblings are accepted exclusively), got {vals}")
         p["acceptance"] = tuple(vals)
     return p
+
+
+FEATURE_TEMPERATURE: Optional[float] = 0.5
+
+
+def margin_feature(logq: torch.Tensor) -> torch.Tensor:
+    """log of the draft probability the acceptance model reads, ``[m, w]``: each child's
+    probability re-normalised over its siblings at temperature FEATURE_TEMPERATURE,
+    ``q^(1/T) / sum_siblings q^(1/T)``. At T = 0.5 it is near 1 for a top token far ahead of the
+    runner-up and near 0.5 for a near-tie, where ``q`` alone can be 0.5 in both cases."""
+    return torch.log_softmax(logq / FEATURE_TEMPERATURE, dim=-1)
 
 
 @dataclass
@@ -127,6 +140,7 @@ class TreePolicy:
         self.growth_temperature = growth_temperature
         self.fixed_vector = None if acceptance is None else tuple(float(x) for x in acceptance)
         self.models: dict = {}            # SamplingParams -> AcceptanceModel
+        self.evidence = EVIDENCE
         self._vectors: dict = {}          # SamplingParams -> the Sequoia vector in use
 
     # ------------------------------------------------------------------ growth
@@ -145,10 +159,11 @@ class TreePolicy:
         """(log-scores, feature bins) of the top-``w`` children of ``m`` expanded nodes, from the
         draft's log-probs ``logq`` float ``[m, w]`` (rank order): both ``[m, w]``."""
         model = self.model(params)
-        feats = model.features(logq)
+        x = margin_feature(logq) if FEATURE_TEMPERATURE is not None else logq
+        feats = model.features(x)
         if self.name == "softmax":
             return logq, feats
-        return model.log_accept(logq), feats
+        return model.log_accept(x), feats
 
     def candidate_margin(self, params: SamplingParams) -> float:
         """log of the best acceptance a child can get (<= 0): a node whose score plus this cannot
@@ -180,12 +195,16 @@ class TreePolicy:
         return plan_shape(optimal_shape(vec, n, max_depth), self.width, self.device)
 
     # ------------------------------------------------------------------ learning
-    def observations(self, tree, p: torch.Tensor, params: SamplingParams) -> Optional[torch.Tensor]:
+    def observations(self, tree, p: torch.Tensor, params: SamplingParams,
+                     reached: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The pass's evidence for the acceptance model (int64 device tensor), or None when the
-        tree carries none (other methods)."""
+        tree carries none (other methods). ``reached``: bool ``[n]``, the rows the walk reached
+        (the accepted path and the root); with ``evidence="reached"`` only their children count."""
         if tree.proposed is None:
             return None
         rows, tokens, bins = tree.proposed
+        if self.evidence == "reached" and reached is not None:
+            rows = torch.where(reached[rows.clamp_min(0)] & (rows >= 0), rows, torch.full_like(rows, -1))
         return self.model(params).observations(p, rows, tokens, bins)
 
     def update(self, params: SamplingParams, packet: Sequence[int]) -> None:
