@@ -52,6 +52,10 @@ def test_identical_draft_grows_chains(identical_pair, tree):
     res = run(engine, 4 * (depth + 1))
     assert res.token_ids == want
     assert res.stats.tokens_per_pass_histogram == {depth + 1: 4}
+    # The rates are known by construction (greedy: the top child always, the others never), and
+    # the model learned them through the engine.
+    vec = engine.tree_policy.model(GREEDY).rank_acceptance(4)
+    assert vec[0] > 0.95 and max(vec[1:]) < 0.05, vec
     # A larger budget still puts the chain first: the target's "0.9 x (depth limit + 1)".
     engine = Engine(target, draft, method="specexec", budget=64, max_depth=16, tree=tree)
     res = run(engine, 5 * 17)
@@ -112,3 +116,17 @@ def test_margin_feature_separates_a_dominant_top_token_from_a_near_tie():
     assert x[0, 0] > 0.95 and 0.5 < x[1, 0] < 0.6
     torch.testing.assert_close(x.sum(-1), torch.ones(2))
     assert (x[:, :-1] >= x[:, 1:]).all()          # rank order kept
+
+
+def test_a_pass_with_non_finite_logits_teaches_nothing():
+    """A target that produces NaN logits raises (test_robustness.py); the evidence of that pass
+    must not reach the acceptance model, which outlives the request."""
+    from specexec_rt.errors import NonFiniteLogitsError
+
+    target, draft = make_pair(noise=0.3)
+    target.weights.lm_head[7] = float("nan")
+    engine = Engine(target, draft, method="specexec", budget=16, max_depth=6)
+    with pytest.raises(NonFiniteLogitsError):
+        engine.generate(PROMPT, max_new_tokens=10)
+    model = engine.tree_policy.model(GREEDY)
+    assert model.passes == 0 and sum(model.counts) == 0 and sum(model.sums) == 0

@@ -10,8 +10,10 @@ and a node is accepted iff its whole path is. The draft's own probability ``q(c)
 stand-in for ``p(c)``: with greedy verification a draft that agrees with the target's argmax
 73% of the time gives its top token ``q`` of 0.3-0.6, so a search ranked by ``q`` spends the
 budget on siblings instead of depth. This model maps what the draft knows about a child (its
-rank among its siblings and its probability ``q``) to the acceptance probability verification
-actually shows, and the SpecExec search ranks nodes by the product of those along the path.
+rank among its siblings and a probability ``q``: tree_policy.py passes the draft's probability
+renormalised over the siblings at temperature 0.5, which also reflects the margin over the
+runner-up) to the acceptance probability verification actually shows, and the SpecExec search
+ranks nodes by the product of those along the path.
 
 Learning, from every verification pass, at no extra host sync: every child the draft proposed
 (pruned ones included) whose parent was verified is one observation, valued at exactly

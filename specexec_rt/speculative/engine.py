@@ -663,10 +663,10 @@ class Engine:
         if evidence is not None:
             parts.append(evidence)
         h = self._host(torch.cat(parts))
+        evidence_packet = None
         if evidence is not None:
             n_ev = int(evidence.shape[0])
-            self.tree_policy.update(params, h[len(h) - n_ev:])
-            h = h[:len(h) - n_ev]
+            evidence_packet, h = h[len(h) - n_ev:], h[:len(h) - n_ev]
         tail = h[len(h) - n_tail:] if n_tail else []
         if h[0]:
             where = "the prompt prefill" if h[0] >= 2 else "a verification pass"
@@ -674,6 +674,8 @@ class Engine:
                 f"the target model produced NaN/inf logits in {where} (method={self.method}); its weights "
                 f"or activations are not finite (a corrupt checkpoint, or an overflow in a low-precision "
                 f"dtype)")
+        if evidence_packet is not None:     # only finite passes teach the tree policy
+            self.tree_policy.update(params, evidence_packet)
         m, bonus_tok, rest = h[1], h[2], h[3:]
         n = len(rows)
         return _Pass(tokens=rest[:m + 1], draft_slots=rest[n:n + m + 1], rows=rest[2 * n:2 * n + m + 1],

@@ -30,8 +30,12 @@ POLICIES = ("calibrated", "softmax", "sequoia")
 POLICY_PARAMS = ("tree", "growth_temperature", "acceptance")
 DEFAULT_MAX_DEPTH = {"calibrated": 32, "softmax": 16, "sequoia": 32}
 SEQUOIA_REFRESH = 0.02      # re-plan a Sequoia shape when a rank's rate moved by more than this
-# Evidence: children of every verified parent ("verified"), or of reached parents only ("reached").
+# Evidence: children of every verified parent ("verified"), or of reached parents only
+# ("reached": unbiased, a tenth of the data; measured 5.26 vs 5.55 tokens/pass at budget 64).
 EVIDENCE = "verified"
+# The acceptance model reads each child's probability renormalised over its siblings at this
+# temperature (``margin_feature``; 6.02 vs 5.55 tokens/pass with the raw q at budget 64).
+FEATURE_TEMPERATURE = 0.5
 
 
 def set_defaults(p: dict) -> dict:
@@ -61,9 +65,6 @@ def set_defaults(p: dict) -> dict:
                              f"summing to at most 1 (distinct siblings are accepted exclusively), got {vals}")
         p["acceptance"] = tuple(vals)
     return p
-
-
-FEATURE_TEMPERATURE: Optional[float] = 0.5
 
 
 def margin_feature(logq: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,7 @@ class TreePolicy:
         """(log-scores, feature bins) of the top-``w`` children of ``m`` expanded nodes, from the
         draft's log-probs ``logq`` float ``[m, w]`` (rank order): both ``[m, w]``."""
         model = self.model(params)
-        x = margin_feature(logq) if FEATURE_TEMPERATURE is not None else logq
+        x = margin_feature(logq)
         feats = model.features(x)
         if self.name == "softmax":
             return logq, feats
