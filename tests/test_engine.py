@@ -50,6 +50,11 @@ GREEDY_CASES = [
     ("specinfer", 4, dict(n=2, depth=2)), ("specinfer", 12, dict(n=4, depth=3)),
     ("specexec", 1, dict()), ("specexec", 8, dict()), ("specexec", 32, dict(beams_per_step=4, branch_width=3)),
     ("specexec", 128, dict(beams_per_step=16, branch_width=8, max_depth=10)),
+    # Tree policies (tree_policy.py): the default above is "calibrated".
+    ("specexec", 32, dict(tree="softmax", beams_per_step=4, branch_width=3)),
+    ("specexec", 24, dict(tree="softmax", growth_temperature=0.5)),
+    ("specexec", 8, dict(tree="sequoia")), ("specexec", 64, dict(tree="sequoia", branch_width=4, max_depth=12)),
+    ("specexec", 16, dict(tree="sequoia", acceptance=[0.6, 0.2, 0.1], max_depth=5)),
 ]
 
 
@@ -66,7 +71,7 @@ def test_greedy_equals_greedy_decode(method, budget, params, pair):
     s = res.stats
     assert s.new_tokens == 48 and s.target_passes == sum(s.tokens_per_pass_histogram.values())
     assert sum(k * v for k, v in s.tokens_per_pass_histogram.items()) >= 48
-    depth = params.get("max_depth", 16) if method == "specexec" else 1
+    depth = engine.params["max_depth"] if method == "specexec" else 1
     assert s.max_syncs_per_pass <= depth + 2       # one per draft step + alive count + result
     if pair == "close" and budget >= 8:
         assert s.tokens_per_pass > 1.5              # the draft is actually used
@@ -130,8 +135,13 @@ def first_two_counts(engine: Engine, params: SamplingParams, runs: int = N_RUNS)
 SAMPLING_ENGINES = {
     "chain": dict(budget=2, k=2),
     "specinfer": dict(budget=6, n=3, depth=2),
-    "specexec": dict(budget=8, beams_per_step=4, branch_width=4, max_depth=3),
+    "specexec": dict(budget=8, beams_per_step=4, branch_width=4, max_depth=3),     # tree="calibrated"
+    "specexec-sequoia": dict(budget=8, branch_width=4, max_depth=3, tree="sequoia"),
 }
+
+
+def make_engine(target, draft, name: str) -> Engine:
+    return Engine(target, draft, method=name.split("-")[0], **SAMPLING_ENGINES[name])
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +156,7 @@ def test_sampling_matches_target_distribution(sampling_pair, method, temperature
     target, draft = sampling_pair
     params = SamplingParams(temperature, top_p)
     exact = exact_first_two(target, params)
-    counts = first_two_counts(Engine(target, draft, method=method, **SAMPLING_ENGINES[method]), params)
+    counts = first_two_counts(make_engine(target, draft, method), params)
     assert chi2_pvalue(counts, exact) > 1e-3
 
 
@@ -168,13 +178,13 @@ def test_broken_acceptance_fails_the_same_check(sampling_pair, method, monkeypat
     instead of the target's draws) must fail the distribution check above."""
     target, draft = sampling_pair
     params = SamplingParams(1.0, 1.0)
-    if method == "specexec":
+    if method.startswith("specexec"):
         monkeypatch.setitem(tree_mod.__dict__, "_real_walk", tree_mod.walk_accept)
         monkeypatch.setattr(tree_mod, "walk_accept", _walk_follows_draft)
     else:
         monkeypatch.setattr(sampling, "ratio_accept", _accept_everything)
     exact = exact_first_two(target, params)
-    counts = first_two_counts(Engine(target, draft, method=method, **SAMPLING_ENGINES[method]), params)
+    counts = first_two_counts(make_engine(target, draft, method), params)
     assert chi2_pvalue(counts, exact) < 1e-6
 
 
@@ -182,9 +192,26 @@ def test_seed_reproducible_and_seeds_differ():
     target, draft = make_pair()
     e = Engine(target, draft, method="specexec", budget=16)
     a = e.generate([1, 2], 24, temperature=1.0, seed=3).token_ids
-    b = e.generate([1, 2], 24, temperature=1.0, seed=3).token_ids
+    b = e.generate([1, 2], 24, temperature=1.0, seed=3).token_ids    # the tree policy learned meanwhile
     c = e.generate([1, 2], 24, temperature=1.0, seed=4).token_ids
     assert a == b and a != c
+
+
+@pytest.mark.parametrize("tree", ["calibrated", "softmax", "sequoia"])
+def test_sampled_text_does_not_depend_on_the_tree(tree):
+    """The walk draws position t's token with noise keyed by (seed, t) (sampling.PositionNoise),
+    so sampled SpecExec gives, token for token, the target's own sampled text for that seed,
+    whatever tree was verified; a learning policy's history changes only the speed."""
+    target, draft = make_pair(noise=0.3)
+    ar = Engine(target, None, method="autoregressive")
+    engine = Engine(target, draft, method="specexec", budget=16, tree=tree)
+    passes = 0
+    for seed in range(4):
+        want = ar.generate([1, 2, 3], 30, temperature=1.0, top_p=0.9, seed=seed).token_ids
+        got = engine.generate([1, 2, 3], 30, temperature=1.0, top_p=0.9, seed=seed)
+        assert got.token_ids == want
+        passes += got.stats.target_passes
+    assert passes < 4 * 30          # and the draft was used
 
 
 # ---------------------------------------------------------------------- stopping and text

@@ -150,3 +150,27 @@ def test_prune_threshold_reports_full_tree():
     assert tree.alive[:4].tolist() == [True, True, True, False]
     cand = tree.candidates(torch.tensor(-1.0), max_depth=3)
     assert cand.tolist() == [NEG_INF, -0.5, NEG_INF, NEG_INF]  # root expanded; only node 1 beats it
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), budget=st.integers(1, 40))
+def test_storage_grows_on_demand_with_the_same_tree(seed, budget):
+    """Storage starts small and doubles while growing (DraftTree.INITIAL_NODES): the tree, its
+    ancestor relation and its draft slots are those of a tree allocated at full capacity."""
+    def grown(initial):
+        old = DraftTree.INITIAL_NODES
+        DraftTree.INITIAL_NODES = initial
+        try:
+            return grow_random(seed, budget, beams=4, width=3, steps=6, max_depth=6)
+        finally:
+            DraftTree.INITIAL_NODES = old
+
+    small, full = grown(3), grown(10_000)
+    assert full.allocated == full.capacity and small.n_nodes <= small.allocated <= small.capacity
+    n = full.n_nodes
+    assert small.n_nodes == n
+    for name in ("tokens", "parents", "depths", "scores", "alive", "expanded", "draft_slot"):
+        assert torch.equal(getattr(small, name)[:n], getattr(full, name)[:n]), name
+    assert torch.equal(small.anc[:n, :n], full.anc[:n, :n])
+    assert torch.equal(small.draft_order[:small.n_draft_slots], full.draft_order[:full.n_draft_slots])
+    check_invariants(small, budget)

@@ -41,6 +41,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beams-per-step", type=positive_int, default=None, help="specexec: nodes expanded per draft step")
     p.add_argument("--branch-width", type=positive_int, default=None, help="specexec: children per expanded node")
     p.add_argument("--max-depth", type=positive_int, default=None, help="specexec: maximum tree depth")
+    p.add_argument("--tree", default=None, choices=["calibrated", "softmax", "sequoia"],
+                   help="specexec tree policy: calibrated (default: ranked by acceptance learned from "
+                        "verification), softmax (by the draft's probability), sequoia (optimal static tree)")
     p.add_argument("--k", type=positive_int, default=None, help="chain: draft tokens per pass")
     p.add_argument("--n", type=positive_int, default=None, help="specinfer: root candidates")
     p.add_argument("--depth", type=positive_int, default=None, help="specinfer: chain length per candidate")

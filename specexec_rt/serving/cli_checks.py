@@ -20,7 +20,7 @@ from .error_map import UsageError
 
 # flag -> Engine parameter, for the method parameters
 METHOD_FLAGS = {"beams_per_step": "--beams-per-step", "branch_width": "--branch-width", "max_depth": "--max-depth",
-                "k": "--k", "n": "--n", "depth": "--depth"}
+                "tree": "--tree", "k": "--k", "n": "--n", "depth": "--depth"}
 SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
                   "top_k": "--top-k", "seed": "--seed", "stop": "--stop"}
 
@@ -131,7 +131,8 @@ def check_model_args(args) -> ModelPlan:
     given = {name: getattr(args, name) for name in METHOD_FLAGS if getattr(args, name) is not None}
     for name in given:
         if name not in METHOD_PARAMS[method]:
-            takes = ", ".join(METHOD_FLAGS[p] for p in METHOD_PARAMS[method]) or "no method flags"
+            takes = ", ".join(METHOD_FLAGS[p] for p in METHOD_PARAMS[method] if p in METHOD_FLAGS) \
+                or "no method flags"
             raise UsageError(f"{METHOD_FLAGS[name]} does not apply to --method {method} (it takes {takes})")
     return ModelPlan(device, method, budget, given)
 

@@ -13,6 +13,12 @@ Objective (docs/ALGORITHM.md, "Choosing the budget every pass"): maximise expect
   logarithmically (the last doubling's gain per doubling).
 - ``r``: calibration, realised accepted tokens / predicted, exponentially weighted over passes.
 - ``t_draft``, ``t_target``: ``a + c * b`` least squares over a sliding window of measured passes.
+- depth: each tree level costs one draft call. The last tree reports the expected accepted tokens
+  at each depth (with the calibrated tree policy, its scores are calibrated acceptance
+  probabilities), and a level is kept iff it is expected to add at least the tokens a draft call
+  costs at the current rate, ``seconds per call / seconds per emitted token``. When the deepest
+  allowed level still paid, the next pass goes as deep as the levels' geometric decay says still
+  pays (at most half as deep again, up to ``max_depth``).
   A budget measured in the window is priced at its own recent mean. Until the window holds two
   budgets far enough apart the slope is 0 (the offloaded target, where a pass costs the same for
   1..1000 tokens, is the main case); the controller starts small (16) and climbs at most 2x per
@@ -123,6 +129,13 @@ class BudgetController:
         self.probe_every = probe_every
         self._probe_gap = probe_every
         self._ar_streak = 0
+        self.depth_mass: Optional[list] = None   # expected accepted tokens per depth, last tree
+        self.last_depth = self.max_depth         # the depth cap the last tree was grown with
+        self.call_seconds: Optional[float] = None      # EWMA of seconds per draft call
+        self.token_seconds: Optional[float] = None     # EWMA of pass seconds per emitted token
+
+    def _ewma(self, old: Optional[float], new: float) -> float:
+        return new if old is None else old + self.decay * (new - old)
 
     # ------------------------------------------------------------------ prediction
     @property
@@ -181,12 +194,32 @@ class BudgetController:
             self._probe_gap = min(64, 2 * self._probe_gap)
         else:
             self._ar_streak, self._probe_gap = 0, self.probe_every
-        return b, self._depth(b)
+        self.last_depth = self._depth(b)
+        return b, self.last_depth
+
+    def level_threshold(self) -> Optional[float]:
+        """Expected accepted tokens a tree level must add to pay for its draft call (None until
+        both costs are measured)."""
+        if self.call_seconds is None or not self.token_seconds:
+            return None
+        return self.call_seconds / self.token_seconds
 
     def _depth(self, b: int) -> int:
-        """Deep enough for the longest recently accepted path plus margin; deeper trees only
-        cost draft calls. Starts at the cap."""
-        if not self.recent_accepted:
+        """The deepest level of the last tree that paid for its draft call (half as deep again
+        when even the cap paid). Before costs are measured: the longest recently accepted path
+        plus margin (the cap at first)."""
+        need = self.level_threshold()
+        mass = self.depth_mass
+        if need is not None and mass:
+            paying = [d for d, m in enumerate(mass, 1) if m >= need]
+            d = max(paying) if paying else 1
+            if d >= self.last_depth and d >= 2 and mass[d - 2] > 0:
+                # The cap cut a level that still paid: extrapolate the levels' geometric decay to
+                # the depth where they stop paying (at most half as deep again).
+                ratio = min(0.99, mass[d - 1] / mass[d - 2])
+                extra = math.floor(math.log(need / mass[d - 1]) / math.log(ratio)) if ratio > 0 else 0
+                d += max(0, min(extra, d // 2))
+        elif not self.recent_accepted:
             d = self.max_depth
         else:
             d = math.ceil(1.5 * max(self.recent_accepted)) + 2
@@ -197,8 +230,10 @@ class BudgetController:
                 truncated: bool = False) -> None:
         """Record one pass: the measured times (None: not representative, e.g. the draft time
         included the draft's prompt prefill, or the target pass carried a prompt), the tree's
-        prediction curve at ``points`` and the number of draft tokens actually accepted. A ``truncated`` pass (its depth cut short by
-        the tokens left to generate) says nothing about the next one and is ignored."""
+        prediction curve at ``points`` (``values`` may continue with the expected accepted tokens
+        per depth 1, 2, ...) and the number of draft tokens actually accepted. A ``truncated``
+        pass (its depth cut short by the tokens left to generate) says nothing about the next
+        one and is ignored."""
         if truncated:
             return
         if self.cost_model is not None:
@@ -209,8 +244,17 @@ class BudgetController:
             return
         if draft_seconds is not None:
             self.draft_cost.add(budget, draft_seconds)
+            if draft_calls > 0:
+                self.call_seconds = self._ewma(self.call_seconds, draft_seconds / draft_calls)
+            if target_seconds is not None:
+                self.token_seconds = self._ewma(self.token_seconds,
+                                                (draft_seconds + target_seconds) / (1 + accepted))
         if target_seconds is not None:
             self.target_cost.add(budget, target_seconds)
+        values = list(values)
+        if len(values) > len(points):
+            self.depth_mass = values[len(points):]
+            values = values[:len(points)]
         curve = dict(zip(points, values))
         if curve:
             used = min(budget, max(curve))

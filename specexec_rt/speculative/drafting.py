@@ -22,7 +22,8 @@ from ..model import Segment
 class Drafter:
     """The draft side of one pass. ``requests[i]`` owns ``trees[i]`` (a ``DraftTree`` rooted at
     its root token, made by the method before ``root``); ``bases[i]`` is the first slot of its
-    region in ``cache``."""
+    region in ``cache``. ``runner``: None, or ``runner(m)`` -> the static draft step serving a
+    step of ``m`` nodes (or None)."""
 
     def __init__(self, model, cache, requests: list, bases: list, region_len: int, stats: list, runner=None):
         self.model = model
@@ -82,9 +83,10 @@ class Drafter:
             i, nodes = parts[0]
             r, tree = self.requests[i], self.trees[i]
             slots = tree.mark_expanded(nodes)
-            if self.runner.fits(r.dp, tree.n_draft_slots):
-                logits = self.runner(tree.tokens[nodes], r.dp + tree.depths[nodes], r.dp + slots,
-                                     tree.draft_mask(nodes), r.dp)
+            runner = self.runner(int(nodes.shape[0]))
+            if runner is not None and runner.fits(r.dp, tree.n_draft_slots):
+                logits = runner(tree.tokens[nodes], r.dp + tree.depths[nodes], r.dp + slots,
+                                tree.draft_mask(nodes), r.dp)
                 self._count(static=True)
                 return logits
             return self._forward([(i, nodes, slots)])
@@ -114,7 +116,9 @@ def runner_for(engine_runners: dict, model, beams: int, max_depth: int) -> Optio
     if beams not in engine_runners:
         from .draft_graph import StaticDraftStep
 
-        width = 1 + (max_depth - 1) * beams   # the widest tree region of a pass
+        # The tree region of 16 full-beam steps (deeper passes rarely fill every step; a step
+        # past the region runs dynamically).
+        width = 1 + (min(max_depth, 16) - 1) * beams
         fits = model.max_len >= beams + width + 1
         engine_runners[beams] = StaticDraftStep(model, beams, width) if fits else None
     return engine_runners[beams]

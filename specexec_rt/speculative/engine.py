@@ -59,7 +59,11 @@ class Engine:
       + 1 tokens per pass; with several requests in a pass one search shares ``budget x
       requests`` nodes among them), ``beams_per_step`` nodes expanded per draft call
       [min(budget, 32)], ``branch_width`` children per expanded node [8], ``max_depth`` tree
-      depth and draft calls per pass [16]. ``budget="auto"`` picks the budget (powers of two up
+      depth and draft calls per pass [32; 16 for tree="softmax"], ``tree`` the tree policy
+      (specexec_rt/speculative/tree_policy.py): ``"calibrated"`` [default] ranks the search by
+      the acceptance learned from verification, ``"softmax"`` by the draft's probability (at
+      ``growth_temperature``), ``"sequoia"`` grows Sequoia's optimal static tree (from
+      ``acceptance=[...]`` per rank, or learned online). ``budget="auto"`` picks the budget (powers of two up
       to ``max_budget`` [min(1024, what the target's cache holds)]) and the depth (up to
       ``max_depth``) before every pass from online estimates (specexec_rt/speculative/budget.py);
       ``stats.budgets`` lists them.
@@ -111,9 +115,10 @@ class Engine:
         self.draft = draft if method != "autoregressive" else None
         self.method = method
         self.budget = "auto" if self.auto else budget
-        self.decoder = SpecExec(budget, method_params, self.auto) if method == "specexec" \
+        self.decoder = SpecExec(budget, method_params, self.auto, target.device) if method == "specexec" \
             else METHODS[method](budget, method_params)
         self.params = self.decoder.params
+        self.tree_policy = getattr(self.decoder, "policy", None)   # SpecExec: tree_policy.TreePolicy
         self.device = target.device
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -498,7 +503,8 @@ class Engine:
         """The static-shape draft step for a pass of one request at ``budget`` (or None)."""
         if not self.static_draft or n_tree_requests != 1:
             return None
-        return runner_for(self._draft_runners, self.draft, self.decoder.beams(budget), self.params["max_depth"])
+        return lambda m: runner_for(self._draft_runners, self.draft, self.decoder.static_beams(budget, m),
+                                    self.params["max_depth"])
 
     # ------------------------------------------------------------------ one pass
     def _pass(self, reqs: list) -> None:
@@ -578,31 +584,48 @@ class Engine:
         else:
             logits = self.target.forward_batch(token_ids, positions, self._tcache, segs, logits_rows=rows_t)
 
-        # Exact acceptance for each tree; every request's result is read in one sync.
+        # Exact acceptance for each tree; every request's result is read in one sync, with the
+        # budget controller's curve and the tree policy's evidence riding along.
         parts, layout, offset = [], [], 0
+        policy = getattr(decoder, "policy", None)
+        evidence = []          # (request, params, evidence length)
         for r, (vt, extra) in zip(tree_reqs, grown):
             n = vt.n
             lg = logits[offset:offset + n]
             offset += n
             p = process_logits(lg, r.params)
-            last, bonus = decoder.accept(vt, extra, p, r.gen, r.params)
+            noise = None
+            if r.noise is not None and extra is None:
+                root_pos = r.tp + len(r.t_pending)
+                bound = min(vt.depth_bound if vt.depth_bound is not None else n - 1, n - 1)
+                noise = r.noise.rows(root_pos + 1, bound + 1, p.shape[-1])
+            last, bonus = decoder.accept(vt, extra, p, r.gen, r.params, noise)
             path = path_rows(vt, last, n)
             bad = (~torch.isfinite(lg).all()).long()
             parts += [bad.view(1), vt.depths[last].view(1), bonus.view(1), vt.tokens[path], vt.draft_slots[path], path]
             layout.append(n)
+            ev = policy.observations(vt, p, r.params, vt.mask[last]) if policy is not None else None
+            if ev is not None:
+                evidence.append((r, r.params, int(ev.shape[0])))
+                parts.append(ev)
         n_curve = 0
         if ctx is not None and ctx.curve is not None:
             parts.append(ctx.curve[1])
-            n_curve = len(ctx.curve[0])
+            n_curve = int(ctx.curve[1].shape[0])
         h = host(torch.cat(parts)) if parts else []
 
         # Commits: every request's accepted path (and its prompt chunk, already in place) into
         # its region, one index copy per cache.
         t_src, t_dst, d_src, d_dst = [], [], [], []
         results, pos = [], 0
+        ev_len = {id(r): k for r, _, k in evidence}
         for r, n in zip(tree_reqs, layout):
             bad, m, bonus, rest = h[pos], h[pos + 1], h[pos + 2], h[pos + 3:pos + 3 + 3 * n]
             pos += 3 + 3 * n
+            k = ev_len.get(id(r), 0)
+            if k and not bad:        # only finite passes teach the tree policy
+                policy.update(r.params, h[pos:pos + k])
+            pos += k
             tokens, dslots, path = rest[:m + 1], rest[n:n + m + 1], rest[2 * n:2 * n + m + 1]
             base, c = r.region * self.region_len, len(r.t_pending)
             start = base + r.tp + c

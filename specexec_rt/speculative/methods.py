@@ -21,6 +21,7 @@ import torch
 
 from . import sampling
 from . import tree as _tree
+from . import tree_policy
 from .memory import PassShape
 from .sampling import process_logits
 from .tree import NEG_INF, DraftTree, VerifyTree, prune_forest
@@ -50,10 +51,13 @@ class Method:
     name = ""
     needs_draft = True
     param_names: tuple = ()
+    other_params: tuple = ()      # parameters that are not positive ints (checked by ``defaults``)
 
     def __init__(self, budget: int, given: dict):
         self.params = self.defaults(budget, dict(given))
         for k, v in self.params.items():
+            if k in self.other_params:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{self.name} parameter {k} must be a positive int, got {v!r}")
 
@@ -81,11 +85,18 @@ class Method:
         needs besides the tree, or None)."""
         raise NotImplementedError
 
-    def accept(self, tree: VerifyTree, extra, p: torch.Tensor, gen, params) -> tuple:
+    def accept(self, tree: VerifyTree, extra, p: torch.Tensor, gen, params, noise=None) -> tuple:
         """(deepest accepted row, bonus token), both 0-dim int64 on the device. ``p``: the
         target's processed distributions of the tree's rows ``[n, V]``. The SpecExec walk is
-        exact for any tree; with greedy decoding every method reduces to it."""
-        draws = p.argmax(-1) if params.greedy else sampling.sample(p, gen)
+        exact for any tree; with greedy decoding every method reduces to it. ``noise``: for a
+        sampled walk, float ``[depths, V]`` Exp(1) noise, row d for the draws of tree depth d
+        (sampling.PositionNoise: the text does not depend on the tree); None: draw with ``gen``."""
+        if params.greedy:
+            draws = p.argmax(-1)
+        elif noise is not None:
+            draws = sampling.sample_with_noise(p, noise[tree.depths])
+        else:
+            draws = sampling.sample(p, gen)
         last = _tree.walk_accept(tree, draws)   # module lookup: tests swap in a broken walk
         return last, draws[last]
 
@@ -169,7 +180,7 @@ class _Chains(Method):
             result.append((vt, tuple(out[i])))
         return result
 
-    def accept(self, tree: VerifyTree, extra, p: torch.Tensor, gen, params) -> tuple:
+    def accept(self, tree: VerifyTree, extra, p: torch.Tensor, gen, params, noise=None) -> tuple:
         if params.greedy:
             return super().accept(tree, extra, p, gen, params)
         # Multi-candidate rejection at the root, then chain rejection along the accepted
@@ -217,32 +228,45 @@ class SpecInfer(_Chains):
 
 
 class SpecExec(Method):
-    """Parallel best-first growth (docs/ALGORITHM.md, step 1); deterministic given the draft.
-    With several requests in a pass, one search runs over all their trees: each step expands
-    the best ``beams_per_step`` unexpanded nodes of any tree, and the pass keeps the best
-    ``budget x requests`` nodes of all trees together (every root always), so the budget goes
-    to the requests whose drafts are most likely to be accepted."""
+    """Parallel best-first growth (docs/ALGORITHM.md, step 1); deterministic given the draft
+    and the tree policy's state (tree_policy.py: ``calibrated`` ranks nodes by the acceptance
+    learned from verification, ``softmax`` by the draft's path probability, ``sequoia`` grows
+    Sequoia's optimal static shape). With several requests in a pass, one search runs over all
+    their trees: each step expands the best ``beams_per_step`` unexpanded nodes of any tree, and
+    the pass keeps the best ``budget x requests`` nodes of all trees together (every root
+    always), so the budget goes to the requests whose drafts are most likely to be accepted."""
 
     name = "specexec"
-    param_names = ("beams_per_step", "branch_width", "max_depth")
+    param_names = ("beams_per_step", "branch_width", "max_depth") + tree_policy.POLICY_PARAMS
+    other_params = tree_policy.POLICY_PARAMS
 
-    def __init__(self, budget: int, given: dict, auto: bool = False):
+    def __init__(self, budget: int, given: dict, auto: bool = False, device="cpu"):
         self.auto = auto
         self.user_beams = "beams_per_step" in given
         self.max_budget = budget
         super().__init__(budget, given)
+        p = self.params
+        self.policy = tree_policy.TreePolicy(p["tree"], device, p["branch_width"], p["growth_temperature"],
+                                             p["acceptance"])
 
     def defaults(self, budget: int, p: dict) -> dict:
         p.setdefault("beams_per_step", min(budget, 32))
         p.setdefault("branch_width", 8)
-        p.setdefault("max_depth", 16)
-        return p
+        return tree_policy.set_defaults(p)     # tree, max_depth, growth_temperature, acceptance
 
     def beams(self, budget: int) -> int:
         """Nodes expanded per draft step at this budget (auto follows the budget)."""
         if self.auto and not self.user_beams:
             return min(budget, 32)
         return self.params["beams_per_step"]
+
+    def static_beams(self, budget: int, m: int) -> int:
+        """Rows of the static draft step that serves a step of ``m`` nodes: the beams, or for
+        Sequoia (whose levels vary and are re-planned as the acceptance vector is learned) ``m``
+        padded to a power of two, so re-planned shapes reuse the same runners."""
+        if self.params["tree"] == "sequoia":
+            return 1 << max(0, m - 1).bit_length()
+        return self.beams(budget)
 
     def verify_rows(self, budget: int) -> int:
         return 1 + budget
@@ -251,14 +275,14 @@ class SpecExec(Method):
         # SpecExec grows a smaller tree when the draft's cache runs short; it needs one slot.
         return 1
 
-    def max_draft_slots(self) -> int:
-        p = self.params
-        return 1 + (p["max_depth"] - 1) * p["beams_per_step"]
-
     def pass_shape(self, budget: int, n_requests: int = 1) -> PassShape:
         p = self.params
         beams = self.beams(budget)
         capacity = 1 + p["max_depth"] * beams * p["branch_width"]
+        if p["tree"] == "sequoia":
+            # A static shape expands each of its <= budget + 1 nodes at most once, but one level
+            # (one draft step) may hold up to budget nodes.
+            beams, capacity = budget, 1 + (budget + 1) * p["branch_width"]
         return PassShape(1 + budget, beams, capacity, n_requests=n_requests)
 
     def settings(self) -> tuple[str, str]:
@@ -272,16 +296,22 @@ class SpecExec(Method):
         return setting, fix
 
     def grow(self, ctx: PassContext) -> list:
-        dev, drafter = ctx.device, ctx.drafter
+        dev, drafter, policy = ctx.device, ctx.drafter, self.policy
         reqs = ctx.requests
         budget = ctx.budget * len(reqs)
         beams, width = self.beams(ctx.budget), self.params["branch_width"]
         depth_cap = [min(r.remaining, ctx.depth) for r in reqs]
-        drafter.trees = trees = [DraftTree(1 + d * beams * width, dev, r.root) for r, d in zip(reqs, depth_cap)]
-        temps = [r.params.temperature if r.params.temperature > 0 else 1.0 for r in reqs]
+        plans = None
+        if policy.name == "sequoia":
+            plans = [policy.sequoia_plan(r.params, ctx.budget, d) for r, d in zip(reqs, depth_cap)]
+            trees = [DraftTree(pl.capacity, dev, r.root) for r, pl in zip(reqs, plans)]
+        else:
+            trees = [DraftTree(1 + d * beams * width, dev, r.root) for r, d in zip(reqs, depth_cap)]
+        drafter.trees = trees
+        temps = [policy.draft_temperature(r.params) for r in reqs]
         same_temp = len(set(temps)) == 1
 
-        def expand(parts, logits):
+        def expand(parts, logits, shape_masks=None):
             if same_temp:
                 logq = torch.log_softmax(logits.float() / temps[0], dim=-1)
             else:
@@ -289,22 +319,51 @@ class SpecExec(Method):
                 logq = torch.log_softmax(logits.float() / t[:, None], dim=-1)
             vals, toks = logq.topk(min(width, logq.shape[-1]), dim=-1)
             row = 0
-            for i, nodes in parts:
+            for j, (i, nodes) in enumerate(parts):
                 m = int(nodes.shape[0])
-                trees[i].add_children(nodes, toks[row:row + m], vals[row:row + m])
+                # The policy's child scores (calibrated log-acceptance or the draft's log-prob)
+                # and the acceptance model's feature bins.
+                scores, feats = policy.child_scores(vals[row:row + m], reqs[i].params)
+                if shape_masks is not None:     # Sequoia: children outside the shape are created dead
+                    keep = shape_masks[j][:, :scores.shape[1]]
+                    scores = torch.where(keep, scores, torch.full_like(scores, NEG_INF))
+                trees[i].add_children(nodes, toks[row:row + m], scores, feats)
                 row += m
             return prune_forest(trees, budget)
 
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         root_logits = drafter.root()
-        threshold = expand([(i, zero) for i in range(len(reqs))], root_logits)
+        if plans is not None:
+            self._grow_shapes(plans, root_logits, expand, drafter)
+        else:
+            threshold = expand([(i, zero) for i in range(len(reqs))], root_logits)
+            self._grow_best_first(ctx, trees, depth_cap, beams, expand, threshold)
+        # One read for every tree's size: then each tree's alive nodes without another sync.
+        alive = [t.alive[:t.n_nodes] for t in trees]
+        counts = ctx.host(torch.stack([a.sum() for a in alive]))
+        if self.auto and ctx.controller is not None:
+            ctx.curve = self.prediction_curve(trees, ctx.controller, ctx.budget, dev, self.params["max_depth"])
+        out = []
+        for t, a, c in zip(trees, alive, counts):
+            nodes = torch.argsort((~a).to(torch.int8), stable=True)[:c]   # alive first, in index order
+            out.append((t.compact(nodes), None))
+        return out
+
+    def _grow_best_first(self, ctx: PassContext, trees: list, depth_cap: list, beams: int, expand,
+                         threshold: torch.Tensor) -> None:
+        """The parallel best-first search: each draft call expands the best ``beams`` candidates
+        of all trees; ``threshold``: the budget-th best score after the root's expansion."""
+        reqs, drafter, dev = ctx.requests, ctx.drafter, ctx.device
+        # A node whose score plus the best child's log-acceptance cannot beat the budget-th
+        # best node has no child worth creating: it is not expanded.
+        margins = [self.policy.candidate_margin(r.params) for r in reqs]
         for step in range(1, max(depth_cap)):
             # Near the end of a draft cache the tree just grows less (still exact).
             rooms = [drafter.room(i) for i in range(len(reqs))]
             if len(reqs) == 1:
                 if rooms[0] <= 0:
                     break
-                cand = trees[0].candidates(threshold, depth_cap[0])
+                cand = trees[0].candidates(threshold - margins[0], depth_cap[0])
                 vals, idx = cand.topk(min(beams, trees[0].n_nodes, rooms[0]))
                 n_valid = ctx.host((vals > NEG_INF).sum())
                 if n_valid == 0:
@@ -315,7 +374,7 @@ class SpecExec(Method):
                 live = [i for i in range(len(reqs)) if rooms[i] >= beams]
                 if not live:
                     break
-                cands = [trees[i].candidates(threshold, depth_cap[i]) for i in live]
+                cands = [trees[i].candidates(threshold - margins[i], depth_cap[i]) for i in live]
                 offsets = [0]
                 for c in cands:
                     offsets.append(offsets[-1] + int(c.shape[0]))
@@ -332,32 +391,47 @@ class SpecExec(Method):
                     if counts[j + 1] > counts[j]:
                         parts.append((i, idx[counts[j]:counts[j + 1]] - offsets[j]))
             threshold = expand(parts, drafter.step(parts))
-        # One read for every tree's size: then each tree's alive nodes without another sync.
-        alive = [t.alive[:t.n_nodes] for t in trees]
-        counts = ctx.host(torch.stack([a.sum() for a in alive]))
-        if self.auto and ctx.controller is not None:
-            ctx.curve = self.prediction_curve(trees, ctx.controller, ctx.budget, dev)
-        out = []
-        for t, a, c in zip(trees, alive, counts):
-            nodes = torch.argsort((~a).to(torch.int8), stable=True)[:c]   # alive first, in index order
-            out.append((t.compact(nodes), None))
-        return out
 
     @staticmethod
-    def prediction_curve(trees: list, controller, budget: int, dev):
+    def _grow_shapes(plans: list, root_logits, expand, drafter) -> None:
+        """Sequoia: fill each request's ``plan`` (tree_policy.ShapePlan) level by level, one
+        draft call per level for all requests, no host reads."""
+        n = len(plans)
+        expand([(i, plans[i].levels[0][0]) for i in range(n)], root_logits,
+               [plans[i].levels[0][1] for i in range(n)])
+        for level in range(1, max(len(pl.levels) for pl in plans)):
+            # Near the end of a draft cache a tree just stops growing (still exact).
+            parts, masks = [], []
+            for i, pl in enumerate(plans):
+                if level < len(pl.levels) and drafter.room(i) >= int(pl.levels[level][0].shape[0]):
+                    parts.append((i, pl.levels[level][0]))
+                    masks.append(pl.levels[level][1])
+            if not parts:
+                break
+            expand(parts, drafter.step(parts), masks)
+
+    @staticmethod
+    def prediction_curve(trees: list, controller, budget: int, dev, max_depth: int):
         """(sizes, device int64 values): the expected accepted draft tokens of the best ``size``
-        nodes created (sum of their path probabilities), at the controller's sizes; scaled to
-        integers so they ride in the acceptance packet (budget.py). Sizes and values are per
-        request: with B trees, the best ``B * size`` nodes of all of them, divided by B."""
+        nodes created (sum of their path acceptance), at the controller's sizes, then the expected
+        accepted tokens at each depth 1..max_depth of the trees verified (the controller weighs
+        each level against the cost of its draft call); scaled to integers so they ride in the
+        acceptance packet (budget.py). Values are per request: with B trees, the best
+        ``B * size`` nodes of all of them, divided by B."""
         b = len(trees)
         scores = torch.cat([t.scores[1:t.n_nodes] for t in trees]) if b > 1 else trees[0].scores[1:trees[0].n_nodes]
         n = int(scores.shape[0]) // b
         pts = controller.eval_points(budget, n)
         if not pts:
             return None
-        cum = scores.exp().sort(descending=True).values.cumsum(0)
+        prob = scores.exp()
+        cum = prob.sort(descending=True).values.cumsum(0)
         vals = cum[torch.tensor([b * p - 1 for p in pts], device=dev)] / b
-        return pts, (vals * CURVE_SCALE).round().long()
+        depths = torch.cat([t.depths[1:t.n_nodes] for t in trees]) if b > 1 else trees[0].depths[1:trees[0].n_nodes]
+        alive = torch.cat([t.alive[1:t.n_nodes] for t in trees]) if b > 1 else trees[0].alive[1:trees[0].n_nodes]
+        at_depth = torch.zeros(max_depth + 1, device=dev).index_add_(
+            0, depths.clamp_max(max_depth), prob * alive)[1:] / b
+        return pts, (torch.cat([vals, at_depth]) * CURVE_SCALE).round().long()
 
 
 METHODS = {m.name: m for m in (Autoregressive, Chain, SpecInfer, SpecExec)}

@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling import PositionNoise, SamplingParams
 
 
 @dataclass
@@ -84,6 +84,9 @@ class Request:
             self.gen.seed()
         else:
             self.gen.manual_seed(seed)
+        # The sampled walk draws position t's token with noise keyed by (seed, t), so the text
+        # does not depend on which tree a pass verified (sampling.PositionNoise).
+        self.noise = None if params.greedy else PositionNoise(self.gen.initial_seed(), device)
         self.stats = GenerationStats()
         self.region: Optional[int] = None          # index of the cache region, once admitted
         self.tp = 0

@@ -82,6 +82,46 @@ def sample(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.T
     return (probs / e).argmax(-1)
 
 
+def sample_with_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``argmax(probs / noise)`` row-wise: a draw from each row of ``probs`` ``[..., V]`` given
+    Exp(1) ``noise`` of the same shape."""
+    return (probs / noise).argmax(-1)
+
+
+def _mix64(seed: int, index: int) -> int:
+    """A well-spread 63-bit generator seed for (seed, index) (splitmix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2 ** 64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2 ** 64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2 ** 64 - 1)
+    return (z ^ (z >> 31)) & (2 ** 63 - 1)
+
+
+class PositionNoise:
+    """Exp(1) noise vectors ``E_t`` ``[V]``, one per absolute sequence position ``t``, each a
+    function of (seed, t) only.
+
+    The SpecExec walk draws the token at position ``t`` as ``argmax(p_t / E_t)``, where ``p_t``
+    is the target's processed distribution given the tokens before ``t``; every tree row at the
+    same depth shares ``E_t``, but only one of them lies on the accepted path. Each emitted token
+    is therefore a draw from the target with noise used for nothing else (exact), and the text is
+    the same whatever tree was verified: the same seed gives the same output for every tree
+    policy, budget, and history of a learning policy (and for autoregressive decoding). Costs one
+    ``V``-sized fill per tree depth and pass, fewer than one per tree row."""
+
+    def __init__(self, seed: int, device):
+        self.seed = int(seed) & (2 ** 63 - 1)
+        self.device = torch.device(device)
+        self.gen = torch.Generator(device=self.device)
+
+    def rows(self, first: int, n: int, vocab: int) -> torch.Tensor:
+        """float32 ``[n, vocab]``: ``E_first, ..., E_{first + n - 1}``."""
+        out = torch.empty(n, vocab, device=self.device)
+        for i in range(n):
+            self.gen.manual_seed(_mix64(self.seed, first + i))
+            out[i].exponential_(1.0, generator=self.gen)
+        return out
+
+
 def sample_without_replacement(probs: torch.Tensor, n: int, generator: Optional[torch.Generator]
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` draws without replacement from ``probs`` ``[V]`` (exponential-race / Gumbel top-k):

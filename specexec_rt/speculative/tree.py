@@ -10,6 +10,7 @@ only host reads are the ones the caller makes explicitly (see ``Engine._host``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,9 @@ class VerifyTree:
     mask: bool ``[n, n]``, ``mask[i, j]`` iff row j is row i or one of its ancestors;
     draft_slots: int64 ``[n]``, the draft tree-region slot holding the row's draft K/V, -1 if the
     draft never ran on it.
+    proposed: what the acceptance model learns from (acceptance.py), or None: every child the
+    draft proposed (pruned ones included), as int64 ``[k]`` triples (row of its parent in this
+    tree or -1 if the parent is not verified, token, feature bin).
     """
 
     tokens: torch.Tensor
@@ -33,6 +37,8 @@ class VerifyTree:
     mask: torch.Tensor
     draft_slots: torch.Tensor
     nodes: torch.Tensor
+    proposed: Optional[tuple] = None
+    depth_bound: Optional[int] = None     # host: no row is deeper (None: unknown, n - 1)
 
     @property
     def n(self) -> int:
@@ -42,15 +48,36 @@ class VerifyTree:
 class DraftTree:
     """Growable tree with a fixed node ``capacity``; all state lives on ``device``.
 
-    tokens / parents / depths int64 ``[C]``, scores float32 ``[C]`` (cumulative draft log-prob,
-    root 0), alive / expanded bool ``[C]``, draft_slot int64 ``[C]`` (-1 = no draft K/V),
+    tokens / parents / depths int64 ``[C]``, scores float32 ``[C]`` (cumulative log-score along
+    the path, root 0: the draft's log-probability, or the acceptance model's calibrated
+    log-acceptance), alive / expanded bool ``[C]``, draft_slot int64 ``[C]`` (-1 = no draft
+    K/V), features int64 ``[C]`` (the acceptance model's bin of the node, -1 = none),
     anc bool ``[C, C]`` (``anc[i, j]``: j is i or an ancestor of i).
     """
+
+    # Storage starts at this many nodes and doubles on demand up to ``capacity``: a pass rarely
+    # creates its worst case (1 + depth * beams * width nodes), and ``anc`` is quadratic in it.
+    INITIAL_NODES = 1024
 
     def __init__(self, capacity: int, device, root_token) -> None:
         self.capacity = int(capacity)
         self.device = torch.device(device)
-        c, dev = self.capacity, self.device
+        self._allocate(min(self.capacity, self.INITIAL_NODES))
+        dev = self.device
+        self.tokens[0] = torch.as_tensor(root_token, device=dev)
+        self.scores[0] = 0.0
+        self.alive[0] = True
+        self.anc[0, 0] = True
+        self.n_nodes = 1            # host: nodes ever created
+        self.n_draft_slots = 0      # host: draft tree-region slots used
+        self.levels = 0             # host: add_children calls, a bound on the depth
+
+    def _allocate(self, c: int) -> None:
+        """(Re)allocate storage for ``c`` nodes, keeping what the first ``n_nodes`` hold."""
+        dev = self.device
+        old = {name: getattr(self, name) for name in ("tokens", "parents", "depths", "scores", "alive",
+                                                       "expanded", "draft_slot", "features", "anc",
+                                                       "draft_order")} if hasattr(self, "anc") else None
         self.tokens = torch.zeros(c, dtype=torch.long, device=dev)
         self.parents = torch.full((c,), -1, dtype=torch.long, device=dev)
         self.depths = torch.zeros(c, dtype=torch.long, device=dev)
@@ -58,14 +85,19 @@ class DraftTree:
         self.alive = torch.zeros(c, dtype=torch.bool, device=dev)
         self.expanded = torch.zeros(c, dtype=torch.bool, device=dev)
         self.draft_slot = torch.full((c,), -1, dtype=torch.long, device=dev)
+        self.features = torch.full((c,), -1, dtype=torch.long, device=dev)
         self.anc = torch.zeros(c, c, dtype=torch.bool, device=dev)
         self.draft_order = torch.zeros(c, dtype=torch.long, device=dev)   # draft slot -> node
-        self.tokens[0] = torch.as_tensor(root_token, device=dev)
-        self.scores[0] = 0.0
-        self.alive[0] = True
-        self.anc[0, 0] = True
-        self.n_nodes = 1            # host: nodes ever created
-        self.n_draft_slots = 0      # host: draft tree-region slots used
+        self.allocated = c
+        if old is not None:
+            n = self.n_nodes
+            for name, t in old.items():
+                if name == "anc":
+                    self.anc[:n, :n] = t[:n, :n]
+                elif name == "draft_order":
+                    self.draft_order[:self.n_draft_slots] = t[:self.n_draft_slots]
+                else:
+                    getattr(self, name)[:n] = t[:n]
 
     # ------------------------------------------------------------------ growth
     def mark_expanded(self, nodes: torch.Tensor) -> torch.Tensor:
@@ -83,17 +115,24 @@ class DraftTree:
         expanded) may attend to: its ancestors and itself."""
         return self.anc[nodes][:, self.draft_order[:self.n_draft_slots]]
 
-    def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        """Append children: ``parents`` int64 ``[m]``, ``tokens``/``logq`` ``[m, w]`` (draft
-        log-probs of each child given its parent's path). Children with ``logq == -inf`` are
-        created dead. Returns the new node indices ``[m * w]``."""
+    def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, logq: torch.Tensor,
+                     features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Append children: ``parents`` int64 ``[m]``, ``tokens``/``logq`` ``[m, w]`` (log-score of
+        each child given its parent's path: the draft's log-prob, or a calibrated log-acceptance;
+        never above 0, so scores never increase along a path), ``features`` optional int64
+        ``[m, w]`` (acceptance-model bins). Children with ``logq == -inf`` are created dead.
+        Returns the new node indices ``[m * w]``."""
         m, w = tokens.shape
         k = m * w
         if self.n_nodes + k > self.capacity:
             raise RuntimeError(f"DraftTree capacity {self.capacity} exceeded ({self.n_nodes} + {k} nodes)")
+        if self.n_nodes + k > self.allocated:
+            self._allocate(min(self.capacity, max(2 * self.allocated, self.n_nodes + k)))
         new = torch.arange(self.n_nodes, self.n_nodes + k, device=self.device)
         par = parents.repeat_interleave(w)
         self.tokens[new] = tokens.reshape(-1)
+        if features is not None:
+            self.features[new] = features.reshape(-1)
         self.parents[new] = par
         self.depths[new] = self.depths[par] + 1
         # A broken draft (NaN log-probs) must only cost speed: its children are created dead.
@@ -105,29 +144,32 @@ class DraftTree:
         rows[torch.arange(k, device=self.device), new] = True
         self.anc[new] = rows
         self.n_nodes += k
+        self.levels += 1
         return new
 
     def prune(self, budget: int) -> torch.Tensor:
-        """Keep the root and the ``budget`` best other nodes by score, then drop any node with a
-        dead ancestor (ties can split a parent from its equally scored child), so the alive set
-        is ancestor-closed. Returns the score of the ``budget``-th best node, -inf when the tree
-        has room (0-dim float, on device)."""
+        """Keep the root and the ``budget`` best other nodes by score (see ``prune_forest``).
+        Returns the score of the ``budget``-th best node, -inf when the tree has room (0-dim
+        float, on device)."""
         return prune_forest([self], budget)
 
     def prune_keys(self) -> torch.Tensor:
-        """Scores of the nodes that compete for the budget (alive, not the root), -inf elsewhere."""
+        """float64 keys of the nodes that compete for the budget (alive, not the root), -inf
+        elsewhere. Ties are broken toward shallower nodes (``score - 1e-9 * depth``): scores never
+        increase along a path, so every ancestor of a node has a strictly larger key and a top-k
+        over keys keeps the alive set ancestor-closed with no quadratic check."""
         n = self.n_nodes
-        key = torch.where(self.alive[:n], self.scores[:n], torch.full_like(self.scores[:n], NEG_INF))
+        key = self.scores[:n].double() - 1e-9 * self.depths[:n].double()
+        key = torch.where(self.alive[:n], key, torch.full_like(key, NEG_INF))
         key[0] = NEG_INF
         return key
 
     def keep_only(self, keep: torch.Tensor) -> None:
-        """Alive := the root, the nodes in ``keep`` (bool ``[n_nodes]``), minus any node with an
-        ancestor outside that set."""
+        """Alive := the root and the nodes in ``keep`` (bool ``[n_nodes]``, ancestor-closed: a
+        top-k over ``prune_keys``)."""
         n = self.n_nodes
         keep = keep.clone()
         keep[0] = True
-        keep &= ~(self.anc[:n, :n] & ~keep[None, :]).any(-1)
         self.alive[:n] = keep
 
     def candidates(self, threshold: torch.Tensor, max_depth: int) -> torch.Tensor:
@@ -139,14 +181,18 @@ class DraftTree:
 
     # ------------------------------------------------------------------ verification
     def compact(self, nodes: torch.Tensor) -> VerifyTree:
-        """The VerifyTree over ``nodes`` (int64 ``[n]``, ascending, ancestor-closed, root first)."""
+        """The VerifyTree over ``nodes`` (int64 ``[n]``, ascending, ancestor-closed, root first),
+        with every proposed child (nodes ``1 .. n_nodes - 1``) as acceptance-model evidence."""
         n = int(nodes.shape[0])
         remap = torch.full((self.n_nodes,), -1, dtype=torch.long, device=self.device)
         remap[nodes] = torch.arange(n, device=self.device)
         par = self.parents[nodes]
         parents = torch.where(par >= 0, remap[par.clamp_min(0)], par)
+        k = self.n_nodes
+        proposed = (remap[self.parents[1:k]], self.tokens[1:k], self.features[1:k])
         return VerifyTree(tokens=self.tokens[nodes], depths=self.depths[nodes], parents=parents,
-                          mask=self.anc[nodes][:, nodes], draft_slots=self.draft_slot[nodes], nodes=nodes)
+                          mask=self.anc[nodes][:, nodes], draft_slots=self.draft_slot[nodes], nodes=nodes,
+                          proposed=proposed, depth_bound=self.levels)
 
     def alive_nodes(self) -> torch.Tensor:
         """Indices of alive nodes, ascending (one host sync: the count)."""
@@ -183,13 +229,16 @@ def prune_forest(trees: list, budget: int) -> torch.Tensor:
     the ``budget``-th best node, -inf while the trees hold fewer (0-dim float, on device)."""
     dev = trees[0].device
     keys = trees[0].prune_keys() if len(trees) == 1 else torch.cat([t.prune_keys() for t in trees])
+    scores = trees[0].scores[:trees[0].n_nodes] if len(trees) == 1 \
+        else torch.cat([t.scores[:t.n_nodes] for t in trees])
     n_compete = sum(t.n_nodes - 1 for t in trees)
     k = min(budget, n_compete)
     keep = torch.zeros(keys.shape[0], dtype=torch.bool, device=dev)
     if k > 0:
         vals, idx = keys.topk(k)
         keep[idx] = vals > NEG_INF
-        full = vals[-1] if n_compete >= budget else torch.tensor(NEG_INF, device=dev)
+        full = scores[idx[-1]] if n_compete >= budget else torch.tensor(NEG_INF, device=dev)
+        full = torch.where(vals[-1] > NEG_INF, full, torch.full_like(full, NEG_INF))
     else:
         full = torch.tensor(float("inf") if budget == 0 else NEG_INF, device=dev)
     if len(trees) == 1:

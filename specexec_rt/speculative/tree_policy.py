@@ -1,0 +1,212 @@
+"""SpecExec tree policies: which tree a pass verifies for a given budget.
+
+- ``calibrated`` (default): the parallel best-first search (docs/ALGORITHM.md, step 1) ranking
+  nodes by the acceptance model's calibrated path acceptance (acceptance.py), learned online
+  from what verification accepts.
+- ``softmax``: the same search ranking nodes by the draft's own path probability at a fixed
+  growth temperature (``growth_temperature``; default 1 for greedy decoding, the sampling
+  temperature otherwise): the search as the paper describes it.
+- ``sequoia``: Sequoia's optimal static tree for the budget and depth (sequoia.py), built
+  from a per-rank acceptance vector: ``acceptance=[...]`` (e.g. measured by a calibration run)
+  or, by default, the calibrated model's positional marginal, learned online.
+
+A policy only chooses which tree is verified; acceptance is the same exact walk for all of
+them, so none can change the output. Every policy records the acceptance model's evidence, so
+its statistics are also available to compare against (``TreePolicy.model``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .acceptance import AcceptanceModel
+from .sampling import SamplingParams
+
+POLICIES = ("calibrated", "softmax", "sequoia")
+# SpecExec method parameters that are not positive ints (validated here, not by the engine).
+POLICY_PARAMS = ("tree", "growth_temperature", "acceptance")
+DEFAULT_MAX_DEPTH = {"calibrated": 32, "softmax": 16, "sequoia": 32}
+SEQUOIA_REFRESH = 0.02      # re-plan a Sequoia shape when a rank's rate moved by more than this
+# Evidence: children of every verified parent ("verified"), or of reached parents only
+# ("reached": unbiased, a tenth of the data; measured 5.26 vs 5.55 tokens/pass at budget 64).
+EVIDENCE = "verified"
+# The acceptance model reads each child's probability renormalised over its siblings at this
+# temperature (``margin_feature``; 6.02 vs 5.55 tokens/pass with the raw q at budget 64).
+FEATURE_TEMPERATURE = 0.5
+
+
+def set_defaults(p: dict) -> dict:
+    """Fill and check SpecExec's tree-policy parameters in ``p`` (in place): ``tree``
+    ["calibrated"], ``max_depth`` [32; 16 for softmax], ``growth_temperature`` [None],
+    ``acceptance`` [None]. Raises ValueError naming the parameter."""
+    tree = p.setdefault("tree", "calibrated")
+    if tree not in POLICIES:
+        raise ValueError(f"specexec parameter tree={tree!r}; choose one of {POLICIES}")
+    p.setdefault("max_depth", DEFAULT_MAX_DEPTH[tree])
+    t = p.setdefault("growth_temperature", None)
+    if t is not None:
+        if tree != "softmax":
+            raise ValueError(f"growth_temperature applies to tree='softmax' only (got tree={tree!r})")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0) or math.isinf(t):
+            raise ValueError(f"specexec parameter growth_temperature must be a positive number, got {t!r}")
+    a = p.setdefault("acceptance", None)
+    if a is not None:
+        if tree != "sequoia":
+            raise ValueError(f"acceptance applies to tree='sequoia' only (got tree={tree!r})")
+        try:
+            vals = [float(x) for x in a]
+        except TypeError:
+            raise ValueError(f"specexec parameter acceptance must be a sequence of probabilities, got {a!r}")
+        if not vals or any(not (0.0 <= x <= 1.0) for x in vals) or sum(vals) > 1.0 + 1e-6:
+            raise ValueError("specexec parameter acceptance must be non-empty probabilities in [0, 1] "
+                             f"summing to at most 1 (distinct siblings are accepted exclusively), got {vals}")
+        p["acceptance"] = tuple(vals)
+    return p
+
+
+def margin_feature(logq: torch.Tensor) -> torch.Tensor:
+    """log of the draft probability the acceptance model reads, ``[m, w]``: each child's
+    probability re-normalised over its siblings at temperature FEATURE_TEMPERATURE,
+    ``q^(1/T) / sum_siblings q^(1/T)``. At T = 0.5 it is near 1 for a top token far ahead of the
+    runner-up and near 0.5 for a near-tie, where ``q`` alone can be 0.5 in both cases."""
+    return torch.log_softmax(logq / FEATURE_TEMPERATURE, dim=-1)
+
+
+@dataclass
+class ShapePlan:
+    """A Sequoia shape laid out for ``DraftTree`` growth with ``width`` children per expansion.
+
+    levels[d] = (nodes, alive): the DraftTree node ids expanded by draft call ``d`` (int64
+    ``[m_d]``; call 0 is the root) and which of each one's top-``width`` children belong to the
+    shape (bool ``[m_d, width]``). capacity: DraftTree nodes created; beams: the widest level
+    (the static draft step pads to it); n_expanded: draft slots used."""
+
+    levels: list
+    capacity: int
+    beams: int
+    n_expanded: int
+    value: float
+
+
+def plan_shape(shape, width: int, device) -> ShapePlan:
+    """Lay out ``shape`` (sequoia.TreeShape, breadth-first) in DraftTree creation order: the
+    nodes expanded by one draft call create ``width`` children each, consecutively, in rank order."""
+    kids: dict = {}
+    for i in range(1, shape.n):
+        kids.setdefault(shape.parents[i], []).append(i)
+    tree_id = {0: 0}
+    next_id = 1
+    levels = []
+    frontier = [0]
+    while frontier:
+        expanding = [i for i in frontier if i in kids]
+        if not expanding:
+            break
+        alive = torch.zeros(len(expanding), width, dtype=torch.bool)
+        new_frontier = []
+        for j, i in enumerate(expanding):
+            for c in kids[i]:
+                r = shape.ranks[c]
+                if r > width:
+                    raise ValueError(f"shape has a rank-{r} child but only {width} children per expansion")
+                tree_id[c] = next_id + j * width + r - 1
+                alive[j, r - 1] = True
+                new_frontier.append(c)
+        levels.append((torch.tensor([tree_id[i] for i in expanding], dtype=torch.long, device=device),
+                       alive.to(device)))
+        next_id += len(expanding) * width
+        frontier = sorted(new_frontier)
+    n_exp = sum(int(nodes.shape[0]) for nodes, _ in levels)
+    return ShapePlan(levels=levels, capacity=next_id, beams=max([int(n.shape[0]) for n, _ in levels] or [1]),
+                     n_expanded=n_exp, value=shape.value)
+
+
+class TreePolicy:
+    """Per-engine state of SpecExec's tree policy: one acceptance model per sampling
+    configuration, and (Sequoia) the acceptance vector and shapes in use.
+
+    name: one of POLICIES; width: ``branch_width``; growth_temperature, acceptance: see
+    ``set_defaults``."""
+
+    def __init__(self, name: str, device, width: int, growth_temperature: Optional[float] = None,
+                 acceptance: Optional[Sequence[float]] = None):
+        if name not in POLICIES:
+            raise ValueError(f"tree={name!r}; choose one of {POLICIES}")
+        self.name = name
+        self.device = torch.device(device)
+        self.width = int(width)
+        self.growth_temperature = growth_temperature
+        self.fixed_vector = None if acceptance is None else tuple(float(x) for x in acceptance)
+        self.models: dict = {}            # SamplingParams -> AcceptanceModel
+        self.evidence = EVIDENCE
+        self._vectors: dict = {}          # SamplingParams -> the Sequoia vector in use
+
+    # ------------------------------------------------------------------ growth
+    def model(self, params: SamplingParams) -> AcceptanceModel:
+        if params not in self.models:
+            self.models[params] = AcceptanceModel(self.device)
+        return self.models[params]
+
+    def draft_temperature(self, params: SamplingParams) -> float:
+        """Temperature of the draft distribution the search reads (``q``)."""
+        if self.name == "softmax" and self.growth_temperature is not None:
+            return float(self.growth_temperature)
+        return params.temperature if params.temperature > 0 else 1.0
+
+    def child_scores(self, logq: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-scores, feature bins) of the top-``w`` children of ``m`` expanded nodes, from the
+        draft's log-probs ``logq`` float ``[m, w]`` (rank order): both ``[m, w]``."""
+        model = self.model(params)
+        x = margin_feature(logq)
+        feats = model.features(x)
+        if self.name == "softmax":
+            return logq, feats
+        return model.log_accept(x), feats
+
+    def candidate_margin(self, params: SamplingParams) -> float:
+        """log of the best acceptance a child can get (<= 0): a node whose score plus this cannot
+        beat the budget-th best node has no child worth creating, so it is not expanded."""
+        if self.name == "softmax":
+            return 0.0
+        return math.log(max(self.model(params).max_accept, 1e-30))
+
+    # ------------------------------------------------------------------ Sequoia
+    def vector(self, params: SamplingParams) -> tuple:
+        """Sequoia's per-rank acceptance vector: the fixed one, else the learned marginal,
+        refreshed only when a rank's rate moved by more than SEQUOIA_REFRESH (each new vector
+        costs a DP solve)."""
+        if self.fixed_vector is not None:
+            return self.fixed_vector[:self.width]
+        learned = self.model(params).rank_acceptance(self.width)
+        old = self._vectors.get(params)
+        if old is None or max(abs(x - y) for x, y in zip(old, learned)) > SEQUOIA_REFRESH:
+            self._vectors[params] = tuple(round(x, 4) for x in learned)
+        return self._vectors[params]
+
+    def sequoia_plan(self, params: SamplingParams, budget: int, max_depth: int) -> ShapePlan:
+        """The optimal static tree of ``budget`` draft nodes and depth <= ``max_depth``."""
+        from .sequoia import max_nodes, optimal_shape
+
+        vec = self.vector(params)
+        n = 1 + min(budget, max_nodes(len(vec), max_depth) - 1)
+        # Children are created branch_width at a time (all ranks are evidence for the model).
+        return plan_shape(optimal_shape(vec, n, max_depth), self.width, self.device)
+
+    # ------------------------------------------------------------------ learning
+    def observations(self, tree, p: torch.Tensor, params: SamplingParams,
+                     reached: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The pass's evidence for the acceptance model (int64 device tensor), or None when the
+        tree carries none (other methods). ``reached``: bool ``[n]``, the rows the walk reached
+        (the accepted path and the root); with ``evidence="reached"`` only their children count."""
+        if tree.proposed is None:
+            return None
+        rows, tokens, bins = tree.proposed
+        if self.evidence == "reached" and reached is not None:
+            rows = torch.where(reached[rows.clamp_min(0)] & (rows >= 0), rows, torch.full_like(rows, -1))
+        return self.model(params).observations(p, rows, tokens, bins)
+
+    def update(self, params: SamplingParams, packet: Sequence[int]) -> None:
+        self.model(params).update(packet)
