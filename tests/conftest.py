@@ -85,6 +85,17 @@ def greedy_decode(model: Transformer, ids: list, n: int) -> list:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the tiny models are all per-op overhead, and two OpenMP threads on a busy 2-core box run
+    them several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_model():
     """Factory: ``tiny_model(model_type="llama", seed=0, max_len=256, **config_overrides)``."""

@@ -18,12 +18,7 @@ interpreting = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                   reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def draft_step_inputs(prefix: int, gen: torch.Generator, m: int = 3, n_slots: int = 7):

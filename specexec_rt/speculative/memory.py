@@ -4,8 +4,8 @@ with an error that names it instead of an allocator crash (or, on a Linux CPU, t
 Weights and KV caches are allocated at load time; what a request adds is transient: the
 activations and logits of one forward, the acceptance step's float32 ``[rows, vocab]``
 tensors, and the SpecExec ``DraftTree`` whose ancestor matrix is ``capacity**2`` bytes
-(``capacity = 1 + max_depth * beams_per_step * branch_width``: 4,097 by default, but 1M with
-beams 256, width 64 and depth 64, i.e. a 1 TB matrix). The estimates are upper bounds of what
+(``capacity = 1 + max_depth * beams_per_step * branch_width``: 8,193 by default, but 1M with
+beams 256, width 64 and depth 64, i.e. a 1 TB matrix; storage grows on demand up to it). The estimates are upper bounds of what
 the code allocates (every per-layer temporary counted as live at once), so a false error needs
 the machine to be within a small factor of full. ``tests/test_memory.py`` compares them with
 measured peaks (CUDA) and checks that absurd settings are refused before anything allocates.
