@@ -127,3 +127,19 @@ def test_logits_rows_selects_rows(pair):
     rows = torch.tensor([11, 4])
     part = model.forward(ids, torch.arange(12), model.cache, 0, logits_rows=rows)
     torch.testing.assert_close(part, full[rows], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 64, 128, 129])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_linear_cpu_paths_agree(m, with_bias):
+    """ops.dense_linear computes 2..128 CPU float32 rows as (w @ x.T).T: the same product as
+    F.linear up to float32 summation order, contiguous, for any row count around the bounds."""
+    from specexec_rt.model import ops
+    g = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 96, generator=g), torch.randn(200, 96, generator=g)
+    bias = torch.randn(200, generator=g) if with_bias else None
+    y = ops.dense_linear(x, w, bias)
+    assert y.shape == (m, 200) and y.is_contiguous()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias), atol=1e-4, rtol=1e-5)
+    lo, hi = ops.CPU_TRANSPOSED_ROWS
+    assert lo == 2 and hi >= 64

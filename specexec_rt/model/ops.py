@@ -60,7 +60,7 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None,
     """``residual + (x @ w.T + bias)`` for ``x`` ``[M, in_features]`` and a dense or 4-bit ``w``
     (``bias``, ``residual`` ``[M, out_features]`` optional)."""
     if isinstance(w, torch.Tensor):
-        y = F.linear(x, w, bias)
+        y = dense_linear(x, w, bias)
     elif _native_int4(x, w):
         y = run_native_linear(x, w, _contiguous_f32(residual) if bias is None else None, None, 0.0, False)
         if bias is None:
@@ -72,6 +72,25 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None,
         y = int4_matmul(x, w) if use_triton(x.device) else int4_matmul_cpu(x, w)
         y = y + bias if bias is not None else y
     return y if residual is None else residual + y
+
+
+# Rows for which a CPU float32 product runs as ``w @ x.T`` (see ``dense_linear``).
+CPU_TRANSPOSED_ROWS = (2, 128)
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w.T + bias`` for a dense ``w``. On the CPU in float32 with 2..128 rows it is computed
+    as ``(w @ x.T).T``: the BLAS call then has the weight's rows as its long side, which the CPU
+    GEMM handles far better for a few rows than ``x @ w.T`` (measured on a 2-core EPYC, torch
+    2.13, 2 threads: SmolLM2's LM head 49152x576 at 2-4 rows 31 -> 10 ms, at 32 rows 53 -> 32 ms,
+    at 128 rows 174 -> 112 ms; the layers' own matrices equal or faster). That is what makes a
+    tree verification pass cost little more than a one-token pass here. One row stays a GEMV."""
+    lo, hi = CPU_TRANSPOSED_ROWS
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and lo <= x.shape[0] <= hi \
+            and w.dtype == torch.float32:
+        y = torch.mm(w, x.t()).t().contiguous()
+        return y if bias is None else y + bias
+    return F.linear(x, w, bias)
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w,

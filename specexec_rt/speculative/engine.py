@@ -149,7 +149,12 @@ class Engine:
 
             # Plain decoding (budget 0) and trees down to one node are candidates too: auto never
             # keeps drafting when drafting does not pay on this device.
-            self.budget_controller = BudgetController(self._max_budget, min_budget=1, max_depth=self.params["max_depth"],
+            # On the CPU a pass's cost grows with its tree (draft steps and verification are
+            # compute-bound), so the first trees are small and grow only while they pay; an
+            # offloaded GPU pass costs the same for 1..1000 tokens, so it starts at 16.
+            prior = 4 if self.device.type == "cpu" else 16
+            self.budget_controller = BudgetController(self._max_budget, min_budget=1, prior_budget=prior,
+                                                      max_depth=self.params["max_depth"],
                                                       allow_autoregressive=self.draft is not None)
         self._plain = METHODS["autoregressive"](1, {})
         # Scheduling state. _cond guards the queue, the free regions and every request's
