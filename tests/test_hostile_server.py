@@ -23,14 +23,12 @@ import pytest
 from conftest import build_tiny_model
 from specexec_rt import InvalidParameterError
 from specexec_rt.serving.http_guard import RequestGuard
-from specexec_rt.serving.server import make_server
 from specexec_rt.speculative import params
 from specexec_rt.speculative.engine import Engine
+from server_harness import MAX_LEN, TIMEOUT, make_engine
+from server_harness import running as serve
 from tiny_tokenizer import tiny_tokenizer
 
-MAX_LEN = 128
-SPEC = dict(method="specexec", budget=6, beams_per_step=3, branch_width=2, max_depth=3)
-TIMEOUT = 60.0
 HEAD_TIMEOUT = BODY_TIMEOUT = 1.0
 SLACK = 4.0             # scheduling slack on a loaded 2-core machine
 MAX_BODY = 2**20
@@ -48,23 +46,12 @@ def reference(tok):
     return lambda prompt, n: engine.generate(prompt, max_new_tokens=n)
 
 
-def make_engine(tok):
-    return Engine(build_tiny_model(seed=0, max_len=MAX_LEN), build_tiny_model(seed=1, max_len=MAX_LEN),
-                  tokenizer=tok, **SPEC)
-
-
 @contextmanager
 def running(engine, **kw):
+    """The shared harness with this module's short head/body timeouts and body limit."""
     kw = {"head_timeout": HEAD_TIMEOUT, "body_timeout": BODY_TIMEOUT, "max_body_bytes": MAX_BODY, **kw}
-    server = make_server(engine, "127.0.0.1", 0, model_name="tiny", **kw)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve(engine, **kw) as server:
         yield server
-    finally:
-        assert server.close(timeout=TIMEOUT)
-        thread.join(TIMEOUT)
-        assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")

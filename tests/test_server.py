@@ -11,7 +11,6 @@ import json
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -20,11 +19,9 @@ openai = pytest.importorskip("openai")  # a dev extra; bare GPU boxes lack it
 from conftest import build_tiny_model
 from specexec_rt.speculative.engine import Engine
 from specexec_rt.serving.server import make_server
+from server_harness import MAX_LEN, SPEC, TIMEOUT, make_engine, running
 from tiny_tokenizer import tiny_tokenizer
 
-MAX_LEN = 128
-SPEC = dict(method="specexec", budget=6, beams_per_step=3, branch_width=2, max_depth=3)
-TIMEOUT = 60.0
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -46,25 +43,6 @@ def reference(tok):
             cache[key] = engine.generate(prompt, max_new_tokens=max_tokens, **kw)
         return cache[key]
     return ref
-
-
-def make_engine(tok):
-    target = build_tiny_model(seed=0, max_len=MAX_LEN)
-    draft = build_tiny_model(seed=1, max_len=MAX_LEN)
-    return Engine(target, draft, tokenizer=tok, **SPEC)
-
-
-@contextmanager
-def running(engine, **kw):
-    server = make_server(engine, "127.0.0.1", 0, model_name="tiny", **kw)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        assert server.close(timeout=TIMEOUT), "engine did not go idle at shutdown"
-        thread.join(TIMEOUT)
-        assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")
