@@ -82,7 +82,7 @@ def weight_bytes(model) -> int:
     from specexec_rt.model.weights import weights_nbytes
 
     w = model.weights
-    return sum(weights_nbytes(lw) for lw in w.layers) + w.lm_head.numel() * w.lm_head.element_size()
+    return sum(weights_nbytes(lw) for lw in w.layers) + weights_nbytes(w.lm_head)   # a tensor or an Int4Weight
 
 
 def copy_bandwidth_gbps(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
