@@ -176,8 +176,9 @@ class AcceptanceModel:
 
     @property
     def max_accept(self) -> float:
-        """The largest acceptance any child can be given (the table's maximum)."""
-        return float(self._table.max())
+        """The largest acceptance any child can be given (the table's maximum; kept on the host
+        so that reading it is no device sync)."""
+        return self._max_accept
 
     def _refresh(self) -> None:
         nq = self.n_q
@@ -185,7 +186,9 @@ class AcceptanceModel:
             n, s = self.counts[r * nq:(r + 1) * nq], self.sums[r * nq:(r + 1) * nq]
             if sum(n) > 0:
                 self._platt[r] = platt_fit(self._logits, n, s, self.ridge, start=self._platt[r])
-        self._table = torch.tensor(self.bin_estimates(), dtype=torch.float32, device=self.device)
+        estimates = self.bin_estimates()
+        self._max_accept = max(max(row) for row in estimates)
+        self._table = torch.tensor(estimates, dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ device side
     def features(self, logq: torch.Tensor) -> torch.Tensor:

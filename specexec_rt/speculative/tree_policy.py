@@ -143,6 +143,7 @@ class TreePolicy:
         self.models: dict = {}            # SamplingParams -> AcceptanceModel
         self.evidence = EVIDENCE
         self._vectors: dict = {}          # SamplingParams -> the Sequoia vector in use
+        self._plans: dict = {}            # (vector, budget, depth) -> ShapePlan
 
     # ------------------------------------------------------------------ growth
     def model(self, params: SamplingParams) -> AcceptanceModel:
@@ -191,9 +192,14 @@ class TreePolicy:
         from .sequoia import max_nodes, optimal_shape
 
         vec = self.vector(params)
-        n = 1 + min(budget, max_nodes(len(vec), max_depth) - 1)
-        # Children are created branch_width at a time (all ranks are evidence for the model).
-        return plan_shape(optimal_shape(vec, n, max_depth), self.width, self.device)
+        key = (vec, budget, max_depth)
+        if key not in self._plans:
+            # Kept: a plan is a DP solve plus host-to-device copies of its node ids (on CUDA a
+            # copy from pageable memory waits for the stream); the vector changes rarely.
+            n = 1 + min(budget, max_nodes(len(vec), max_depth) - 1)
+            # Children are created branch_width at a time (all ranks are evidence for the model).
+            self._plans[key] = plan_shape(optimal_shape(vec, n, max_depth), self.width, self.device)
+        return self._plans[key]
 
     # ------------------------------------------------------------------ learning
     def observations(self, tree, p: torch.Tensor, params: SamplingParams,
