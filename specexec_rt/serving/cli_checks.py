@@ -39,24 +39,24 @@ def parse_budget(text: str):
     return value
 
 
-def positive_int(text: str) -> int:
+def _int_in(text: str, lo: int, hi: Optional[int], what: str, hint: str = "") -> int:
+    """``text`` as an int in ``[lo, hi]`` (``hi`` None: unbounded), else an argparse error saying
+    it ``must be {what}``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < lo or (hi is not None and value > hi):
+        raise argparse.ArgumentTypeError(f"must be {what}{hint}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_in(text, 1, None, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+    return _int_in(text, 0, None, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:
@@ -70,13 +70,7 @@ def positive_float(text: str) -> float:
 
 
 def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535] (0: any free port), got {value}")
-    return value
+    return _int_in(text, 0, 65535, "a port number in [0, 65535]", " (0: any free port)")
 
 
 # ------------------------------------------------------------------------ combined checks
