@@ -71,13 +71,14 @@ def main() -> int:
 
     from specexec_rt import Engine, default_draft, load_model, load_tokenizer
 
+    from specexec_rt.model.weights import weights_nbytes
+
     target = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=512)
     draft = default_draft(target)
     tok = load_tokenizer(target)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in QUESTIONS]
-    weight_bytes = sum(t.numel() * t.element_size() for lw in target.weights.layers
-                       for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)) + target.weights.lm_head.numel() * 4
+    weight_bytes = sum(weights_nbytes(lw) for lw in target.weights.layers) + weights_nbytes(target.weights.lm_head)
 
     # Solo greedy outputs: the losslessness check of every batched run.
     solo_engine = Engine(target, method="autoregressive")

@@ -91,12 +91,14 @@ def _copies(make, nbytes: int) -> list:
 def micro(ms: list, repeats: int) -> list:
     from specexec_rt.kernels.int4_cpu import int4_matmul_cpu, int4_matmul_native
     from specexec_rt.kernels.int4_weight import Int4Weight, quantize_int4
+    from specexec_rt.kernels.q8_weight import q8_linear_native, quantize_q8_0, with_int8_activations
 
     rows = []
     for name, n, k in SHAPES:
         w32 = torch.randn(n, k) * 0.05
         w4 = quantize_int4(w32, 64)
         int4_bytes = w4.nbytes
+        w8_bytes = quantize_q8_0(w32).nbytes
         clone4 = lambda: Int4Weight(w4.qweight.clone(), w4.scales.clone(), w4.mins.clone(), n, k, 64)  # noqa: E731
         methods = {
             "native int4": (_copies(clone4, int4_bytes), int4_matmul_native, int4_bytes, torch.float32),
@@ -106,6 +108,11 @@ def micro(ms: list, repeats: int) -> list:
             "aten int4 (bf16)": (_copies(clone4, int4_bytes),
                                  lambda x, w: int4_matmul_cpu(x, w, compute_dtype=torch.bfloat16), int4_bytes,
                                  torch.float32),
+            # The Q8_0 kernel (a GGUF's tied LM head): float32 activations, or int8 as llama.cpp.
+            "q8 (fp32 act.)": (_copies(lambda: quantize_q8_0(w32), w8_bytes), q8_linear_native, w8_bytes,
+                               torch.float32),
+            "q8 (int8 act.)": (_copies(lambda: with_int8_activations(quantize_q8_0(w32)), w8_bytes),
+                               q8_linear_native, w8_bytes, torch.float32),
         }
         for m in ms:
             x = torch.randn(m, k)
@@ -206,7 +213,7 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     draft = int4_draft(target)
     draft_dense_head = int4_draft(target, lm_head_int4=False)
     models = {"target fp32": target, "target int4": target4, "draft (int4 LM head)": draft,
-              "draft (fp32 LM head)": draft_dense_head}
+              "draft (target's Q8_0 LM head)": draft_dense_head}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (prompt_len,), generator=g)
     for mdl in models.values():
@@ -236,10 +243,11 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
 
     # Where a step goes: the native calls, dense F.linear (a tied LM head stays dense) and
     # attention, timed inside the forward; the rest is PyTorch ops and Python.
-    spent = {"native": 0.0, "dense": 0.0, "attention": 0.0}
-    # ops calls run_native_linear (fused layer ops) or, unfused, int4_cpu.int4_matmul_native.
+    spent = {"native": 0.0, "dense": 0.0, "attention": 0.0, "q8 head": 0.0}
+    # ops calls run_native_linear (fused layer ops) or, unfused, int4_cpu.int4_matmul_native; a
+    # Q8_0 head goes through ops.q8_linear.
     real = {"fused": ops.run_native_linear, "mm": int4_cpu.int4_matmul_native, "attn": ops.attention,
-            "dense": torch.nn.functional.linear}
+            "dense": torch.nn.functional.linear, "q8": ops.q8_linear}
 
     def timed(key, fn):
         def wrapper(*a, **k):
@@ -252,19 +260,21 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     split = {}
     for label, fn, mdl in (("draft, decode step (M=1)", decode, draft), ("draft, 32-node tree step", tree, draft),
                            ("target int4, decode step (M=1)", decode, target4)):
-        parts: dict = {"total": [], "native": [], "dense": [], "attention": []}
+        parts: dict = {"total": [], "native": [], "dense": [], "attention": [], "q8 head": []}
         for _ in range(repeats):
             ops.run_native_linear, int4_cpu.int4_matmul_native = timed("native", real["fused"]), timed("native", real["mm"])
             ops.attention, torch.nn.functional.linear = timed("attention", real["attn"]), timed("dense", real["dense"])
-            spent.update(native=0.0, dense=0.0, attention=0.0)
+            ops.q8_linear = timed("q8 head", real["q8"])
+            spent.update({key: 0.0 for key in spent})
             t = time.perf_counter()
             try:
                 fn(mdl)
             finally:
                 ops.run_native_linear, int4_cpu.int4_matmul_native = real["fused"], real["mm"]
                 ops.attention, torch.nn.functional.linear = real["attn"], real["dense"]
+                ops.q8_linear = real["q8"]
             parts["total"].append(time.perf_counter() - t)
-            for key in ("native", "dense", "attention"):
+            for key in spent:
                 parts[key].append(spent[key])
         i = min(range(len(parts["total"])), key=parts["total"].__getitem__)   # the least disturbed run
         split[label] = {**{k: median_ms(v) for k, v in parts.items()},
@@ -295,12 +305,10 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
 def _tensors(mdl):
     import dataclasses
 
-    from specexec_rt.kernels.int4_weight import Int4Weight
-
     w = mdl.weights
     mats = [w.lm_head] + [getattr(lw, f) for lw in w.layers for f in ("wqkv", "wo", "w_gate_up", "w_down")]
     for m in mats:
-        if isinstance(m, Int4Weight):
+        if dataclasses.is_dataclass(m):   # Int4Weight, Q8Weight
             yield from (getattr(m, f.name) for f in dataclasses.fields(m) if isinstance(getattr(m, f.name), torch.Tensor))
         else:
             yield m
@@ -333,8 +341,8 @@ def agreement(n_new: int = 128) -> list:
     # aten op in fp32 (the int4 weights applied exactly), isolating the activation quantization.
     drafts = {"int4 layers, int4 LM head g64 (default)": (int4_draft(target), None),
               "int4 layers, int4 LM head g32": (head32, None),
-              "int4 layers, fp32 LM head": (dense_head, None),
-              "int4 layers exact (fp32 activations), fp32 LM head": (dense_head, torch.float32)}
+              "int4 layers, target's LM head (Q8_0, fp32 act.)": (dense_head, None),
+              "int4 layers exact (fp32 activations), target's LM head": (dense_head, torch.float32)}
     seqs = []
     for text in PROMPTS + MORE_PROMPTS:
         ids = prompt_ids(tok, text)
@@ -378,15 +386,18 @@ def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree, a
     if micro_rows:
         lines += ["## Kernels (weights read cold)", "",
                   "| matrix | M | native int4 ms | GB/s | GMAC/s | fp32 ms | GB/s | bf16 ms | aten int4 ms | "
-                  "native vs fp32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "native vs fp32 | Q8_0 fp32 act. ms | GB/s | Q8_0 int8 act. ms | GB/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         by = {(r["shape"], r["m"], r["method"]): r for r in micro_rows}
         for shape, m in dict.fromkeys((r["shape"], r["m"]) for r in micro_rows):
             nat, f32 = by[(shape, m, "native int4")], by[(shape, m, "fp32")]
             lines.append(f"| {shape} | {m} | {nat['ms']:.3f} | {nat['gbs']:.1f} | {nat['gmacs']:.1f} | "
                          f"{f32['ms']:.3f} | {f32['gbs']:.1f} | {by[(shape, m, 'bf16')]['ms']:.3f} | "
-                         f"{by[(shape, m, 'aten int4 (bf16)')]['ms']:.3f} | {f32['ms'] / nat['ms']:.1f}x |")
-        lines += ["", "GB/s: weight bytes (int4: nibbles + fp16 scales and mins; fp32: 4 per weight) over the "
-                  "time; GMAC/s: M x N x K over the time.", ""]
+                         f"{by[(shape, m, 'aten int4 (bf16)')]['ms']:.3f} | {f32['ms'] / nat['ms']:.1f}x | "
+                         + " | ".join(f"{by[(shape, m, key)]['ms']:.3f} | {by[(shape, m, key)]['gbs']:.1f}"
+                                      for key in ("q8 (fp32 act.)", "q8 (int8 act.)")) + " |")
+        lines += ["", "GB/s: weight bytes (int4: nibbles + fp16 scales and mins; Q8_0: 1 byte per weight + an "
+                  "fp16 scale per 32; fp32: 4 per weight) over the time; GMAC/s: M x N x K over the time.", ""]
     if arith_rows:
         lines += ["## Arithmetic: int8 activations vs fp32 activations (same layout, tiling, threads)", "",
                   "| matrix | M | int8 act. ms | GMAC/s | fp32 act. ms | GMAC/s | fp32 / int8 time | "
@@ -411,16 +422,16 @@ def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree, a
             lines.append(f"| {name} | {v:.2f} | {v / tgt:.3f} | {b:.2f} | {b / tgt_best:.3f} | {mb:.0f} | "
                          f"{mb / b:.1f} |")
         lines += ["", "Where a step goes: the native int4 calls (with their fused RMSNorm / SiLU / residual), "
-                  "dense `F.linear` (the int4 target's LM head is tied to the dequantized embedding and stays "
-                  "fp32) and `ops.attention`, timed inside the forward; the rest is PyTorch ops (RoPE, cache "
-                  "writes, views) and Python. Medians, then the fastest run's own split.", "",
-                  "| step | total ms | native int4 ms | dense fp32 ms | attention ms | everything else ms |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "the Q8_0 LM head (the GGUF's tied embedding kept 8-bit; the int4 target runs it on int8 "
+                  "activations), dense `F.linear` and `ops.attention`, timed inside the forward; the rest is "
+                  "PyTorch ops (RoPE, cache writes, views) and Python. Medians, then the fastest run's own split.", "",
+                  "| step | total ms | native int4 ms | Q8_0 head ms | dense fp32 ms | attention ms | "
+                  "everything else ms |", "|---|---:|---:|---:|---:|---:|---:|"]
         for label, s in model["split"].items():
             for tag in ("", " (fastest run)"):
-                t, nat, den, at = (s[k + tag] for k in ("total", "native", "dense", "attention"))
-                lines.append(f"| {label}{tag} | {t:.2f} | {nat:.2f} | {den:.2f} | {at:.2f} | "
-                             f"{t - nat - den - at:.2f} |")
+                t, nat, q8, den, at = (s[k + tag] for k in ("total", "native", "q8 head", "dense", "attention"))
+                lines.append(f"| {label}{tag} | {t:.2f} | {nat:.2f} | {q8:.2f} | {den:.2f} | {at:.2f} | "
+                             f"{t - nat - q8 - den - at:.2f} |")
         ar, arb = model["ar"], model["ar_best"]
         lines += ["", f"Greedy autoregressive decoding (64 tokens), median (best): fp32 target "
                   f"{ar['target fp32']:.1f} ({arb['target fp32']:.1f}) tok/s, int4 target {ar['target int4']:.1f} "

@@ -1,4 +1,5 @@
-"""The native CPU library (``csrc/int4_cpu.c``): compiled on first use, loaded with ctypes.
+"""The native CPU library (``csrc/int4_cpu.c``, which includes ``q8_cpu.h`` and ``f32_cpu.h``):
+compiled on first use, loaded with ctypes.
 
 ``library()`` returns the loaded library, or None with the reason logged once (no C compiler,
 a failed build, ``SPECEXEC_NATIVE_CPU=0``); callers then take their PyTorch paths. With
@@ -28,9 +29,9 @@ log = logging.getLogger(__name__)
 # specexec_rt.csrc is imported inside the functions that build: kernels/ must stay importable as
 # a top-level package too (transformers probes the name "kernels" from the repo root).
 
-SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h")
+SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h")
 LIB_NAME = "libspecexec_cpu.so"
-ABI_VERSION = 2  # csrc/int4_cpu.c SXC_ABI_VERSION
+ABI_VERSION = 3  # csrc/int4_cpu.c SXC_ABI_VERSION
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
 ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations
 ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "invalid argument"}
@@ -45,6 +46,12 @@ class SxcWeight(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
                 ("perm", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
                 ("group", ctypes.c_int32), ("scale_f16", ctypes.c_int32)]
+
+
+class SxcQ8Weight(ctypes.Structure):
+    """Mirror of ``sxc_q8weight`` in csrc/q8_cpu.h: one Q8Weight as pointers."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("d", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32)]
 
 
 _lock = threading.Lock()
@@ -134,6 +141,13 @@ def load(path: Path) -> ctypes.CDLL:
         "sxc_int4_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, wp, ctypes.c_void_p,
                                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int,
                                            ctypes.c_int, ctypes.c_int]),
+        "sxc_q8_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.POINTER(SxcQ8Weight), ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_int]),
+        "sxc_f32_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                          ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
         "sxc_quantize_q8": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, wp, ctypes.c_int, ctypes.c_void_p,
                                            ctypes.c_void_p, ctypes.c_void_p]),
     }

@@ -28,6 +28,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def _keeps_q8_head(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a Q8_0 head stays 8-bit: the native CPU kernel serves it (float32 on the CPU)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    from ..kernels import cpu_native
+
+    return cpu_native.library() is not None
+
+
 def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len: Optional[int] = None,
                quantize: str = "auto", offload: bool = False, gpu_memory_gb: Optional[float] = None,
                offload_reserve_gb: float = 2.0, max_len_cap: int = 4096) -> Transformer:
@@ -41,7 +50,10 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
         context).
     quantize: ``"auto"`` keeps 4-bit checkpoints (GPTQ, GGUF Q4_0/Q4_1) 4-bit on CUDA and
         dequantizes them on CPU; ``"none"`` dequantizes everything; ``"int4"`` also quantizes
-        dense checkpoints to 4-bit on load.
+        dense checkpoints to 4-bit on load. On the CPU in float32, a GGUF embedding or LM head
+        stored as Q8_0 is kept 8-bit for the head's matmul whatever ``quantize`` says (the
+        product is the dequantized weight's to float32 rounding; with a 4-bit target the
+        activations are quantized to int8 as its layers' are; see ``kernels/q8_weight.py``).
     offload: keep transformer layers in pinned host memory and stream them to the GPU each pass
         (``gpu_memory_gb`` caps what stays resident; see docs/OFFLOAD.md).
     """
@@ -61,7 +73,8 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
 
         reader = open_gguf(src.path)
         cfg = gguf_config(reader, src.path)
-        get_matrix, get_vector = gguf_getters(reader, cfg, src.path, keep_int4=quantize != "none")
+        get_matrix, get_vector = gguf_getters(reader, cfg, src.path, keep_int4=quantize != "none",
+                                              keep_q8_head=_keeps_q8_head(device, dtype))
     else:
         from .hf import hf_getters, read_hf_config
 

@@ -25,6 +25,18 @@ def _is_dense(m) -> bool:
     return isinstance(m, torch.Tensor)
 
 
+def _is_q8(m) -> bool:
+    from ..kernels.q8_weight import Q8Weight
+
+    return isinstance(m, Q8Weight)
+
+
+def _head_q8(w, quantize: str, device):
+    from ..kernels.q8_weight import with_int8_activations
+
+    return with_int8_activations(w, quantize != "none").to(device)
+
+
 def fuse_rows(mats: list):
     """Concatenate matrices along out_features (dense or 4-bit; a mix is dequantized to dense)."""
     if all(_is_dense(m) for m in mats):
@@ -113,13 +125,19 @@ def assemble_weights(cfg: ModelConfig, get_matrix: MatrixGetter, get_vector: Vec
         )
         layers.append(move_layer(layer, layer_device))
     embed = get_matrix("model.embed_tokens.weight")
+    # An 8-bit (Q8_0) head is kept as it is for the head's matmul, with int8 activations when
+    # the layers quantize theirs (a 4-bit target); the embedding lookup reads float rows.
+    embed_q8 = embed if _is_q8(embed) else None
     embed = (embed.dequantize(torch.float32) if not _is_dense(embed) else embed).to(dtype).to(resident_device)
     if cfg.tie_word_embeddings:
-        lm_head = embed
+        lm_head = embed if embed_q8 is None else _head_q8(embed_q8, quantize, resident_device)
     else:
         lm_head = get_matrix("lm_head.weight")
-        lm_head = finish_matrix(lm_head, dtype, "none" if quantize == "none" else "auto")
-        lm_head = lm_head.to(resident_device)  # a tensor or an Int4Weight: both have .to
+        if _is_q8(lm_head):
+            lm_head = _head_q8(lm_head, quantize, resident_device)
+        else:
+            lm_head = finish_matrix(lm_head, dtype, "none" if quantize == "none" else "auto")
+            lm_head = lm_head.to(resident_device)  # a tensor or an Int4Weight: both have .to
     final_norm = get_vector("model.norm.weight").to(dtype).to(resident_device)
     return ModelWeights(embed=embed, final_norm=final_norm, lm_head=lm_head, layers=layers)
 

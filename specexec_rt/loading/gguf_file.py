@@ -103,7 +103,14 @@ def _unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(rows.shape))
 
 
-def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool):
+# Matrices a Q8_0 copy of which serves the LM head (tied heads are the embedding).
+_HEAD_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool, keep_q8_head: bool = False):
+    """``(get_matrix, get_vector)`` by HF name. ``keep_int4``: Q4 matrices come back as
+    ``Int4Weight``; ``keep_q8_head``: a Q8_0 embedding or LM head comes back as ``Q8Weight``
+    (the caller expands the embedding it looks rows up in)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -146,6 +153,11 @@ def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool):
 
             convert = {"Q4_0": f.from_gguf_q4_0, "Q4_1": f.from_gguf_q4_1, "Q4_K": f.from_gguf_q4_k}[qtype]
             return convert(np.ascontiguousarray(rows), (out_features, in_features))
+        if keep_q8_head and qtype == "Q8_0" and hf_name in _HEAD_NAMES and n_head is None:
+            from ..kernels.q8_weight import from_gguf_q8_0
+
+            blocks = torch.from_numpy(np.array(rows, dtype=np.uint8)).reshape(out_features, in_features // 32, 34)
+            return from_gguf_q8_0(blocks, (out_features, in_features))
         w = dequantize(rows, t.tensor_type).reshape(out_features, in_features)
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
 

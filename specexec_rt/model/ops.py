@@ -24,6 +24,8 @@ if os.environ.get("SPECEXEC_TRITON_INTERPRET") == "1":
 from ..kernels.int4_cpu import int4_matmul_cpu, native_active, run_native_linear  # noqa: E402  (after TRITON_INTERPRET is set)
 from ..kernels.int4_gemm import int4_matmul  # noqa: E402
 from ..kernels.int4_weight import Int4Weight  # noqa: E402
+from ..kernels import dense_cpu  # noqa: E402
+from ..kernels.q8_weight import Q8Weight, q8_linear  # noqa: E402
 
 
 def triton_interpret() -> bool:
@@ -57,10 +59,16 @@ def _contiguous_f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None,
            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``residual + (x @ w.T + bias)`` for ``x`` ``[M, in_features]`` and a dense or 4-bit ``w``
-    (``bias``, ``residual`` ``[M, out_features]`` optional)."""
+    """``residual + (x @ w.T + bias)`` for ``x`` ``[M, in_features]`` and a dense, 4-bit or 8-bit
+    ``w`` (``bias``, ``residual`` ``[M, out_features]`` optional)."""
     if isinstance(w, torch.Tensor):
+        if bias is None and dense_cpu.serves(x, w, w.shape[1]):
+            return dense_cpu.run_f32_native(x, w, _contiguous_f32(residual))
         y = dense_linear(x, w, bias)
+    elif isinstance(w, Q8Weight):
+        if bias is None:
+            return q8_linear(x, w, residual)
+        y = q8_linear(x, w) + bias
     elif _native_int4(x, w):
         y = run_native_linear(x, w, _contiguous_f32(residual) if bias is None else None, None, 0.0, False)
         if bias is None:
@@ -95,7 +103,14 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``linear(rms_norm(x, norm_weight, eps), w, bias)``; one native call for a CPU int4 ``w``."""
+    """``linear(rms_norm(x, norm_weight, eps), w, bias)``; one native call for a CPU int4 or
+    8-bit ``w`` (the final norm and the LM head), or a float32 one with a few rows."""
+    if isinstance(w, Q8Weight):
+        y = q8_linear(x, w, norm=(norm_weight, eps))
+        return y if bias is None else y + bias
+    if isinstance(w, torch.Tensor) and dense_cpu.serves(x, w, w.shape[1]):
+        y = dense_cpu.run_f32_native(x, w, None, _contiguous_f32(norm_weight), eps)
+        return y if bias is None else y + bias
     if _native_int4(x, w):
         y = run_native_linear(x, w, None, _contiguous_f32(norm_weight), eps, False)
         return y if bias is None else y + bias
@@ -104,9 +119,11 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w,
 
 def swiglu_linear(gate_up: torch.Tensor, w, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``residual + linear(silu(gate) * up, w)`` for ``gate_up`` ``[M, 2 * in_features]`` = gate
-    rows then up rows; one native call for a CPU int4 ``w``."""
+    rows then up rows; one native call for a CPU int4 ``w``, or a float32 one with a few rows."""
     if _native_int4(gate_up, w):
         return run_native_linear(gate_up, w, _contiguous_f32(residual), None, 0.0, True)
+    if isinstance(w, torch.Tensor) and dense_cpu.serves(gate_up, w, 2 * w.shape[1]):
+        return dense_cpu.run_f32_native(gate_up, w, _contiguous_f32(residual), swiglu=True)
     gate, up = gate_up.chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w, residual=residual)
 

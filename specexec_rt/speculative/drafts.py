@@ -63,6 +63,7 @@ def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_
     on GPUs).
     """
     from ..kernels.int4_weight import Int4Weight, quantize_int4
+    from ..kernels.q8_weight import Q8Weight
 
     keep = check_keep(target, range(target.config.n_layers) if keep is None else keep)
     if lm_head_int4 is None:
@@ -71,7 +72,8 @@ def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_
     def q(m):
         if isinstance(m, Int4Weight):
             return m
-        return quantize_int4(m.float(), group_size=group_size).to(target.device)
+        dense = m.dequantize(torch.float32) if isinstance(m, Q8Weight) else m.float()
+        return quantize_int4(dense, group_size=group_size).to(target.device)
 
     layers = []
     for i in keep:

@@ -1,0 +1,133 @@
+/* CPU float32 matmul for a few rows, included at the end of int4_cpu.c (it shares the prologue,
+ * the helpers and the ISA dispatch there).
+ *
+ *   y[m, n] = residual[m, n] + sum_k xhat[m, k] * w[n, k]        (w float32 [n, k], row-major)
+ *
+ * xhat is x, RMSNorm(x), SiLU(gate) * up, or both, as the int4 kernel's prologue (the layer ops
+ * fused into the call: a float32 decode step is otherwise ~27 eager PyTorch ops per layer).
+ *
+ * A decode step of a float32 model reads every weight once per token, so its matmuls are bound by
+ * memory; BLAS GEMV reaches about half of this machine's read bandwidth on weights that are not in
+ * cache (measured in bench/bench_int4_cpu.py). This kernel streams the weight rows in order with
+ * software prefetch ahead of the hardware prefetcher; rows after the first re-read a 4-column
+ * tile from L1.
+ *
+ * Fixed order (every ISA path bit-identical, and a row's result independent of m):
+ *   a[0..7] = 0;  for each k in order: a[k % 8] = fma(xhat[k], w[n, k], a[k % 8])
+ *   y = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+ */
+
+#ifndef F32_PREFETCH
+#define F32_PREFETCH 4 /* weight rows ahead, in units of the 4-row tile (tuned on a 2-core EPYC) */
+#endif
+
+typedef struct {
+    const float *w; /* [n, k] */
+    const float *x; /* [m, k] prepared rows */
+    float *y;
+    const float *res;
+    int m, n, k;
+} f32ctx_t;
+
+INLINE void f32_store(const f32ctx_t *c, int r, int col, float v) {
+    size_t i = (size_t)r * c->n + col;
+    c->y[i] = c->res ? v + c->res[i] : v;
+}
+
+static void f32_cols_scalar(const f32ctx_t *c, int col0, int col1) {
+    const int k = c->k;
+    for (int col = col0; col < col1; col++) {
+        const float *w = c->w + (size_t)col * k;
+        for (int r = 0; r < c->m; r++) {
+            const float *x = c->x + (size_t)r * k;
+            float a[8] = {0};
+            for (int i = 0; i < k; i++) a[i % 8] = fmaf(x[i], w[i], a[i % 8]);
+            f32_store(c, r, col, q8_hsum8(a));
+        }
+    }
+}
+
+#if SXC_X86
+/* 4 columns at a time; every row of the call against the tile (from L1 after the first row). */
+T_AVX2 static void f32_tile_avx2(const f32ctx_t *c, int col0, int col1) {
+    const int k = c->k;
+    int col = col0;
+    for (; col + 4 <= col1; col += 4) {
+        const float *w0 = c->w + (size_t)col * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+        const float *ahead = w0 + (size_t)4 * F32_PREFETCH * k;
+        for (int r = 0; r < c->m; r++) {
+            const float *x = c->x + (size_t)r * k;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int i = 0; i < k; i += 16) {
+                if (r == 0)
+                    for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(ahead + (size_t)j * k + i), _MM_HINT_T0);
+                const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+                a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + i), a0);
+                a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w1 + i), a1);
+                a2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w2 + i), a2);
+                a3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w3 + i), a3);
+                a0 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w0 + i + 8), a0);
+                a1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + i + 8), a1);
+                a2 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w2 + i + 8), a2);
+                a3 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w3 + i + 8), a3);
+            }
+            f32_store(c, r, col, q8_hsum_avx2(a0));
+            f32_store(c, r, col + 1, q8_hsum_avx2(a1));
+            f32_store(c, r, col + 2, q8_hsum_avx2(a2));
+            f32_store(c, r, col + 3, q8_hsum_avx2(a3));
+        }
+    }
+    if (col < col1) f32_cols_scalar(c, col, col1);
+}
+#endif
+
+/* y [m, n] = residual + prologue(x) [m, k] times W^T for a float32 W [n, k] (row stride k), on
+ * `threads` threads at ISA level `isa`. x: float32 rows of stride ldx (>= k, >= 2k with
+ * act = SXC_ACT_SWIGLU); k a multiple of 16; y, residual: [m, n] contiguous (residual may be
+ * NULL); norm_w: [k] or NULL. */
+int sxc_f32_linear(const float *x, int64_t m, int64_t ldx, const float *w, int32_t n, int32_t k, float *y,
+                   const float *residual, const float *norm_w, float eps, int act, int threads, int isa) {
+    if (!w || n <= 0 || k <= 0 || k % 16 || m < 0 || m > INT32_MAX || isa < SXC_SCALAR || isa > SXC_AVX512VNNI ||
+        (act != SXC_ACT_NONE && act != SXC_ACT_SWIGLU) || ldx < (act == SXC_ACT_SWIGLU ? 2 : 1) * (int64_t)k)
+        return SXC_EARG;
+    if (isa > sxc_best_isa()) return SXC_EISA;
+    if (m == 0) return SXC_OK;
+    if (!x || !y) return SXC_EARG;
+    float *xs = NULL;
+    const int need_rows = norm_w || act != SXC_ACT_NONE || ldx != k;
+    if (need_rows) {
+        xs = (float *)malloc(sizeof(float) * (size_t)m * k);
+        if (!xs) return SXC_ENOMEM;
+        const prologue_t pro = {x, ldx, norm_w, eps, act};
+        for (int64_t r = 0; r < m; r++) {
+            const float *row = prepare_row(&pro, k, r, xs + r * k);
+            if (row != xs + r * k) memcpy(xs + r * k, row, sizeof(float) * (size_t)k);
+        }
+    }
+    const f32ctx_t c = {w, need_rows ? xs : x, y, residual, (int)m, n, k};
+    const int units = (n + 15) / 16;
+    int nthreads = threads > 0 ? threads : 1;
+    if (nthreads > units) nthreads = units;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const int tid = 0, nth = 1;
+#endif
+        const int u0 = (int)((int64_t)units * tid / nth), u1 = (int)((int64_t)units * (tid + 1) / nth);
+        const int col0 = 16 * u0, col1 = 16 * u1 < n ? 16 * u1 : n;
+        if (col0 < col1) {
+#if SXC_X86
+            if (isa >= SXC_AVX2)
+                f32_tile_avx2(&c, col0, col1);
+            else
+#endif
+                f32_cols_scalar(&c, col0, col1);
+        }
+    }
+    free(xs);
+    return SXC_OK;
+}

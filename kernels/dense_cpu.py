@@ -1,0 +1,99 @@
+"""``f32_linear_native``: a float32 weight times a few rows on the CPU (``sxc_f32_linear`` in
+``csrc/f32_cpu.h``), with the layer ops around it fused, and its PyTorch reference.
+
+A float32 decode step reads every weight once, so its matmuls are bound by memory; the kernel
+streams the weight rows in order with software prefetch, and runs RMSNorm, SiLU * up and the
+residual add inside the same call (each is otherwise an eager PyTorch op, several microseconds
+apiece). ``model/ops.py`` sends CPU float32 passes of up to ``MAX_ROWS`` rows here when the
+native library is loaded; larger ones go to BLAS, which wins once the weights are reused across
+rows. See docs/DESIGN.md ("CPU float32 path") for the measurements.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_native
+
+# Rows up to which ops.py takes the native kernel (above: BLAS; measured in bench/bench_int4_cpu.py).
+MAX_ROWS = 8
+
+
+def serves(x: torch.Tensor, w: torch.Tensor, width: int) -> bool:
+    """Whether the native kernel takes ``x`` (``[M, width]``) times the dense ``w``: CPU float32,
+    contiguous, at most ``MAX_ROWS`` rows, K a multiple of 16, the library loaded. Cheapest
+    checks first (this runs ~120 times per decode step)."""
+    return (x.is_cpu and x.dtype is torch.float32 and x.dim() == 2 and x.shape[0] <= MAX_ROWS
+            and w.dtype is torch.float32 and w.is_cpu and w.dim() == 2 and x.shape[1] == width
+            and w.shape[1] % 16 == 0 and x.is_contiguous() and w.is_contiguous()
+            and cpu_native.library() is not None)
+
+
+def run_f32_native(x: torch.Tensor, w: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                   norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0, swiglu: bool = False,
+                   isa_level: Optional[int] = None, threads: Optional[int] = None) -> torch.Tensor:
+    """The native call without checks (``serves`` has checked): ``residual`` float32 ``[M, N]``
+    and ``norm_weight`` float32 ``[K]``, contiguous, or None."""
+    lib = cpu_native.library()
+    m, (n, k) = x.shape[0], w.shape
+    y = torch.empty(m, n)
+    if m:
+        rc = lib.sxc_f32_linear(x.data_ptr(), m, x.stride(0), w.data_ptr(), n, k, y.data_ptr(),
+                                0 if residual is None else residual.data_ptr(),
+                                0 if norm_weight is None else norm_weight.data_ptr(), eps, 1 if swiglu else 0,
+                                threads or torch.get_num_threads(),
+                                cpu_native.isa() if isa_level is None else isa_level)
+        if rc != 0:
+            raise RuntimeError(f"sxc_f32_linear failed: {cpu_native.ERRORS.get(rc, rc)}")
+    return y
+
+
+def f32_linear_native(x: torch.Tensor, w: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                      norm: Optional[tuple] = None, swiglu: bool = False, isa: Optional[str] = None,
+                      threads: Optional[int] = None) -> torch.Tensor:
+    """``residual + f(x) @ w.T`` float32 ``[M, N]`` as one native call, for CPU float32 ``x``
+    ``[M, K]`` (``[M, 2K]`` = ``[gate | up]`` with ``swiglu``) and ``w`` ``[N, K]``, K a multiple
+    of 16. ``f``: SiLU(gate) * up with ``swiglu``, then RMSNorm with ``norm = (weight, eps)``.
+    Any M works (``ops`` uses it up to ``MAX_ROWS``). Raises RuntimeError without the library."""
+    if cpu_native.library() is None:
+        raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
+    if w.dim() != 2 or w.dtype != torch.float32 or not w.is_cpu or w.shape[1] % 16:
+        raise ValueError(f"f32_linear_native: w must be a CPU float32 [N, K] tensor with K a multiple of 16, "
+                         f"got {w.dtype} {list(w.shape)} on {w.device}")
+    n, k = w.shape
+    width = 2 * k if swiglu else k
+    if x.dim() != 2 or x.shape[1] != width or x.dtype != torch.float32 or not x.is_cpu:
+        raise ValueError(f"f32_linear_native: x must be a CPU float32 [M, {width}] tensor, got {x.dtype} "
+                         f"{list(x.shape)} on {x.device}")
+    m = x.shape[0]
+    if residual is not None and (tuple(residual.shape) != (m, n) or residual.dtype != torch.float32):
+        raise ValueError(f"f32_linear_native: residual must be float32 [{m}, {n}], got {residual.dtype} "
+                         f"{list(residual.shape)}")
+    if norm is not None and (tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float32):
+        raise ValueError(f"f32_linear_native: norm weight must be float32 [{k}], got {norm[0].dtype} "
+                         f"{list(norm[0].shape)}")
+    level = None
+    if isa is not None:
+        if isa not in cpu_native.supported_isas():
+            raise ValueError(f"isa={isa!r} is not supported on this CPU (supported: {cpu_native.supported_isas()})")
+        level = cpu_native.ISAS.index(isa)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return run_f32_native(x, w.contiguous(), None if residual is None else residual.contiguous(),
+                          None if norm is None else norm[0].contiguous(), 0.0 if norm is None else float(norm[1]),
+                          swiglu, level, threads)
+
+
+def f32_linear_reference(x: torch.Tensor, w: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                         norm: Optional[tuple] = None, swiglu: bool = False) -> torch.Tensor:
+    """``f32_linear_native`` in PyTorch ops."""
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm is not None:
+        nw, eps = norm
+        x = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    y = F.linear(x, w)
+    return y if residual is None else y + residual
