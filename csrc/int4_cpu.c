@@ -335,7 +335,9 @@ T_AVX2 INLINE __m256 load8_avx2(const ctx_t *c, const void *p, int g, int col0) 
 #define AVX2_ROWS 4
 /* Software prefetch distance in tiles: the strided 8-row access of a tile (16 bytes from each
  * row per block) defeats the hardware prefetchers (measured: a GEMV ran at memory latency). */
+#ifndef PREFETCH_TILES
 #define PREFETCH_TILES 2
+#endif
 
 /* Scale and min vectors of 8 columns for group g. */
 T_AVX2 INLINE void scales8_avx2(const ctx_t *c, int g, int col0, __m256 *s, __m256 *mn) {

@@ -34,6 +34,10 @@ import torch
 from . import cpu_native
 
 BLOCK = 32  # weights per scale along K
+# Rows up to which float activations take the native kernel; above, BLAS on a dequantized copy
+# (made on first use) reuses each weight across rows better (SmolLM2's head at 32 rows: 43 ms
+# native vs ~30 ms; bench/bench_int4_cpu.py). The int8-activation path stays native at any M.
+FLOAT_NATIVE_ROWS = 8
 
 
 @dataclasses.dataclass
@@ -244,12 +248,19 @@ def q8_linear_native(x: torch.Tensor, w: Q8Weight, residual: Optional[torch.Tens
 
 def q8_linear(x: torch.Tensor, w: Q8Weight, residual: Optional[torch.Tensor] = None,
               norm: Optional[tuple] = None) -> torch.Tensor:
-    """``residual + f(x) @ W.T`` for ``x`` ``[..., K]``: the native kernel where it serves,
-    else ``q8_linear_reference`` (float activations, the dequantized weight cached)."""
+    """``residual + f(x) @ W.T`` for ``x`` ``[..., K]``: the native kernel where it serves (float
+    activations: up to ``FLOAT_NATIVE_ROWS`` rows), else the dequantized weight (cached)."""
     x2 = x.reshape(-1, w.in_features) if x.dim() != 2 else x
-    if native_serves(x2, w):
+    if native_serves(x2, w) and (w.int8_activations or x2.shape[0] <= FLOAT_NATIVE_ROWS):
         res = None if residual is None else residual.reshape(-1, w.out_features).float().contiguous()
         nw = None if norm is None else (norm[0].float().contiguous(), norm[1])
         y = run_q8_native(x2, w, res, None if nw is None else nw[0], 0.0 if nw is None else float(nw[1]))
         return y.reshape(*x.shape[:-1], w.out_features)
+    if x2.is_cpu and x2.dtype is torch.float32 and x2.shape[0] > 1:
+        # Many rows: BLAS on the dequantized copy, weight rows as the long side (see
+        # ops.dense_linear for why that orientation).
+        xn = x2 if norm is None else _rms_norm(x2, norm[0], norm[1])
+        y = torch.mm(_dense(w, torch.float32), xn.t()).t().contiguous()
+        y = y.reshape(*x.shape[:-1], w.out_features)
+        return y if residual is None else residual + y
     return q8_linear_reference(x, w, residual, norm)

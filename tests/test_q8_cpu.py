@@ -205,3 +205,18 @@ def test_gguf_head_stays_q8_on_the_cpu():
     assert greedy_decode(target, ids, 16) == with_q8
     packed = load_model("smollm2-135m", device="cpu", quantize="int4", max_len=128)
     assert isinstance(packed.weights.lm_head, Q8Weight) and packed.weights.lm_head.int8_activations
+
+
+def test_many_float_rows_take_blas_on_a_dequantized_copy():
+    from specexec_rt.kernels import q8_weight
+
+    _native_or_skip()
+    w = quantize_q8_0(_w(40, 64, 8))
+    m = q8_weight.FLOAT_NATIVE_ROWS + 1
+    x, nw = _x(m, 64, 3), torch.rand(64) + 0.5
+    assert "_dense_cache" not in w.__dict__
+    y = q8_linear(x, w, norm=(nw, 1e-5))
+    assert "_dense_cache" in w.__dict__                # BLAS path: the copy is made once
+    torch.testing.assert_close(y, q8_linear_reference(x, w, norm=(nw, 1e-5)), atol=1e-5, rtol=1e-5)
+    w8 = with_int8_activations(quantize_q8_0(_w(40, 64, 8)))
+    assert torch.equal(q8_linear(x, w8), q8_linear_native(x, w8))   # int8 activations: native at any M
