@@ -106,18 +106,14 @@ int sxc_f32_linear(const float *x, int64_t m, int64_t ldx, const float *w, int32
     }
     const f32ctx_t c = {w, need_rows ? xs : x, y, residual, (int)m, n, k};
     const int units = (n + 15) / 16;
-    int nthreads = threads > 0 ? threads : 1;
-    if (nthreads > units) nthreads = units;
+    const int nthreads = team_size(threads, units);
+    (void)nthreads; /* without OpenMP */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-        const int tid = 0, nth = 1;
-#endif
-        const int u0 = (int)((int64_t)units * tid / nth), u1 = (int)((int64_t)units * (tid + 1) / nth);
+        int u0, u1;
+        my_units(units, &u0, &u1);
         const int col0 = 16 * u0, col1 = 16 * u1 < n ? 16 * u1 : n;
         if (col0 < col1) {
 #if SXC_X86

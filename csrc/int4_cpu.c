@@ -488,6 +488,23 @@ T_AVX2 static void tile_avx2(const ctx_t *c, int col0, __m256i *buf) {
 
 /* ------------------------------------------------------------------ entry points */
 
+/* Threads for `units` work units (at least 1, at most one unit each). */
+static int team_size(int threads, int units) {
+    int t = threads > 0 ? threads : 1;
+    return t > units ? units : t;
+}
+
+/* This thread's contiguous share [*u0, *u1) of `units` work units, inside a parallel region. */
+INLINE void my_units(int units, int *u0, int *u1) {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int tid = 0, nth = 1;
+#endif
+    *u0 = (int)((int64_t)units * tid / nth);
+    *u1 = (int)((int64_t)units * (tid + 1) / nth);
+}
+
 static int check_weight(const sxc_weight *w) {
     if (!w || !w->q || !w->scales || !w->mins || w->n <= 0 || w->k <= 0 || w->group <= 0 || w->group % 32 ||
         w->k % w->group)
@@ -569,8 +586,7 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
     const prologue_t pro = {x, ldx, norm_w, eps, act};
     const int need_tmp = norm_w != NULL || act != SXC_ACT_NONE;
     const int units = (w->n + 15) / 16; /* columns are handed out 16 at a time */
-    int nthreads = threads > 0 ? threads : 1;
-    if (nthreads > units) nthreads = units;
+    const int nthreads = team_size(threads, units);
     int status = SXC_OK;
     /* Activations first, outside the matmul's parallel region (no barrier inside it, which a
      * descheduled thread would stall on a busy machine); in parallel only when M is large. */
@@ -602,12 +618,8 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-        const int tid = 0, nth = 1;
-#endif
-        const int u0 = (int)((int64_t)units * tid / nth), u1 = (int)((int64_t)units * (tid + 1) / nth);
+        int u0, u1;
+        my_units(units, &u0, &u1);
         void *buf = NULL;
         /* Unpacked tile operands for m > 1: 8 operands per block of 32 (AVX2) or 64 bytes
          * (AVX-512). */

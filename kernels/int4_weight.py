@@ -28,8 +28,29 @@ PACK = 32  # weights per nibble block along K (low nibbles 0-15, high nibbles 16
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class PackedMatrix:
+    """What every packed weight dataclass (``Int4Weight``, ``q8_weight.Q8Weight``) answers like a
+    tensor: ``shape`` ``(out_features, in_features)``, ``device`` and ``nbytes`` (its tensors')."""
+
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor))
+
+
 @dataclasses.dataclass
-class Int4Weight:
+class Int4Weight(PackedMatrix):
     """A 4-bit weight ``[out_features, in_features]``; see the module docstring for layout.
 
     Only tensor fields and ints: the offload streamer flattens ``dataclasses.fields`` and
@@ -67,19 +88,6 @@ class Int4Weight:
         if self.perm is not None and (self.perm.dtype != torch.int64 or tuple(self.perm.shape) != (k,)):
             raise ValueError(f"Int4Weight.perm must be int64 [{k}], got {self.perm.dtype} "
                              f"{tuple(self.perm.shape)}")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, f.name).nbytes for f in dataclasses.fields(self)
-                   if isinstance(getattr(self, f.name), torch.Tensor))
 
     def to(self, device, non_blocking: bool = False) -> "Int4Weight":
         return dataclasses.replace(

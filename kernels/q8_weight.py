@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from . import cpu_native
+from .int4_weight import PackedMatrix
 
 BLOCK = 32  # weights per scale along K
 # Rows up to which float activations take the native kernel; above, BLAS on a dequantized copy
@@ -41,7 +42,7 @@ FLOAT_NATIVE_ROWS = 8
 
 
 @dataclasses.dataclass
-class Q8Weight:
+class Q8Weight(PackedMatrix):
     """An 8-bit weight ``[out_features, in_features]``; see the module docstring for layout.
 
     Only tensor fields and ints (the generic weight walks move and count them); caches live in
@@ -64,18 +65,6 @@ class Q8Weight:
         if self.scales.dtype != torch.float16 or tuple(self.scales.shape) != (n, k // BLOCK):
             raise ValueError(f"Q8Weight.scales must be fp16 [{n}, {k // BLOCK}], got {self.scales.dtype} "
                              f"{tuple(self.scales.shape)}")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.qweight.nbytes + self.scales.nbytes
 
     def to(self, device, non_blocking: bool = False) -> "Q8Weight":
         return dataclasses.replace(self, qweight=self.qweight.to(device, non_blocking=non_blocking),
