@@ -9,8 +9,10 @@
  * is the largest matrix of a small model (SmolLM2: 49152 x 576, 113 MB in float32).
  *
  * Unlike the int4 kernel, the activations stay float32: the product is the dequantized
- * weight's up to float32 rounding, so a float32 target keeps its results (a weight-only kernel
- * is bound by the weight bytes here, not by the multiply; measured in bench/bench_int4_cpu.py).
+ * weight's up to float32 rounding, so a float32 target keeps its results. At one row that costs
+ * little, the call being bound by the weight bytes (SmolLM2's head: 3.2 ms vs 2.9 ms with int8
+ * activations, bench/results/2026-11-30-cpu-native-quick.md); software prefetch 16 rows ahead
+ * halved both (the hardware prefetcher alone left them at about 6 ms).
  * xhat is x, or RMSNorm(x) when a norm weight is given (the final norm fused into the head).
  *
  * The arithmetic is fixed, so every ISA path gives bit-identical results, for any m:
@@ -24,7 +26,7 @@
  *
  * With act_q8 the activations are quantized as the int4 kernel's (int8 per row and 32-block,
  * d_x = amax / 127) and each block is an exact integer dot, as llama.cpp multiplies Q8_0 by
- * Q8_0: ~3x faster on AVX2, for the int4 target, whose layers already quantize activations so.
+ * Q8_0 (1.4x faster at 32 rows), for the int4 target, whose layers already quantize theirs.
  * Its fixed order:
  *   for each block b:  s = d[b] * d_x[b]
  *                      i[l] = sum of q * xq over the block's bytes 4l .. 4l + 3 (exact)
