@@ -6,7 +6,9 @@ mask and goes to flash SDPA (``prefix_attention_sdpa``: cheaper than a kernel la
 On CPU the references run, unless ``SPECEXEC_TRITON_INTERPRET=1`` is set, which sends CPU
 tensors through the Triton kernels in Triton's interpreter, with the same decode exception
 (that switch sets ``TRITON_INTERPRET=1`` before Triton is first imported, so set it before
-importing specexec_rt).
+importing specexec_rt). The CPU's matmuls go to the native library where it serves them: int4
+and Q8_0 weights, and float32 ones in passes of up to ``dense_cpu.MAX_ROWS`` rows, with the
+RMSNorm / SiLU / residual around them fused into the same call (docs/DESIGN.md).
 """
 from __future__ import annotations
 

@@ -57,10 +57,10 @@ def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_
 
     ``lm_head_int4``: also quantize the draft's own LM head (the target's stays as it is, and
     the embedding stays shared). Default: on the CPU, where the native int4 GEMV reads
-    SmolLM2's 49152 x 576 head ~17x faster than the fp32 one (0.9 vs 15.9 ms, M=1, 2 threads)
-    for 3 points of top-1 agreement with the target (0.737 -> 0.706; top-8 0.986 -> 0.974;
-    bench/bench_int4_cpu.py --part agreement, 768 tokens); kept dense elsewhere (not measured
-    on GPUs).
+    SmolLM2's 49152 x 576 head in ~1.1-1.6 ms, against ~3 ms for the target's Q8_0 head and
+    ~15 ms in float32 (M=1, 2 threads; at 32 rows 12 ms against ~30 ms), for 3 points of top-1
+    agreement with the target (0.737 -> 0.706; top-8 0.986 -> 0.974; bench/bench_int4_cpu.py
+    --part agreement, 768 tokens); kept as the target's elsewhere (not measured on GPUs).
     """
     from ..kernels.int4_weight import Int4Weight, quantize_int4
     from ..kernels.q8_weight import Q8Weight
