@@ -226,12 +226,13 @@ class BudgetController:
         return max(1, min(self.max_depth, b, max(4, d)))
 
     def observe(self, budget: int, n_verified: int, draft_calls: int, draft_seconds: Optional[float],
-                target_seconds: Optional[float], points: Sequence[int], values: Sequence[float], accepted: int,
+                target_seconds: Optional[float], points: Sequence[int], values: Sequence[float], accepted: float,
                 truncated: bool = False) -> None:
         """Record one pass: the measured times (None: not representative, e.g. the draft time
         included the draft's prompt prefill, or the target pass carried a prompt), the tree's
         prediction curve at ``points`` (``values`` may continue with the expected accepted tokens
-        per depth 1, 2, ...) and the number of draft tokens actually accepted. A ``truncated``
+        per depth 1, 2, ...) and the draft tokens actually accepted (per request: the mean over
+        the pass's requests). A ``truncated``
         pass (its depth cut short by the tokens left to generate) says nothing about the next
         one and is ignored."""
         if truncated:

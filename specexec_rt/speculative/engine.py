@@ -713,7 +713,9 @@ class Engine:
             self.budget_controller.observe(
                 budget, sum(vt.n for vt, _ in grown), drafter.calls if drafter is not None else 0,
                 None if first_trees or catch_up else t1 - t0, None if carries_prompt else t2 - t1, pts, curve_vals,
-                max(accepted), truncated=budget > 0 and any(r.remaining < depth for r in tree_reqs))
+                # Per request, as the curve (its mass is averaged over the pass's trees) and the
+                # costs (a plain pass decodes the same requests) are: the mean, not the luckiest.
+                sum(accepted) / len(accepted), truncated=budget > 0 and any(r.remaining < depth for r in tree_reqs))
         with self._cond:
             for r, err in finished:
                 self._finish(r, r.tracker.finish_reason or "error", err)
