@@ -205,8 +205,10 @@ def cmd_serve(args) -> int:
         host, port = server.server_address
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             print(f"[specexec-rt] warning: listening on {args.host} without --api-key", file=sys.stderr)
-        print(f"[specexec-rt] serving {name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr)
-        server.serve_forever()      # a signal stops it gracefully, then comes back here as an exception
+        # "serving" is printed once uvicorn listens and holds the signals (a Ctrl-C inside its
+        # start-up could hang it); a signal then stops it gracefully and comes back here raised.
+        server.serve_forever(on_started=lambda: print(
+            f"[specexec-rt] serving {name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True))
     except KeyboardInterrupt as e:
         code = EXIT_OK if isinstance(e, _Terminated) else EXIT_INTERRUPTED
     finally:

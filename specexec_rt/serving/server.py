@@ -291,11 +291,18 @@ async def _sse(first: tuple, events: asyncio.Queue, kind: str, env: dict, prompt
 
 # ------------------------------------------------------------------------------- the server
 class _Uvicorn(uvicorn.Server):
-    """uvicorn's server, telling us when its shutdown begins (Ctrl-C, SIGTERM, close())."""
+    """uvicorn's server, telling us when it has started (listening, its signal handlers in
+    place) and when its shutdown begins (Ctrl-C, SIGTERM, close())."""
 
     def __init__(self, config: uvicorn.Config, on_shutdown):
         super().__init__(config)
         self._on_shutdown = on_shutdown
+        self.on_started = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     async def shutdown(self, sockets=None) -> None:
         self._on_shutdown()
@@ -346,10 +353,13 @@ class SpecExecServer:
     def counters(self) -> dict:
         return self.worker.counters
 
-    def serve_forever(self, poll_interval: Optional[float] = None) -> None:
+    def serve_forever(self, poll_interval: Optional[float] = None, on_started=None) -> None:
         """Serve until ``close()`` or a signal. ``poll_interval`` is accepted for the
-        ``socketserver``-style API and ignored (uvicorn checks for shutdown every 0.1 s)."""
+        ``socketserver``-style API and ignored (uvicorn checks for shutdown every 0.1 s).
+        ``on_started()`` runs once the server listens and handles Ctrl-C / SIGTERM itself: a
+        "serving" line printed before that would invite a signal into uvicorn's start-up."""
         self._serving = True
+        self._uvicorn.on_started = on_started
         try:
             self._uvicorn.run(sockets=[self.socket])
         finally:
