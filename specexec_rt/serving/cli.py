@@ -206,10 +206,12 @@ def cmd_serve(args) -> int:
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             print(f"[specexec-rt] warning: listening on {args.host} without --api-key", file=sys.stderr)
         # "serving" is printed once uvicorn listens and holds the signals (a Ctrl-C inside its
-        # start-up could hang it); a signal then stops it gracefully and comes back here raised.
+        # start-up could hang it); a signal then stops it gracefully and it returns.
         server.serve_forever(on_started=lambda: print(
             f"[specexec-rt] serving {name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True))
-    except KeyboardInterrupt as e:
+        if signal.SIGINT in server.received_signals:
+            code = EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:        # before uvicorn holds the signals
         code = EXIT_OK if isinstance(e, _Terminated) else EXIT_INTERRUPTED
     finally:
         idle = server.close(timeout=10.0)

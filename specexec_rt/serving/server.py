@@ -19,6 +19,7 @@ How a request flows:
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import sys
 import threading
@@ -298,6 +299,17 @@ class _Uvicorn(uvicorn.Server):
         super().__init__(config)
         self._on_shutdown = on_shutdown
         self.on_started = None
+        self.received_signals: list = []
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # uvicorn's own, minus its re-raise of the signal once it has stopped: raised from inside
+        # asyncio.run, a SIGINT meets asyncio's handler, which may or may not turn it into
+        # KeyboardInterrupt depending on timing. The caller reads received_signals instead.
+        self.received_signals.append(sig)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
@@ -353,11 +365,17 @@ class SpecExecServer:
     def counters(self) -> dict:
         return self.worker.counters
 
+    @property
+    def received_signals(self) -> list:
+        """The signals (SIGINT, SIGTERM) that stopped ``serve_forever``, in arrival order."""
+        return list(self._uvicorn.received_signals)
+
     def serve_forever(self, poll_interval: Optional[float] = None, on_started=None) -> None:
-        """Serve until ``close()`` or a signal. ``poll_interval`` is accepted for the
-        ``socketserver``-style API and ignored (uvicorn checks for shutdown every 0.1 s).
-        ``on_started()`` runs once the server listens and handles Ctrl-C / SIGTERM itself: a
-        "serving" line printed before that would invite a signal into uvicorn's start-up."""
+        """Serve until ``close()`` or a signal (then it returns; see ``received_signals``).
+        ``poll_interval`` is accepted for the ``socketserver``-style API and ignored (uvicorn
+        checks for shutdown every 0.1 s). ``on_started()`` runs once the server listens and
+        handles Ctrl-C / SIGTERM itself: a "serving" line printed before that would invite a
+        signal into uvicorn's start-up."""
         self._serving = True
         self._uvicorn.on_started = on_started
         try:
