@@ -67,7 +67,7 @@ static inline __m512 sxc_emulated_cvtepi32_ps(__m512i a) { /* missing from SIMDe
 #define _mm512_cvtepi32_ps sxc_emulated_cvtepi32_ps
 #endif
 
-#define SXC_ABI_VERSION 3
+#define SXC_ABI_VERSION 5
 
 /* ISA levels, lowest first (the Python side's names: scalar, avx2, avx512, avx512vnni). */
 enum { SXC_SCALAR = 0, SXC_AVX2 = 1, SXC_AVX512 = 2, SXC_AVX512VNNI = 3 };
@@ -662,3 +662,9 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
 
 /* ------------------------------------------------------------------ float32 weights, few rows */
 #include "f32_cpu.h"
+
+/* ------------------------------------------------------------------ attention with RoPE and the cache write */
+#include "attn_cpu.h"
+
+/* ------------------------------------------------------------------ whole layers */
+#include "layers_cpu.h"

@@ -1,5 +1,5 @@
-"""The native CPU library (``csrc/int4_cpu.c``, which includes ``q8_cpu.h`` and ``f32_cpu.h``):
-compiled on first use, loaded with ctypes.
+"""The native CPU library (``csrc/int4_cpu.c``, which includes ``q8_cpu.h``, ``f32_cpu.h``,
+``attn_cpu.h`` and ``layers_cpu.h``): compiled on first use, loaded with ctypes.
 
 ``library()`` returns the loaded library, or None with the reason logged once (no C compiler,
 a failed build, ``SPECEXEC_NATIVE_CPU=0``); callers then take their PyTorch paths. With
@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 # specexec_rt.csrc is imported inside the functions that build: kernels/ must stay importable as
 # a top-level package too (transformers probes the name "kernels" from the repo root).
 
-SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h")
+SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h", "layers_cpu.h")
 LIB_NAME = "libspecexec_cpu.so"
-ABI_VERSION = 3  # csrc/int4_cpu.c SXC_ABI_VERSION
+ABI_VERSION = 5  # csrc/int4_cpu.c SXC_ABI_VERSION
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
 ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations
 ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "invalid argument"}
@@ -46,6 +46,21 @@ class SxcWeight(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
                 ("perm", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
                 ("group", ctypes.c_int32), ("scale_f16", ctypes.c_int32)]
+
+
+class SxcMat(ctypes.Structure):
+    """Mirror of ``sxc_mat`` in csrc/layers_cpu.h: a float32 (kind 0) or 4-bit (kind 1) matrix."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("f32", ctypes.c_void_p), ("q4", ctypes.POINTER(SxcWeight))]
+
+
+class SxcLayer(ctypes.Structure):
+    """Mirror of ``sxc_layer`` in csrc/layers_cpu.h: one transformer block as pointers."""
+
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("bqkv", ctypes.c_void_p),
+                ("bo", ctypes.c_void_p), ("wqkv", SxcMat), ("wo", SxcMat), ("w_gate_up", SxcMat),
+                ("w_down", SxcMat)]
 
 
 class SxcQ8Weight(ctypes.Structure):
@@ -148,6 +163,17 @@ def load(path: Path) -> ctypes.CDLL:
         "sxc_f32_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                           ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
                                           ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
+        "sxc_rope_attention": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+                                              ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float,
+                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int]),
+        "sxc_forward_layers": (ctypes.c_int, [ctypes.POINTER(SxcLayer), ctypes.c_int32, ctypes.c_void_p,
+                                              ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                              ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
+                                              ctypes.c_float, ctypes.c_int, ctypes.c_int]),
         "sxc_quantize_q8": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, wp, ctypes.c_int, ctypes.c_void_p,
                                            ctypes.c_void_p, ctypes.c_void_p]),
     }

@@ -5,7 +5,7 @@
 | ``config`` | ``ModelConfig``: one dataclass for every supported architecture |
 | ``weights`` | ``LayerWeights`` / ``ModelWeights``: plain tensors or ``Int4Weight``s; ``ResidentLayers`` |
 | ``kv_cache`` | ``KVCache``: static K/V indexed by slot, ``commit()`` |
-| ``ops`` | ``linear``, ``norm_linear``, ``swiglu_linear``, ``rms_norm``, RoPE, ``prepare_attention``/``attention``: kernels or references |
+| ``ops`` | ``linear``, ``norm_linear``, ``swiglu_linear``, ``rms_norm``, RoPE, ``prepare_attention``/``attention``/``rope_attention``: kernels or references |
 | ``transformer`` | ``Transformer.forward``: prefill, decode, draft-tree growth and verification |
 """
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig

@@ -8,7 +8,11 @@ tensors through the Triton kernels in Triton's interpreter, with the same decode
 (that switch sets ``TRITON_INTERPRET=1`` before Triton is first imported, so set it before
 importing specexec_rt). The CPU's matmuls go to the native library where it serves them: int4
 and Q8_0 weights, and float32 ones in passes of up to ``dense_cpu.MAX_ROWS`` rows, with the
-RMSNorm / SiLU / residual around them fused into the same call (docs/DESIGN.md).
+RMSNorm / SiLU / residual around them fused into the same call (docs/DESIGN.md). CPU float32
+passes also take one native call per layer for RoPE, the KV-cache write and attention
+(``rope_attention``, planned by ``prepare_attention(native_cpu=True)``), and the transformer
+runs all layers in one native call where every matrix is served natively
+(``kernels/layers_cpu.py``).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ if os.environ.get("SPECEXEC_TRITON_INTERPRET") == "1":
 from ..kernels.int4_cpu import int4_matmul_cpu, native_active, run_native_linear  # noqa: E402  (after TRITON_INTERPRET is set)
 from ..kernels.int4_gemm import int4_matmul  # noqa: E402
 from ..kernels.int4_weight import Int4Weight  # noqa: E402
-from ..kernels import dense_cpu  # noqa: E402
+from ..kernels import attention_cpu, dense_cpu  # noqa: E402
 from ..kernels.q8_weight import Q8Weight, q8_linear  # noqa: E402
 
 
@@ -64,9 +68,12 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None,
     """``residual + (x @ w.T + bias)`` for ``x`` ``[M, in_features]`` and a dense, 4-bit or 8-bit
     ``w`` (``bias``, ``residual`` ``[M, out_features]`` optional)."""
     if isinstance(w, torch.Tensor):
-        if bias is None and dense_cpu.serves(x, w, w.shape[1]):
-            return dense_cpu.run_f32_native(x, w, _contiguous_f32(residual))
-        y = dense_linear(x, w, bias)
+        if dense_cpu.serves(x, w, w.shape[1]):
+            if bias is None:
+                return dense_cpu.run_f32_native(x, w, _contiguous_f32(residual))
+            y = dense_cpu.run_f32_native(x, w) + bias  # as csrc/layers_cpu.h: bias, then residual
+        else:
+            y = dense_linear(x, w, bias)
     elif isinstance(w, Q8Weight):
         if bias is None:
             return q8_linear(x, w, residual)
@@ -207,6 +214,11 @@ class AttentionMeta:
     # Static-shape passes (CUDA graphs): the real prefix length, int32 [1] on the device;
     # the segment's prefix is then its upper bound and the tree region starts at the device value.
     prefix_dev: Optional[torch.Tensor] = None
+    # CPU float32 passes with the native library: RoPE, the cache write and attention in one call
+    # per layer (``rope_attention``); each row's (base, prefix, n_tree), int32 [n_q, 3], and the
+    # tree mask made contiguous, both once per forward.
+    native_rows: Optional[torch.Tensor] = None
+    native_mask: Optional[torch.Tensor] = None
 
     @property
     def single(self) -> bool:
@@ -228,13 +240,14 @@ class AttentionMeta:
 
 def prepare_attention(tree_mask: torch.Tensor, prefix_len: Optional[int], group: int, head_dim: int,
                       chain: bool = False, prefix_dev: Optional[torch.Tensor] = None, *,
-                      segments=None) -> AttentionMeta:
+                      segments=None, native_cpu: bool = False) -> AttentionMeta:
     """Build a pass's mask once. One request: ``tree_mask`` bool ``[n_q, n_tree]`` over the tree
     slots after ``prefix_len`` committed ones; ``chain`` says it is the causal chain of the new
     tokens (known on the host, so a one-token decode step needs no mask at all). Several
     requests: ``segments`` (``kernels.attention.Segments``; ``prefix_len`` None) and the rows'
     masks padded to the widest tree. ``prefix_dev``: see ``AttentionMeta``; nothing here reads
-    it on the host."""
+    it on the host. ``native_cpu``: the pass is CPU float32 and may take ``rope_attention``'s
+    native call (when the library is loaded and the Triton interpreter is off)."""
     from ..kernels import attention as ta
 
     if segments is None:
@@ -242,6 +255,10 @@ def prepare_attention(tree_mask: torch.Tensor, prefix_len: Optional[int], group:
     elif prefix_len is not None or prefix_dev is not None:
         raise ValueError("with segments, the prefix lengths are the segments'")
     meta = AttentionMeta(segments=segments, tree_mask=tree_mask, prefix_dev=prefix_dev)
+    if native_cpu and prefix_dev is None and not use_triton(tree_mask.device) and attention_cpu.serves(head_dim):
+        meta.native_rows = attention_cpu.plan_rows(segments)
+        meta.native_mask = tree_mask.contiguous()
+        return meta
     decode = chain and meta.single and tree_mask.shape[0] == 1 and prefix_dev is None
     if decode and use_triton(tree_mask.device):
         # At n_q = 1 the tree kernel's launch cost dominates (~0.12 ms on an H100 vs
@@ -280,3 +297,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
     if meta.reference_masks is not None:
         return ta.tree_attention_ragged_reference_prepared(q, k, v, meta.reference_masks, meta.segments)
     return ta.tree_attention_reference_prepared(q, k, v, meta.reference_mask)
+
+
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+                   cache_v: torch.Tensor, slots: torch.Tensor, meta: AttentionMeta, n_heads: int,
+                   n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """One layer's RoPE + cache write + attention as one native call, for a pass that
+    ``prepare_attention`` planned for it (``meta.native_rows`` set): ``qkv`` ``[n, (H + 2 H_kv) D]``
+    -> ``[n, H * D]``; ``cos``/``sin`` from :func:`rope_rows`, ``slots`` int64 contiguous."""
+    return attention_cpu.run_rope_attention(qkv, cos, sin, cache_k, cache_v, slots, meta.native_rows,
+                                            meta.native_mask, n_heads, n_kv_heads, head_dim,
+                                            1.0 / math.sqrt(head_dim))

@@ -5,11 +5,13 @@ draft growth and verification pass an explicit ancestor mask over the tree regio
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from ..kernels.layers_cpu import NativeLayers
 from . import ops
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -50,6 +52,11 @@ def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: t
     n = x.shape[0]
     h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     qkv = ops.norm_linear(x, w.attn_norm, cfg.rms_norm_eps, w.wqkv, w.bqkv)
+    if meta.native_rows is not None:  # CPU float32: RoPE, cache write and attention in one call
+        attn = ops.rope_attention(qkv, cos, sin, cache_k, cache_v, slots, meta, h, hkv, d)
+        x = ops.linear(attn, w.wo, w.bo, residual=x)
+        gate_up = ops.norm_linear(x, w.ffn_norm, cfg.rms_norm_eps, w.w_gate_up)
+        return ops.swiglu_linear(gate_up, w.w_down, residual=x)
     # q and k heads rotate together: one RoPE call instead of two (decode is op-bound on CPU).
     qk = ops.apply_rope(qkv[:, :(h + hkv) * d].view(n, h + hkv, d), cos, sin)
     q, k = qk[:, :h], qk[:, h:]
@@ -82,6 +89,7 @@ class Transformer:
         self.cache = self.new_cache()
         self.source = None          # where the weights came from (path), set by the loader
         self.quantization = None    # None or "int4"
+        self._layers_plan = ((), None)  # (layers it was built from, NativeLayers or None)
 
     @property
     def vocab_size(self) -> int:
@@ -123,7 +131,7 @@ class Transformer:
             cache_slots = torch.arange(prefix_len + n_tree - n, prefix_len + n_tree, device=self.device)
         c = self.config
         meta = ops.prepare_attention(tree_mask, prefix_len, c.n_heads // c.n_kv_heads, c.head_dim, chain,
-                                     prefix_dev=prefix_dev)
+                                     prefix_dev=prefix_dev, native_cpu=self._native_cpu(cache))
         return self._run(token_ids, positions, cache, cache_slots, meta, logits_rows)
 
     @torch.inference_mode()
@@ -153,15 +161,42 @@ class Transformer:
         segs = Segments(tuple(s.n_new for s in segments), tuple(s.base for s in segments),
                         tuple(s.prefix_len for s in segments), tuple(s.n_tree for s in segments))
         c = self.config
-        meta = ops.prepare_attention(mask, None, c.n_heads // c.n_kv_heads, c.head_dim, segments=segs)
+        meta = ops.prepare_attention(mask, None, c.n_heads // c.n_kv_heads, c.head_dim, segments=segs,
+                                     native_cpu=self._native_cpu(cache))
         return self._run(token_ids, positions, cache, torch.cat(slots), meta, logits_rows)
+
+    def _native_cpu(self, cache: KVCache) -> bool:
+        """Whether a pass may take the native CPU attention (float32 on the CPU, contiguous cache)."""
+        return (self.device.type == "cpu" and self.dtype is torch.float32 and cache.k.dtype is torch.float32
+                and cache.k.is_contiguous() and cache.v.is_contiguous())
+
+    def _native_layers(self, rows: int) -> Optional[NativeLayers]:
+        """The one-call plan of the resident layers (built once per set of layer objects), if
+        it serves a pass of ``rows`` tokens; None: the per-op path."""
+        if not isinstance(self.layer_source, ResidentLayers):
+            return None
+        layers, plan = self._layers_plan
+        current = self.layer_source.layers
+        if len(layers) != len(current) or any(a is not b for a, b in zip(layers, current)):
+            plan = NativeLayers.build(current)
+            self._layers_plan = (tuple(current), plan)
+        return plan if plan is not None and plan.serves(rows) else None
 
     def _run(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, cache_slots: torch.Tensor,
              meta: ops.AttentionMeta, logits_rows: Optional[torch.Tensor]) -> torch.Tensor:
         cos, sin = ops.rope_rows(self.cos, self.sin, positions, self.dtype)
+        if meta.native_rows is not None and (cache_slots.dtype is not torch.int64 or not cache_slots.is_contiguous()):
+            cache_slots = cache_slots.to(torch.int64).contiguous()
         x = self.weights.embed[token_ids].to(self.dtype)
-        for i, layer in enumerate(self.layer_source.iter_layers()):
-            x = transformer_block(x, layer, self.config, cos, sin, cache.k[i], cache.v[i], cache_slots, meta)
+        plan = self._native_layers(int(token_ids.shape[0])) if meta.native_rows is not None else None
+        if plan is not None:  # every layer in one native call (same calls as transformer_block)
+            c = self.config
+            x = plan.run(x.contiguous(), cos, sin, cache.k, cache.v, cache_slots, meta.native_rows, meta.native_mask,
+                         c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
+                         1.0 / math.sqrt(c.head_dim))
+        else:
+            for i, layer in enumerate(self.layer_source.iter_layers()):
+                x = transformer_block(x, layer, self.config, cos, sin, cache.k[i], cache.v[i], cache_slots, meta)
         if logits_rows is not None:
             x = x[logits_rows]
         return ops.norm_linear(x, self.weights.final_norm, self.config.rms_norm_eps, self.weights.lm_head).float()

@@ -1,0 +1,183 @@
+"""The native CPU attention with RoPE and the cache write (kernels/attention_cpu.py,
+csrc/attn_cpu.h) and the one-call layer stack (kernels/layers_cpu.py, csrc/layers_cpu.h).
+
+- Against the PyTorch reference: the cache entries bit for bit (same RoPE arithmetic), the
+  output within float32 tolerance; trees, several segments, GQA groups, head sizes on and off
+  the 8-lane path.
+- Every ISA path and thread count gives the same bits; a row computed alone equals the row
+  computed among others, and keys a row does not see cannot change it.
+- Bad slots and shapes are refused before anything is written.
+- A model's pass through ``NativeLayers`` equals the per-op path bit for bit (float32 and 4-bit
+  layers, biases, trees, several requests), and falls back where it does not serve.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specexec_rt.kernels import cpu_native
+from specexec_rt.kernels.attention import Segments
+from specexec_rt.kernels.attention_cpu import rope_attention_cpu, rope_attention_reference
+from specexec_rt.model import ops
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _native_or_skip():
+    if cpu_native.library() is None:
+        pytest.skip(f"native CPU library unavailable here: {cpu_native.unavailable_reason()}")
+
+
+def _problem(h, hkv, d, segs, seed=0, max_len=96):
+    """Random qkv, cache, per-row RoPE tables, slots and masks for ``segs`` = [(n_q, base, prefix)]:
+    each segment's tree is its own new tokens, every row sees itself and a random subset of
+    earlier tree rows."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(s[0] for s in segs)
+    qkv = torch.randn(n, (h + 2 * hkv) * d, generator=g)
+    ck, cv = torch.randn(max_len, hkv, d, generator=g), torch.randn(max_len, hkv, d, generator=g)
+    cos_t, sin_t = ops.rope_tables(d, 10000.0, None, max_len, "cpu")
+    width = max(s[0] for s in segs)
+    mask = torch.zeros(n, width, dtype=torch.bool)
+    slots, pos, q0 = [], [], 0
+    for nq, base, prefix in segs:
+        tri = (torch.rand(nq, nq, generator=g) < 0.5).tril_() | torch.eye(nq, dtype=torch.bool)
+        mask[q0:q0 + nq, :nq] = tri
+        slots.append(base + prefix + torch.arange(nq))
+        pos.append(prefix + tri.sum(1) - 1)
+        q0 += nq
+    pos = torch.cat(pos)
+    segments = Segments(tuple(s[0] for s in segs), tuple(s[1] for s in segs), tuple(s[2] for s in segs),
+                        tuple(s[0] for s in segs))
+    return qkv, cos_t[pos], sin_t[pos], ck, cv, torch.cat(slots), mask, segments
+
+
+def _run_both(h, hkv, d, segs, seed=0, **kw):
+    qkv, cos, sin, ck, cv, slots, mask, segments = _problem(h, hkv, d, segs, seed)
+    ck2, cv2 = ck.clone(), cv.clone()
+    got = rope_attention_cpu(qkv, cos, sin, ck, cv, slots, mask, segments, h, hkv, **kw)
+    want = rope_attention_reference(qkv, cos, sin, ck2, cv2, slots, mask, segments, h, hkv)
+    return got, want, (ck, cv), (ck2, cv2)
+
+
+@pytest.mark.parametrize("h,hkv,d", [(4, 2, 16), (9, 3, 64), (2, 2, 128), (3, 1, 6)])
+@pytest.mark.parametrize("segs", [[(1, 0, 40)], [(5, 0, 0)], [(17, 0, 23)], [(3, 0, 10), (1, 30, 5), (6, 50, 0)]])
+def test_matches_the_reference(h, hkv, d, segs):
+    _native_or_skip()
+    got, want, cache, cache_ref = _run_both(h, hkv, d, segs, seed=h * d)
+    assert torch.equal(cache[0], cache_ref[0]) and torch.equal(cache[1], cache_ref[1])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_every_isa_and_thread_count_gives_the_same_bits_and_rows_are_independent(threads):
+    _native_or_skip()
+    h, hkv, d = 8, 2, 64
+    qkv, cos, sin, ck, cv, slots, mask, segments = _problem(h, hkv, d, [(9, 0, 60)], seed=3)
+    want = rope_attention_cpu(qkv, cos, sin, ck.clone(), cv.clone(), slots, mask, segments, h, hkv,
+                              isa="scalar", threads=1)
+    for isa in cpu_native.supported_isas():
+        got = rope_attention_cpu(qkv, cos, sin, ck.clone(), cv.clone(), slots, mask, segments, h, hkv,
+                                 isa=isa, threads=threads)
+        assert torch.equal(got, want), isa
+    # Row 8 alone, with the cache the 9-row pass left (its ancestors' K/V are there).
+    k_all, v_all = ck.clone(), cv.clone()
+    rope_attention_cpu(qkv, cos, sin, k_all, v_all, slots, mask, segments, h, hkv)
+    alone = rope_attention_cpu(qkv[8:], cos[8:], sin[8:], k_all, v_all, slots[8:], mask[8:],
+                               Segments((1,), (0,), (60,), (9,)), h, hkv, threads=threads)
+    assert torch.equal(alone, want[8:])
+
+
+def test_keys_a_row_does_not_see_cannot_change_it():
+    _native_or_skip()
+    h, hkv, d = 4, 2, 32
+    qkv, cos, sin, ck, cv, slots, mask, segments = _problem(h, hkv, d, [(6, 0, 12)], seed=5)
+    a = rope_attention_cpu(qkv, cos, sin, ck.clone(), cv.clone(), slots, mask, segments, h, hkv)
+    ck2, cv2 = ck.clone(), cv.clone()
+    ck2[30:], cv2[30:] = 1e4, -1e4  # slots past the pass's keys
+    b = rope_attention_cpu(qkv, cos, sin, ck2, cv2, slots, mask, segments, h, hkv)
+    assert torch.equal(a, b)
+    # Row 0 sees only the prefix and itself: other rows' tree keys must not reach it.
+    qkv2 = qkv.clone()
+    qkv2[1:, (h * d):] = 5.0  # every other row's K and V
+    c = rope_attention_cpu(qkv2, cos, sin, ck.clone(), cv.clone(), slots, mask, segments, h, hkv)
+    assert torch.equal(c[0], a[0]) and not torch.equal(c[1:], a[1:])
+
+
+def test_bad_input_is_refused_before_anything_is_written():
+    _native_or_skip()
+    h, hkv, d = 4, 2, 16
+    qkv, cos, sin, ck, cv, slots, mask, segments = _problem(h, hkv, d, [(3, 0, 5)], seed=1, max_len=16)
+    before = ck.clone()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        rope_attention_cpu(qkv, cos, sin, ck, cv, torch.tensor([5, 6, 16]), mask, segments, h, hkv)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        rope_attention_cpu(qkv, cos, sin, ck, cv, slots, mask, Segments((3,), (0,), (14,), (3,)), h, hkv)
+    assert torch.equal(ck, before)
+    with pytest.raises(ValueError, match="qkv must be"):
+        rope_attention_cpu(qkv[:, 1:], cos, sin, ck, cv, slots, mask, segments, h, hkv)
+    with pytest.raises(ValueError, match="n_heads=3"):
+        rope_attention_cpu(qkv, cos, sin, ck, cv, slots, mask, segments, 3, hkv)
+    with pytest.raises(ValueError, match="cos must hold"):
+        rope_attention_cpu(qkv, cos[:2], sin, ck, cv, slots, mask, segments, h, hkv)
+    with pytest.raises(ValueError, match="float32"):
+        rope_attention_cpu(qkv.double(), cos, sin, ck, cv, slots, mask, segments, h, hkv)
+    with pytest.raises(ValueError, match="tree_mask must be"):
+        rope_attention_cpu(qkv, cos, sin, ck, cv, slots, mask[:, :1], segments, h, hkv)
+
+
+# --------------------------------------------------------------------------- the layer stack
+
+@pytest.fixture(scope="module", params=["llama", "llama-bias", "qwen2"])
+def tiny(request, tmp_path_factory):
+    from hf_models import make_hf_model
+    from specexec_rt import load_model
+
+    directory = tmp_path_factory.mktemp(request.param)
+    make_hf_model(request.param, directory)
+    return load_model(directory, device="cpu", dtype=torch.float32, max_len=64)
+
+
+def _passes(model, monkeypatch, native: bool):
+    """A prefill, a decode step, a 6-node tree and a 12-node tree, with native layers on or off."""
+    from specexec_rt.model.transformer import Segment
+
+    monkeypatch.setenv("SPECEXEC_NATIVE_LAYERS", "1" if native else "0")
+    model.cache.k.zero_()
+    model.cache.v.zero_()
+    ids = torch.arange(3, 23)
+    out = [model.prefill(ids)]
+    out.append(model.forward(ids[:1], torch.tensor([20]), model.cache, 20))
+    for n in (6, 12):
+        mask = (torch.rand(n, n, generator=torch.Generator().manual_seed(n)) < 0.4).tril_() | torch.eye(n, dtype=torch.bool)
+        out.append(model.forward(ids[:n], 21 + mask.sum(1) - 1, model.cache, 21, tree_mask=mask))
+    segs = [Segment(n_new=2, base=0, prefix_len=21), Segment(n_new=3, base=32, prefix_len=4)]
+    out.append(model.forward_batch(ids[:5], torch.tensor([21, 22, 4, 5, 6]), model.cache, segs))
+    return out + [model.cache.k.clone(), model.cache.v.clone()]
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_native_layers_equal_the_per_op_path(tiny, quantize, monkeypatch):
+    _native_or_skip()
+    from specexec_rt.speculative.drafts import int4_draft
+
+    model = int4_draft(tiny, group_size=32) if quantize else tiny
+    assert model._native_layers(1) is not None
+    assert (model._native_layers(12) is not None) == quantize  # float32 layers: BLAS above 8 rows
+    want = _passes(model, monkeypatch, native=False)
+    got = _passes(model, monkeypatch, native=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
+
+
+def test_without_the_library_the_pytorch_path_runs(tiny, monkeypatch):
+    want = [t.clone() for t in _passes(tiny, monkeypatch, native=True)]
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
+    tiny._layers_plan = ((), None)
+    try:
+        assert tiny._native_layers(1) is None
+        got = _passes(tiny, monkeypatch, native=True)
+    finally:
+        tiny._layers_plan = ((), None)  # rebuilt with the library by the next pass
+    for a, b in zip(got[:-2], want[:-2]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
