@@ -12,7 +12,9 @@
 - model: one decode step (M=1) and one 32-node tree step of the default draft (all layers
   int4, group 64, int4 LM head), of the same draft with the target's dense LM head, of the
   float32 target and of the target kept 4-bit (``quantize="int4"``), interleaved, medians;
-  the draft step's split into native matmuls, attention and everything else; greedy
+  decode steps of the draft and the float32 target also through the per-op path
+  (``SPECEXEC_NATIVE_LAYERS=0``); that path's split into native matmuls, attention and
+  everything else; greedy
   autoregressive tok/s of the float32 and the int4 target.
 - arith: the arithmetic choice. The shipped kernel (int8 activations, integer dot products)
   against ``bench/int4_cpu_fp32act.c`` (fp32 activations, one FMA per weight; same layout,
@@ -227,11 +229,16 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     def tree(mdl):
         mdl.forward(tree_ids, prompt_len + depth, mdl.cache, prompt_len, tree_mask=mask)
 
-    cases = [(f"{name}, decode step (M=1)", decode, mdl) for name, mdl in models.items()]
-    cases += [(f"{name}, 32-node tree step", tree, mdl) for name, mdl in models.items() if name != "target int4"]
+    # Every layer in one native call (the default), and the same steps through the per-op path
+    # (five native calls per layer from Python; SPECEXEC_NATIVE_LAYERS=0).
+    cases = [(f"{name}, decode step (M=1)", decode, mdl, "1") for name, mdl in models.items()]
+    cases += [(f"{name}, decode step (M=1), per-op path", decode, models[name], "0")
+              for name in ("target fp32", "draft (int4 LM head)")]
+    cases += [(f"{name}, 32-node tree step", tree, mdl, "1") for name, mdl in models.items() if name != "target int4"]
     samples: dict = {c[0]: [] for c in cases}
     for rep in range(repeats + 1):
-        for name, fn, mdl in cases:
+        for name, fn, mdl, flag in cases:
+            os.environ["SPECEXEC_NATIVE_LAYERS"] = flag
             t = time.perf_counter()
             fn(mdl)
             if rep:
@@ -241,13 +248,14 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     for name, v in steps.items():
         print(f"{name:45s} {v:8.2f} ms (min {best[name]:.2f})", flush=True)
 
-    # Where a step goes: the native calls, dense F.linear (a tied LM head stays dense) and
-    # attention, timed inside the forward; the rest is PyTorch ops and Python.
+    os.environ["SPECEXEC_NATIVE_LAYERS"] = "1"
+    # Where a step of the per-op path goes: the native calls, dense F.linear (a tied LM head stays
+    # dense) and attention, timed inside the forward; the rest is PyTorch ops and Python.
     spent = {"native": 0.0, "dense": 0.0, "attention": 0.0, "q8 head": 0.0}
     # ops calls run_native_linear (fused layer ops) or, unfused, int4_cpu.int4_matmul_native; a
     # Q8_0 head goes through ops.q8_linear.
     real = {"fused": ops.run_native_linear, "mm": int4_cpu.int4_matmul_native, "attn": ops.attention,
-            "dense": torch.nn.functional.linear, "q8": ops.q8_linear}
+            "dense": torch.nn.functional.linear, "q8": ops.q8_linear, "rope_attn": ops.rope_attention}
 
     def timed(key, fn):
         def wrapper(*a, **k):
@@ -258,21 +266,24 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
         return wrapper
 
     split = {}
-    for label, fn, mdl in (("draft, decode step (M=1)", decode, draft), ("draft, 32-node tree step", tree, draft),
-                           ("target int4, decode step (M=1)", decode, target4)):
+    for label, fn, mdl in (("draft, decode step (M=1), per-op path", decode, draft),
+                           ("draft, 32-node tree step, per-op path", tree, draft),
+                           ("target int4, decode step (M=1), per-op path", decode, target4)):
         parts: dict = {"total": [], "native": [], "dense": [], "attention": [], "q8 head": []}
         for _ in range(repeats):
             ops.run_native_linear, int4_cpu.int4_matmul_native = timed("native", real["fused"]), timed("native", real["mm"])
             ops.attention, torch.nn.functional.linear = timed("attention", real["attn"]), timed("dense", real["dense"])
-            ops.q8_linear = timed("q8 head", real["q8"])
+            ops.q8_linear, ops.rope_attention = timed("q8 head", real["q8"]), timed("attention", real["rope_attn"])
             spent.update({key: 0.0 for key in spent})
+            os.environ["SPECEXEC_NATIVE_LAYERS"] = "0"
             t = time.perf_counter()
             try:
                 fn(mdl)
             finally:
+                os.environ["SPECEXEC_NATIVE_LAYERS"] = "1"
                 ops.run_native_linear, int4_cpu.int4_matmul_native = real["fused"], real["mm"]
                 ops.attention, torch.nn.functional.linear = real["attn"], real["dense"]
-                ops.q8_linear = real["q8"]
+                ops.q8_linear, ops.rope_attention = real["q8"], real["rope_attn"]
             parts["total"].append(time.perf_counter() - t)
             for key in spent:
                 parts[key].append(spent[key])
@@ -421,10 +432,13 @@ def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree, a
             b = best[name]
             lines.append(f"| {name} | {v:.2f} | {v / tgt:.3f} | {b:.2f} | {b / tgt_best:.3f} | {mb:.0f} | "
                          f"{mb / b:.1f} |")
-        lines += ["", "Where a step goes: the native int4 calls (with their fused RMSNorm / SiLU / residual), "
-                  "the Q8_0 LM head (the GGUF's tied embedding kept 8-bit; the int4 target runs it on int8 "
-                  "activations), dense `F.linear` and `ops.attention`, timed inside the forward; the rest is "
-                  "PyTorch ops (RoPE, cache writes, views) and Python. Medians, then the fastest run's own split.", "",
+        lines += ["", "Steps run every layer in one native call (`csrc/layers_cpu.h`) unless marked *per-op "
+                  "path* (`SPECEXEC_NATIVE_LAYERS=0`: five native calls per layer from Python, same arithmetic).",
+                  "", "Where a step of the per-op path goes: the native int4 calls (with their fused RMSNorm / "
+                  "SiLU / residual), the Q8_0 LM head (the GGUF's tied embedding kept 8-bit; the int4 target runs "
+                  "it on int8 activations), dense `F.linear` and attention (the native RoPE + cache write + "
+                  "attention call, or `ops.attention`), timed inside the forward; the rest is PyTorch ops and "
+                  "Python. Medians, then the fastest run's own split.", "",
                   "| step | total ms | native int4 ms | Q8_0 head ms | dense fp32 ms | attention ms | "
                   "everything else ms |", "|---|---:|---:|---:|---:|---:|---:|"]
         for label, s in model["split"].items():

@@ -48,14 +48,44 @@ static void f32_cols_scalar(const f32ctx_t *c, int col0, int col1) {
 }
 
 #if SXC_X86
-/* 4 columns at a time; every row of the call against the tile (from L1 after the first row). */
+/* 4 columns at a time; every row of the call against the tile (from L1 after the first rows), two
+ * rows per sweep. */
 T_AVX2 static void f32_tile_avx2(const f32ctx_t *c, int col0, int col1) {
     const int k = c->k;
     int col = col0;
     for (; col + 4 <= col1; col += 4) {
         const float *w0 = c->w + (size_t)col * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
         const float *ahead = w0 + (size_t)4 * F32_PREFETCH * k;
-        for (int r = 0; r < c->m; r++) {
+        int r = 0;
+        /* Two rows at a time: each weight vector loaded once for both (same per-row order). */
+        for (; r + 2 <= c->m; r += 2) {
+            const float *xa = c->x + (size_t)r * k, *xb = xa + k;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (int i = 0; i < k; i += 8) {
+                if (r == 0 && i % 16 == 0)
+                    for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(ahead + (size_t)j * k + i), _MM_HINT_T0);
+                const __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i);
+                const __m256 v2 = _mm256_loadu_ps(w2 + i), v3 = _mm256_loadu_ps(w3 + i);
+                const __m256 x0 = _mm256_loadu_ps(xa + i), x1 = _mm256_loadu_ps(xb + i);
+                a0 = _mm256_fmadd_ps(x0, v0, a0);
+                a1 = _mm256_fmadd_ps(x0, v1, a1);
+                a2 = _mm256_fmadd_ps(x0, v2, a2);
+                a3 = _mm256_fmadd_ps(x0, v3, a3);
+                b0 = _mm256_fmadd_ps(x1, v0, b0);
+                b1 = _mm256_fmadd_ps(x1, v1, b1);
+                b2 = _mm256_fmadd_ps(x1, v2, b2);
+                b3 = _mm256_fmadd_ps(x1, v3, b3);
+            }
+            f32_store(c, r, col, q8_hsum_avx2(a0));
+            f32_store(c, r, col + 1, q8_hsum_avx2(a1));
+            f32_store(c, r, col + 2, q8_hsum_avx2(a2));
+            f32_store(c, r, col + 3, q8_hsum_avx2(a3));
+            f32_store(c, r + 1, col, q8_hsum_avx2(b0));
+            f32_store(c, r + 1, col + 1, q8_hsum_avx2(b1));
+            f32_store(c, r + 1, col + 2, q8_hsum_avx2(b2));
+            f32_store(c, r + 1, col + 3, q8_hsum_avx2(b3));
+        }
+        for (; r < c->m; r++) {
             const float *x = c->x + (size_t)r * k;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int i = 0; i < k; i += 16) {
