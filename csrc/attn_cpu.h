@@ -61,6 +61,30 @@ T_AVX2 static float attn_dot_avx2(const float *a, const float *b, int d) {
     return q8_hsum_avx2(acc);
 }
 
+/* Scores of the n keys at kb + idx[t] * stride (each as attn_dot_avx2, times scale), four keys per
+ * sweep: four independent add chains instead of one (the chain's latency bound the loop). */
+T_AVX2 static void attn_scores_avx2(const float *q, const float *kb, int64_t stride, const int32_t *idx, int n,
+                                    int d, float scale, float *scores) {
+    int t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const float *k0 = kb + idx[t] * stride, *k1 = kb + idx[t + 1] * stride;
+        const float *k2 = kb + idx[t + 2] * stride, *k3 = kb + idx[t + 3] * stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int i = 0; i < d; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(qv, _mm256_loadu_ps(k0 + i)));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(qv, _mm256_loadu_ps(k1 + i)));
+            a2 = _mm256_add_ps(a2, _mm256_mul_ps(qv, _mm256_loadu_ps(k2 + i)));
+            a3 = _mm256_add_ps(a3, _mm256_mul_ps(qv, _mm256_loadu_ps(k3 + i)));
+        }
+        scores[t] = q8_hsum_avx2(a0) * scale;
+        scores[t + 1] = q8_hsum_avx2(a1) * scale;
+        scores[t + 2] = q8_hsum_avx2(a2) * scale;
+        scores[t + 3] = q8_hsum_avx2(a3) * scale;
+    }
+    for (; t < n; t++) scores[t] = attn_dot_avx2(q, kb + idx[t] * stride, d) * scale;
+}
+
 T_AVX2 static void attn_axpy_avx2(float *o, float p, const float *v, int d) {
     const __m256 pv = _mm256_set1_ps(p);
     for (int i = 0; i < d; i += 8)
@@ -68,8 +92,8 @@ T_AVX2 static void attn_axpy_avx2(float *o, float p, const float *v, int d) {
 }
 #endif
 
-/* Query head hh of row i; `scores` holds at least prefix + n_tree floats. */
-static void attn_head(const attnctx_t *c, int i, int hh, float *scores, int vec) {
+/* Query head hh of row i; `scores` and `idx` hold at least prefix + n_tree entries. */
+static void attn_head(const attnctx_t *c, int i, int hh, float *scores, int32_t *idx, int vec) {
     const int d = c->d, kvh = hh / (c->h / c->hkv);
     float q[SXC_ATTN_MAX_D];
     attn_rope(c->qkv + (int64_t)i * c->ldq + (int64_t)hh * d, c->cos + (int64_t)i * d, c->sin + (int64_t)i * d, d, q);
@@ -78,35 +102,34 @@ static void attn_head(const attnctx_t *c, int i, int hh, float *scores, int vec)
     const int64_t stride = (int64_t)c->hkv * d;
     const float *kb = c->ck + (int64_t)base * stride + kvh * d, *vb = c->cv + (int64_t)base * stride + kvh * d;
     float *o = c->out + (int64_t)i * c->h * d + (int64_t)hh * d;
-    float mx = -INFINITY;
+    /* The keys this row sees, in order. */
     int n = 0;
-    for (int j = 0; j < prefix + n_tree; j++) {
-        if (j >= prefix && !mrow[j - prefix]) continue;
-#if SXC_X86
-        const float dot = vec ? attn_dot_avx2(q, kb + j * stride, d) : attn_dot_scalar(q, kb + j * stride, d);
-#else
-        const float dot = attn_dot_scalar(q, kb + j * stride, d);
-#endif
-        const float s = dot * c->scale;
-        scores[n++] = s;
-        if (s > mx) mx = s;
-    }
+    for (int j = 0; j < prefix; j++) idx[n++] = j;
+    for (int t = 0; t < n_tree; t++)
+        if (mrow[t]) idx[n++] = prefix + t;
     memset(o, 0, sizeof(float) * (size_t)d);
     if (n == 0) return;
+#if SXC_X86
+    if (vec)
+        attn_scores_avx2(q, kb, stride, idx, n, d, c->scale, scores);
+    else
+#endif
+        for (int t = 0; t < n; t++) scores[t] = attn_dot_scalar(q, kb + idx[t] * stride, d) * c->scale;
+    float mx = -INFINITY;
+    for (int t = 0; t < n; t++)
+        if (scores[t] > mx) mx = scores[t];
     float sum = 0.0f;
     for (int t = 0; t < n; t++) {
         scores[t] = expf(scores[t] - mx);
         sum += scores[t];
     }
-    n = 0;
-    for (int j = 0; j < prefix + n_tree; j++) {
-        if (j >= prefix && !mrow[j - prefix]) continue;
+    for (int t = 0; t < n; t++) {
 #if SXC_X86
         if (vec)
-            attn_axpy_avx2(o, scores[n++], vb + j * stride, d);
+            attn_axpy_avx2(o, scores[t], vb + idx[t] * stride, d);
         else
 #endif
-            attn_axpy_scalar(o, scores[n++], vb + j * stride, d);
+            attn_axpy_scalar(o, scores[t], vb + idx[t] * stride, d);
     }
     for (int t = 0; t < d; t++) o[t] = o[t] / sum;
 }
@@ -152,7 +175,7 @@ int sxc_rope_attention(const float *qkv, int64_t m, int64_t ldq, int32_t h, int3
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)max_keys);
+        float *scores = (float *)malloc((sizeof(float) + sizeof(int32_t)) * (size_t)max_keys);
         if (!scores) {
 #ifdef _OPENMP
 #pragma omp atomic write
@@ -161,7 +184,8 @@ int sxc_rope_attention(const float *qkv, int64_t m, int64_t ldq, int32_t h, int3
         } else {
             int u0, u1;
             my_units(units, &u0, &u1);
-            for (int u = u0; u < u1; u++) attn_head(&c, u / h, u % h, scores, vec);
+            int32_t *idx = (int32_t *)(scores + max_keys);
+            for (int u = u0; u < u1; u++) attn_head(&c, u / h, u % h, scores, idx, vec);
             free(scores);
         }
     }
