@@ -48,8 +48,34 @@ static void f32_cols_scalar(const f32ctx_t *c, int col0, int col1) {
 }
 
 #if SXC_X86
-/* 4 columns at a time; every row of the call against the tile (from L1 after the first rows), two
- * rows per sweep. */
+/* Rows r0 .. r0+R-1 (R <= 4) against columns col, col + 1: 2R accumulators, each weight vector
+ * loaded once for all R rows; every row in the one-row order. `ahead` (or NULL): the two weight
+ * rows to prefetch. */
+T_AVX2 INLINE void f32_rows_2col_avx2(const f32ctx_t *c, int col, int r0, const int R, const float *ahead) {
+    const int k = c->k;
+    const float *w0 = c->w + (size_t)col * k, *w1 = w0 + k;
+    __m256 a[4], b[4];
+    for (int r = 0; r < R; r++) a[r] = b[r] = _mm256_setzero_ps();
+    for (int i = 0; i < k; i += 8) {
+        if (ahead && !(i & 15)) {
+            _mm_prefetch((const char *)(ahead + i), _MM_HINT_T0);
+            _mm_prefetch((const char *)(ahead + k + i), _MM_HINT_T0);
+        }
+        const __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i);
+        for (int r = 0; r < R; r++) {
+            const __m256 x = _mm256_loadu_ps(c->x + (size_t)(r0 + r) * k + i);
+            a[r] = _mm256_fmadd_ps(x, v0, a[r]);
+            b[r] = _mm256_fmadd_ps(x, v1, b[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        f32_store(c, r0 + r, col, q8_hsum_avx2(a[r]));
+        f32_store(c, r0 + r, col + 1, q8_hsum_avx2(b[r]));
+    }
+}
+
+/* 4 columns at a time (the prefetch unit); one row streams the tile with 4 accumulators, several
+ * rows go through f32_rows_2col_avx2. */
 T_AVX2 static void f32_tile_avx2(const f32ctx_t *c, int col0, int col1) {
     const int k = c->k;
     int col = col0;
@@ -57,33 +83,24 @@ T_AVX2 static void f32_tile_avx2(const f32ctx_t *c, int col0, int col1) {
         const float *w0 = c->w + (size_t)col * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
         const float *ahead = w0 + (size_t)4 * F32_PREFETCH * k;
         int r = 0;
-        /* Two rows at a time: each weight vector loaded once for both (same per-row order). */
-        for (; r + 2 <= c->m; r += 2) {
-            const float *xa = c->x + (size_t)r * k, *xb = xa + k;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-            for (int i = 0; i < k; i += 8) {
-                if (r == 0 && i % 16 == 0)
-                    for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(ahead + (size_t)j * k + i), _MM_HINT_T0);
-                const __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i);
-                const __m256 v2 = _mm256_loadu_ps(w2 + i), v3 = _mm256_loadu_ps(w3 + i);
-                const __m256 x0 = _mm256_loadu_ps(xa + i), x1 = _mm256_loadu_ps(xb + i);
-                a0 = _mm256_fmadd_ps(x0, v0, a0);
-                a1 = _mm256_fmadd_ps(x0, v1, a1);
-                a2 = _mm256_fmadd_ps(x0, v2, a2);
-                a3 = _mm256_fmadd_ps(x0, v3, a3);
-                b0 = _mm256_fmadd_ps(x1, v0, b0);
-                b1 = _mm256_fmadd_ps(x1, v1, b1);
-                b2 = _mm256_fmadd_ps(x1, v2, b2);
-                b3 = _mm256_fmadd_ps(x1, v3, b3);
+        if (c->m > 1) {
+            /* Up to four rows against two columns at a time, so the first sweep (which streams
+             * the tile from memory) already does the arithmetic of four rows. */
+            for (; r + 4 <= c->m; r += 4) {
+                f32_rows_2col_avx2(c, col, r, 4, r == 0 ? ahead : NULL);
+                f32_rows_2col_avx2(c, col + 2, r, 4, r == 0 ? ahead + 2 * (size_t)k : NULL);
             }
-            f32_store(c, r, col, q8_hsum_avx2(a0));
-            f32_store(c, r, col + 1, q8_hsum_avx2(a1));
-            f32_store(c, r, col + 2, q8_hsum_avx2(a2));
-            f32_store(c, r, col + 3, q8_hsum_avx2(a3));
-            f32_store(c, r + 1, col, q8_hsum_avx2(b0));
-            f32_store(c, r + 1, col + 1, q8_hsum_avx2(b1));
-            f32_store(c, r + 1, col + 2, q8_hsum_avx2(b2));
-            f32_store(c, r + 1, col + 3, q8_hsum_avx2(b3));
+            const int rest = c->m - r;
+            for (int half = 0; half < 2 && rest; half++) {
+                const int cc = col + 2 * half;
+                const float *pf = r == 0 ? ahead + 2 * (size_t)k * half : NULL;
+                switch (rest) {
+                    case 3: f32_rows_2col_avx2(c, cc, r, 3, pf); break;
+                    case 2: f32_rows_2col_avx2(c, cc, r, 2, pf); break;
+                    default: f32_rows_2col_avx2(c, cc, r, 1, pf); break;
+                }
+            }
+            continue;
         }
         for (; r < c->m; r++) {
             const float *x = c->x + (size_t)r * k;

@@ -221,6 +221,28 @@ T_AVX2 static void q8_row1_avx2(const q8ctx_t *c, int col0, int col1, float *sbu
     if (col < col1) q8_cols_scalar(c, col, col1);
 }
 
+/* Rows r0 .. r0+R-1 of one column from its converted weights: R independent chains (one row's
+ * chain is latency-bound: four dependent FMAs per block), each in the one-row order. */
+T_AVX2 INLINE void q8_rows_col_avx2(const q8ctx_t *c, int col, int r0, const int R, const float *wbuf,
+                                    const float *sbuf) {
+    const int k = c->w->k, nb = k / 32;
+    __m256 a[4];
+    for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int o = 32 * b;
+        const __m256 s = _mm256_set1_ps(sbuf[b]);
+        for (int r = 0; r < R; r++) {
+            const float *x = c->x + (size_t)(r0 + r) * k + o;
+            __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x), _mm256_load_ps(wbuf + o));
+            p = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), _mm256_load_ps(wbuf + o + 8), p);
+            p = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16), _mm256_load_ps(wbuf + o + 16), p);
+            p = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), _mm256_load_ps(wbuf + o + 24), p);
+            a[r] = _mm256_fmadd_ps(p, s, a[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) q8_store(c, r0 + r, col, q8_hsum_avx2(a[r]));
+}
+
 /* Several rows: each column's weights are converted to float once (into `wbuf`, k floats, with
  * the block scales in `sbuf`) and reused by every row from L1. */
 T_AVX2 static void q8_rows_avx2(const q8ctx_t *c, int col0, int col1, float *wbuf, float *sbuf) {
@@ -233,18 +255,13 @@ T_AVX2 static void q8_rows_avx2(const q8ctx_t *c, int col0, int col1, float *wbu
             _mm256_store_ps(wbuf + i, q8_load8_avx2(q + i));
         }
         q8_scales_avx2(d, NULL, nb, sbuf);
-        for (int r = 0; r < c->m; r++) {
-            const float *x = c->x + (size_t)r * k;
-            __m256 a = _mm256_setzero_ps();
-            for (int b = 0; b < nb; b++) {
-                const int o = 32 * b;
-                __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x + o), _mm256_load_ps(wbuf + o));
-                p = _mm256_fmadd_ps(_mm256_loadu_ps(x + o + 8), _mm256_load_ps(wbuf + o + 8), p);
-                p = _mm256_fmadd_ps(_mm256_loadu_ps(x + o + 16), _mm256_load_ps(wbuf + o + 16), p);
-                p = _mm256_fmadd_ps(_mm256_loadu_ps(x + o + 24), _mm256_load_ps(wbuf + o + 24), p);
-                a = _mm256_fmadd_ps(p, _mm256_set1_ps(sbuf[b]), a);
-            }
-            q8_store(c, r, col, q8_hsum_avx2(a));
+        int r = 0;
+        for (; r + 4 <= c->m; r += 4) q8_rows_col_avx2(c, col, r, 4, wbuf, sbuf);
+        switch (c->m - r) {
+            case 3: q8_rows_col_avx2(c, col, r, 3, wbuf, sbuf); break;
+            case 2: q8_rows_col_avx2(c, col, r, 2, wbuf, sbuf); break;
+            case 1: q8_rows_col_avx2(c, col, r, 1, wbuf, sbuf); break;
+            default: break;
         }
     }
 }
