@@ -154,6 +154,18 @@ def test_every_isa_path_with_perm_and_scale_dtypes(isa, scale_dtype, m):
     assert torch.equal(y, int4_matmul_native(x, w, isa="scalar"))
 
 
+@pytest.mark.parametrize("m", [2, 3, 4, 5])
+def test_a_row_gives_the_same_bits_alone_and_among_others(m):
+    """Decode steps (1 row), small tree levels (2-4 rows) and larger passes take different loops;
+    a token's result must not depend on which (greedy output equals the target's own)."""
+    _native_or_skip()
+    _, w = _weight(75, 192, 64, seed=11)
+    x = _x(m, 192, seed=m)
+    y = int4_matmul_native(x, w)
+    for r in range(m):
+        assert torch.equal(int4_matmul_native(x[r:r + 1].clone(), w), y[r:r + 1]), r
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 def test_thread_count_does_not_change_the_result(threads):
     _native_or_skip()
