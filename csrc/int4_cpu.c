@@ -407,10 +407,20 @@ T_AVX2 static void row1_avx2(const ctx_t *c, int col0) {
     store8_avx2(c, 0, col0 + 8, acc1);
 }
 
-/* R rows (m0 .. m0+R-1) from the tile's unpacked operands `buf` (8 per block: lo 0-3, hi 0-3). */
+/* R rows (m0 .. m0+R-1) of an 8-column tile. Each block's operands (lo 0-3, hi 0-3) come from
+ * `buf`, the tile unpacked once into L1 for many rows (tile_avx2), or, with `buf` NULL, are
+ * unpacked into registers here and used at once by every row (2-4 rows: a small tree level or
+ * verification; through the buffer a 2-row draft step of SmolLM2 cost ~1.4x a 1-row step).
+ * Per row the same operations in the same order either way, so the same bits. */
 T_AVX2 INLINE void rows_avx2(const ctx_t *c, int col0, int m0, const int R, const __m256i *buf) {
     const int k = c->w->k;
     const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t *rows[8];
+    const uint8_t *ahead = NULL;
+    if (!buf) {
+        for (int j = 0; j < 8; j++) rows[j] = col_row(c, col0 + j);
+        ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
+    }
     __m256 acc[AVX2_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int g = 0; g < c->ng; g++) {
@@ -418,17 +428,27 @@ T_AVX2 INLINE void rows_avx2(const ctx_t *c, int col0, int m0, const int R, cons
         scales8_avx2(c, g, col0, &s, &mn);
         for (int bb = 0; bb < c->bpg; bb++) {
             const int b = g * c->bpg + bb;
+            __m256i lo[4], hi[4];
+            if (buf) {
+                for (int u = 0; u < 4; u++) {
+                    lo[u] = _mm256_load_si256(buf + 8 * b + u);
+                    hi[u] = _mm256_load_si256(buf + 8 * b + 4 + u);
+                }
+            } else {
+                _mm_prefetch((const char *)(ahead + 128 * (size_t)b), _MM_HINT_T0);
+                _mm_prefetch((const char *)(ahead + 128 * (size_t)b + 64), _MM_HINT_T0);
+                unpack8_avx2(rows, 16 * (size_t)b, lo, hi);
+            }
+            /* Rows interleaved inside each operand step: R independent int16 chains. */
             __m256i a16[AVX2_ROWS];
             for (int r = 0; r < R; r++) a16[r] = _mm256_setzero_si256();
-            for (int u = 0; u < 4; u++) {
-                const __m256i lo = _mm256_load_si256(buf + 8 * b + u), hi = _mm256_load_si256(buf + 8 * b + 4 + u);
+            for (int u = 0; u < 4; u++)
                 for (int r = 0; r < R; r++) {
                     const int8_t *xb = c->xq + (size_t)(m0 + r) * k + 32 * b;
-                    a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xb + 4 * u))));
-                    a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xb + 16 + 4 * u))));
+                    a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(lo[u], _mm256_set1_epi32(load_i32(xb + 4 * u))));
+                    a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(hi[u], _mm256_set1_epi32(load_i32(xb + 16 + 4 * u))));
                     KEEP_YMM(a16[r]);
                 }
-            }
             for (int r = 0; r < R; r++) {
                 __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(a16[r], ones));
                 __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(c->d[(size_t)(m0 + r) * c->nb + b]));
@@ -441,50 +461,12 @@ T_AVX2 INLINE void rows_avx2(const ctx_t *c, int col0, int m0, const int R, cons
     for (int r = 0; r < R; r++) store8_avx2(c, m0 + r, col0, acc[r]);
 }
 
-/* 2 to 4 rows (a small tree level or verification): like row1_avx2, each block is unpacked into
- * registers and used at once by every row, with no round trip through an L1 buffer (measured
- * on SmolLM2's layers: a 2-row draft step cost ~1.4x a 1-row step through tile_avx2). Per row
- * the same operations in the same order as rows_avx2, so the same bits. */
-T_AVX2 INLINE void rows_small_avx2(const ctx_t *c, int col0, const int R) {
-    const int k = c->w->k;
-    const uint8_t *rows[8];
-    for (int j = 0; j < 8; j++) rows[j] = col_row(c, col0 + j);
-    const __m256i ones = _mm256_set1_epi16(1);
-    const uint8_t *ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int g = 0; g < c->ng; g++) {
-        __m256 s, mn;
-        scales8_avx2(c, g, col0, &s, &mn);
-        for (int bb = 0; bb < c->bpg; bb++) {
-            const int b = g * c->bpg + bb;
-            _mm_prefetch((const char *)(ahead + 128 * (size_t)b), _MM_HINT_T0);
-            _mm_prefetch((const char *)(ahead + 128 * (size_t)b + 64), _MM_HINT_T0);
-            __m256i lo[4], hi[4];
-            unpack8_avx2(rows, 16 * (size_t)b, lo, hi);
-            for (int r = 0; r < R; r++) {
-                const int8_t *xb = c->xq + (size_t)r * k + 32 * b;
-                __m256i a16 = _mm256_setzero_si256();
-                for (int u = 0; u < 4; u++) {
-                    a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(lo[u], _mm256_set1_epi32(load_i32(xb + 4 * u))));
-                    a16 = _mm256_add_epi16(a16, _mm256_maddubs_epi16(hi[u], _mm256_set1_epi32(load_i32(xb + 16 + 4 * u))));
-                    KEEP_YMM(a16);
-                }
-                __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(a16, ones));
-                __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(c->d[(size_t)r * c->nb + b]));
-                acc[r] = _mm256_fmadd_ps(f, sd, acc[r]);
-            }
-        }
-        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(c->xs[(size_t)r * c->ng + g]), acc[r]);
-    }
-    for (int r = 0; r < R; r++) store8_avx2(c, r, col0, acc[r]);
-}
-
+/* 2 to 4 rows straight from registers. */
 T_AVX2 static void rows_small_tile_avx2(const ctx_t *c, int col0) {
     switch (c->m) {
-        case 2: rows_small_avx2(c, col0, 2); break;
-        case 3: rows_small_avx2(c, col0, 3); break;
-        default: rows_small_avx2(c, col0, 4); break;
+        case 2: rows_avx2(c, col0, 0, 2, NULL); break;
+        case 3: rows_avx2(c, col0, 0, 3, NULL); break;
+        default: rows_avx2(c, col0, 0, 4, NULL); break;
     }
 }
 
