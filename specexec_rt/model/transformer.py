@@ -54,17 +54,15 @@ def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: t
     qkv = ops.norm_linear(x, w.attn_norm, cfg.rms_norm_eps, w.wqkv, w.bqkv)
     if meta.native_rows is not None:  # CPU float32: RoPE, cache write and attention in one call
         attn = ops.rope_attention(qkv, cos, sin, cache_k, cache_v, slots, meta, h, hkv, d)
-        x = ops.linear(attn, w.wo, w.bo, residual=x)
-        gate_up = ops.norm_linear(x, w.ffn_norm, cfg.rms_norm_eps, w.w_gate_up)
-        return ops.swiglu_linear(gate_up, w.w_down, residual=x)
-    # q and k heads rotate together: one RoPE call instead of two (decode is op-bound on CPU).
-    qk = ops.apply_rope(qkv[:, :(h + hkv) * d].view(n, h + hkv, d), cos, sin)
-    q, k = qk[:, :h], qk[:, h:]
-    v = qkv[:, (h + hkv) * d:]
-    cache_k.index_copy_(0, slots, k)
-    cache_v.index_copy_(0, slots, v.view(n, hkv, d))
-    attn = ops.attention(q, cache_k[:meta.n_k], cache_v[:meta.n_k], meta)
-    x = ops.linear(attn.reshape(n, h * d), w.wo, w.bo, residual=x)
+    else:
+        # q and k heads rotate together: one RoPE call instead of two (decode is op-bound on CPU).
+        qk = ops.apply_rope(qkv[:, :(h + hkv) * d].view(n, h + hkv, d), cos, sin)
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + hkv) * d:]
+        cache_k.index_copy_(0, slots, k)
+        cache_v.index_copy_(0, slots, v.view(n, hkv, d))
+        attn = ops.attention(q, cache_k[:meta.n_k], cache_v[:meta.n_k], meta).reshape(n, h * d)
+    x = ops.linear(attn, w.wo, w.bo, residual=x)
     gate_up = ops.norm_linear(x, w.ffn_norm, cfg.rms_norm_eps, w.w_gate_up)
     return ops.swiglu_linear(gate_up, w.w_down, residual=x)
 
