@@ -13,6 +13,7 @@ A layer here is any object with the fields of ``model.weights.LayerWeights`` (``
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -81,10 +82,6 @@ class NativeLayers:
             s.wqkv, s.wo, s.w_gate_up, s.w_down = mats
         return cls(layers, structs, keep, any_f32, any_int4)
 
-    def matches(self, layers: Sequence) -> bool:
-        """Whether this plan was built from exactly these layer objects."""
-        return len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers))
-
     def serves(self, rows: int) -> bool:
         """Whether a pass of ``rows`` new tokens runs here: float32 matrices only up to
         ``dense_cpu.MAX_ROWS`` rows (above, BLAS is faster and the per-op path takes it); 4-bit
@@ -94,17 +91,18 @@ class NativeLayers:
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
             cache_v: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
-            n_heads: int, n_kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float,
+            n_heads: int, n_kv_heads: int, head_dim: int, intermediate: int, eps: float,
             threads: Optional[int] = None, isa_level: Optional[int] = None) -> torch.Tensor:
         """``x`` float32 ``[n, hidden]`` (a new tensor, updated in place and returned) through
         every layer; ``cache_k``/``cache_v`` contiguous float32 ``[n_layers, max_len, H_kv, D]``;
-        the rest as ``attention_cpu.run_rope_attention``."""
+        the rest as ``attention_cpu.run_rope_attention`` (softmax scale ``1 / sqrt(head_dim)``)."""
         lib = cpu_native.library()
         n, hidden = x.shape
         rc = lib.sxc_forward_layers(self.structs, len(self.layers), x.data_ptr(), n, hidden, n_heads, n_kv_heads,
                                     head_dim, intermediate, eps, cos.data_ptr(), sin.data_ptr(), cache_k.data_ptr(),
                                     cache_v.data_ptr(), cache_k.shape[1], slots.data_ptr(), rows.data_ptr(),
-                                    mask.data_ptr(), mask.shape[1], scale, threads or torch.get_num_threads(),
+                                    mask.data_ptr(), mask.shape[1], 1.0 / math.sqrt(head_dim),
+                                    threads or torch.get_num_threads(),
                                     cpu_native.isa() if isa_level is None else isa_level)
         if rc != 0:
             raise RuntimeError(f"sxc_forward_layers failed: {cpu_native.ERRORS.get(rc, rc)} (a cache slot or a "

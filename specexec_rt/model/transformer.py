@@ -5,7 +5,6 @@ draft growth and verification pass an explicit ancestor mask over the tree regio
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -190,8 +189,7 @@ class Transformer:
         if plan is not None:  # every layer in one native call (same calls as transformer_block)
             c = self.config
             x = plan.run(x.contiguous(), cos, sin, cache.k, cache.v, cache_slots, meta.native_rows, meta.native_mask,
-                         c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
-                         1.0 / math.sqrt(c.head_dim))
+                         c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps)
         else:
             for i, layer in enumerate(self.layer_source.iter_layers()):
                 x = transformer_block(x, layer, self.config, cos, sin, cache.k[i], cache.v[i], cache_slots, meta)
