@@ -74,55 +74,89 @@ T_AVX2 INLINE void f32_rows_2col_avx2(const f32ctx_t *c, int col, int r0, const 
     }
 }
 
-/* 4 columns at a time (the prefetch unit); one row streams the tile with 4 accumulators, several
- * rows go through f32_rows_2col_avx2. */
+/* Rows r0 .. r0+R-1 (R <= 8) against one column: R accumulators, the weight vector loaded once for
+ * all of them; every row in the one-row order. `ahead` (or NULL): the weight row to prefetch. */
+T_AVX2 INLINE void f32_rows_1col_avx2(const f32ctx_t *c, int col, int r0, const int R, const float *ahead) {
+    const int k = c->k;
+    const float *w0 = c->w + (size_t)col * k, *x = c->x + (size_t)r0 * k;
+    __m256 a[8];
+    for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();
+    for (int i = 0; i < k; i += 8) {
+        if (ahead && !(i & 15)) _mm_prefetch((const char *)(ahead + i), _MM_HINT_T0);
+        const __m256 v0 = _mm256_loadu_ps(w0 + i);
+        for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (size_t)r * k + i), v0, a[r]);
+    }
+    for (int r = 0; r < R; r++) f32_store(c, r0 + r, col, q8_hsum_avx2(a[r]));
+}
+
+/* More than 4 rows: column by column, the rows in groups of at most 8 of balanced sizes (9 rows
+ * as 5 + 4: a group of one is a single latency-bound chain). The first group streams the column
+ * from memory, the others re-read it from L1 at once, so the weights are swept once: a second
+ * sweep over a tile for the rows past the fourth cost about as much as the first (measured: 5
+ * rows through 4 + 1 cost 1.3x of 4 rows; through one sweep, the same as 4). */
+T_AVX2 static void f32_many_rows_avx2(const f32ctx_t *c, int col, const float *ahead) {
+    const int groups = (c->m + 7) / 8;
+    for (int g = 0, r0 = 0; g < groups; g++) {
+        const float *pf = g == 0 ? ahead : NULL;
+        const int R = (c->m - r0) / (groups - g);
+        switch (R) {
+            case 1: f32_rows_1col_avx2(c, col, r0, 1, pf); break;
+            case 2: f32_rows_1col_avx2(c, col, r0, 2, pf); break;
+            case 3: f32_rows_1col_avx2(c, col, r0, 3, pf); break;
+            case 4: f32_rows_1col_avx2(c, col, r0, 4, pf); break;
+            case 5: f32_rows_1col_avx2(c, col, r0, 5, pf); break;
+            case 6: f32_rows_1col_avx2(c, col, r0, 6, pf); break;
+            case 7: f32_rows_1col_avx2(c, col, r0, 7, pf); break;
+            default: f32_rows_1col_avx2(c, col, r0, 8, pf); break;
+        }
+        r0 += R;
+    }
+}
+
+/* 4 columns at a time (the prefetch unit): one row streams the tile with 4 accumulators, 2-4 rows
+ * go through f32_rows_2col_avx2, more through f32_many_rows_avx2. */
 T_AVX2 static void f32_tile_avx2(const f32ctx_t *c, int col0, int col1) {
     const int k = c->k;
     int col = col0;
     for (; col + 4 <= col1; col += 4) {
         const float *w0 = c->w + (size_t)col * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
         const float *ahead = w0 + (size_t)4 * F32_PREFETCH * k;
-        int r = 0;
+        if (c->m > 4) {
+            for (int j = 0; j < 4; j++) f32_many_rows_avx2(c, col + j, ahead + (size_t)j * k);
+            continue;
+        }
         if (c->m > 1) {
-            /* Up to four rows against two columns at a time, so the first sweep (which streams
-             * the tile from memory) already does the arithmetic of four rows. */
-            for (; r + 4 <= c->m; r += 4) {
-                f32_rows_2col_avx2(c, col, r, 4, r == 0 ? ahead : NULL);
-                f32_rows_2col_avx2(c, col + 2, r, 4, r == 0 ? ahead + 2 * (size_t)k : NULL);
-            }
-            const int rest = c->m - r;
-            for (int half = 0; half < 2 && rest; half++) {
-                const int cc = col + 2 * half;
-                const float *pf = r == 0 ? ahead + 2 * (size_t)k * half : NULL;
-                switch (rest) {
-                    case 3: f32_rows_2col_avx2(c, cc, r, 3, pf); break;
-                    case 2: f32_rows_2col_avx2(c, cc, r, 2, pf); break;
-                    default: f32_rows_2col_avx2(c, cc, r, 1, pf); break;
+            /* All rows against two columns at a time, so the one sweep that streams the tile from
+             * memory does the arithmetic of every row. */
+            for (int half = 0; half < 2; half++) {
+                const float *pf = ahead + 2 * (size_t)k * half;
+                switch (c->m) {
+                    case 4: f32_rows_2col_avx2(c, col + 2 * half, 0, 4, pf); break;
+                    case 3: f32_rows_2col_avx2(c, col + 2 * half, 0, 3, pf); break;
+                    default: f32_rows_2col_avx2(c, col + 2 * half, 0, 2, pf); break;
                 }
             }
             continue;
         }
-        for (; r < c->m; r++) {
-            const float *x = c->x + (size_t)r * k;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int i = 0; i < k; i += 16) {
-                if (r == 0)
-                    for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(ahead + (size_t)j * k + i), _MM_HINT_T0);
-                const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-                a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + i), a0);
-                a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w1 + i), a1);
-                a2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w2 + i), a2);
-                a3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w3 + i), a3);
-                a0 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w0 + i + 8), a0);
-                a1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + i + 8), a1);
-                a2 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w2 + i + 8), a2);
-                a3 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w3 + i + 8), a3);
-            }
-            f32_store(c, r, col, q8_hsum_avx2(a0));
-            f32_store(c, r, col + 1, q8_hsum_avx2(a1));
-            f32_store(c, r, col + 2, q8_hsum_avx2(a2));
-            f32_store(c, r, col + 3, q8_hsum_avx2(a3));
+        /* One row: the tile streamed with 4 accumulators. */
+        const float *x = c->x;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int i = 0; i < k; i += 16) {
+            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(ahead + (size_t)j * k + i), _MM_HINT_T0);
+            const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            a0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + i), a0);
+            a1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w1 + i), a1);
+            a2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w2 + i), a2);
+            a3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w3 + i), a3);
+            a0 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w0 + i + 8), a0);
+            a1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + i + 8), a1);
+            a2 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w2 + i + 8), a2);
+            a3 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w3 + i + 8), a3);
         }
+        f32_store(c, 0, col, q8_hsum_avx2(a0));
+        f32_store(c, 0, col + 1, q8_hsum_avx2(a1));
+        f32_store(c, 0, col + 2, q8_hsum_avx2(a2));
+        f32_store(c, 0, col + 3, q8_hsum_avx2(a3));
     }
     if (col < col1) f32_cols_scalar(c, col, col1);
 }

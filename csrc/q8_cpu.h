@@ -221,12 +221,12 @@ T_AVX2 static void q8_row1_avx2(const q8ctx_t *c, int col0, int col1, float *sbu
     if (col < col1) q8_cols_scalar(c, col, col1);
 }
 
-/* Rows r0 .. r0+R-1 of one column from its converted weights: R independent chains (one row's
- * chain is latency-bound: four dependent FMAs per block), each in the one-row order. */
+/* Rows r0 .. r0+R-1 (R <= 8) of one column from its converted weights: R independent chains (one
+ * row's chain is latency-bound: four dependent FMAs per block), each in the one-row order. */
 T_AVX2 INLINE void q8_rows_col_avx2(const q8ctx_t *c, int col, int r0, const int R, const float *wbuf,
                                     const float *sbuf) {
     const int k = c->w->k, nb = k / 32;
-    __m256 a[4];
+    __m256 a[8];
     for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const int o = 32 * b;
@@ -255,13 +255,22 @@ T_AVX2 static void q8_rows_avx2(const q8ctx_t *c, int col0, int col1, float *wbu
             _mm256_store_ps(wbuf + i, q8_load8_avx2(q + i));
         }
         q8_scales_avx2(d, NULL, nb, sbuf);
-        int r = 0;
-        for (; r + 4 <= c->m; r += 4) q8_rows_col_avx2(c, col, r, 4, wbuf, sbuf);
-        switch (c->m - r) {
-            case 3: q8_rows_col_avx2(c, col, r, 3, wbuf, sbuf); break;
-            case 2: q8_rows_col_avx2(c, col, r, 2, wbuf, sbuf); break;
-            case 1: q8_rows_col_avx2(c, col, r, 1, wbuf, sbuf); break;
-            default: break;
+        /* Rows in groups of at most 8, of balanced sizes (9 rows as 5 + 4, not 8 + 1: a group of
+         * one is a single latency-bound chain). */
+        const int groups = (c->m + 7) / 8;
+        for (int g = 0, r = 0; g < groups; g++) {
+            const int R = (c->m - r) / (groups - g);
+            switch (R) {
+                case 8: q8_rows_col_avx2(c, col, r, 8, wbuf, sbuf); break;
+                case 7: q8_rows_col_avx2(c, col, r, 7, wbuf, sbuf); break;
+                case 6: q8_rows_col_avx2(c, col, r, 6, wbuf, sbuf); break;
+                case 5: q8_rows_col_avx2(c, col, r, 5, wbuf, sbuf); break;
+                case 4: q8_rows_col_avx2(c, col, r, 4, wbuf, sbuf); break;
+                case 3: q8_rows_col_avx2(c, col, r, 3, wbuf, sbuf); break;
+                case 2: q8_rows_col_avx2(c, col, r, 2, wbuf, sbuf); break;
+                default: q8_rows_col_avx2(c, col, r, 1, wbuf, sbuf); break;
+            }
+            r += R;
         }
     }
 }

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from . import cpu_native
 
-# Rows up to which ops.py takes the native kernel (above: BLAS; measured in bench/bench_int4_cpu.py).
-MAX_ROWS = 8
+# Rows up to which ops.py takes the native kernel (above: the transposed BLAS GEMM, which reuses
+# each weight across rows better; even at 16 on a 2-core EPYC, see docs/DESIGN.md).
+MAX_ROWS = 16
 
 
 def serves(x: torch.Tensor, w: torch.Tensor, width: int) -> bool:

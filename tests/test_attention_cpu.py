@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specexec_rt.kernels import cpu_native
+from specexec_rt.kernels import cpu_native, dense_cpu
 from specexec_rt.kernels.attention import Segments
 from specexec_rt.kernels.attention_cpu import rope_attention_cpu, rope_attention_reference
 from specexec_rt.model import ops
@@ -139,7 +139,8 @@ def tiny(request, tmp_path_factory):
 
 
 def _passes(model, monkeypatch, native: bool):
-    """A prefill, a decode step, a 6-node tree and a 12-node tree, with native layers on or off."""
+    """A prefill (20 rows: above dense_cpu.MAX_ROWS), a decode step, a 6-node and a 12-node tree, with
+    native layers on or off."""
     from specexec_rt.model.transformer import Segment
 
     monkeypatch.setenv("SPECEXEC_NATIVE_LAYERS", "1" if native else "0")
@@ -163,7 +164,8 @@ def test_native_layers_equal_the_per_op_path(tiny, quantize, monkeypatch):
 
     model = int4_draft(tiny, group_size=32) if quantize else tiny
     assert model._native_layers(1) is not None
-    assert (model._native_layers(12) is not None) == quantize  # float32 layers: BLAS above 8 rows
+    assert model._native_layers(dense_cpu.MAX_ROWS) is not None
+    assert (model._native_layers(dense_cpu.MAX_ROWS + 1) is not None) == quantize  # float32: BLAS above
     want = _passes(model, monkeypatch, native=False)
     got = _passes(model, monkeypatch, native=True)
     for i, (a, b) in enumerate(zip(got, want)):

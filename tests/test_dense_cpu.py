@@ -44,13 +44,16 @@ def test_matches_the_float64_product(n, k, m):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_every_isa_and_thread_count_gives_the_same_bits(threads):
+@pytest.mark.parametrize("m", [3, 7, 13, 17])
+def test_every_isa_and_thread_count_gives_the_same_bits(threads, m):
+    """1, 2-4 and more rows take different loops (more in groups of balanced sizes: 13 as 7 + 6,
+    17 as 6 + 6 + 5); a row's bits must not depend on which, nor on the ISA or the threads."""
     _native_or_skip()
-    w, x = _t(101, 160, seed=1), _t(7, 160, seed=2)
+    w, x = _t(101, 160, seed=1), _t(m, 160, seed=2)
     want = f32_linear_native(x, w, isa="scalar", threads=1)
     for isa in cpu_native.supported_isas():
         assert torch.equal(f32_linear_native(x, w, isa=isa, threads=threads), want), isa
-        for r in (0, 6):
+        for r in range(m):
             assert torch.equal(f32_linear_native(x[r:r + 1].clone(), w, isa=isa, threads=threads), want[r:r + 1])
 
 

@@ -113,15 +113,17 @@ def test_int8_activations_match_the_integer_reference(n, k, m):
 
 @pytest.mark.parametrize("int8_act", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_every_isa_and_thread_count_gives_the_same_bits(int8_act, threads):
+@pytest.mark.parametrize("m", [9, 17])
+def test_every_isa_and_thread_count_gives_the_same_bits(int8_act, threads, m):
+    """Float rows run in groups of at most 8 of balanced sizes (9 as 5 + 4, 17 as 6 + 6 + 5)."""
     _native_or_skip()
     w = with_int8_activations(quantize_q8_0(_w(100, 160, 5)), int8_act)
-    x = _x(9, 160, 3)
+    x = _x(m, 160, 3)
     want = q8_linear_native(x, w, isa="scalar", threads=1)
     for isa in cpu_native.supported_isas():
         got = q8_linear_native(x, w, isa=isa, threads=threads)
         assert torch.equal(got, want), isa
-        for r in (0, 4, 8):   # a row alone gives the same bits as inside the 9-row call
+        for r in range(m):   # a row alone gives the same bits as inside the m-row call
             assert torch.equal(q8_linear_native(x[r:r + 1].clone(), w, isa=isa, threads=threads), want[r:r + 1])
 
 
