@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from . import cpu_native
 
 # Rows up to which ops.py takes the native kernel (above: the transposed BLAS GEMM, which reuses
-# each weight across rows better; even at 16 on a 2-core EPYC, see docs/DESIGN.md).
-MAX_ROWS = 16
+# each weight across rows better past ~24 on a 2-core EPYC, see docs/DESIGN.md; 24 covers the
+# 17-row verification of a budget-16 tree).
+MAX_ROWS = 24
 
 
 def serves(x: torch.Tensor, w: torch.Tensor, width: int) -> bool:

@@ -36,9 +36,10 @@ from .int4_weight import PackedMatrix
 
 BLOCK = 32  # weights per scale along K
 # Rows up to which float activations take the native kernel; above, BLAS on a dequantized copy
-# (made on first use) reuses each weight across rows better (SmolLM2's head at 32 rows: 43 ms
-# native vs ~30 ms; bench/bench_int4_cpu.py). The int8-activation path stays native at any M.
-FLOAT_NATIVE_ROWS = 8
+# (made on first use) reuses each weight across rows better. SmolLM2's head, 2 threads, 2-core
+# EPYC: 32 rows 34 ms native vs 49-53 ms transposed BLAS, 48 rows 51-53 vs 55-61, 64 rows 67-70
+# vs 45-63, 128 rows 151-170 vs 119-125. The int8-activation path stays native at any M.
+FLOAT_NATIVE_ROWS = 48
 
 
 @dataclasses.dataclass
