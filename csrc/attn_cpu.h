@@ -17,9 +17,10 @@
  * RoPE is rotate-half, computed as x * cos + rotate_half(x) * sin with separate multiplies and an
  * add (the build has -ffp-contract=off): the same bits as the PyTorch reference. Attention has a
  * fixed summation order: dot products in 8 lanes (lane = element index % 8) summed as q8_hsum8,
- * the softmax over the visible keys in key order, so a row's result depends only on the keys it
- * sees (not on the other rows of the call, nor on masked keys), and every ISA path gives the same
- * bits. A row that sees no key gets zeros.
+ * the softmax over the visible keys in key order (its exp is exp_fixed, the same bits scalar or
+ * vectorised), so a row's result depends only on the keys it sees (not on the other rows of the
+ * call, nor on masked keys), and every ISA path gives the same bits. A row that sees no key gets
+ * zeros.
  */
 
 #define SXC_ATTN_MAX_D 256
@@ -85,6 +86,15 @@ T_AVX2 static void attn_scores_avx2(const float *q, const float *kb, int64_t str
     for (; t < n; t++) scores[t] = attn_dot_avx2(q, kb + idx[t] * stride, d) * scale;
 }
 
+/* scores[t] = exp(scores[t] - mx) for t below n rounded down to 8 (exp_fixed's bits); returns that count. */
+T_AVX2 static int attn_exp_avx2(float *scores, int n, float mx) {
+    const __m256 m8 = _mm256_set1_ps(mx);
+    int t = 0;
+    for (; t + 8 <= n; t += 8)
+        _mm256_storeu_ps(scores + t, exp_fixed_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores + t), m8)));
+    return t;
+}
+
 T_AVX2 static void attn_axpy_avx2(float *o, float p, const float *v, int d) {
     const __m256 pv = _mm256_set1_ps(p);
     for (int i = 0; i < d; i += 8)
@@ -118,11 +128,13 @@ static void attn_head(const attnctx_t *c, int i, int hh, float *scores, int32_t 
     float mx = -INFINITY;
     for (int t = 0; t < n; t++)
         if (scores[t] > mx) mx = scores[t];
+    int t0 = 0;
+#if SXC_X86
+    if (vec) t0 = attn_exp_avx2(scores, n, mx);
+#endif
+    for (int t = t0; t < n; t++) scores[t] = exp_fixed(scores[t] - mx);
     float sum = 0.0f;
-    for (int t = 0; t < n; t++) {
-        scores[t] = expf(scores[t] - mx);
-        sum += scores[t];
-    }
+    for (int t = 0; t < n; t++) sum += scores[t];
     for (int t = 0; t < n; t++) {
 #if SXC_X86
         if (vec)

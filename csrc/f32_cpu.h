@@ -179,7 +179,7 @@ int sxc_f32_linear(const float *x, int64_t m, int64_t ldx, const float *w, int32
     if (need_rows) {
         xs = (float *)malloc(sizeof(float) * (size_t)m * k);
         if (!xs) return SXC_ENOMEM;
-        const prologue_t pro = {x, ldx, norm_w, eps, act};
+        const prologue_t pro = {x, ldx, norm_w, eps, act, isa};
         for (int64_t r = 0; r < m; r++) {
             const float *row = prepare_row(&pro, k, r, xs + r * k);
             if (row != xs + r * k) memcpy(xs + r * k, row, sizeof(float) * (size_t)k);

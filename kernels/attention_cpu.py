@@ -37,6 +37,23 @@ def serves(head_dim: int) -> bool:
     return head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM and cpu_native.library() is not None
 
 
+def exp_native(x: torch.Tensor, isa: Optional[str] = None) -> torch.Tensor:
+    """``exp(x)`` as the native library computes it inside the softmax and SiLU (``exp_fixed`` in
+    ``csrc/int4_cpu.c``: one fixed sequence of float operations, the same bits on every ISA path,
+    within an ulp of the exact value; 0 below -87.336, inf above 88.376). For the tests."""
+    if cpu_native.library() is None:
+        raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
+    if isa is not None and isa not in cpu_native.supported_isas():
+        raise ValueError(f"isa={isa!r} is not supported on this CPU (supported: {cpu_native.supported_isas()})")
+    x = x.detach().to(torch.float32).contiguous()
+    y = torch.empty_like(x)
+    rc = cpu_native.library().sxc_exp(x.data_ptr(), x.numel(), y.data_ptr(),
+                                      cpu_native.isa() if isa is None else cpu_native.ISAS.index(isa))
+    if rc != 0:
+        raise RuntimeError(f"sxc_exp failed ({rc})")
+    return y
+
+
 def run_rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                        cache_v: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
                        n_heads: int, n_kv_heads: int, head_dim: int, scale: float,

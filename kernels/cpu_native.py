@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h", "layers_cpu.h")
 LIB_NAME = "libspecexec_cpu.so"
-ABI_VERSION = 5  # csrc/int4_cpu.c SXC_ABI_VERSION
+ABI_VERSION = 6  # csrc/int4_cpu.c SXC_ABI_VERSION
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
 ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations
 ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "invalid argument"}
@@ -176,6 +176,7 @@ def load(path: Path) -> ctypes.CDLL:
                                               ctypes.c_float, ctypes.c_int, ctypes.c_int]),
         "sxc_quantize_q8": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, wp, ctypes.c_int, ctypes.c_void_p,
                                            ctypes.c_void_p, ctypes.c_void_p]),
+        "sxc_exp": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

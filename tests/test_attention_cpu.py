@@ -17,7 +17,7 @@ import torch
 
 from specexec_rt.kernels import cpu_native, dense_cpu
 from specexec_rt.kernels.attention import Segments
-from specexec_rt.kernels.attention_cpu import rope_attention_cpu, rope_attention_reference
+from specexec_rt.kernels.attention_cpu import exp_native, rope_attention_cpu, rope_attention_reference
 from specexec_rt.model import ops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,3 +183,22 @@ def test_without_the_library_the_pytorch_path_runs(tiny, monkeypatch):
         tiny._layers_plan = ((), None)  # rebuilt with the library by the next pass
     for a, b in zip(got[:-2], want[:-2]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_the_native_exp_is_within_an_ulp_and_the_same_on_every_isa():
+    """The softmax and SiLU exp: a fixed operation sequence (vectorised where the ISA allows, with a
+    scalar tail), so its bits cannot depend on the path or on where a value sits in the vector."""
+    _native_or_skip()
+    x = torch.cat([torch.linspace(-87.3, 88.3, 200_003), torch.randn(1001) * 10])
+    want = exp_native(x, isa="scalar")
+    for isa in cpu_native.supported_isas():
+        assert torch.equal(exp_native(x, isa=isa), want), isa
+        assert torch.equal(exp_native(x[3:], isa=isa), want[3:]), isa      # shifted against the lanes
+    exact = x.double().exp()
+    ulp = (torch.nextafter(exact.float(), torch.tensor(float("inf"))) - exact.float()).double()
+    assert ((want.double() - exact).abs() <= ulp).all()
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), 89.0, -88.0, 0.0, -0.0])
+    for isa in cpu_native.supported_isas():
+        got = exp_native(special, isa=isa)
+        assert got[0].isnan() and got[1] == float("inf") and got[2] == 0 and got[3] == float("inf")
+        assert got[4] == 0 and got[5] == 1 and got[6] == 1
