@@ -43,12 +43,10 @@ def exp_native(x: torch.Tensor, isa: Optional[str] = None) -> torch.Tensor:
     within an ulp of the exact value; 0 below -87.336, inf above 88.376). For the tests."""
     if cpu_native.library() is None:
         raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
-    if isa is not None and isa not in cpu_native.supported_isas():
-        raise ValueError(f"isa={isa!r} is not supported on this CPU (supported: {cpu_native.supported_isas()})")
+    level = cpu_native.isa_level(isa)
     x = x.detach().to(torch.float32).contiguous()
     y = torch.empty_like(x)
-    rc = cpu_native.library().sxc_exp(x.data_ptr(), x.numel(), y.data_ptr(),
-                                      cpu_native.isa() if isa is None else cpu_native.ISAS.index(isa))
+    rc = cpu_native.library().sxc_exp(x.data_ptr(), x.numel(), y.data_ptr(), level)
     if rc != 0:
         raise RuntimeError(f"sxc_exp failed ({rc})")
     return y
@@ -125,11 +123,7 @@ def rope_attention_cpu(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     if cpu_native.library() is None:
         raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
     _check(qkv, cos, sin, cache_k, cache_v, slots, tree_mask, segments, n_heads, n_kv_heads)
-    level = None
-    if isa is not None:
-        if isa not in cpu_native.supported_isas():
-            raise ValueError(f"isa={isa!r} is not supported on this CPU (supported: {cpu_native.supported_isas()})")
-        level = cpu_native.ISAS.index(isa)
+    level = cpu_native.isa_level(isa)
     d = cache_k.shape[2]
     if qkv.stride(1) != 1:
         qkv = qkv.contiguous()

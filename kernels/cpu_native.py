@@ -186,6 +186,18 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def isa_level(name: Optional[str]) -> int:
+    """The level a kernel call runs at, for its ``isa=`` argument: ``isa()`` for None, else the
+    named one, checked (ValueError for an unknown name or one this CPU lacks)."""
+    if name is None:
+        return isa()
+    if name not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {name!r}")
+    if name not in supported_isas():
+        raise ValueError(f"isa={name!r} is not supported on this CPU (supported: {supported_isas()})")
+    return ISAS.index(name)
+
+
 def _requested_isa(best: int) -> int:
     want = os.environ.get("SPECEXEC_CPU_ISA")
     if not want:

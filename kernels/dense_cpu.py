@@ -76,11 +76,7 @@ def f32_linear_native(x: torch.Tensor, w: torch.Tensor, residual: Optional[torch
     if norm is not None and (tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float32):
         raise ValueError(f"f32_linear_native: norm weight must be float32 [{k}], got {norm[0].dtype} "
                          f"{list(norm[0].shape)}")
-    level = None
-    if isa is not None:
-        if isa not in cpu_native.supported_isas():
-            raise ValueError(f"isa={isa!r} is not supported on this CPU (supported: {cpu_native.supported_isas()})")
-        level = cpu_native.ISAS.index(isa)
+    level = cpu_native.isa_level(isa)
     if x.stride(1) != 1:
         x = x.contiguous()
     return run_f32_native(x, w.contiguous(), None if residual is None else residual.contiguous(),

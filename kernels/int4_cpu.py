@@ -46,16 +46,6 @@ def _native_weight(w: Int4Weight):
     return ref
 
 
-def _isa_level(isa: Optional[str]) -> int:
-    if isa is None:
-        return cpu_native.isa()
-    if isa not in cpu_native.ISAS:
-        raise ValueError(f"isa must be one of {cpu_native.ISAS}, got {isa!r}")
-    if isa not in cpu_native.supported_isas():
-        raise ValueError(f"isa={isa!r} is not supported on this CPU (supported: {cpu_native.supported_isas()})")
-    return cpu_native.ISAS.index(isa)
-
-
 def native_active() -> bool:
     """Whether ``int4_matmul_cpu`` takes the native kernel (library loaded, no aten override)."""
     return CPU_COMPUTE_DTYPE is None and cpu_native.library() is not None
@@ -89,7 +79,7 @@ def int4_linear_native(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.
     if x.stride(1) != 1:
         x = x.contiguous()
     return run_native_linear(x, w, residual, None if norm is None else norm[0].contiguous(),
-                             0.0 if norm is None else float(norm[1]), swiglu, _isa_level(isa), threads)
+                             0.0 if norm is None else float(norm[1]), swiglu, cpu_native.isa_level(isa), threads)
 
 
 def run_native_linear(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.Tensor],
@@ -147,7 +137,7 @@ def quantize_activations_native(x: torch.Tensor, w: Int4Weight, isa: Optional[st
     xq = torch.empty(m, k, dtype=torch.int8)
     d = torch.empty(m, k // PACK)
     xs = torch.empty(m, k // w.group_size)
-    rc = lib.sxc_quantize_q8(x.data_ptr(), m, _native_weight(w), _isa_level(isa), xq.data_ptr(), d.data_ptr(),
+    rc = lib.sxc_quantize_q8(x.data_ptr(), m, _native_weight(w), cpu_native.isa_level(isa), xq.data_ptr(), d.data_ptr(),
                              xs.data_ptr())
     if rc != 0:
         raise RuntimeError(f"sxc_quantize_q8 failed: {cpu_native.ERRORS.get(rc, rc)}")

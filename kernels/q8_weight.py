@@ -226,11 +226,7 @@ def q8_linear_native(x: torch.Tensor, w: Q8Weight, residual: Optional[torch.Tens
                          f"{list(norm[0].shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    level = None
-    if isa is not None:
-        if isa not in cpu_native.supported_isas():
-            raise ValueError(f"isa={isa!r} is not supported on this CPU (supported: {cpu_native.supported_isas()})")
-        level = cpu_native.ISAS.index(isa)
+    level = cpu_native.isa_level(isa)
     return run_q8_native(x, w, None if residual is None else residual.contiguous(),
                          None if norm is None else norm[0].contiguous(), 0.0 if norm is None else float(norm[1]),
                          level, threads)
