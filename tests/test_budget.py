@@ -276,6 +276,25 @@ def test_auto_decodes_plainly_when_drafting_never_pays(models, reference):
     assert modes.count("autoregressive") >= 20 and modes[-1] == "autoregressive"
 
 
+def test_losing_probes_grow_rarer_up_to_the_cap():
+    """While plain decoding wins, a probe comes 8, 16, 32, ... passes after the last, then every
+    max_probe_gap: each probe makes the draft catch up on every token since it last ran."""
+    from specexec_rt.speculative.budget import BudgetController
+
+    ctl = BudgetController(16, min_budget=1, prior_budget=4, allow_autoregressive=True, max_probe_gap=64,
+                           cost_model=lambda b, n, calls: (10.0 * max(calls, 1), 1.0))
+    probes = []
+    for i in range(400):
+        b, _ = ctl.plan(16)
+        if b:
+            probes.append(i)
+            ctl.observe(b, b, 2, None, None, [1, b], [0.3, 0.5], accepted=0.0)
+        else:
+            ctl.observe(0, 1, 0, None, None, [], [], accepted=0.0)
+    gaps = [b - a for a, b in zip(probes, probes[1:])]      # passes from one probe to the next
+    assert gaps[:3] == [8, 16, 32] and set(gaps[3:]) == {64}, (probes, gaps)
+
+
 def test_auto_grows_trees_when_drafting_pays(models, reference):
     """An offloaded-target-like cost (a pass costs the same for any tree, the draft is nearly
     free): auto keeps growing trees."""

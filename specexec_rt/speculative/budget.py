@@ -100,14 +100,16 @@ class BudgetController:
     replaces measured times (simulating other hardware with real acceptance: bench/adaptive.py).
     allow_autoregressive: budget 0 (plain decoding, no draft call) is a candidate too, priced at
     the measured cost of a one-token target pass; while it wins, a speculative pass is still
-    tried every ``probe_every`` passes (doubling while the probes keep losing, up to 64), so a
-    draft that starts to pay is noticed.
+    tried every ``probe_every`` passes (doubling while the probes keep losing, up to
+    ``max_probe_gap``), so a draft that starts to pay is noticed. A probe is dear beyond its
+    tree: the draft first catches up on every token decoded since it last ran (on a 2-core CPU
+    ~2 ms per token, 5% of a plain step), so a long losing streak probes rarely.
     """
 
     def __init__(self, max_budget: int, min_budget: int = 4, prior_budget: int = 16, max_depth: int = 16,
                  window: int = 24, calibration_decay: float = 0.3, max_step: float = 2.0,
                  cost_model: Optional[Callable] = None, allow_autoregressive: bool = False,
-                 probe_every: int = 8):
+                 probe_every: int = 8, max_probe_gap: int = 256):
         if max_budget < 1:
             raise ValueError(f"max_budget must be >= 1, got {max_budget}")
         self.max_budget = int(max_budget)
@@ -127,6 +129,7 @@ class BudgetController:
         self.last_budget: Optional[int] = None
         self.allow_autoregressive = allow_autoregressive
         self.probe_every = probe_every
+        self.max_probe_gap = max(probe_every, max_probe_gap)
         self._probe_gap = probe_every
         self._ar_streak = 0
         self.depth_mass: Optional[list] = None   # expected accepted tokens per depth, last tree
@@ -191,7 +194,7 @@ class BudgetController:
             # A probe: one speculative pass to refresh the draft's cost and acceptance. Each
             # probe that loses again waits twice as long for the next one.
             self._ar_streak = 0
-            self._probe_gap = min(64, 2 * self._probe_gap)
+            self._probe_gap = min(self.max_probe_gap, 2 * self._probe_gap)
         else:
             self._ar_streak, self._probe_gap = 0, self.probe_every
         self.last_depth = self._depth(b)
