@@ -86,15 +86,6 @@ T_AVX2 static void attn_scores_avx2(const float *q, const float *kb, int64_t str
     for (; t < n; t++) scores[t] = attn_dot_avx2(q, kb + idx[t] * stride, d) * scale;
 }
 
-/* scores[t] = exp(scores[t] - mx) for t below n rounded down to 8 (exp_fixed's bits); returns that count. */
-T_AVX2 static int attn_exp_avx2(float *scores, int n, float mx) {
-    const __m256 m8 = _mm256_set1_ps(mx);
-    int t = 0;
-    for (; t + 8 <= n; t += 8)
-        _mm256_storeu_ps(scores + t, exp_fixed_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores + t), m8)));
-    return t;
-}
-
 T_AVX2 static void attn_axpy_avx2(float *o, float p, const float *v, int d) {
     const __m256 pv = _mm256_set1_ps(p);
     for (int i = 0; i < d; i += 8)
@@ -128,11 +119,8 @@ static void attn_head(const attnctx_t *c, int i, int hh, float *scores, int32_t 
     float mx = -INFINITY;
     for (int t = 0; t < n; t++)
         if (scores[t] > mx) mx = scores[t];
-    int t0 = 0;
-#if SXC_X86
-    if (vec) t0 = attn_exp_avx2(scores, n, mx);
-#endif
-    for (int t = t0; t < n; t++) scores[t] = exp_fixed(scores[t] - mx);
+    for (int t = 0; t < n; t++) scores[t] = scores[t] - mx;
+    exp_many(scores, n, scores, vec);
     float sum = 0.0f;
     for (int t = 0; t < n; t++) sum += scores[t];
     for (int t = 0; t < n; t++) {

@@ -546,7 +546,7 @@ static int check_weight(const sxc_weight *w) {
  * scalar and the AVX2 forms both run, so every ISA path gives the same bits (libm's expf is
  * scalar: SiLU over 1536 values per layer cost 22 us of a 63 us down projection at one row, and
  * 110 of 280 us at five). Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two parts, a
- * degree-7 polynomial, times 2^n; within 2 ulp of the exact value. x > 88.376: +inf;
+ * degree-7 polynomial, times 2^n; within an ulp of the exact value (tested). x > 88.376: +inf;
  * x < -87.336: 0 (where 2^n would leave the normal range); NaN stays NaN. */
 #define SXC_EXP_HI 88.3762626647949f
 #define SXC_EXP_LO -87.3365447504019f
@@ -601,6 +601,20 @@ T_AVX2 static int64_t exp_many_avx2(const float *x, int64_t n, float *y) {
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_fixed_avx2(_mm256_loadu_ps(x + i)));
     return i;
 }
+#endif
+
+/* y[i] = exp_fixed(x[i]) (y may be x), vectorised where `vec`: the same bits either way. */
+static void exp_many(const float *x, int64_t n, float *y, int vec) {
+    int64_t i = 0;
+#if SXC_X86
+    if (vec) i = exp_many_avx2(x, n, y);
+#else
+    (void)vec;
+#endif
+    for (; i < n; i++) y[i] = exp_fixed(x[i]);
+}
+
+#if SXC_X86
 
 /* tmp[i] = g[i] / (1 + exp(-g[i])) * up[i] for i < k rounded down to 8; returns that count. */
 T_AVX2 static int silu_mul_avx2(const float *g, const float *up, int k, float *tmp) {
@@ -619,11 +633,7 @@ T_AVX2 static int silu_mul_avx2(const float *g, const float *up, int k, float *t
 int sxc_exp(const float *x, int64_t n, float *y, int isa) {
     if (n < 0 || isa < SXC_SCALAR || isa > SXC_AVX512VNNI || (n > 0 && (!x || !y))) return SXC_EARG;
     if (isa > sxc_best_isa()) return SXC_EISA;
-    int64_t i = 0;
-#if SXC_X86
-    if (isa >= SXC_AVX2) i = exp_many_avx2(x, n, y);
-#endif
-    for (; i < n; i++) y[i] = exp_fixed(x[i]);
+    exp_many(x, n, y, isa >= SXC_AVX2);
     return SXC_OK;
 }
 
