@@ -89,16 +89,14 @@ T_AVX2 INLINE void f32_rows_1col_avx2(const f32ctx_t *c, int col, int r0, const 
     for (int r = 0; r < R; r++) f32_store(c, r0 + r, col, q8_hsum_avx2(a[r]));
 }
 
-/* More than 4 rows: column by column, the rows in groups of at most 8 of balanced sizes (9 rows
- * as 5 + 4: a group of one is a single latency-bound chain). The first group streams the column
- * from memory, the others re-read it from L1 at once, so the weights are swept once: a second
- * sweep over a tile for the rows past the fourth cost about as much as the first (measured: 5
- * rows through 4 + 1 cost 1.3x of 4 rows; through one sweep, the same as 4). */
+/* More than 4 rows: column by column, the rows in groups (row_group). The first group streams
+ * the column from memory, the others re-read it from L1 at once, so the weights are swept once: a
+ * second sweep over a tile for the rows past the fourth cost about as much as the first
+ * (measured: 5 rows through 4 + 1 cost 1.3x of 4 rows; through one sweep, the same as 4). */
 T_AVX2 static void f32_many_rows_avx2(const f32ctx_t *c, int col, const float *ahead) {
-    const int groups = (c->m + 7) / 8;
-    for (int g = 0, r0 = 0; g < groups; g++) {
-        const float *pf = g == 0 ? ahead : NULL;
-        const int R = (c->m - r0) / (groups - g);
+    for (int r0 = 0; r0 < c->m;) {
+        const float *pf = r0 == 0 ? ahead : NULL;
+        const int R = row_group(c->m - r0);
         switch (R) {
             case 1: f32_rows_1col_avx2(c, col, r0, 1, pf); break;
             case 2: f32_rows_1col_avx2(c, col, r0, 2, pf); break;

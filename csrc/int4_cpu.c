@@ -523,6 +523,13 @@ static int team_size(int threads, int units) {
     return t > units ? units : t;
 }
 
+/* The float32 and Q8_0 kernels take a pass's rows in groups of at most 8, of balanced sizes (9
+ * rows as 5 + 4, not 8 + 1: a group of one is a single latency-bound FMA chain). The size of the
+ * next group when `left` rows remain. */
+INLINE int row_group(int left) {
+    return left / ((left + 7) / 8);
+}
+
 /* This thread's contiguous share [*u0, *u1) of `units` work units, inside a parallel region. */
 INLINE void my_units(int units, int *u0, int *u1) {
 #ifdef _OPENMP

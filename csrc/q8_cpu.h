@@ -255,11 +255,8 @@ T_AVX2 static void q8_rows_avx2(const q8ctx_t *c, int col0, int col1, float *wbu
             _mm256_store_ps(wbuf + i, q8_load8_avx2(q + i));
         }
         q8_scales_avx2(d, NULL, nb, sbuf);
-        /* Rows in groups of at most 8, of balanced sizes (9 rows as 5 + 4, not 8 + 1: a group of
-         * one is a single latency-bound chain). */
-        const int groups = (c->m + 7) / 8;
-        for (int g = 0, r = 0; g < groups; g++) {
-            const int R = (c->m - r) / (groups - g);
+        for (int r = 0; r < c->m;) {
+            const int R = row_group(c->m - r);
             switch (R) {
                 case 8: q8_rows_col_avx2(c, col, r, 8, wbuf, sbuf); break;
                 case 7: q8_rows_col_avx2(c, col, r, 7, wbuf, sbuf); break;
