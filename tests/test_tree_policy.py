@@ -10,6 +10,7 @@ import torch
 from conftest import greedy_decode, random_weights, tiny_config
 from specexec_rt.model import Transformer
 from specexec_rt.speculative.engine import Engine
+from specexec_rt.speculative import tree_policy
 from specexec_rt.speculative.sampling import SamplingParams
 from test_engine import make_pair
 
@@ -56,6 +57,37 @@ def test_identical_draft_grows_chains(identical_pair, tree):
     res = run(engine, 5 * 17)
     assert res.token_ids == greedy_decode(target, PROMPT, 5 * 17)
     assert res.stats.tokens_per_pass >= 0.9 * 17
+
+
+def test_calibrated_search_does_not_expand_hopeless_nodes(identical_pair, monkeypatch):
+    """Budget 64 with depth 16: the chain holds 16 nodes and the rest of the budget can only
+    go to siblings that are (almost) never accepted. The search does not expand a node whose
+    path acceptance is below tree_policy.EXPAND_FLOOR, so a trained engine runs fewer draft
+    rows than with no floor, for the same tokens per pass and the same output."""
+    target, draft = identical_pair
+    want = greedy_decode(target, PROMPT, 5 * 17)
+    rows, tpp = {}, {}
+    default = tree_policy.EXPAND_FLOOR
+    for floor in (default, 0.0):
+        monkeypatch.setattr(tree_policy, "EXPAND_FLOOR", floor)
+        engine = Engine(target, draft, method="specexec", budget=64, max_depth=16, tree="calibrated")
+        run(engine, 40)
+        seen = []
+        orig = draft._run
+
+        def counting(token_ids, *a, **k):
+            seen.append(int(token_ids.shape[0]))
+            return orig(token_ids, *a, **k)
+
+        draft._run = counting
+        try:
+            res = engine.generate(PROMPT, max_new_tokens=5 * 17)
+        finally:
+            del draft._run
+        assert res.token_ids == want
+        rows[floor], tpp[floor] = sum(seen), res.stats.tokens_per_pass
+    assert tpp[default] == tpp[0.0] >= 0.9 * 17, tpp
+    assert rows[default] < 0.5 * rows[0.0], rows      # measured 269 vs 1120
 
 
 def test_softmax_ranking_spends_the_budget_on_siblings(identical_pair):

@@ -357,13 +357,14 @@ class SpecExec(Method):
         # A node whose score plus the best child's log-acceptance cannot beat the budget-th
         # best node has no child worth creating: it is not expanded.
         margins = [self.policy.candidate_margin(r.params) for r in reqs]
+        floor = self.policy.expand_floor()
         for step in range(1, max(depth_cap)):
             # Near the end of a draft cache the tree just grows less (still exact).
             rooms = [drafter.room(i) for i in range(len(reqs))]
             if len(reqs) == 1:
                 if rooms[0] <= 0:
                     break
-                cand = trees[0].candidates(threshold - margins[0], depth_cap[0])
+                cand = trees[0].candidates((threshold - margins[0]).clamp_min(floor), depth_cap[0])
                 vals, idx = cand.topk(min(beams, trees[0].n_nodes, rooms[0]))
                 n_valid = ctx.host((vals > NEG_INF).sum())
                 if n_valid == 0:
@@ -374,7 +375,7 @@ class SpecExec(Method):
                 live = [i for i in range(len(reqs)) if rooms[i] >= beams]
                 if not live:
                     break
-                cands = [trees[i].candidates(threshold - margins[i], depth_cap[i]) for i in live]
+                cands = [trees[i].candidates((threshold - margins[i]).clamp_min(floor), depth_cap[i]) for i in live]
                 offsets = [0]
                 for c in cands:
                     offsets.append(offsets[-1] + int(c.shape[0]))
