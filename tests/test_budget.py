@@ -295,6 +295,39 @@ def test_losing_probes_grow_rarer_up_to_the_cap():
     assert gaps[:3] == [8, 16, 32] and set(gaps[3:]) == {64}, (probes, gaps)
 
 
+def test_a_due_probe_waits_for_a_cheap_catch_up():
+    """Plain passes cost 1 s, the draft's catch-up 0.1 s per token. Requests of 100 passes start
+    with the draft caught up (it read the prompt): once a catch-up has been priced, a due probe
+    waits for the next request's start instead of paying for the tokens decoded since. In one
+    long request the catch-up never gets cheaper, and probes come every 4 x max_probe_gap."""
+    from specexec_rt.speculative.budget import BudgetController
+
+    def run(request_len):
+        ctl = BudgetController(16, min_budget=1, prior_budget=4, allow_autoregressive=True, max_probe_gap=64,
+                               cost_model=lambda b, n, calls: (10.0 * max(calls, 1), 1.0))
+        probes, since = [], 1          # since: tokens the draft must read before it can draft
+        for i in range(1200):
+            if i % request_len == 0:
+                since = 1
+            b, _ = ctl.plan(16, since)
+            if b:
+                probes.append(i)
+                ctl.observe(b, b, 2, None, None, [1, b], [0.3, 0.5], accepted=0.0,
+                            catch_up=(since, 0.1 * since) if since > 1 else None)
+                since = 1
+            else:
+                ctl.observe(0, 1, 0, None, None, [], [], accepted=0.0)
+                since += 1
+        return probes
+
+    # Pass 0 is the first tree (nothing measured yet); the probe at pass 8 prices the catch-up.
+    short = run(100)
+    assert short[:2] == [0, 8] and len(short) >= 12, short
+    assert all(i % 100 == 0 for i in short[2:]), short
+    long = run(10 ** 6)
+    assert long[:2] == [0, 8] and [b - a for a, b in zip(long[1:], long[2:])] == [256] * (len(long) - 2), long
+
+
 def test_auto_grows_trees_when_drafting_pays(models, reference):
     """An offloaded-target-like cost (a pass costs the same for any tree, the draft is nearly
     free): auto keeps growing trees."""
@@ -336,7 +369,7 @@ def test_mode_switches_keep_the_sampled_distribution(monkeypatch):
     eng = Engine(target, draft, budget="auto", max_budget=8, max_depth=3)
     flip = [0]
 
-    def plan(self, cap):
+    def plan(self, cap, catch_up=0):
         flip[0] += 1
         return (0, 0) if flip[0] % 2 else (8, 3)
 

@@ -103,13 +103,17 @@ class BudgetController:
     tried every ``probe_every`` passes (doubling while the probes keep losing, up to
     ``max_probe_gap``), so a draft that starts to pay is noticed. A probe is dear beyond its
     tree: the draft first catches up on every token decoded since it last ran (on a 2-core CPU
-    ~2 ms per token, 5% of a plain step), so a long losing streak probes rarely.
+    ~2 ms per token, 5% of a plain step), so a long losing streak probes rarely, and a due probe
+    waits until its catch-up (``plan``'s ``catch_up`` tokens at the measured seconds per
+    catch-up token) costs at most ``probe_share`` of the plain decoding time since the last
+    probe: early in a request (the draft has just read the prompt) a probe is cheap, late in a
+    long one it waits.
     """
 
     def __init__(self, max_budget: int, min_budget: int = 4, prior_budget: int = 16, max_depth: int = 16,
                  window: int = 24, calibration_decay: float = 0.3, max_step: float = 2.0,
                  cost_model: Optional[Callable] = None, allow_autoregressive: bool = False,
-                 probe_every: int = 8, max_probe_gap: int = 256):
+                 probe_every: int = 8, max_probe_gap: int = 256, probe_share: float = 0.03):
         if max_budget < 1:
             raise ValueError(f"max_budget must be >= 1, got {max_budget}")
         self.max_budget = int(max_budget)
@@ -132,6 +136,9 @@ class BudgetController:
         self.max_probe_gap = max(probe_every, max_probe_gap)
         self._probe_gap = probe_every
         self._ar_streak = 0
+        self.probe_share = probe_share
+        self._ar_seconds = 0.0                   # plain decoding seconds since the last probe
+        self.catch_up_seconds: Optional[float] = None  # EWMA of draft seconds per catch-up token
         self.depth_mass: Optional[list] = None   # expected accepted tokens per depth, last tree
         self.last_depth = self.max_depth         # the depth cap the last tree was grown with
         self.call_seconds: Optional[float] = None      # EWMA of seconds per draft call
@@ -174,8 +181,9 @@ class BudgetController:
         return tokens / t if t > 0 else tokens
 
     # ------------------------------------------------------------------ decisions
-    def plan(self, cap: int) -> tuple[int, int]:
-        """(budget, max_depth) for the next pass; ``cap``: the largest budget the caches allow.
+    def plan(self, cap: int, catch_up: int = 0) -> tuple[int, int]:
+        """(budget, max_depth) for the next pass; ``cap``: the largest budget the caches allow;
+        ``catch_up``: tokens the draft must read before it can draft (decoded since it last ran).
         Budget 0 (only with ``allow_autoregressive``): decode one token without drafting."""
         cap = max(1, min(cap, self.max_budget))
         cands = [c for c in self.candidates if c <= cap] or [cap]
@@ -189,16 +197,26 @@ class BudgetController:
         if self.allow_autoregressive and self.curve is not None and len(self.target_cost) \
                 and self.score(0) > self.score(b):
             self._ar_streak += 1
-            if self._ar_streak < self._probe_gap:
+            if self._ar_streak < self._probe_gap or not self._probe_affordable(catch_up):
                 return 0, 0
             # A probe: one speculative pass to refresh the draft's cost and acceptance. Each
             # probe that loses again waits twice as long for the next one.
             self._ar_streak = 0
+            self._ar_seconds = 0.0
             self._probe_gap = min(self.max_probe_gap, 2 * self._probe_gap)
         else:
             self._ar_streak, self._probe_gap = 0, self.probe_every
         self.last_depth = self._depth(b)
         return b, self.last_depth
+
+    def _probe_affordable(self, catch_up: int) -> bool:
+        """Whether the draft's catch-up before a probe costs at most ``probe_share`` of the plain
+        decoding time since the last probe (always, until a catch-up has been measured). In one
+        long request the catch-up grows as fast as that time, so after 4 x ``max_probe_gap``
+        passes a probe goes ahead anyway (the draft may have started to pay)."""
+        if self.catch_up_seconds is None or self._ar_streak >= 4 * self.max_probe_gap:
+            return True
+        return catch_up * self.catch_up_seconds <= self.probe_share * self._ar_seconds
 
     def level_threshold(self) -> Optional[float]:
         """Expected accepted tokens a tree level must add to pay for its draft call (None until
@@ -230,14 +248,17 @@ class BudgetController:
 
     def observe(self, budget: int, n_verified: int, draft_calls: int, draft_seconds: Optional[float],
                 target_seconds: Optional[float], points: Sequence[int], values: Sequence[float], accepted: float,
-                truncated: bool = False) -> None:
+                truncated: bool = False, catch_up: Optional[tuple] = None) -> None:
         """Record one pass: the measured times (None: not representative, e.g. the draft time
         included the draft's prompt prefill, or the target pass carried a prompt), the tree's
         prediction curve at ``points`` (``values`` may continue with the expected accepted tokens
         per depth 1, 2, ...) and the draft tokens actually accepted (per request: the mean over
         the pass's requests). A ``truncated``
         pass (its depth cut short by the tokens left to generate) says nothing about the next
-        one and is ignored."""
+        one and is ignored. ``catch_up``: ``(tokens, draft seconds)`` of a pass whose draft first
+        read many tokens decoded without it (the probe's catch-up, priced per token)."""
+        if catch_up is not None and catch_up[0] > 0 and catch_up[1] is not None:
+            self.catch_up_seconds = self._ewma(self.catch_up_seconds, catch_up[1] / catch_up[0])
         if truncated:
             return
         if self.cost_model is not None:
@@ -245,6 +266,7 @@ class BudgetController:
         if budget == 0:       # a plain decoding pass: only the target's one-token cost is news
             if target_seconds is not None:
                 self.target_cost.add(0, target_seconds)
+                self._ar_seconds += target_seconds
             return
         if draft_seconds is not None:
             self.draft_cost.add(budget, draft_seconds)

@@ -542,7 +542,7 @@ class Engine:
         if tree_reqs:
             if self.auto:
                 cap = min(r.auto_cap for r in tree_reqs)
-                budget, depth = self.budget_controller.plan(cap)
+                budget, depth = self.budget_controller.plan(cap, max(catch_up_lens))
                 if budget == 0:          # drafting does not pay now: decode one token, no draft call
                     decoder = self._plain
             if self.draft is not None and decoder is not self._plain:
@@ -715,7 +715,8 @@ class Engine:
                 None if first_trees or catch_up else t1 - t0, None if carries_prompt else t2 - t1, pts, curve_vals,
                 # Per request, as the curve (its mass is averaged over the pass's trees) and the
                 # costs (a plain pass decodes the same requests) are: the mean, not the luckiest.
-                sum(accepted) / len(accepted), truncated=budget > 0 and any(r.remaining < depth for r in tree_reqs))
+                sum(accepted) / len(accepted), truncated=budget > 0 and any(r.remaining < depth for r in tree_reqs),
+                catch_up=(max(catch_up_lens), t1 - t0) if catch_up and drafter is not None else None)
         with self._cond:
             for r, err in finished:
                 self._finish(r, r.tracker.finish_reason or "error", err)
