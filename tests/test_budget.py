@@ -296,19 +296,20 @@ def test_losing_probes_grow_rarer_up_to_the_cap():
 
 
 def test_a_due_probe_waits_for_a_cheap_catch_up():
-    """Plain passes cost 1 s, the draft's catch-up 0.1 s per token. Requests of 100 passes start
-    with the draft caught up (it read the prompt): once a catch-up has been priced, a due probe
-    waits for the next request's start instead of paying for the tokens decoded since. In one
-    long request the catch-up never gets cheaper, and probes come every 4 x max_probe_gap."""
+    """Plain passes cost 1 s, the draft's catch-up 0.1 s per token. At a request's first pass
+    the draft has only its 10-token prompt to read; later also every token decoded since. Once
+    a catch-up has been priced, a due probe waits for the next request's start instead of paying
+    for the tokens decoded since. In one long request the catch-up never gets cheaper, and
+    probes come every 4 x max_probe_gap."""
     from specexec_rt.speculative.budget import BudgetController
 
     def run(request_len):
         ctl = BudgetController(16, min_budget=1, prior_budget=4, allow_autoregressive=True, max_probe_gap=64,
                                cost_model=lambda b, n, calls: (10.0 * max(calls, 1), 1.0))
-        probes, since = [], 1          # since: tokens the draft must read before it can draft
+        probes, since = [], 10         # since: tokens the draft must read before it can draft
         for i in range(1200):
             if i % request_len == 0:
-                since = 1
+                since = 10
             b, _ = ctl.plan(16, since)
             if b:
                 probes.append(i)
@@ -320,12 +321,11 @@ def test_a_due_probe_waits_for_a_cheap_catch_up():
                 since += 1
         return probes
 
-    # Pass 0 is the first tree (nothing measured yet); the probe at pass 8 prices the catch-up.
+    # Pass 0 is the first tree (nothing measured yet); its catch-up (the prompt) sets the price.
     short = run(100)
-    assert short[:2] == [0, 8] and len(short) >= 12, short
-    assert all(i % 100 == 0 for i in short[2:]), short
+    assert len(short) == 12 and all(i % 100 == 0 for i in short), short
     long = run(10 ** 6)
-    assert long[:2] == [0, 8] and [b - a for a, b in zip(long[1:], long[2:])] == [256] * (len(long) - 2), long
+    assert long[0] == 0 and [b - a for a, b in zip(long, long[1:])] == [256] * (len(long) - 1), long
 
 
 def test_auto_grows_trees_when_drafting_pays(models, reference):

@@ -106,8 +106,9 @@ class BudgetController:
     ~2 ms per token, 5% of a plain step), so a long losing streak probes rarely, and a due probe
     waits until its catch-up (``plan``'s ``catch_up`` tokens at the measured seconds per
     catch-up token) costs at most ``probe_share`` of the plain decoding time since the last
-    probe: early in a request (the draft has just read the prompt) a probe is cheap, late in a
-    long one it waits.
+    probe: at a request's first pass the draft has only the prompt to read, later also every
+    token decoded since, so probes move to the starts of requests (in one long request they
+    wait up to 4 x ``max_probe_gap`` passes).
     """
 
     def __init__(self, max_budget: int, min_budget: int = 4, prior_budget: int = 16, max_depth: int = 16,
