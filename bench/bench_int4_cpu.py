@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +91,15 @@ def _copies(make, nbytes: int) -> list:
     return [make() for _ in range(max(1, min(256, -(-COLD_BYTES // nbytes))))]
 
 
-def micro(ms: list, repeats: int) -> list:
+def micro(ms: list, repeats: int, shapes: Optional[list] = None) -> list:
     from specexec_rt.kernels.int4_cpu import int4_matmul_cpu, int4_matmul_native
     from specexec_rt.kernels.int4_weight import Int4Weight, quantize_int4
     from specexec_rt.kernels.q8_weight import q8_linear_native, quantize_q8_0, with_int8_activations
 
     rows = []
     for name, n, k in SHAPES:
+        if shapes and name not in shapes:
+            continue
         w32 = torch.randn(n, k) * 0.05
         w4 = quantize_int4(w32, 64)
         int4_bytes = w4.nbytes
@@ -471,8 +474,17 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="default 9 (--quick: 3)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ms", default=None, help="micro: comma-separated row counts M (default 1,8,32,128; "
+                    "--quick: 1,32)")
+    ap.add_argument("--shapes", default=None, help=f"micro: comma-separated subset of "
+                    f"{','.join(name for name, _, _ in SHAPES)} (default all)")
     ap.add_argument("--out", default=None, help="markdown path (default bench/results/<date>-cpu-int4.md)")
     args = ap.parse_args(argv)
+    names = [name for name, _, _ in SHAPES]
+    if args.shapes and not set(args.shapes.split(",")) <= set(names):
+        ap.error(f"--shapes: choose from {','.join(names)}, got {args.shapes!r}")
+    if args.ms and not all(v.isdigit() and int(v) > 0 for v in args.ms.split(",")):
+        ap.error(f"--ms: comma-separated positive row counts, got {args.ms!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 9)
@@ -493,7 +505,8 @@ def main(argv=None) -> None:
             floor = read_floor(args.repeats)
             print(f"read floor {floor:.1f} GB/s", flush=True)
         if part == "micro":
-            micro_rows = micro([1, 32] if args.quick else [1, 8, 32, 128], args.repeats)
+            ms = [int(v) for v in args.ms.split(",")] if args.ms else [1, 32] if args.quick else [1, 8, 32, 128]
+            micro_rows = micro(ms, args.repeats, args.shapes.split(",") if args.shapes else None)
         elif part == "arith":
             arith_rows = arith([1, 8, 32], args.repeats)
         elif part == "model":
