@@ -28,7 +28,9 @@ untrained model behaves like the softmax ranking and a bin with little data borr
 neighbours (a draft that is always right has every rank-1 bin near 1 after a few passes, not
 only the common ones). The estimates are made non-decreasing in ``q`` within a rank class
 (pool-adjacent-violators) and read off by linear interpolation in ``q`` between bin centres, so
-siblings and cousins keep their draft order inside a bin.
+siblings and cousins keep their draft order inside a bin (tabulated at ``GRID`` points in ``q``
+per rank class when the estimates change, so that a lookup is a handful of tensor ops: on a
+2-core CPU the host ops around each draft call are a tenth of a decoding pass).
 
 Separate models are kept per sampling configuration (greedy and each temperature / top-p /
 top-k), since acceptance depends on it. The positional marginal (mean acceptance per rank,
@@ -49,6 +51,8 @@ Q_EDGES = (0.005, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
 N_RANK_CLASSES = 9          # ranks 1..8 each, then 9 and beyond together
 SCALE = 1e6                 # observation sums travel as int64 micro-units in the acceptance packet
 MIN_ACCEPT = 1e-6           # floor of the estimate: a node is never ranked as impossible
+GRID = 4096                 # log_accept reads the interpolant at the nearest of GRID points in q
+WARM_PASSES = 16            # passes during which every rank class's prior is refitted each pass
 
 
 def _centres() -> list:
@@ -138,6 +142,8 @@ class AcceptanceModel:
         self._edges = torch.tensor(Q_EDGES, dtype=torch.float32, device=self.device)
         self._centres_t = torch.tensor(self.centres, dtype=torch.float32, device=self.device)
         self._table = torch.empty(N_RANK_CLASSES, self.n_q, device=self.device)
+        self._grid = torch.empty(N_RANK_CLASSES * GRID, device=self.device)
+        self._rank_cache: dict = {}
         self._refresh()
 
     # ------------------------------------------------------------------ estimates (host)
@@ -183,40 +189,57 @@ class AcceptanceModel:
     def _refresh(self) -> None:
         nq = self.n_q
         for r in range(N_RANK_CLASSES):
+            # The Platt fit is only the prior of bins with little data and moves slowly (decayed
+            # sums): after the first passes one rank class is refitted per pass, in turn (each
+            # fit is ~100 host sigmoids; all of them every pass cost a millisecond of a CPU pass).
+            if self.passes > WARM_PASSES and (self.passes - r) % N_RANK_CLASSES:
+                continue
             n, s = self.counts[r * nq:(r + 1) * nq], self.sums[r * nq:(r + 1) * nq]
             if sum(n) > 0:
                 self._platt[r] = platt_fit(self._logits, n, s, self.ridge, start=self._platt[r])
         estimates = self.bin_estimates()
         self._max_accept = max(max(row) for row in estimates)
         self._table = torch.tensor(estimates, dtype=torch.float32, device=self.device)
+        # The interpolant at GRID points of q per rank class, as logs (log_accept's lookup).
+        c = self._centres_t
+        q = torch.linspace(0.0, 1.0, GRID, device=self.device)
+        hi = torch.searchsorted(c, q).clamp(1, len(c) - 1)
+        lo = hi - 1
+        t = ((q - c[lo]) / (c[hi] - c[lo])).clamp(0.0, 1.0)
+        tab = self._table
+        a = tab[:, lo] + t * (tab[:, hi] - tab[:, lo])
+        self._grid = a.clamp_min(MIN_ACCEPT).log().reshape(-1)
 
     # ------------------------------------------------------------------ device side
     def features(self, logq: torch.Tensor) -> torch.Tensor:
         """Bin index of every child, int64 ``[m, w]``; ``n_bins`` (dropped) where ``logq`` is not
         finite (a broken draft)."""
+        return self.scores_and_features(logq)[1]
+
+    def _ranks(self, w: int, dev) -> tuple:
+        """(rank class, rank class x GRID) of each of ``w`` children, int64 ``[w]``, cached."""
+        key = (w, str(dev))
+        if key not in self._rank_cache:
+            rank = torch.arange(w, device=dev).clamp_max(N_RANK_CLASSES - 1)
+            self._rank_cache[key] = (rank * self.n_q, rank * GRID)
+        return self._rank_cache[key]
+
+    def scores_and_features(self, logq: torch.Tensor) -> tuple:
+        """``(log_accept(logq), features(logq))`` with the shared work done once."""
         m, w = logq.shape
-        q = logq.float().exp()
-        qbin = torch.bucketize(q, self._edges, right=True)
-        rank = torch.arange(w, device=logq.device).clamp_max(N_RANK_CLASSES - 1)
-        b = rank[None, :] * self.n_q + qbin
-        return torch.where(torch.isfinite(logq), b, torch.full_like(b, self.n_bins))
+        bin_off, grid_off = self._ranks(w, logq.device)
+        q = logq.float().exp().nan_to_num_(0.0)
+        bad = ~torch.isfinite(logq)
+        b = (torch.bucketize(q, self._edges, right=True) + bin_off).masked_fill_(bad, self.n_bins)
+        idx = (q * (GRID - 1) + 0.5).long().clamp_(0, GRID - 1) + grid_off
+        return self._grid[idx].masked_fill_(bad, float("-inf")), b
 
     def log_accept(self, logq: torch.Tensor) -> torch.Tensor:
         """Calibrated log P(accepted | parent reached), float32 ``[m, w]``: the bin estimates of
-        the child's rank class, interpolated linearly in q between bin centres; -inf where ``logq``
-        is -inf or NaN (the child is created dead, as with the softmax ranking)."""
-        m, w = logq.shape
-        q = logq.float().exp().nan_to_num(0.0)
-        c = self._centres_t
-        hi = torch.searchsorted(c, q.contiguous()).clamp(1, len(c) - 1)
-        lo = hi - 1
-        t = ((q - c[lo]) / (c[hi] - c[lo])).clamp(0.0, 1.0)
-        rank = torch.arange(w, device=logq.device).clamp_max(N_RANK_CLASSES - 1)[None, :].expand(m, w)
-        table = self._table
-        a = table[rank, lo] + t * (table[rank, hi] - table[rank, lo])
-        out = a.clamp_min(MIN_ACCEPT).log()
-        bad = ~torch.isfinite(logq)
-        return torch.where(bad, torch.full_like(out, float("-inf")), out)
+        the child's rank class, interpolated linearly in q between bin centres (read at the
+        nearest of ``GRID`` points); -inf where ``logq`` is -inf or NaN (the child is created
+        dead, as with the softmax ranking)."""
+        return self.scores_and_features(logq)[0]
 
     def observations(self, p: torch.Tensor, parent_rows: torch.Tensor, tokens: torch.Tensor,
                      bins: torch.Tensor) -> torch.Tensor:

@@ -166,12 +166,8 @@ class TreePolicy:
     def child_scores(self, logq: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-scores, feature bins) of the top-``w`` children of ``m`` expanded nodes, from the
         draft's log-probs ``logq`` float ``[m, w]`` (rank order): both ``[m, w]``."""
-        model = self.model(params)
-        x = margin_feature(logq)
-        feats = model.features(x)
-        if self.name == "softmax":
-            return logq, feats
-        return model.log_accept(x), feats
+        scores, feats = self.model(params).scores_and_features(margin_feature(logq))
+        return (logq if self.name == "softmax" else scores), feats
 
     def candidate_margin(self, params: SamplingParams) -> float:
         """log of the best acceptance a child can get (<= 0): a node whose score plus this cannot
