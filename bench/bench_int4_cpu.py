@@ -222,7 +222,19 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (prompt_len,), generator=g)
     for mdl in models.values():
-        mdl.prefill(prompt)
+        mdl.prefill(prompt)     # the first native use builds each int4 weight's streaming layout
+    # The same int4 models on the plain layout only (csrc/int4_cpu.c, sxc_int4_pack), side by side.
+    stream = int4_cpu.STREAM_LAYOUT
+    int4_cpu.STREAM_LAYOUT = False
+    try:
+        plain = {"target int4, plain layout": load_model("smollm2-135m", device="cpu", dtype=torch.float32,
+                                                          max_len=512, quantize="int4"),
+                 "draft (int4 LM head), plain layout": int4_draft(target)}
+        for mdl in plain.values():
+            mdl.prefill(prompt)
+    finally:
+        int4_cpu.STREAM_LAYOUT = stream
+    models.update(plain)
     mask, depth = tree_mask(32)
     tree_ids = torch.randint(100, 40000, (32,), generator=g)
 
@@ -237,7 +249,8 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     cases = [(f"{name}, decode step (M=1)", decode, mdl, "1") for name, mdl in models.items()]
     cases += [(f"{name}, decode step (M=1), per-op path", decode, models[name], "0")
               for name in ("target fp32", "draft (int4 LM head)")]
-    cases += [(f"{name}, 32-node tree step", tree, mdl, "1") for name, mdl in models.items() if name != "target int4"]
+    cases += [(f"{name}, 32-node tree step", tree, mdl, "1") for name, mdl in models.items()
+              if not name.startswith("target int4")]
     samples: dict = {c[0]: [] for c in cases}
     for rep in range(repeats + 1):
         for name, fn, mdl, flag in cases:
@@ -440,7 +453,9 @@ def write_report(path: str, args, meta: dict, floor, micro_rows, model, agree, a
             lines.append(f"| {name} | {v:.2f} | {v / tgt:.3f} | {b:.2f} | {b / tgt_best:.3f} | {mb:.0f} | "
                          f"{mb / b:.1f} | {fl:.2f} | {b / fl:.2f} |")
         lines += ["", "Steps run every layer in one native call (`csrc/layers_cpu.h`) unless marked *per-op "
-                  "path* (`SPECEXEC_NATIVE_LAYERS=0`: five native calls per layer from Python, same arithmetic).",
+                  "path* (`SPECEXEC_NATIVE_LAYERS=0`: five native calls per layer from Python, same arithmetic). "
+                  "*plain layout*: the same int4 model reading its weights as stored (`SPECEXEC_INT4_STREAM=0`), "
+                  "not the one-stream-per-16-columns copy the AVX2 kernels read by default (same results).",
                   "", "Where a step of the per-op path goes: the native int4 calls (with their fused RMSNorm / "
                   "SiLU / residual), the Q8_0 LM head (the GGUF's tied embedding kept 8-bit; the int4 target runs "
                   "it on int8 activations), dense `F.linear` and attention (the native RoPE + cache write + "

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h", "layers_cpu.h")
 LIB_NAME = "libspecexec_cpu.so"
-ABI_VERSION = 6  # csrc/int4_cpu.c SXC_ABI_VERSION
+ABI_VERSION = 7  # csrc/int4_cpu.c SXC_ABI_VERSION
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
 ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations
 ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "invalid argument"}
@@ -45,7 +45,7 @@ class SxcWeight(ctypes.Structure):
 
     _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
                 ("perm", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("group", ctypes.c_int32), ("scale_f16", ctypes.c_int32)]
+                ("group", ctypes.c_int32), ("scale_f16", ctypes.c_int32), ("pk", ctypes.c_void_p)]
 
 
 class SxcMat(ctypes.Structure):
@@ -177,6 +177,8 @@ def load(path: Path) -> ctypes.CDLL:
         "sxc_quantize_q8": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, wp, ctypes.c_int, ctypes.c_void_p,
                                            ctypes.c_void_p, ctypes.c_void_p]),
         "sxc_exp": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]),
+        "sxc_int4_pack_bytes": (ctypes.c_size_t, [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
+        "sxc_int4_pack": (ctypes.c_int, [wp, ctypes.c_void_p]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -10,6 +10,8 @@
   AVX2 CPU with their intrinsics emulated, and must match the scalar path bit for bit.
 - Shapes: N not a multiple of the 8/16-column tiles, K down to one block, group sizes
   32/64/128, M from 1 to 256, act-order perm, fp16 and fp32 scales.
+- The streaming layout (fp16 scales, AVX2): its bytes are the documented permutation, and it
+  gives the plain layout's bits at every row count.
 - Build: a missing compiler falls back with a logged reason (SPECEXEC_NATIVE_CPU=1 raises), a
   compiler without OpenMP gives a one-thread library, the cache is reused without rebuilding.
 """
@@ -164,6 +166,50 @@ def test_a_row_gives_the_same_bits_alone_and_among_others(m):
     y = int4_matmul_native(x, w)
     for r in range(m):
         assert torch.equal(int4_matmul_native(x[r:r + 1].clone(), w), y[r:r + 1]), r
+
+
+def _stream_layout(w) -> torch.Tensor:
+    """The streaming layout of csrc/int4_cpu.c (sxc_int4_pack) built in PyTorch: per 16-column
+    unit and group, 16 fp16 scales, 16 fp16 mins, then per block 4 operand steps of 16 columns x
+    4 bytes (bytes 4u .. 4u+3 of each column's 16-byte block)."""
+    n, k, group = w.out_features, w.in_features, w.group_size
+    units, ng, bpg = -(-n // 16), k // group, group // 32
+    pad = units * 16 - n
+    q = torch.nn.functional.pad(w.qweight, (0, 0, 0, pad)).view(units, 16, ng, bpg, 4, 4)  # [U, col, g, bb, u, byte]
+    q = q.permute(0, 2, 3, 4, 1, 5).reshape(units, ng, bpg * 256)
+    sc = torch.nn.functional.pad(w.scales, (0, pad)).view(ng, units, 16).permute(1, 0, 2).contiguous()
+    mn = torch.nn.functional.pad(w.mins, (0, pad)).view(ng, units, 16).permute(1, 0, 2).contiguous()
+    head = torch.cat([sc.view(torch.uint8).view(units, ng, 32), mn.view(torch.uint8).view(units, ng, 32)], -1)
+    return torch.cat([head, q], -1).reshape(-1)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("n", [40, 75])
+def test_stream_layout_bytes_and_results(group, n, monkeypatch):
+    """The AVX2 kernels read the weight from its streaming layout (one stream per 16 output
+    columns): the packed bytes are the documented permutation of the weight's, and every row
+    count gives the bits of the plain layout (and of the scalar path)."""
+    _native_or_skip()
+    k = 256
+    _, w = _weight(n, k, group, seed=n + group)
+    monkeypatch.setattr(int4_cpu, "STREAM_LAYOUT", True)
+    st = int4_cpu._native_weight(w).contents
+    packed = w.__dict__["_native_cpu"][5][5]
+    assert st.pk == packed.data_ptr()
+    assert torch.equal(packed, _stream_layout(w))
+    streamed = {m: int4_matmul_native(_x(m, k, seed=m), w) for m in (1, 2, 3, 4, 5, 9)}
+    _, plain = _weight(n, k, group, seed=n + group)
+    monkeypatch.setattr(int4_cpu, "STREAM_LAYOUT", False)
+    assert not int4_cpu._native_weight(plain).contents.pk
+    for m, y in streamed.items():
+        assert torch.equal(y, int4_matmul_native(_x(m, k, seed=m), plain)), m
+        assert torch.equal(y, int4_matmul_native(_x(m, k, seed=m), plain, isa="scalar")), m
+
+
+def test_fp32_scales_keep_the_plain_layout():
+    _native_or_skip()
+    _, w = _weight(40, 128, 64, seed=3, scale_dtype=torch.float32)
+    assert not int4_cpu._native_weight(w).contents.pk
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
