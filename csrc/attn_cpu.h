@@ -24,6 +24,12 @@
  */
 
 #define SXC_ATTN_MAX_D 256
+/* Keys ahead that the score and value loops prefetch. A row's keys are 256 bytes (one KV head)
+ * of every 768-byte cache row (SmolLM2), read once per layer from DRAM (the weights streamed in
+ * between evict them), and the hardware prefetchers did not keep up: a draft decode step at a
+ * 400-token prefix 10.8 -> 9.7 ms, 800 tokens 13.2 -> 11.5, 64 tokens within noise (2-core EPYC,
+ * one process, interleaved). */
+#define ATTN_PF_KEYS 8
 
 typedef struct {
     const float *qkv;
@@ -68,6 +74,11 @@ T_AVX2 static void attn_scores_avx2(const float *q, const float *kb, int64_t str
                                     int d, float scale, float *scores) {
     int t = 0;
     for (; t + 4 <= n; t += 4) {
+        if (t + ATTN_PF_KEYS + 4 <= n)
+            for (int j = 0; j < 4; j++) {
+                const char *pk = (const char *)(kb + idx[t + ATTN_PF_KEYS + j] * stride);
+                for (int o = 0; o < d * 4; o += 64) _mm_prefetch(pk + o, _MM_HINT_T0);
+            }
         const float *k0 = kb + idx[t] * stride, *k1 = kb + idx[t + 1] * stride;
         const float *k2 = kb + idx[t + 2] * stride, *k3 = kb + idx[t + 3] * stride;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -125,6 +136,10 @@ static void attn_head(const attnctx_t *c, int i, int hh, float *scores, int32_t 
     for (int t = 0; t < n; t++) sum += scores[t];
     for (int t = 0; t < n; t++) {
 #if SXC_X86
+        if (vec && t + ATTN_PF_KEYS < n) {
+            const char *pv = (const char *)(vb + idx[t + ATTN_PF_KEYS] * stride);
+            for (int o2 = 0; o2 < d * 4; o2 += 64) _mm_prefetch(pv + o2, _MM_HINT_T0);
+        }
         if (vec)
             attn_axpy_avx2(o, scores[t], vb + idx[t] * stride, d);
         else
