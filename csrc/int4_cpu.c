@@ -488,7 +488,7 @@ T_AVX2 static void row1_avx2(const ctx_t *c, int col0) {
 T_AVX2 INLINE void rows_avx2(const ctx_t *c, int col0, int m0, const int R, const __m256i *buf) {
     const int k = c->w->k;
     const __m256i ones = _mm256_set1_epi16(1);
-    const uint8_t *rows[8];
+    const uint8_t *rows[8] = {NULL};
     const uint8_t *ahead = NULL;
     if (!buf && !c->pk) {
         for (int j = 0; j < 8; j++) rows[j] = col_row(c, col0 + j);

@@ -270,7 +270,7 @@ int sxc_q8_linear(const float *x, int64_t m, int64_t ldx, const sxc_q8weight *w,
         }
         const prologue_t pro = {x, ldx, norm_w, eps, SXC_ACT_NONE, isa};
         /* quantize_row reads k, the group (32) and the act-order perm (none) from a weight. */
-        const sxc_weight qw = {(const uint8_t *)w->q, w->d, w->d, NULL, w->n, k, 32, 1};
+        const sxc_weight qw = {(const uint8_t *)w->q, w->d, w->d, NULL, w->n, k, 32, 1, NULL};
         for (int64_t r = 0; r < m; r++) {
             float *dst = xs + (need_rows ? r * k : 0);
             const float *row = need_rows ? prepare_row(&pro, k, r, dst) : x + r * ldx;
