@@ -133,7 +133,8 @@ def main(argv=None) -> int:
         fixed_rows.append((str(b), r))
         print(f"budget {b:5d}: {r['tokens_per_pass']:.2f} tok/pass, {r['seconds']}", flush=True)
     for mode in modes:
-        auto = Engine(target, draft, budget="auto", tokenizer=tok, max_budget=max(budgets))
+        # Trees against fixed tree budgets (on a CPU target auto's default is chains).
+        auto = Engine(target, draft, budget="auto", tokenizer=tok, max_budget=max(budgets), auto_shapes="trees")
         if mode == "offload":
             auto.budget_controller.cost_model = offload_pass_cost
         r = run_config(auto, prompts, args.max_new_tokens, reference)

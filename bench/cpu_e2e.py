@@ -88,6 +88,7 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budgets", default="4,16,64")
+    ap.add_argument("--chains", default="4", help="chain lengths k (comma-separated)")
     ap.add_argument("--llama-python", default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF rows (quicker)")
     ap.add_argument("--out-md", default=None)
@@ -114,7 +115,8 @@ def main() -> int:
             "ours budget=auto": Engine(target, draft, budget="auto", tokenizer=tok)}
     for b in (int(x) for x in args.budgets.split(",") if x):
         ours[f"ours specexec b={b}"] = Engine(target, draft, budget=b, tokenizer=tok)
-    ours["ours chain k=4"] = Engine(target, draft, method="chain", budget=4, tokenizer=tok)
+    for k in [int(v) for v in args.chains.split(",") if v]:
+        ours[f"ours chain k={k}"] = Engine(target, draft, method="chain", budget=k, tokenizer=tok)
     for name, eng in ours.items():
         def run_ours(i, eng=eng):
             t0 = time.perf_counter()

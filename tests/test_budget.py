@@ -131,16 +131,20 @@ def reference(models):
     return Engine(models[0], None, method="autoregressive").generate([5, 9, 2, 7], max_new_tokens=30).token_ids
 
 
-def test_auto_is_greedy_lossless_and_records_budgets(models, reference):
+SHAPES = {"trees": "specexec", "chains": "chain"}     # auto_shapes -> the mode name its passes record
+
+
+@pytest.mark.parametrize("shapes", list(SHAPES))
+def test_auto_is_greedy_lossless_and_records_budgets(models, reference, shapes):
     target, draft = models
-    engine = Engine(target, draft, budget="auto", max_budget=64)
-    assert engine.budget == "auto"
+    engine = Engine(target, draft, budget="auto", max_budget=64, auto_shapes=shapes)
+    assert engine.budget == "auto" and engine.auto_shapes == shapes
     for _ in range(2):      # the second request starts from what the first one learned
         res = engine.generate([5, 9, 2, 7], max_new_tokens=30)
         assert res.token_ids == reference
         s = res.stats
         assert len(s.budgets) == s.target_passes and all(0 <= b <= 64 for b in s.budgets)
-        assert s.modes == ["autoregressive" if b == 0 else "specexec" for b in s.budgets]
+        assert s.modes == ["autoregressive" if b == 0 else SHAPES[shapes] for b in s.budgets]
         # No extra sync: the curve rides the acceptance read (one per draft step + count + result).
         assert s.max_syncs_per_pass <= 2 + engine.params["max_depth"]
     assert res.stats.as_dict()["budgets"] == s.budgets
@@ -252,23 +256,24 @@ def test_nan_draft_keeps_target_text(models, reference):
 
 
 # ============================================================================ plain decoding as a mode
-def _engine_with_costs(models, cost, max_budget=32):
+def _engine_with_costs(models, cost, max_budget=32, shapes="trees"):
     target, draft = models
-    eng = Engine(target, draft, budget="auto", max_budget=max_budget)
+    eng = Engine(target, draft, budget="auto", max_budget=max_budget, auto_shapes=shapes)
     eng.budget_controller.cost_model = cost
     return eng
 
 
-def test_auto_decodes_plainly_when_drafting_never_pays(models, reference):
+@pytest.mark.parametrize("shapes", list(SHAPES))
+def test_auto_decodes_plainly_when_drafting_never_pays(models, reference, shapes):
     """A draft that costs 10x a target pass per call: auto runs plain passes (no draft call),
-    probing a tree now and then, and the output is the target's own."""
+    probing a tree (or a chain) now and then, and the output is the target's own."""
     seen = []      # (budget, draft calls) of every pass the controller observed
 
     def cost(b, n, calls):
         seen.append((b, calls))
         return 10.0 * max(calls, 1), 1.0 + 0.01 * n
 
-    eng = _engine_with_costs(models, cost)
+    eng = _engine_with_costs(models, cost, shapes=shapes)
     res = eng.generate([5, 9, 2, 7], max_new_tokens=30)
     assert res.token_ids == reference
     assert all(calls == 0 for b, calls in seen if b == 0) and any(b == 0 for b, _ in seen)
@@ -328,18 +333,76 @@ def test_a_due_probe_waits_for_a_cheap_catch_up():
     assert long[0] == 0 and [b - a for a, b in zip(long, long[1:])] == [256] * (len(long) - 1), long
 
 
-def test_auto_grows_trees_when_drafting_pays(models, reference):
+@pytest.mark.parametrize("shapes", list(SHAPES))
+def test_auto_grows_trees_when_drafting_pays(models, reference, shapes):
     """An offloaded-target-like cost (a pass costs the same for any tree, the draft is nearly
-    free): auto keeps growing trees."""
-    eng = _engine_with_costs(models, lambda b, n, calls: (1e-4 * calls, 1.0))
+    free): auto keeps growing trees (or chains)."""
+    eng = _engine_with_costs(models, lambda b, n, calls: (1e-4 * calls, 1.0), shapes=shapes)
     res = eng.generate([5, 9, 2, 7], max_new_tokens=30)
     assert res.token_ids == reference
-    assert res.stats.modes.count("specexec") == len(res.stats.modes)
+    assert res.stats.modes.count(SHAPES[shapes]) == len(res.stats.modes)
 
 
-def test_mode_switches_are_lossless_greedy_and_resume_drafting(models, reference):
-    """Costs that flip mid-generation: plain passes while drafting is dear, trees again once it
-    is cheap (the draft catches up on the tokens it skipped), output unchanged throughout."""
+def test_auto_shapes_default_and_validation(models):
+    target, draft = models
+    assert Engine(target, draft, budget="auto").auto_shapes == "chains"     # a CPU target
+    with pytest.raises(ValueError, match="auto_shapes"):
+        Engine(target, draft, budget="auto", auto_shapes="bushes")
+    with pytest.raises(ValueError, match="needs budget='auto'"):
+        Engine(target, draft, budget=8, auto_shapes="chains")
+
+
+def drive_chains(ctl, passes, t_call, t_target, accept, cap=64, seed=0):
+    """plan/observe with a chain draft whose tokens are each accepted with probability
+    ``accept`` (a chain stops at its first rejection), a draft call costing ``t_call`` and a
+    verification of r rows ``t_target(r)``. Returns the plans."""
+    import random
+
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(passes):
+        k, depth = ctl.plan(cap)
+        plans.append((ctl.mode, k))
+        if k == 0:
+            ctl.observe(0, 1, 0, None, t_target(1), [], [], accepted=0.0)
+            continue
+        assert depth == k and ctl.mode == "chain"
+        acc = 0
+        while acc < k and rng.random() < accept:
+            acc += 1
+        ctl.observe(k, k + 1, k, k * t_call, t_target(k + 1), [], [], accepted=float(acc))
+    return plans
+
+
+def test_chain_controller_picks_the_chain_length_the_costs_favour():
+    """Chains scored by (1 + a + ... + a^k) / (k t_call + t_target(k + 1)), a measured."""
+    def best_k(a, t_call, t_target, kmax=8):
+        score = {k: sum(a ** i for i in range(k + 1)) / (k * t_call + t_target(k + 1)) for k in range(1, kmax + 1)}
+        return max(score, key=score.get), score
+
+    cpu_like = lambda r: 1.0 + 0.06 * (r - 1)          # noqa: E731 (a verification row costs 6%)
+    ctl = BudgetController(64, allow_autoregressive=True, chains=True, max_chain=8)
+    plans = drive_chains(ctl, 200, 0.22, cpu_like, 0.66)
+    want, score = best_k(0.66, 0.22, cpu_like)
+    assert want == 2 and score[want] > 1.3             # plain decoding scores 1.0
+    # The score is flat near its best (k = 1, 2, 3 within 4%): the chosen chains are near-best.
+    last = [k for _, k in plans[-100:]]
+    assert all(k > 0 for k in last) and sum(score[k] >= 0.95 * score[want] for k in last) >= 90, plans
+    assert abs(ctl.chain_accept - 0.66) < 0.1
+    # A nearly free draft and a flat verification: the longest chain.
+    ctl = BudgetController(64, allow_autoregressive=True, chains=True, max_chain=8)
+    assert drive_chains(ctl, 60, 1e-4, lambda r: 1.0, 0.9)[-5:] == [("chain", 8)] * 5
+    # A dear draft: plain decoding, with a probe now and then.
+    ctl = BudgetController(64, allow_autoregressive=True, chains=True, max_chain=8)
+    plans = drive_chains(ctl, 100, 2.0, cpu_like, 0.66)
+    assert [m for m, _ in plans[-60:]].count("plain") >= 55, plans
+
+
+@pytest.mark.parametrize("shapes", list(SHAPES))
+def test_mode_switches_are_lossless_greedy_and_resume_drafting(models, reference, shapes):
+    """Costs that flip mid-generation: plain passes while drafting is dear, trees (or chains)
+    again once it is cheap (the draft catches up on the tokens it skipped), output unchanged
+    throughout."""
     passes = []
 
     def cost(b, n, calls):
@@ -347,17 +410,18 @@ def test_mode_switches_are_lossless_greedy_and_resume_drafting(models, reference
         dear = 8 <= len(passes) < 20
         return (50.0 * max(calls, 1) if dear else 1e-4 * calls), 1.0
 
-    eng = _engine_with_costs(models, cost)
+    eng = _engine_with_costs(models, cost, shapes=shapes)
     res = eng.generate([5, 9, 2, 7] * 3, max_new_tokens=60)
     target = models[0]
     from conftest import greedy_decode
     assert res.token_ids == greedy_decode(target, [5, 9, 2, 7] * 3, 60)
     modes = res.stats.modes
     first_plain = modes.index("autoregressive")
-    assert "specexec" in modes[first_plain:], modes       # it resumed growing trees
+    assert SHAPES[shapes] in modes[first_plain:], modes       # it resumed drafting
 
 
-def test_mode_switches_keep_the_sampled_distribution(monkeypatch):
+@pytest.mark.parametrize("shapes", list(SHAPES))
+def test_mode_switches_keep_the_sampled_distribution(monkeypatch, shapes):
     """Sampling across switches: every other pass plain, the first two tokens still follow the
     target's exact distribution (chi-square), and the draft stays consistent."""
     from specexec_rt.speculative.budget import BudgetController
@@ -366,7 +430,7 @@ def test_mode_switches_keep_the_sampled_distribution(monkeypatch):
     from test_sampling import chi2_pvalue
 
     target, draft = make_pair(vocab=16, noise=0.8, max_len=64, head_scale=0.15)
-    eng = Engine(target, draft, budget="auto", max_budget=8, max_depth=3)
+    eng = Engine(target, draft, budget="auto", max_budget=8, max_depth=3, auto_shapes=shapes)
     flip = [0]
 
     def plan(self, cap, catch_up=0):

@@ -81,8 +81,8 @@ def test_step_outside_the_static_region_is_refused():
         StaticDraftStep(model, beams=32, width=40)
 
 
-CASES = [(32, dict(beams_per_step=4, branch_width=3)), (64, dict()), ("auto", dict(max_budget=64)),
-         (128, dict(beams_per_step=16, branch_width=8, max_depth=6))]
+CASES = [(32, dict(beams_per_step=4, branch_width=3)), (64, dict()),
+         ("auto", dict(max_budget=64, auto_shapes="trees")), (128, dict(beams_per_step=16, branch_width=8, max_depth=6))]
 
 
 @pytest.mark.parametrize("budget,params", CASES, ids=[str(c[0]) for c in CASES])

@@ -25,6 +25,18 @@ Objective (docs/ALGORITHM.md, "Choosing the budget every pass"): maximise expect
   pass, and a growing cost (a CPU target) shows up as a slope or a measured price that pulls it
   back.
 
+Chains instead of trees (``chains=True``; the engine's choice on the CPU): the speculative
+candidates are draft chains of ``k = 1..max_chain`` tokens, scored as
+
+    (1 + a + ... + a^k) / (k * t_call + t_target(k))
+
+with ``a`` the measured per-token acceptance along a chain (decayed counts of accepted draft
+tokens over tokens tried: a chain stops at its first rejection), ``t_call`` the measured seconds
+per draft call of a chain pass (one call per token, host work included) and ``t_target`` the
+same fit as for trees (``k + 1`` rows). On a CPU both a draft call and a verification cost
+grow with their rows, and a chain's calls are one row each: there chains of 2-3 beat every tree
+(bench/results/, docs/DESIGN.md).
+
 Everything here is host arithmetic on a handful of numbers per pass.
 """
 from __future__ import annotations
@@ -114,7 +126,9 @@ class BudgetController:
     def __init__(self, max_budget: int, min_budget: int = 4, prior_budget: int = 16, max_depth: int = 16,
                  window: int = 24, calibration_decay: float = 0.3, max_step: float = 2.0,
                  cost_model: Optional[Callable] = None, allow_autoregressive: bool = False,
-                 probe_every: int = 8, max_probe_gap: int = 256, probe_share: float = 0.03):
+                 probe_every: int = 8, max_probe_gap: int = 256, probe_share: float = 0.03,
+                 chains: bool = False, max_chain: int = 8, prior_chain: int = 3, chain_decay: float = 0.95,
+                 prior_accept: float = 0.6):
         if max_budget < 1:
             raise ValueError(f"max_budget must be >= 1, got {max_budget}")
         self.max_budget = int(max_budget)
@@ -144,6 +158,15 @@ class BudgetController:
         self.last_depth = self.max_depth         # the depth cap the last tree was grown with
         self.call_seconds: Optional[float] = None      # EWMA of seconds per draft call
         self.token_seconds: Optional[float] = None     # EWMA of pass seconds per emitted token
+        # Chains (see the module docstring): the mode of the last plan ("plain", "chain", "tree").
+        self.chains = bool(chains)
+        self.max_chain = max(1, int(max_chain))
+        self.prior_chain = max(1, int(prior_chain))
+        self.chain_decay = chain_decay
+        self._chain_hits = 2.0 * prior_accept    # decayed accepted draft tokens (prior: 2 tries)
+        self._chain_tries = 2.0                  # decayed draft tokens tried
+        self.chain_call_seconds: Optional[float] = None  # EWMA of seconds per chain draft call
+        self.mode = "chain" if self.chains else "tree"
 
     def _ewma(self, old: Optional[float], new: float) -> float:
         return new if old is None else old + self.decay * (new - old)
@@ -181,24 +204,50 @@ class BudgetController:
         tokens = 1.0 + self.calibration * self.expected(b)
         return tokens / t if t > 0 else tokens
 
+    @property
+    def chain_accept(self) -> float:
+        """Measured per-token acceptance along a draft chain (a prior of 2 tries until measured)."""
+        return min(0.999, max(0.0, self._chain_hits / self._chain_tries))
+
+    def score_chain(self, k: int) -> float:
+        """Expected emitted tokens per second of a chain of ``k`` draft tokens."""
+        a = self.chain_accept
+        tokens = (1.0 - a ** (k + 1)) / (1.0 - a)
+        t = k * (self.chain_call_seconds or 0.0) + self.target_cost(k)
+        return tokens / t if t > 0 else tokens
+
     # ------------------------------------------------------------------ decisions
     def plan(self, cap: int, catch_up: int = 0) -> tuple[int, int]:
         """(budget, max_depth) for the next pass; ``cap``: the largest budget the caches allow;
         ``catch_up``: tokens the draft must read before it can draft (decoded since it last ran).
         Budget 0 (only with ``allow_autoregressive``): decode one token without drafting."""
         cap = max(1, min(cap, self.max_budget))
-        cands = [c for c in self.candidates if c <= cap] or [cap]
-        if self.curve is None or not len(self.target_cost):
-            b = max([c for c in cands if c <= self.prior_budget] or [cands[0]])
+        if self.chains:
+            cap = min(cap, self.max_chain)
+            measured = self.chain_call_seconds is not None and len(self.target_cost) > 0
+            if not measured:
+                b = min(self.prior_chain, cap)
+            else:
+                last = self.last_budget or self.prior_chain
+                allowed = range(1, max(1, min(cap, int(self.max_step * last))) + 1)
+                b = max(allowed, key=lambda k: (self.score_chain(k), -k))
+            self.last_budget = b
+            spec_score = self.score_chain(b) if measured else None
         else:
-            last = self.last_budget or self.prior_budget
-            allowed = [c for c in cands if c <= self.max_step * last] or [cands[0]]
-            b = max(allowed, key=lambda c: (self.score(c), -c))
-        self.last_budget = b
-        if self.allow_autoregressive and self.curve is not None and len(self.target_cost) \
-                and self.score(0) > self.score(b):
+            cands = [c for c in self.candidates if c <= cap] or [cap]
+            if self.curve is None or not len(self.target_cost):
+                b = max([c for c in cands if c <= self.prior_budget] or [cands[0]])
+            else:
+                last = self.last_budget or self.prior_budget
+                allowed = [c for c in cands if c <= self.max_step * last] or [cands[0]]
+                b = max(allowed, key=lambda c: (self.score(c), -c))
+            self.last_budget = b
+            spec_score = self.score(b) if self.curve is not None and len(self.target_cost) else None
+        self.mode = "chain" if self.chains else "tree"
+        if self.allow_autoregressive and spec_score is not None and self.score(0) > spec_score:
             self._ar_streak += 1
             if self._ar_streak < self._probe_gap or not self._probe_affordable(catch_up):
+                self.mode = "plain"
                 return 0, 0
             # A probe: one speculative pass to refresh the draft's cost and acceptance. Each
             # probe that loses again waits twice as long for the next one.
@@ -207,7 +256,7 @@ class BudgetController:
             self._probe_gap = min(self.max_probe_gap, 2 * self._probe_gap)
         else:
             self._ar_streak, self._probe_gap = 0, self.probe_every
-        self.last_depth = self._depth(b)
+        self.last_depth = b if self.chains else self._depth(b)
         return b, self.last_depth
 
     def _probe_affordable(self, catch_up: int) -> bool:
@@ -268,6 +317,17 @@ class BudgetController:
             if target_seconds is not None:
                 self.target_cost.add(0, target_seconds)
                 self._ar_seconds += target_seconds
+            return
+        if self.chains:       # a chain of `budget` draft tokens, `accepted` of them accepted
+            d = self.chain_decay
+            hit = max(0.0, min(float(budget), accepted))
+            self._chain_hits = d * self._chain_hits + hit
+            self._chain_tries = d * self._chain_tries + hit + (1.0 if hit < budget else 0.0)
+            if draft_seconds is not None and draft_calls > 0:
+                self.chain_call_seconds = self._ewma(self.chain_call_seconds, draft_seconds / draft_calls)
+            if target_seconds is not None:
+                self.target_cost.add(budget, target_seconds)
+            self.recent_accepted.append(accepted)
             return
         if draft_seconds is not None:
             self.draft_cost.add(budget, draft_seconds)

@@ -66,7 +66,11 @@ class Engine:
       ``acceptance=[...]`` per rank, or learned online). ``budget="auto"`` picks the budget (powers of two up
       to ``max_budget`` [min(1024, what the target's cache holds)]) and the depth (up to
       ``max_depth``) before every pass from online estimates (specexec_rt/speculative/budget.py);
-      ``stats.budgets`` lists them.
+      ``stats.budgets`` lists them. It also decodes without drafting while that is faster
+      (``stats.modes`` says which mode each pass used). ``auto_shapes``: ``"trees"`` (SpecExec
+      trees) or ``"chains"`` (draft chains of 1..8 tokens, the chain method's passes); default
+      chains when the target runs on the CPU, where a draft call and a verification both cost
+      more per row and chains of 2-3 measured faster than any tree, else trees.
 
     ``max_batch``: requests that share each pass (continuous batching); each owns a region of
     ``max_len`` slots in both models' KV caches (with 1, the models' own caches; with more, the
@@ -93,6 +97,11 @@ class Engine:
         if isinstance(budget, str) and not self.auto:
             raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}")
         method_params = dict(method_params)
+        auto_shapes = method_params.pop("auto_shapes", None)
+        if auto_shapes is not None and not self.auto:
+            raise ValueError(f"auto_shapes={auto_shapes!r} needs budget='auto'")
+        if auto_shapes not in (None, "trees", "chains"):
+            raise ValueError(f"auto_shapes must be 'trees' or 'chains', got {auto_shapes!r}")
         if self.auto:
             if method != "specexec":
                 raise ValueError(f"budget='auto' needs method='specexec', not {method!r}")
@@ -153,9 +162,13 @@ class Engine:
             # compute-bound), so the first trees are small and grow only while they pay; an
             # offloaded GPU pass costs the same for 1..1000 tokens, so it starts at 16.
             prior = 4 if self.device.type == "cpu" else 16
+            self.auto_shapes = auto_shapes or ("chains" if self.device.type == "cpu" else "trees")
             self.budget_controller = BudgetController(self._max_budget, min_budget=1, prior_budget=prior,
                                                       max_depth=self.params["max_depth"],
-                                                      allow_autoregressive=self.draft is not None)
+                                                      allow_autoregressive=self.draft is not None,
+                                                      chains=self.auto_shapes == "chains",
+                                                      max_chain=min(8, self.params["max_depth"]))
+        self._chain_decoders: dict = {}    # k -> Chain (auto_shapes="chains")
         self._plain = METHODS["autoregressive"](1, {})
         # Scheduling state. _cond guards the queue, the free regions and every request's
         # pieces/done/error; _loop is held by the thread running a pass.
@@ -504,6 +517,12 @@ class Engine:
                     f"= {need} tokens exceed the draft's KV cache (max_len={self.draft.max_len})")
         return max(1, cap)
 
+    def _chain(self, k: int):
+        """The chain method with ``k`` draft tokens per pass (auto_shapes="chains"), kept."""
+        if k not in self._chain_decoders:
+            self._chain_decoders[k] = METHODS["chain"](k, {"k": k})
+        return self._chain_decoders[k]
+
     def _runner(self, n_tree_requests: int, budget: int):
         """The static-shape draft step for a pass of one request at ``budget`` (or None)."""
         if not self.static_draft or n_tree_requests != 1:
@@ -542,13 +561,21 @@ class Engine:
         if tree_reqs:
             if self.auto:
                 cap = min(r.auto_cap for r in tree_reqs)
-                budget, depth = self.budget_controller.plan(cap, max(catch_up_lens))
+                ctl = self.budget_controller
+                if ctl.chains:
+                    # A chain of k draft tokens takes k slots of the draft's cache after what it
+                    # has yet to read (a SpecExec tree just grows less near the end of it).
+                    cap = min([cap] + [self.draft_region_len - r.dp - len(r.pending) + 1 for r in tree_reqs])
+                budget, depth = ctl.plan(cap, max(catch_up_lens)) if cap >= 1 else (0, 0)
                 if budget == 0:          # drafting does not pay now: decode one token, no draft call
                     decoder = self._plain
+                elif ctl.chains:
+                    decoder = self._chain(budget)
             if self.draft is not None and decoder is not self._plain:
                 bases = [r.region * self.draft_region_len for r in tree_reqs]
+                runner = self._runner(len(tree_reqs), budget) if decoder is self.decoder else None
                 drafter = Drafter(self.draft, self._dcache, tree_reqs, bases, self.draft_region_len,
-                                  [r.stats for r in tree_reqs], self._runner(len(tree_reqs), budget))
+                                  [r.stats for r in tree_reqs], runner)
             ctx = PassContext(tree_reqs, drafter, host, dev, budget, depth, self.budget_controller)
             grown = decoder.grow(ctx)
         t1 = time.perf_counter()
