@@ -17,7 +17,7 @@ Every one of our greedy outputs is checked against our autoregressive output (lo
 and llama.cpp's outputs are compared and mismatches counted, not failed (different kernels,
 llama.cpp different weights).
 
-    python bench/cpu_e2e.py [--new 96] [--rounds 3] [--budgets 4,16,64] [--out-md ...] [--out-png ...]
+    python bench/cpu_e2e.py [--new 96] [--rounds 3] [--budgets 4,16,64] [--chains 4] [--out-md ...] [--out-png ...]
 """
 from __future__ import annotations
 
@@ -229,7 +229,9 @@ def main() -> int:
         ax.set_xlabel("tokens/s (greedy, SmolLM2-135M, CPU)")
         ax.set_title(f"{cpu}, {threads} threads")
         fig.tight_layout()
-        fig.savefig(args.out_png or f"{stem}.png", dpi=110)
+        # Beside the markdown unless told otherwise (a --out-md elsewhere must not overwrite the default plot).
+        png = args.out_png or (str(Path(args.out_md).with_suffix(".png")) if args.out_md else f"{stem}.png")
+        fig.savefig(png, dpi=110)
     except ImportError:
         print("[cpu_e2e] matplotlib missing: no plot", file=sys.stderr)
     return 0
