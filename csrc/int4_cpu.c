@@ -399,9 +399,32 @@ INLINE void pk_prefetch(const ctx_t *c, int col0, int g) {
     for (size_t o = 0; o < c->group_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
+/* Block b of one row against two 8-column tiles (operands lo/hi 0 and 1, scales s0/s1): the
+ * exact integer dots, then acc += dot * (s * d_b). Shared by both layouts' one-row loops (kept
+ * as two loops: one loop branching on the layout ran 4-10% slower). */
+T_AVX2 INLINE void row1_block_avx2(const ctx_t *c, int b, const __m256i lo0[4], const __m256i hi0[4],
+                                   const __m256i lo1[4], const __m256i hi1[4], __m256 s0, __m256 s1, __m256 *acc0,
+                                   __m256 *acc1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *xb = c->xq + 32 * b;
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (int u = 0; u < 4; u++) {
+        const __m256i xl = _mm256_set1_epi32(load_i32(xb + 4 * u));
+        const __m256i xh = _mm256_set1_epi32(load_i32(xb + 16 + 4 * u));
+        a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(lo0[u], xl));
+        a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(lo1[u], xl));
+        a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(hi0[u], xh));
+        a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(hi1[u], xh));
+        KEEP_YMM(a0);
+        KEEP_YMM(a1);
+    }
+    const __m256 d = _mm256_set1_ps(c->d[b]);
+    *acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0, ones)), _mm256_mul_ps(s0, d), *acc0);
+    *acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1, ones)), _mm256_mul_ps(s1, d), *acc1);
+}
+
 /* One row, 16 columns from the streaming layout: row1_avx2's arithmetic in the same order. */
 T_AVX2 static void row1_pk_avx2(const ctx_t *c, int col0) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int g = 0; g < c->ng; g++) {
         pk_prefetch(c, col0, g);
@@ -413,21 +436,7 @@ T_AVX2 static void row1_pk_avx2(const ctx_t *c, int col0) {
             __m256i lo0[4], hi0[4], lo1[4], hi1[4];
             unpack8_pk_avx2(c, col0, b, lo0, hi0);
             unpack8_pk_avx2(c, col0 + 8, b, lo1, hi1);
-            const int8_t *xb = c->xq + 32 * b;
-            __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-            for (int u = 0; u < 4; u++) {
-                const __m256i xl = _mm256_set1_epi32(load_i32(xb + 4 * u));
-                const __m256i xh = _mm256_set1_epi32(load_i32(xb + 16 + 4 * u));
-                a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(lo0[u], xl));
-                a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(lo1[u], xl));
-                a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(hi0[u], xh));
-                a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(hi1[u], xh));
-                KEEP_YMM(a0);
-                KEEP_YMM(a1);
-            }
-            const __m256 d = _mm256_set1_ps(c->d[b]);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0, ones)), _mm256_mul_ps(s0, d), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1, ones)), _mm256_mul_ps(s1, d), acc1);
+            row1_block_avx2(c, b, lo0, hi0, lo1, hi1, s0, s1, &acc0, &acc1);
         }
         const __m256 xs = _mm256_set1_ps(c->xs[g]);
         acc0 = _mm256_fmadd_ps(mn0, xs, acc0);
@@ -443,7 +452,6 @@ T_AVX2 static void row1_pk_avx2(const ctx_t *c, int col0) {
 T_AVX2 static void row1_avx2(const ctx_t *c, int col0) {
     const uint8_t *rows[16];
     for (int j = 0; j < 16; j++) rows[j] = col_row(c, col0 + j);
-    const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int g = 0; g < c->ng; g++) {
@@ -456,21 +464,7 @@ T_AVX2 static void row1_avx2(const ctx_t *c, int col0) {
             __m256i lo0[4], hi0[4], lo1[4], hi1[4];
             unpack8_avx2(rows, 16 * (size_t)b, lo0, hi0);
             unpack8_avx2(rows + 8, 16 * (size_t)b, lo1, hi1);
-            const int8_t *xb = c->xq + 32 * b;
-            __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-            for (int u = 0; u < 4; u++) {
-                const __m256i xl = _mm256_set1_epi32(load_i32(xb + 4 * u));
-                const __m256i xh = _mm256_set1_epi32(load_i32(xb + 16 + 4 * u));
-                a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(lo0[u], xl));
-                a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(lo1[u], xl));
-                a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(hi0[u], xh));
-                a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(hi1[u], xh));
-                KEEP_YMM(a0);
-                KEEP_YMM(a1);
-            }
-            const __m256 d = _mm256_set1_ps(c->d[b]);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0, ones)), _mm256_mul_ps(s0, d), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1, ones)), _mm256_mul_ps(s1, d), acc1);
+            row1_block_avx2(c, b, lo0, hi0, lo1, hi1, s0, s1, &acc0, &acc1);
         }
         const __m256 xs = _mm256_set1_ps(c->xs[g]);
         acc0 = _mm256_fmadd_ps(mn0, xs, acc0);
