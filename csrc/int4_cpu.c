@@ -400,8 +400,7 @@ INLINE void pk_prefetch(const ctx_t *c, int col0, int g) {
 }
 
 /* Block b of one row against two 8-column tiles (operands lo/hi 0 and 1, scales s0/s1): the
- * exact integer dots, then acc += dot * (s * d_b). Shared by both layouts' one-row loops (kept
- * as two loops: one loop branching on the layout ran 4-10% slower). */
+ * exact integer dots, then acc += dot * (s * d_b). */
 T_AVX2 INLINE void row1_block_avx2(const ctx_t *c, int b, const __m256i lo0[4], const __m256i hi0[4],
                                    const __m256i lo1[4], const __m256i hi1[4], __m256 s0, __m256 s1, __m256 *acc0,
                                    __m256 *acc1) {
@@ -423,19 +422,36 @@ T_AVX2 INLINE void row1_block_avx2(const ctx_t *c, int b, const __m256i lo0[4], 
     *acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1, ones)), _mm256_mul_ps(s1, d), *acc1);
 }
 
-/* One row, 16 columns from the streaming layout: row1_avx2's arithmetic in the same order. */
-T_AVX2 static void row1_pk_avx2(const ctx_t *c, int col0) {
+/* One row (decode), 16 columns as two 8-column tiles whose chains interleave (5-10% faster
+ * than one tile at a time, measured). Each block is unpacked and used at once. `stream`
+ * (a constant at each call, so each caller compiles to its own loop without a branch; one loop
+ * branching at run time measured 4-10% slower): read the streaming layout, whose unit stream is
+ * prefetched PK_PREFETCH bytes ahead, else the plain one, whose tiles PREFETCH_TILES ahead are
+ * prefetched (a tile's 8 rows are contiguous: 128 bytes per block). */
+T_AVX2 INLINE void row1_tiles_avx2(const ctx_t *c, int col0, const int stream) {
+    const uint8_t *rows[16] = {NULL};
+    const uint8_t *ahead = NULL;
+    if (!stream) {
+        for (int j = 0; j < 16; j++) rows[j] = col_row(c, col0 + j);
+        ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
+    }
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int g = 0; g < c->ng; g++) {
-        pk_prefetch(c, col0, g);
+        if (stream) pk_prefetch(c, col0, g);
         __m256 s0, mn0, s1, mn1;
         scales8_avx2(c, g, col0, &s0, &mn0);
         scales8_avx2(c, g, col0 + 8, &s1, &mn1);
         for (int bb = 0; bb < c->bpg; bb++) {
             const int b = g * c->bpg + bb;
             __m256i lo0[4], hi0[4], lo1[4], hi1[4];
-            unpack8_pk_avx2(c, col0, b, lo0, hi0);
-            unpack8_pk_avx2(c, col0 + 8, b, lo1, hi1);
+            if (stream) {
+                unpack8_pk_avx2(c, col0, b, lo0, hi0);
+                unpack8_pk_avx2(c, col0 + 8, b, lo1, hi1);
+            } else {
+                for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(ahead + 256 * (size_t)b + 64 * l), _MM_HINT_T0);
+                unpack8_avx2(rows, 16 * (size_t)b, lo0, hi0);
+                unpack8_avx2(rows + 8, 16 * (size_t)b, lo1, hi1);
+            }
             row1_block_avx2(c, b, lo0, hi0, lo1, hi1, s0, s1, &acc0, &acc1);
         }
         const __m256 xs = _mm256_set1_ps(c->xs[g]);
@@ -446,33 +462,8 @@ T_AVX2 static void row1_pk_avx2(const ctx_t *c, int col0) {
     store8_avx2(c, 0, col0 + 8, acc1);
 }
 
-/* One row (decode), 16 columns as two 8-column tiles whose chains interleave (5-10% faster
- * than one tile at a time, measured). Each block is unpacked and used at once; the tiles
- * PREFETCH_TILES ahead are prefetched (a tile's 8 rows are contiguous: 128 bytes per block). */
-T_AVX2 static void row1_avx2(const ctx_t *c, int col0) {
-    const uint8_t *rows[16];
-    for (int j = 0; j < 16; j++) rows[j] = col_row(c, col0 + j);
-    const uint8_t *ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int g = 0; g < c->ng; g++) {
-        __m256 s0, mn0, s1, mn1;
-        scales8_avx2(c, g, col0, &s0, &mn0);
-        scales8_avx2(c, g, col0 + 8, &s1, &mn1);
-        for (int bb = 0; bb < c->bpg; bb++) {
-            const int b = g * c->bpg + bb;
-            for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(ahead + 256 * (size_t)b + 64 * l), _MM_HINT_T0);
-            __m256i lo0[4], hi0[4], lo1[4], hi1[4];
-            unpack8_avx2(rows, 16 * (size_t)b, lo0, hi0);
-            unpack8_avx2(rows + 8, 16 * (size_t)b, lo1, hi1);
-            row1_block_avx2(c, b, lo0, hi0, lo1, hi1, s0, s1, &acc0, &acc1);
-        }
-        const __m256 xs = _mm256_set1_ps(c->xs[g]);
-        acc0 = _mm256_fmadd_ps(mn0, xs, acc0);
-        acc1 = _mm256_fmadd_ps(mn1, xs, acc1);
-    }
-    store8_avx2(c, 0, col0, acc0);
-    store8_avx2(c, 0, col0 + 8, acc1);
-}
+T_AVX2 static void row1_pk_avx2(const ctx_t *c, int col0) { row1_tiles_avx2(c, col0, 1); }
+T_AVX2 static void row1_avx2(const ctx_t *c, int col0) { row1_tiles_avx2(c, col0, 0); }
 
 /* R rows (m0 .. m0+R-1) of an 8-column tile. Each block's operands (lo 0-3, hi 0-3) come from
  * `buf`, the tile unpacked once into L1 for many rows (tile_avx2), or, with `buf` NULL, are
