@@ -153,6 +153,7 @@ class Engine:
         self.static_draft = bool(static_draft) and method == "specexec" and max_batch == 1
         self._draft_runners: dict = {}     # beams -> StaticDraftStep (None: cache too short)
         self.budget_controller = None
+        self.auto_shapes: Optional[str] = None   # budget="auto": "trees" or "chains"
         if self.auto:
             from .budget import BudgetController
 
