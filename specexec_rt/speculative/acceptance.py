@@ -141,6 +141,10 @@ class AcceptanceModel:
         self.passes = 0
         self._edges = torch.tensor(Q_EDGES, dtype=torch.float32, device=self.device)
         self._centres_t = torch.tensor(self.centres, dtype=torch.float32, device=self.device)
+        # Where each of the GRID points of q falls between bin centres (lower, upper, weight).
+        c, q = self._centres_t, torch.linspace(0.0, 1.0, GRID, device=self.device)
+        hi = torch.searchsorted(c, q).clamp(1, len(c) - 1)
+        self._grid_at = (hi - 1, hi, ((q - c[hi - 1]) / (c[hi] - c[hi - 1])).clamp(0.0, 1.0))
         self._table = torch.empty(N_RANK_CLASSES, self.n_q, device=self.device)
         self._grid = torch.empty(N_RANK_CLASSES * GRID, device=self.device)
         self._rank_cache: dict = {}
@@ -201,11 +205,7 @@ class AcceptanceModel:
         self._max_accept = max(max(row) for row in estimates)
         self._table = torch.tensor(estimates, dtype=torch.float32, device=self.device)
         # The interpolant at GRID points of q per rank class, as logs (log_accept's lookup).
-        c = self._centres_t
-        q = torch.linspace(0.0, 1.0, GRID, device=self.device)
-        hi = torch.searchsorted(c, q).clamp(1, len(c) - 1)
-        lo = hi - 1
-        t = ((q - c[lo]) / (c[hi] - c[lo])).clamp(0.0, 1.0)
+        lo, hi, t = self._grid_at
         tab = self._table
         a = tab[:, lo] + t * (tab[:, hi] - tab[:, lo])
         self._grid = a.clamp_min(MIN_ACCEPT).log().reshape(-1)
