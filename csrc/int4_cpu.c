@@ -626,8 +626,9 @@ static int check_weight(const sxc_weight *w) {
  *                      bpg blocks 256 bytes: for each operand step u = 0..3, columns 0-7 then
  *                      8-15 of the unit, 4 bytes each: bytes 4u .. 4u+3 of the column's 16-byte
  *                      block (the operand unpack8_avx2 gathers with shuffles).
- * Columns past n are zeros. The bytes are the same, so are the results, bit for bit; SmolLM2's
- * decode-step matmuls ran 1.4x faster in a C harness (bench/results/2026-11-30-int4-stream.md).
+ * Columns past n are zeros. The bytes are the same, so are the results, bit for bit. SmolLM2's
+ * 120 decode-step matmuls ran ~1.4x faster in a C harness, the draft's decode step 8.83 -> 6.80
+ * ms (bench/results/2026-11-30-int4-stream.md).
  * The same size as q, scales and mins together; fp16 scales only. */
 size_t sxc_int4_pack_bytes(int32_t n, int32_t k, int32_t group) {
     if (n <= 0 || k <= 0 || group <= 0 || group % 32 || k % group) return 0;
