@@ -327,7 +327,6 @@ class BudgetController:
                 self.chain_call_seconds = self._ewma(self.chain_call_seconds, draft_seconds / draft_calls)
             if target_seconds is not None:
                 self.target_cost.add(budget, target_seconds)
-            self.recent_accepted.append(accepted)
             return
         if draft_seconds is not None:
             self.draft_cost.add(budget, draft_seconds)
