@@ -531,6 +531,60 @@ T_AVX2 static void rows_small_tile_avx2(const ctx_t *c, int col0) {
     }
 }
 
+/* 2 or 3 rows of a 16-column unit of the streaming layout, the unit's two 8-column tiles
+ * interleaved as in row1_tiles_avx2: 2R independent int16 chains instead of R. One tile at a
+ * time, 2 rows were latency-bound (measured: a 2-row LM head took longer than a 4-row one).
+ * Per row and tile the same operations in the same order as rows_avx2, so the same bits. */
+T_AVX2 INLINE void rows16_pk_avx2(const ctx_t *c, int col0, const int R) {
+    const int k = c->w->k;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc0[3], acc1[3];
+    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int g = 0; g < c->ng; g++) {
+        pk_prefetch(c, col0, g);
+        __m256 s0, mn0, s1, mn1;
+        scales8_avx2(c, g, col0, &s0, &mn0);
+        scales8_avx2(c, g, col0 + 8, &s1, &mn1);
+        for (int bb = 0; bb < c->bpg; bb++) {
+            const int b = g * c->bpg + bb;
+            __m256i lo0[4], hi0[4], lo1[4], hi1[4];
+            unpack8_pk_avx2(c, col0, b, lo0, hi0);
+            unpack8_pk_avx2(c, col0 + 8, b, lo1, hi1);
+            __m256i a0[3], a1[3];
+            for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_si256();
+            for (int u = 0; u < 4; u++)
+                for (int r = 0; r < R; r++) {
+                    const int8_t *xb = c->xq + (size_t)r * k + 32 * b;
+                    const __m256i xl = _mm256_set1_epi32(load_i32(xb + 4 * u));
+                    const __m256i xh = _mm256_set1_epi32(load_i32(xb + 16 + 4 * u));
+                    a0[r] = _mm256_add_epi16(a0[r], _mm256_maddubs_epi16(lo0[u], xl));
+                    a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(lo1[u], xl));
+                    a0[r] = _mm256_add_epi16(a0[r], _mm256_maddubs_epi16(hi0[u], xh));
+                    a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(hi1[u], xh));
+                    KEEP_YMM(a0[r]);
+                    KEEP_YMM(a1[r]);
+                }
+            for (int r = 0; r < R; r++) {
+                const __m256 d = _mm256_set1_ps(c->d[(size_t)r * c->nb + b]);
+                acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0[r], ones)), _mm256_mul_ps(s0, d), acc0[r]);
+                acc1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1[r], ones)), _mm256_mul_ps(s1, d), acc1[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256 xs = _mm256_set1_ps(c->xs[(size_t)r * c->ng + g]);
+            acc0[r] = _mm256_fmadd_ps(mn0, xs, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(mn1, xs, acc1[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        store8_avx2(c, r, col0, acc0[r]);
+        store8_avx2(c, r, col0 + 8, acc1[r]);
+    }
+}
+
+T_AVX2 static void rows2_pk_avx2(const ctx_t *c, int col0) { rows16_pk_avx2(c, col0, 2); }
+T_AVX2 static void rows3_pk_avx2(const ctx_t *c, int col0) { rows16_pk_avx2(c, col0, 3); }
+
 /* Several rows: unpack the tile once into `buf` (L1-resident) and stream rows over it. */
 T_AVX2 static void tile_avx2(const ctx_t *c, int col0, __m256i *buf) {
     if (c->pk) {
@@ -890,6 +944,10 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
                             row1_pk_avx2(&c, col0);
                         } else if (m == 1) {
                             row1_avx2(&c, col0);
+                        } else if (m == 2 && c.pk) {
+                            rows2_pk_avx2(&c, col0);
+                        } else if (m == 3 && c.pk) {
+                            rows3_pk_avx2(&c, col0);
                         } else if (m <= 4) {
                             rows_small_tile_avx2(&c, col0);
                             if (col0 + 8 < w->n) rows_small_tile_avx2(&c, col0 + 8);
