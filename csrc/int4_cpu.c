@@ -465,7 +465,7 @@ T_AVX2 INLINE void row1_tiles_avx2(const ctx_t *c, int col0, const int stream) {
 T_AVX2 static void row1_pk_avx2(const ctx_t *c, int col0) { row1_tiles_avx2(c, col0, 1); }
 T_AVX2 static void row1_avx2(const ctx_t *c, int col0) { row1_tiles_avx2(c, col0, 0); }
 
-/* R rows (m0 .. m0+R-1) of an 8-column tile. Each block's operands (lo 0-3, hi 0-3) come from
+/* R rows (m0 .. m0+R-1) of an 8-column tile of the plain layout. Each block's operands (lo 0-3, hi 0-3) come from
  * `buf`, the tile unpacked once into L1 for many rows (tile_avx2), or, with `buf` NULL, are
  * unpacked into registers here and used at once by every row (2-4 rows: a small tree level or
  * verification; through the buffer a 2-row draft step of SmolLM2 cost ~1.4x a 1-row step).
@@ -475,7 +475,7 @@ T_AVX2 INLINE void rows_avx2(const ctx_t *c, int col0, int m0, const int R, cons
     const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *rows[8] = {NULL};
     const uint8_t *ahead = NULL;
-    if (!buf && !c->pk) {
+    if (!buf) {
         for (int j = 0; j < 8; j++) rows[j] = col_row(c, col0 + j);
         ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
     }
@@ -483,14 +483,11 @@ T_AVX2 INLINE void rows_avx2(const ctx_t *c, int col0, int m0, const int R, cons
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int g = 0; g < c->ng; g++) {
         __m256 s, mn;
-        if (!buf && c->pk && !(col0 & 8)) pk_prefetch(c, col0, g);
         scales8_avx2(c, g, col0, &s, &mn);
         for (int bb = 0; bb < c->bpg; bb++) {
             const int b = g * c->bpg + bb;
             __m256i lo[4], hi[4];
-            if (!buf && c->pk) {
-                unpack8_pk_avx2(c, col0, b, lo, hi);
-            } else if (buf) {
+            if (buf) {
                 for (int u = 0; u < 4; u++) {
                     lo[u] = _mm256_load_si256(buf + 8 * b + u);
                     hi[u] = _mm256_load_si256(buf + 8 * b + 4 + u);
@@ -531,17 +528,18 @@ T_AVX2 static void rows_small_tile_avx2(const ctx_t *c, int col0) {
     }
 }
 
-/* 2 or 3 rows of a 16-column unit of the streaming layout, the unit's two 8-column tiles
- * interleaved as in row1_tiles_avx2: 2R independent int16 chains instead of R. One tile at a
- * time, 2 rows were latency-bound (measured: a 2-row LM head took longer than a 4-row one).
- * Per row and tile the same operations in the same order as rows_avx2, so the same bits. */
-T_AVX2 INLINE void rows16_pk_avx2(const ctx_t *c, int col0, const int R) {
+/* Rows m0 .. m0+R-1 (R = 2 or 3) of a 16-column unit of the streaming layout, the unit's two
+ * 8-column tiles interleaved as in row1_tiles_avx2: 2R independent int16 chains. One tile at a
+ * time, 2 rows were two chains and latency-bound (measured: a 2-row LM head took longer than a
+ * 4-row one). Per row and tile the same operations in the same order as rows_avx2, so the
+ * same bits. */
+T_AVX2 INLINE void rows16_pk_avx2(const ctx_t *c, int col0, int m0, const int R) {
     const int k = c->w->k;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc0[3], acc1[3];
     for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
     for (int g = 0; g < c->ng; g++) {
-        pk_prefetch(c, col0, g);
+        if (m0 == 0) pk_prefetch(c, col0, g); /* later row groups find the unit in L1/L2 */
         __m256 s0, mn0, s1, mn1;
         scales8_avx2(c, g, col0, &s0, &mn0);
         scales8_avx2(c, g, col0 + 8, &s1, &mn1);
@@ -554,7 +552,7 @@ T_AVX2 INLINE void rows16_pk_avx2(const ctx_t *c, int col0, const int R) {
             for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_si256();
             for (int u = 0; u < 4; u++)
                 for (int r = 0; r < R; r++) {
-                    const int8_t *xb = c->xq + (size_t)r * k + 32 * b;
+                    const int8_t *xb = c->xq + (size_t)(m0 + r) * k + 32 * b;
                     const __m256i xl = _mm256_set1_epi32(load_i32(xb + 4 * u));
                     const __m256i xh = _mm256_set1_epi32(load_i32(xb + 16 + 4 * u));
                     a0[r] = _mm256_add_epi16(a0[r], _mm256_maddubs_epi16(lo0[u], xl));
@@ -565,42 +563,49 @@ T_AVX2 INLINE void rows16_pk_avx2(const ctx_t *c, int col0, const int R) {
                     KEEP_YMM(a1[r]);
                 }
             for (int r = 0; r < R; r++) {
-                const __m256 d = _mm256_set1_ps(c->d[(size_t)r * c->nb + b]);
+                const __m256 d = _mm256_set1_ps(c->d[(size_t)(m0 + r) * c->nb + b]);
                 acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0[r], ones)), _mm256_mul_ps(s0, d), acc0[r]);
                 acc1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1[r], ones)), _mm256_mul_ps(s1, d), acc1[r]);
             }
         }
         for (int r = 0; r < R; r++) {
-            const __m256 xs = _mm256_set1_ps(c->xs[(size_t)r * c->ng + g]);
+            const __m256 xs = _mm256_set1_ps(c->xs[(size_t)(m0 + r) * c->ng + g]);
             acc0[r] = _mm256_fmadd_ps(mn0, xs, acc0[r]);
             acc1[r] = _mm256_fmadd_ps(mn1, xs, acc1[r]);
         }
     }
     for (int r = 0; r < R; r++) {
-        store8_avx2(c, r, col0, acc0[r]);
-        store8_avx2(c, r, col0 + 8, acc1[r]);
+        store8_avx2(c, m0 + r, col0, acc0[r]);
+        store8_avx2(c, m0 + r, col0 + 8, acc1[r]);
     }
 }
 
-T_AVX2 static void rows2_pk_avx2(const ctx_t *c, int col0) { rows16_pk_avx2(c, col0, 2); }
-T_AVX2 static void rows3_pk_avx2(const ctx_t *c, int col0) { rows16_pk_avx2(c, col0, 3); }
+/* Every row (m >= 2) of a 16-column unit of the streaming layout, in groups of 3 (2 where 3
+ * would leave 1): the unit (K/2 * 16 bytes plus scales, 5-13 KB on SmolLM2) is read from
+ * memory by the first group and from L1/L2 by the rest. */
+T_AVX2 static void rows_pk_avx2(const ctx_t *c, int col0) {
+    for (int m0 = 0; m0 < c->m;) {
+        const int left = c->m - m0;
+        if (left == 2 || left == 4) {
+            rows16_pk_avx2(c, col0, m0, 2);
+            m0 += 2;
+        } else {
+            rows16_pk_avx2(c, col0, m0, 3);
+            m0 += 3;
+        }
+    }
+}
 
-/* Several rows: unpack the tile once into `buf` (L1-resident) and stream rows over it. */
+/* Several rows of the plain layout: unpack the tile once into `buf` (L1-resident) and stream
+ * rows over it. */
 T_AVX2 static void tile_avx2(const ctx_t *c, int col0, __m256i *buf) {
-    if (c->pk) {
-        for (int b = 0; b < c->nb; b++) {
-            if (b % c->bpg == 0 && !(col0 & 8)) pk_prefetch(c, col0, b / c->bpg);
-            unpack8_pk_avx2(c, col0, b, buf + 8 * b, buf + 8 * b + 4);
-        }
-    } else {
-        const uint8_t *rows[8];
-        for (int j = 0; j < 8; j++) rows[j] = col_row(c, col0 + j);
-        const uint8_t *ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
-        for (int b = 0; b < c->nb; b++) {
-            _mm_prefetch((const char *)(ahead + 128 * (size_t)b), _MM_HINT_T0);
-            _mm_prefetch((const char *)(ahead + 128 * (size_t)b + 64), _MM_HINT_T0);
-            unpack8_avx2(rows, 16 * (size_t)b, buf + 8 * b, buf + 8 * b + 4);
-        }
+    const uint8_t *rows[8];
+    for (int j = 0; j < 8; j++) rows[j] = col_row(c, col0 + j);
+    const uint8_t *ahead = rows[0] + (size_t)PREFETCH_TILES * 8 * c->row_bytes;
+    for (int b = 0; b < c->nb; b++) {
+        _mm_prefetch((const char *)(ahead + 128 * (size_t)b), _MM_HINT_T0);
+        _mm_prefetch((const char *)(ahead + 128 * (size_t)b + 64), _MM_HINT_T0);
+        unpack8_avx2(rows, 16 * (size_t)b, buf + 8 * b, buf + 8 * b + 4);
     }
     int m0 = 0;
     for (; m0 + AVX2_ROWS <= c->m; m0 += AVX2_ROWS) rows_avx2(c, col0, m0, AVX2_ROWS, buf);
@@ -927,7 +932,7 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
         void *buf = NULL;
         /* Unpacked tile operands for m > 1: 8 operands per block of 32 (AVX2) or 64 bytes
          * (AVX-512). */
-        if (isa != SXC_SCALAR && m > 1 && posix_memalign(&buf, 64, (size_t)nb * 512) != 0) {
+        if (isa != SXC_SCALAR && m > 1 && !c.pk && posix_memalign(&buf, 64, (size_t)nb * 512) != 0) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
@@ -944,10 +949,8 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
                             row1_pk_avx2(&c, col0);
                         } else if (m == 1) {
                             row1_avx2(&c, col0);
-                        } else if (m == 2 && c.pk) {
-                            rows2_pk_avx2(&c, col0);
-                        } else if (m == 3 && c.pk) {
-                            rows3_pk_avx2(&c, col0);
+                        } else if (c.pk) {
+                            rows_pk_avx2(&c, col0);
                         } else if (m <= 4) {
                             rows_small_tile_avx2(&c, col0);
                             if (col0 + 8 < w->n) rows_small_tile_avx2(&c, col0 + 8);

@@ -197,7 +197,7 @@ def test_stream_layout_bytes_and_results(group, n, monkeypatch):
     packed = w.__dict__["_native_cpu"][5][5]
     assert st.pk == packed.data_ptr()
     assert torch.equal(packed, _stream_layout(w))
-    streamed = {m: int4_matmul_native(_x(m, k, seed=m), w) for m in (1, 2, 3, 4, 5, 9)}
+    streamed = {m: int4_matmul_native(_x(m, k, seed=m), w) for m in (1, 2, 3, 4, 5, 7, 8, 9, 33)}
     _, plain = _weight(n, k, group, seed=n + group)
     monkeypatch.setattr(int4_cpu, "STREAM_LAYOUT", False)
     assert not int4_cpu._native_weight(plain).contents.pk
