@@ -381,10 +381,11 @@ T_AVX2 INLINE void store8_avx2(const ctx_t *c, int row, int col0, __m256 v) {
 #define PK_PREFETCH 1024 /* bytes ahead in the unit's stream (tuned on a 2-core EPYC) */
 #endif
 
-/* Block b's 8 operands for the tile of 8 columns at col0 (a multiple of 8), as unpack8_avx2
- * leaves them: 32 bytes per operand step, already in lane order. */
-T_AVX2 INLINE void unpack8_pk_avx2(const ctx_t *c, int col0, int b, __m256i lo[4], __m256i hi[4]) {
-    const uint8_t *p = pk_group(c, col0, b / c->bpg) + 64 + 256 * (size_t)(b % c->bpg) + 32 * ((col0 >> 3) & 1);
+/* The 8 operands of one block for one 8-column tile, as unpack8_avx2 leaves them (32 bytes per
+ * operand step, already in lane order), from `p`: the unit's group start (pk_group) + 64 +
+ * 256 * (block within the group) + 32 * (second tile of the unit). Callers step `p` themselves:
+ * computing it from the block index here put an integer division in the inner loop. */
+T_AVX2 INLINE void unpack8_pk_avx2(const uint8_t *p, __m256i lo[4], __m256i hi[4]) {
     const __m256i mask = _mm256_set1_epi8(15);
     for (int u = 0; u < 4; u++) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * u));
@@ -445,8 +446,9 @@ T_AVX2 INLINE void row1_tiles_avx2(const ctx_t *c, int col0, const int stream) {
             const int b = g * c->bpg + bb;
             __m256i lo0[4], hi0[4], lo1[4], hi1[4];
             if (stream) {
-                unpack8_pk_avx2(c, col0, b, lo0, hi0);
-                unpack8_pk_avx2(c, col0 + 8, b, lo1, hi1);
+                const uint8_t *p = pk_group(c, col0, g) + 64 + 256 * (size_t)bb;
+                unpack8_pk_avx2(p, lo0, hi0);
+                unpack8_pk_avx2(p + 32, lo1, hi1);
             } else {
                 for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(ahead + 256 * (size_t)b + 64 * l), _MM_HINT_T0);
                 unpack8_avx2(rows, 16 * (size_t)b, lo0, hi0);
@@ -546,8 +548,9 @@ T_AVX2 INLINE void rows16_pk_avx2(const ctx_t *c, int col0, int m0, const int R)
         for (int bb = 0; bb < c->bpg; bb++) {
             const int b = g * c->bpg + bb;
             __m256i lo0[4], hi0[4], lo1[4], hi1[4];
-            unpack8_pk_avx2(c, col0, b, lo0, hi0);
-            unpack8_pk_avx2(c, col0 + 8, b, lo1, hi1);
+            const uint8_t *p = pk_group(c, col0, g) + 64 + 256 * (size_t)bb;
+            unpack8_pk_avx2(p, lo0, hi0);
+            unpack8_pk_avx2(p + 32, lo1, hi1);
             __m256i a0[3], a1[3];
             for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_si256();
             for (int u = 0; u < 4; u++)
