@@ -537,7 +537,7 @@ T_AVX2 static void rows_small_tile_avx2(const ctx_t *c, int col0) {
  * same bits. */
 T_AVX2 INLINE void rows16_pk_avx2(const ctx_t *c, int col0, int m0, const int R) {
     const int k = c->w->k;
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(15);
     __m256 acc0[3], acc1[3];
     for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
     for (int g = 0; g < c->ng; g++) {
@@ -547,24 +547,28 @@ T_AVX2 INLINE void rows16_pk_avx2(const ctx_t *c, int col0, int m0, const int R)
         scales8_avx2(c, g, col0 + 8, &s1, &mn1);
         for (int bb = 0; bb < c->bpg; bb++) {
             const int b = g * c->bpg + bb;
-            __m256i lo0[4], hi0[4], lo1[4], hi1[4];
             const uint8_t *p = pk_group(c, col0, g) + 64 + 256 * (size_t)bb;
-            unpack8_pk_avx2(p, lo0, hi0);
-            unpack8_pk_avx2(p + 32, lo1, hi1);
             __m256i a0[3], a1[3];
             for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_si256();
-            for (int u = 0; u < 4; u++)
+            /* Operand step u unpacked just before its use (4 live operands, not 16: with 2R
+             * accumulators the block's operands all at once spilled to the stack). */
+            for (int u = 0; u < 4; u++) {
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + 64 * u));
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 64 * u + 32));
+                const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
+                const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
                 for (int r = 0; r < R; r++) {
                     const int8_t *xb = c->xq + (size_t)(m0 + r) * k + 32 * b;
                     const __m256i xl = _mm256_set1_epi32(load_i32(xb + 4 * u));
                     const __m256i xh = _mm256_set1_epi32(load_i32(xb + 16 + 4 * u));
-                    a0[r] = _mm256_add_epi16(a0[r], _mm256_maddubs_epi16(lo0[u], xl));
-                    a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(lo1[u], xl));
-                    a0[r] = _mm256_add_epi16(a0[r], _mm256_maddubs_epi16(hi0[u], xh));
-                    a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(hi1[u], xh));
+                    a0[r] = _mm256_add_epi16(a0[r], _mm256_maddubs_epi16(lo0, xl));
+                    a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(lo1, xl));
+                    a0[r] = _mm256_add_epi16(a0[r], _mm256_maddubs_epi16(hi0, xh));
+                    a1[r] = _mm256_add_epi16(a1[r], _mm256_maddubs_epi16(hi1, xh));
                     KEEP_YMM(a0[r]);
                     KEEP_YMM(a1[r]);
                 }
+            }
             for (int r = 0; r < R; r++) {
                 const __m256 d = _mm256_set1_ps(c->d[(size_t)(m0 + r) * c->nb + b]);
                 acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0[r], ones)), _mm256_mul_ps(s0, d), acc0[r]);
