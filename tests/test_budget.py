@@ -398,6 +398,16 @@ def test_chain_controller_picks_the_chain_length_the_costs_favour():
     assert [m for m, _ in plans[-60:]].count("plain") >= 55, plans
 
 
+def test_linear_cost_keeps_its_slope_when_one_budget_fills_the_window():
+    cost = LinearCost(window=4)
+    for b, t in ((2, 1.2), (8, 1.8), (2, 1.2), (8, 1.8)):
+        cost.add(b, t)
+    assert cost(4) == pytest.approx(1.4)
+    for _ in range(4):
+        cost.add(3, 1.3)                                # only the budget the controller settled on
+    assert cost(8) == pytest.approx(1.8) and cost(3) == pytest.approx(1.3)
+
+
 @pytest.mark.parametrize("shapes", list(SHAPES))
 def test_mode_switches_are_lossless_greedy_and_resume_drafting(models, reference, shapes):
     """Costs that flip mid-generation: plain passes while drafting is dear, trees (or chains)

@@ -60,12 +60,16 @@ def candidate_budgets(max_budget: int, min_budget: int = 4) -> list:
 
 class LinearCost:
     """``t(b) = a + c * b`` over the last ``window`` observations, ``a, c >= 0``. With fewer than
-    two distinct budgets (max / min < ``min_spread``) the slope is ``prior_slope``."""
+    two distinct budgets (max / min < ``min_spread``) the slope is the last one measured, or
+    ``prior_slope`` before any: a window holding only the budget a controller settled on says
+    nothing about the slope, and forgetting it priced every other budget at that one's cost (a
+    chain controller that settled on k then saw longer chains as free)."""
 
     def __init__(self, window: int = 24, prior_slope: float = 0.0, min_spread: float = 1.5):
         self.obs: deque = deque(maxlen=window)
         self.prior_slope = prior_slope
         self.min_spread = min_spread
+        self.measured_slope: Optional[float] = None
 
     def add(self, b: float, t: float) -> None:
         if math.isfinite(t) and t >= 0:
@@ -81,10 +85,10 @@ class LinearCost:
         ts = [t for _, t in self.obs]
         n = len(xs)
         mx, mt = sum(xs) / n, sum(ts) / n
-        c = self.prior_slope
+        c = self.prior_slope if self.measured_slope is None else self.measured_slope
         sxx = sum((x - mx) ** 2 for x in xs)
         if sxx > 0 and max(xs) >= self.min_spread * min(xs):
-            c = max(0.0, sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx)
+            c = self.measured_slope = max(0.0, sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx)
         a = max(0.0, mt - c * mx)
         return a, c
 
