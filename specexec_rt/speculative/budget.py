@@ -19,11 +19,11 @@ Objective (docs/ALGORITHM.md, "Choosing the budget every pass"): maximise expect
   costs at the current rate, ``seconds per call / seconds per emitted token``. When the deepest
   allowed level still paid, the next pass goes as deep as the levels' geometric decay says still
   pays (at most half as deep again, up to ``max_depth``).
-  A budget measured in the window is priced at its own recent mean. Until the window holds two
-  budgets far enough apart the slope is 0 (the offloaded target, where a pass costs the same for
-  1..1000 tokens, is the main case); the controller starts small (16) and climbs at most 2x per
-  pass, and a growing cost (a CPU target) shows up as a slope or a measured price that pulls it
-  back.
+  A budget measured in the window is priced at its own recent mean. Until the window has held
+  two budgets far enough apart the slope is 0 (the offloaded target, where a pass costs the same
+  for 1..1000 tokens, is the main case); after that, while it holds one, the last slope measured
+  (``LinearCost``); the controller starts small (16) and climbs at most 2x per pass, and a
+  growing cost (a CPU target) shows up as a slope or a measured price that pulls it back.
 
 Chains instead of trees (``chains=True``; the engine's choice on the CPU): the speculative
 candidates are draft chains of ``k = 1..max_chain`` tokens, scored as
