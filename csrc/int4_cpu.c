@@ -468,10 +468,11 @@ T_AVX2 INLINE void row1_tiles_avx2(const ctx_t *c, int col0, const int stream) {
 T_AVX2 static void row1_pk_avx2(const ctx_t *c, int col0) { row1_tiles_avx2(c, col0, 1); }
 T_AVX2 static void row1_avx2(const ctx_t *c, int col0) { row1_tiles_avx2(c, col0, 0); }
 
-/* R rows (m0 .. m0+R-1) of an 8-column tile of the plain layout. Each block's operands (lo 0-3, hi 0-3) come from
- * `buf`, the tile unpacked once into L1 for many rows (tile_avx2), or, with `buf` NULL, are
- * unpacked into registers here and used at once by every row (2-4 rows: a small tree level or
- * verification; through the buffer a 2-row draft step of SmolLM2 cost ~1.4x a 1-row step).
+/* R rows (m0 .. m0+R-1) of an 8-column tile of the plain layout. Each block's operands (lo 0-3,
+ * hi 0-3) come from `buf`, the tile unpacked once into L1 for many rows (tile_avx2), or, with
+ * `buf` NULL, are unpacked into registers here and used at once by every row (2-4 rows: a small
+ * tree level or verification; through the buffer a 2-row draft step of SmolLM2 cost ~1.4x a
+ * 1-row step).
  * Per row the same operations in the same order either way, so the same bits. */
 T_AVX2 INLINE void rows_avx2(const ctx_t *c, int col0, int m0, const int R, const __m256i *buf) {
     const int k = c->w->k;
@@ -535,7 +536,7 @@ T_AVX2 static void rows_small_tile_avx2(const ctx_t *c, int col0) {
  * 8-column tiles interleaved as in row1_tiles_avx2: 2R independent int16 chains. One tile at a
  * time, 2 rows were two chains and latency-bound (measured: a 2-row LM head took longer than a
  * 4-row one). Per row and tile the same operations in the same order as rows_avx2, so the
- * same bits. */
+ * same bits. One row keeps row1_tiles_avx2 (this with R = 1 was 1.5-7% slower, measured). */
 T_AVX2 INLINE void rows16_pk_avx2(const ctx_t *c, int col0, int m0, const int R) {
     const int k = c->w->k;
     const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(15);
