@@ -128,21 +128,24 @@ class DraftTree:
             raise RuntimeError(f"DraftTree capacity {self.capacity} exceeded ({self.n_nodes} + {k} nodes)")
         if self.n_nodes + k > self.allocated:
             self._allocate(min(self.capacity, max(2 * self.allocated, self.n_nodes + k)))
-        new = torch.arange(self.n_nodes, self.n_nodes + k, device=self.device)
-        par = parents.repeat_interleave(w)
-        self.tokens[new] = tokens.reshape(-1)
+        # The new nodes are the next k indices: slices, not index tensors (each indexed write is
+        # a scatter; this runs once per tree level, on a CPU a tenth of a millisecond per op).
+        a, b = self.n_nodes, self.n_nodes + k
+        new = torch.arange(a, b, device=self.device)
+        par = parents if w == 1 else parents.repeat_interleave(w)
+        self.tokens[a:b] = tokens.reshape(-1)
         if features is not None:
-            self.features[new] = features.reshape(-1)
-        self.parents[new] = par
-        self.depths[new] = self.depths[par] + 1
+            self.features[a:b] = features.reshape(-1)
+        self.parents[a:b] = par
+        self.depths[a:b] = self.depths[par] + 1
         # A broken draft (NaN log-probs) must only cost speed: its children are created dead.
         lq = logq.reshape(-1).float()
         sc = self.scores[par] + torch.where(torch.isnan(lq), torch.full_like(lq, NEG_INF), lq)
-        self.scores[new] = sc
-        self.alive[new] = self.alive[par] & (sc > NEG_INF)
+        self.scores[a:b] = sc
+        self.alive[a:b] = self.alive[par] & (sc > NEG_INF)
         rows = self.anc[par]
-        rows[torch.arange(k, device=self.device), new] = True
-        self.anc[new] = rows
+        rows[:, a:b] |= torch.eye(k, dtype=torch.bool, device=self.device)
+        self.anc[a:b] = rows
         self.n_nodes += k
         self.levels += 1
         return new
