@@ -74,23 +74,32 @@ class LinearCost:
     def add(self, b: float, t: float) -> None:
         if math.isfinite(t) and t >= 0:
             self.obs.append((float(b), float(t)))
+            # Every window with spread sets the slope, whether or not a fit reads it then.
+            slope = self._window_slope()
+            if slope is not None:
+                self.measured_slope = slope
 
     def __len__(self) -> int:
         return len(self.obs)
 
+    def _window_slope(self) -> Optional[float]:
+        """The least-squares slope of the window, or None when its budgets are too close."""
+        xs = [x for x, _ in self.obs]
+        if not xs or max(xs) < self.min_spread * min(xs):
+            return None
+        mx, mt = sum(xs) / len(xs), sum(t for _, t in self.obs) / len(xs)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx <= 0:
+            return None
+        return max(0.0, sum((x - mx) * (t - mt) for x, t in self.obs) / sxx)
+
     def fit(self) -> tuple[float, float]:
         if not self.obs:
             return 0.0, self.prior_slope
-        xs = [x for x, _ in self.obs]
-        ts = [t for _, t in self.obs]
-        n = len(xs)
-        mx, mt = sum(xs) / n, sum(ts) / n
         c = self.prior_slope if self.measured_slope is None else self.measured_slope
-        sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx > 0 and max(xs) >= self.min_spread * min(xs):
-            c = self.measured_slope = max(0.0, sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx)
-        a = max(0.0, mt - c * mx)
-        return a, c
+        mx = sum(x for x, _ in self.obs) / len(self.obs)
+        mt = sum(t for _, t in self.obs) / len(self.obs)
+        return max(0.0, mt - c * mx), c
 
     def __call__(self, b: float) -> float:
         """Measured mean at ``b`` when the window has it (real costs are often superlinear:

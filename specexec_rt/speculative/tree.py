@@ -144,7 +144,7 @@ class DraftTree:
         self.scores[a:b] = sc
         self.alive[a:b] = self.alive[par] & (sc > NEG_INF)
         rows = self.anc[par]
-        rows[:, a:b] |= torch.eye(k, dtype=torch.bool, device=self.device)
+        rows[:, a:b].fill_diagonal_(True)       # each new node is its own ancestor
         self.anc[a:b] = rows
         self.n_nodes += k
         self.levels += 1
