@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from specexec_rt.speculative.tree import NEG_INF, DraftTree, path_rows, walk_accept
+from specexec_rt.speculative.tree import NEG_INF, ChainTree, DraftTree, path_rows, walk_accept
 
 V = 12
 
@@ -174,3 +174,50 @@ def test_storage_grows_on_demand_with_the_same_tree(seed, budget):
     assert torch.equal(small.anc[:n, :n], full.anc[:n, :n])
     assert torch.equal(small.draft_order[:small.n_draft_slots], full.draft_order[:full.n_draft_slots])
     check_invariants(small, budget)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 6])
+def test_chain_tree_compacts_as_the_general_tree(length):
+    """The chain's fast tree hands the engine what the general tree would for the same chain:
+    the same tokens, depths, parents, ancestor mask, draft slots and depth bound, at every level
+    the drafter sees (draft masks), with the last node left without a draft slot or not."""
+    g = torch.Generator().manual_seed(length)
+    toks = torch.randint(0, 1000, (length,), generator=g)
+    for expand_last in (False, True):
+        general, chain = DraftTree(length + 1, "cpu", 7), ChainTree(length + 1, "cpu", 7)
+        tip_g = tip_c = torch.zeros(1, dtype=torch.long)
+        for i in range(length + 1):
+            if i < length or expand_last:
+                assert torch.equal(general.mark_expanded(tip_g), chain.mark_expanded(tip_c))
+                assert torch.equal(general.draft_mask(tip_g), chain.draft_mask(tip_c))
+                assert general.n_draft_slots == chain.n_draft_slots
+            if i < length:
+                tip_g = general.add_children(tip_g, toks[i].view(1, 1), torch.zeros(1, 1))
+                tip_c = chain.add_children(tip_c, toks[i].view(1, 1), None)
+                assert torch.equal(tip_g, tip_c)
+        a, b = general.compact(torch.arange(general.n_nodes)), chain.compact()
+        for name in ("tokens", "depths", "parents", "mask", "draft_slots", "nodes"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert a.depth_bound == b.depth_bound == length
+        # Greedy acceptance gives the same path on either: the walk sees the same tree.
+        draws = torch.cat([toks[:length // 2], torch.tensor([5000]), toks[length // 2 + 1:], torch.tensor([1])])
+        assert int(walk_accept(a, draws)) == int(walk_accept(b, draws))
+        assert torch.equal(path_rows(a, walk_accept(a, draws), length + 1),
+                           path_rows(b, walk_accept(b, draws), length + 1))
+
+
+def test_chain_tree_refuses_what_is_not_a_chain():
+    t = ChainTree(3, "cpu", 1)
+    with pytest.raises(RuntimeError, match="tip"):
+        t.mark_expanded(torch.tensor([0, 0]))
+    t.mark_expanded(torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="tip"):
+        t.mark_expanded(torch.tensor([0]))         # the root again: only the tip, once
+    with pytest.raises(RuntimeError, match="one child"):
+        t.add_children(torch.tensor([0]), torch.tensor([[4, 5]]), None)
+    t.add_children(torch.tensor([0]), torch.tensor([[4]]), None)
+    t.add_children(torch.tensor([1]), torch.tensor([[5]]), None)
+    with pytest.raises(RuntimeError, match="capacity"):
+        t.add_children(torch.tensor([2]), torch.tensor([[6]]), None)
+    with pytest.raises(RuntimeError, match="whole chain"):
+        t.compact(torch.arange(2))

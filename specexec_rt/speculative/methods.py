@@ -24,7 +24,7 @@ from . import tree as _tree
 from . import tree_policy
 from .memory import PassShape
 from .sampling import process_logits
-from .tree import NEG_INF, DraftTree, VerifyTree, prune_forest
+from .tree import NEG_INF, ChainTree, DraftTree, VerifyTree, prune_forest
 
 CURVE_SCALE = 1e6     # budget="auto": prediction-curve values travel as int64 micro-tokens
 
@@ -115,8 +115,7 @@ class Autoregressive(Method):
         return PassShape(1, n_requests=n_requests)
 
     def grow(self, ctx: PassContext) -> list:
-        zero = torch.zeros(1, dtype=torch.long, device=ctx.device)
-        return [(DraftTree(1, ctx.device, r.root).compact(zero), None) for r in ctx.requests]
+        return [(ChainTree(1, ctx.device, r.root).compact(), None) for r in ctx.requests]
 
 
 class _Chains(Method):
@@ -145,7 +144,9 @@ class _Chains(Method):
         n_cfg, depth_cfg = self._n_depth()
         n = min(n_cfg, drafter.model.vocab_size)
         depths = [min(depth_cfg, r.remaining) for r in ctx.requests]
-        drafter.trees = [DraftTree(1 + n * d, dev, r.root) for r, d in zip(ctx.requests, depths)]
+        # One candidate per level: a chain, whose structure is known in advance (ChainTree).
+        tree_cls = ChainTree if n == 1 else DraftTree
+        drafter.trees = [tree_cls(1 + n * d, dev, r.root) for r, d in zip(ctx.requests, depths)]
         root_logits = drafter.root()
         out, tips = [], []
         zero_root = torch.zeros(1, dtype=torch.long, device=dev)
@@ -159,8 +160,12 @@ class _Chains(Method):
                 q_rows = torch.zeros(1 + n * depth, root_logits.shape[-1], device=dev)
                 q_rows[0] = process_logits(root_logits[i], r.params)
                 cands, valid = sampling.sample_without_replacement(q_rows[0], n, r.gen)
-            zero = torch.zeros(1, n, device=dev)
-            tips.append(tree.add_children(zero_root, cands[None], torch.where(valid[None], zero, zero - float("inf"))))
+            if n == 1:
+                tips.append(tree.add_children(zero_root, cands[None], None))   # a chain keeps no scores
+            else:
+                zero = torch.zeros(1, n, device=dev)
+                tips.append(tree.add_children(zero_root, cands[None],
+                                              torch.where(valid[None], zero, zero - float("inf"))))
             out.append([q_rows, cands, valid, n, depth])
         for level in range(1, max(depths)):
             live = [i for i, d in enumerate(depths) if d > level]
@@ -173,10 +178,10 @@ class _Chains(Method):
                     q = process_logits(lg, r.params)
                     q_rows[tips[i]] = q
                     nxt = sampling.sample(q, r.gen)
-                tips[i] = tree.add_children(tips[i], nxt[:, None], torch.zeros(n, 1, device=dev))
+                tips[i] = tree.add_children(tips[i], nxt[:, None], None if n == 1 else torch.zeros(n, 1, device=dev))
         result = []
         for i, tree in enumerate(drafter.trees):
-            vt = tree.compact(torch.arange(tree.n_nodes, device=dev))
+            vt = tree.compact() if n == 1 else tree.compact(torch.arange(tree.n_nodes, device=dev))
             result.append((vt, tuple(out[i])))
         return result
 

@@ -202,6 +202,84 @@ class DraftTree:
         return self.alive[:self.n_nodes].nonzero().squeeze(1)
 
 
+class ChainTree:
+    """A ``DraftTree`` that can only be a chain (one child per level, node i at depth i), for the
+    chain method and plain passes. Same interface as far as ``Drafter`` and the chain methods
+    use it, with the structure known in advance: depths, parents, masks and draft slots are
+    slices of per-capacity constants (``_chain_constants``), so growing a level writes one token
+    and ``compact`` builds nothing. On a CPU every small tensor op costs microseconds; the
+    general tree's ~15 per level and ~10 per compact were ~1 ms of a chain pass's host work."""
+
+    def __init__(self, capacity: int, device, root_token) -> None:
+        self.capacity = int(capacity)
+        self.device = torch.device(device)
+        self._c = _chain_constants(self.capacity, self.device)
+        self.tokens = torch.empty(self.capacity, dtype=torch.long, device=self.device)
+        self.tokens[0] = torch.as_tensor(root_token, device=self.device)
+        self.depths = self._c["ar"]
+        self.n_nodes = 1
+        self.n_draft_slots = 0
+        self.levels = 0
+
+    def mark_expanded(self, nodes: torch.Tensor) -> torch.Tensor:
+        """``nodes``: the tip (``[1]``, the node created last); gets the next draft slot."""
+        s = self.n_draft_slots
+        if int(nodes.shape[0]) != 1 or s != self.n_nodes - 1:
+            raise RuntimeError("ChainTree: only the tip of the chain can be expanded, once")
+        self.n_draft_slots += 1
+        return self._c["ar"][s:s + 1]
+
+    def draft_mask(self, nodes: torch.Tensor) -> torch.Tensor:
+        return self._c["ones"][:, :self.n_draft_slots]       # the tip sees the whole chain
+
+    def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, logq: Optional[torch.Tensor] = None,
+                     features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One child of the tip: ``tokens`` ``[1, 1]`` (``logq``/``features`` unused: a chain
+        keeps no scores). Returns its index ``[1]``."""
+        a = self.n_nodes
+        if tuple(tokens.shape) != (1, 1):
+            raise RuntimeError(f"ChainTree takes one child per level, got {list(tokens.shape)}")
+        if a >= self.capacity:
+            raise RuntimeError(f"ChainTree capacity {self.capacity} exceeded")
+        self.tokens[a:a + 1] = tokens.reshape(1)
+        self.n_nodes += 1
+        self.levels += 1
+        return self._c["ar"][a:a + 1]
+
+    def compact(self, nodes: Optional[torch.Tensor] = None) -> VerifyTree:
+        """The VerifyTree of the whole chain (``nodes``, if given, must be all of it)."""
+        n = self.n_nodes
+        if nodes is not None and int(nodes.shape[0]) != n:
+            raise RuntimeError("ChainTree.compact keeps the whole chain")
+        c = _chain_constants(n, self.device)
+        slots = c["slots_all"] if self.n_draft_slots == n else c["slots"]
+        if self.n_draft_slots not in (n, n - 1):
+            slots = torch.where(c["ar"] < self.n_draft_slots, c["ar"], torch.full_like(c["ar"], -1))
+        return VerifyTree(tokens=self.tokens[:n], depths=c["ar"], parents=c["parents"], mask=c["tril"],
+                          draft_slots=slots, nodes=c["ar"], proposed=None, depth_bound=n - 1)
+
+
+_CHAIN_CONSTANTS: dict = {}
+
+
+def _chain_constants(n: int, device: torch.device) -> dict:
+    """Read-only tensors of an ``n``-node chain on ``device``, made once: ``ar`` = 0..n-1 (node
+    indices and depths), ``parents`` (root -1), ``tril`` (the ancestor mask), ``ones`` [1, n],
+    ``slots`` (draft slot of each node when all but the last were expanded: 0..n-2, -1) and
+    ``slots_all`` (all expanded). Callers never write into them."""
+    key = (n, device)
+    c = _CHAIN_CONSTANTS.get(key)
+    if c is None:
+        ar = torch.arange(n, device=device)
+        c = {"ar": ar, "parents": ar - 1, "tril": torch.ones(n, n, dtype=torch.bool, device=device).tril_(),
+             "ones": torch.ones(1, n, dtype=torch.bool, device=device),
+             "slots": torch.where(ar < n - 1, ar, torch.full_like(ar, -1)), "slots_all": ar}
+        if len(_CHAIN_CONSTANTS) > 256:      # distinct (length, device) pairs: a handful in practice
+            _CHAIN_CONSTANTS.clear()
+        _CHAIN_CONSTANTS[key] = c
+    return c
+
+
 def walk_accept(tree: VerifyTree, draws: torch.Tensor) -> torch.Tensor:
     """SpecExec's exact acceptance, done for all rows at once.
 
