@@ -67,7 +67,7 @@ static inline __m512 sxc_emulated_cvtepi32_ps(__m512i a) { /* missing from SIMDe
 #define _mm512_cvtepi32_ps sxc_emulated_cvtepi32_ps
 #endif
 
-#define SXC_ABI_VERSION 7
+#define SXC_ABI_VERSION 8
 
 /* ISA levels, lowest first (the Python side's names: scalar, avx2, avx512, avx512vnni). */
 enum { SXC_SCALAR = 0, SXC_AVX2 = 1, SXC_AVX512 = 2, SXC_AVX512VNNI = 3 };
@@ -993,3 +993,6 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
 
 /* ------------------------------------------------------------------ whole layers */
 #include "layers_cpu.h"
+
+/* ------------------------------------------------------------------ row-wise argmax (greedy picks) */
+#include "argmax_cpu.h"

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 # specexec_rt.csrc is imported inside the functions that build: kernels/ must stay importable as
 # a top-level package too (transformers probes the name "kernels" from the repo root).
 
-SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h", "layers_cpu.h")
+SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h", "layers_cpu.h", "argmax_cpu.h")
 LIB_NAME = "libspecexec_cpu.so"
-ABI_VERSION = 7  # csrc/int4_cpu.c SXC_ABI_VERSION
+ABI_VERSION = 8  # csrc/int4_cpu.c SXC_ABI_VERSION
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
 ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations
 ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "invalid argument"}
@@ -177,6 +177,8 @@ def load(path: Path) -> ctypes.CDLL:
         "sxc_quantize_q8": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, wp, ctypes.c_int, ctypes.c_void_p,
                                            ctypes.c_void_p, ctypes.c_void_p]),
         "sxc_exp": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]),
+        "sxc_argmax_rows": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                           ctypes.c_void_p, ctypes.c_int]),
         "sxc_int4_pack_bytes": (ctypes.c_size_t, [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
         "sxc_int4_pack": (ctypes.c_int, [wp, ctypes.c_void_p]),
     }

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels.argmax_cpu import argmax_rows
 from . import sampling
 from . import tree as _tree
 from . import tree_policy
@@ -92,7 +93,7 @@ class Method:
         sampled walk, float ``[depths, V]`` Exp(1) noise, row d for the draws of tree depth d
         (sampling.PositionNoise: the text does not depend on the tree); None: draw with ``gen``."""
         if params.greedy:
-            draws = p.argmax(-1)
+            draws = argmax_rows(p)
         elif noise is not None:
             draws = sampling.sample_with_noise(p, noise[tree.depths])
         else:
@@ -155,7 +156,8 @@ class _Chains(Method):
             tree = drafter.trees[i]
             q_rows = None
             if r.params.greedy:
-                cands, valid = root_logits[i].topk(n).indices, torch.ones(n, dtype=torch.bool, device=dev)
+                cands = argmax_rows(root_logits[i]).view(1) if n == 1 else root_logits[i].topk(n).indices
+                valid = torch.ones(n, dtype=torch.bool, device=dev)
             else:
                 q_rows = torch.zeros(1 + n * depth, root_logits.shape[-1], device=dev)
                 q_rows[0] = process_logits(root_logits[i], r.params)
@@ -173,7 +175,7 @@ class _Chains(Method):
             for i, lg in zip(live, logits.split(n)):
                 r, tree, q_rows = ctx.requests[i], drafter.trees[i], out[i][0]
                 if r.params.greedy:
-                    nxt = lg.argmax(-1)
+                    nxt = argmax_rows(lg)
                 else:
                     q = process_logits(lg, r.params)
                     q_rows[tips[i]] = q

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..errors import SamplingParameterError
+from ..kernels.argmax_cpu import argmax_rows
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,13 @@ def sample(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.T
     """One draw per row of ``probs`` ``[..., V]`` -> int64 ``[...]``. Zero-probability tokens are
     never drawn (0 / E = 0 and some token has positive mass)."""
     e = exponential_noise(probs.shape, generator, probs.device)
-    return (probs / e).argmax(-1)
+    return argmax_rows(probs / e)
 
 
 def sample_with_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """``argmax(probs / noise)`` row-wise: a draw from each row of ``probs`` ``[..., V]`` given
     Exp(1) ``noise`` of the same shape."""
-    return (probs / noise).argmax(-1)
+    return argmax_rows(probs / noise)
 
 
 def _mix64(seed: int, index: int) -> int:
