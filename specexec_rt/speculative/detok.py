@@ -25,13 +25,40 @@ class TextTracker:
         self.token_ids: list = []
         self.emitted = ""                       # text shown so far
         self.finish_reason: Optional[str] = None
+        self._anchor, self._anchor_text = 0, ""  # decode(token_ids[:_anchor]) == _anchor_text
 
     @property
     def text(self) -> Optional[str]:
         return self.emitted if self.tokenizer is not None else None
 
+    # Incremental decoding: the text of the tokens up to an anchor is kept, and each pass decodes
+    # only from CONTEXT tokens before the anchor (the context gives the first new token its
+    # leading space and joins a character split across the anchor), so a pass costs the same at
+    # token 2000 as at token 20. Decoding everything every pass was quadratic: ~1.3 ms per pass
+    # at 2000 tokens with SmolLM2's tokenizer, a fifth of an int4 decode step on a 2-core CPU.
+    CONTEXT = 8
+    ADVANCE = 16      # tokens past the anchor before it moves
+
     def decode(self, ids: list) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _text(self, out: list) -> str:
+        """``decode(out)``, decoding only the tail past the anchor when that is provably the same
+        split: the context's text must be a prefix of the tail's and end on a whole character;
+        otherwise (and at the end, see ``add``) the whole list is decoded."""
+        a = self._anchor
+        if a == 0 or len(out) < a:
+            text = self.decode(out)
+        else:
+            c = max(0, a - self.CONTEXT)
+            head, tail = self.decode(out[c:a]), self.decode(out[c:])
+            if tail.startswith(head) and not head.endswith("\ufffd"):
+                text = self._anchor_text + tail[len(head):]
+            else:
+                text = self.decode(out)
+        if len(out) - a >= self.ADVANCE and not text.endswith("\ufffd"):
+            self._anchor, self._anchor_text = len(out), text
+        return text
 
     def add(self, new: list) -> str:
         """Take one pass's new tokens; returns the newly safe text ("" without a tokenizer)."""
@@ -49,11 +76,17 @@ class TextTracker:
             finish = finish or "length"
         piece = ""
         if self.tokenizer is not None:
-            text = self.decode(out)
+            # The last text, and a text a stop string ends, are the tokenizer's whole decode.
+            text = self.decode(out) if finish else self._text(out)
             cut = find_stop(text, self.stops)
+            if cut is not None and not finish:
+                full = self.decode(out)
+                full_cut = find_stop(full, self.stops)
+                if full_cut is not None:
+                    text, cut = full, full_cut
             if cut is not None:
+                self.token_ids = out = self._trim_to_stop(out, text[:cut[1]])
                 text, finish = text[:cut[0]], "stop"
-                self.token_ids = out = self._trim_to_stop(out, cut[1])
                 safe = len(text)
             else:
                 safe = len(text) if finish else safe_prefix_len(text, self.stops)
@@ -63,12 +96,21 @@ class TextTracker:
         self.finish_reason = finish
         return piece
 
-    def _trim_to_stop(self, out: list, end: int) -> list:
-        """The shortest prefix of ``out`` whose text contains the stop string ending at ``end``."""
-        for i in range(1, len(out) + 1):
-            if len(self.decode(out[:i])) >= end:
-                return out[:i]
-        return out
+    def _trim_to_stop(self, out: list, through_stop: str) -> list:
+        """The shortest prefix of ``out`` whose text starts with ``through_stop`` (the text up to
+        the end of the stop string; a prefix that ends inside the stop's last character decodes
+        to U+FFFD there and is not enough). Longer prefixes keep the text of shorter ones, so a
+        bisection finds it in O(log n) decodes."""
+        lo, hi = 1, len(out)
+        if not self.decode(out).startswith(through_stop):
+            return out
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.decode(out[:mid]).startswith(through_stop):
+                hi = mid
+            else:
+                lo = mid + 1
+        return out[:lo]
 
 
 def find_stop(text: str, stops: list) -> Optional[tuple[int, int]]:
