@@ -318,3 +318,29 @@ def test_smollm2_greedy_lossless_every_method(smollm2_pair):
         assert res.token_ids == expected, method
         assert res.text == tok.decode(expected, skip_special_tokens=True)
         assert res.stats.tokens_per_pass > 1.5, method     # the int4 self-draft is accepted often
+
+
+def test_builtin_drafts_by_name():
+    """``default`` and ``int4:G`` name drafts derived from the target (the CLI's --draft): the
+    name's group size is checked before anything is built, and one that does not divide the
+    model's widths is refused with the widths named."""
+    from conftest import build_tiny_model
+
+    from specexec_rt.errors import UnsupportedModelError
+    from specexec_rt.speculative.drafts import builtin_draft, builtin_draft_group, int4_draft
+
+    assert builtin_draft_group("default") == 0 and builtin_draft_group("int4:32") == 32
+    assert builtin_draft_group("some/checkpoint") is None
+    for bad in ("int4:48", "int4:", "int4:-32", "int4:1e2"):
+        with pytest.raises(ValueError, match="32, 64, 128 or 256"):
+            builtin_draft_group(bad)
+    target = build_tiny_model(hidden_size=64, intermediate_size=96, n_heads=4, n_kv_heads=2, head_dim=16,
+                              vocab_size=96)
+    ids, pos = torch.tensor([3, 17, 5, 60]), torch.arange(4)
+    named, direct = builtin_draft(target, "int4:32"), int4_draft(target, group_size=32)
+    assert named.weights.layers[0].wqkv.group_size == 32
+    assert torch.equal(named.forward(ids, pos, named.cache, 0), direct.forward(ids, pos, direct.cache, 0))
+    with pytest.raises(UnsupportedModelError, match=r"int4:64.*\[64, 96\]"):
+        builtin_draft(target, "int4:64")          # the 96-wide MLP
+    with pytest.raises(ValueError, match="no built-in draft"):
+        builtin_draft(target, "some/checkpoint")

@@ -102,6 +102,8 @@ BEFORE_LOADING = [
     (["--stop", ""], "--stop"),
     (["--prompt", ""], "--prompt"),
     (["--draft", "/nonexistent/draft"], "not found"),       # the draft source fails before the target loads
+    (["--draft", "int4:33"], "--draft"),                      # a built-in draft's group size, checked first
+    (["--draft", "int4:sixty"], "--draft"),
 ]
 
 
@@ -209,6 +211,12 @@ def test_normal_run_after_bad_ones(dirs, capsys):
                             capsys)
     assert rc == 0, err
     assert out.strip() == greedy_words(dirs["target"], 9)
+    # A named int4 draft at another group size serves the same exact text.
+    rc, out, err = run_main([a.replace("TARGET", dirs["target"]) for a in GEN]
+                            + ["--device", "cpu", "--max-new-tokens", "9", "--draft", "int4:32", "--method", "chain",
+                               "--k", "3"], capsys)
+    assert rc == 0, err
+    assert "draft int4:32" in err and out.strip() == greedy_words(dirs["target"], 9)
 
 
 # ------------------------------------------------------------------ whole processes

@@ -31,8 +31,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="target model: HF directory, .gguf file, hub id in the local HF cache, or alias "
                         "(default: smollm2-135m)")
     p.add_argument("--draft", default=None,
-                   help="draft model source, or 'default' for the built-in draft derived from the target; "
-                        "omit for autoregressive decoding")
+                   help="draft model source, or a built-in draft derived from the target: 'default' (its "
+                        "layers re-quantized to int4, group 64), or 'int4:G' (groups of G = 32, 64, 128 or "
+                        "256; int4:32 reproduces a target dequantized from a GGUF Q4_0/Q4_1 file). Omit for "
+                        "autoregressive decoding")
     p.add_argument("--method", default=None, choices=["autoregressive", "chain", "specinfer", "specexec"],
                    help="decoding method (default: specexec with a draft, autoregressive without)")
     p.add_argument("--budget", default=None, type=parse_budget,
@@ -64,22 +66,22 @@ def build_engine(args):
     import torch
 
     from ..loading import load_model, resolve_source
+    from ..speculative.drafts import builtin_draft, builtin_draft_group
     from ..speculative.engine import Engine
 
     plan = cli_checks.check_model_args(args)
 
     # Both sources first: a draft path with a typo fails before the target spends time loading.
     target_src = resolve_source(args.model)
-    draft_src = resolve_source(args.draft) if args.draft and args.draft != "default" else None
+    builtin = args.draft is not None and builtin_draft_group(args.draft) is not None
+    draft_src = resolve_source(args.draft) if args.draft and not builtin else None
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     t0 = time.perf_counter()
     target = _load(load_model, target_src, "--max-len", device=plan.device, dtype=dtype, max_len=args.max_len,
                    quantize=args.quantize, offload=args.offload, gpu_memory_gb=args.gpu_memory_gb)
     draft = None
-    if args.draft == "default":
-        from ..speculative.drafts import default_draft
-
-        draft = default_draft(target)
+    if builtin:
+        draft = builtin_draft(target, args.draft)
     elif draft_src is not None:
         # The target's max_len or the draft's own context if shorter: a draft with a shorter
         # context still loads, and the engine's context and vocabulary checks decide what fits.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..speculative import params
+from ..speculative.drafts import builtin_draft_group
 from ..speculative.engine import METHOD_PARAMS
 from .error_map import UsageError
 
@@ -117,6 +118,11 @@ def check_model_args(args) -> ModelPlan:
     if method == "autoregressive" and args.draft:
         raise UsageError("--method autoregressive uses no draft model: drop --draft, or choose a speculative "
                          "--method (specexec, specinfer, chain)")
+    if args.draft:
+        try:
+            builtin_draft_group(args.draft)
+        except ValueError as e:
+            raise UsageError(f"--draft: {e}") from None
     if args.budget is not None and method == "autoregressive":
         raise UsageError("--budget sizes draft trees: it does not apply to --method autoregressive")
     budget = args.budget if args.budget is not None else ("auto" if method == "specexec" else 256)

@@ -5,6 +5,7 @@
 - ``int4_draft``: the target's layers (optionally a subset) quantized to 4 bits (a quarter of
   the bytes to read per pass: the cheap draft on a memory-bound GPU).
 - ``default_draft``: the choice measured best by ``bench/acceptance.py --drafts`` (int4).
+- ``builtin_draft``: a draft named by a string (the CLI's ``--draft default`` / ``--draft int4:G``).
 """
 from __future__ import annotations
 
@@ -125,3 +126,44 @@ def int4_group_size(target: Transformer, preferred: int = 64) -> int:
         g //= 2
     raise UnsupportedModelError(target.config.model_type, f"the default int4 draft needs matrix widths divisible "
                                                           f"by {PACK} (got {sorted(widths)}); pass a draft model")
+
+
+# Group sizes a named int4 draft (``int4:G``) may take: the native CPU kernel's nibble blocks are
+# 32 wide, and these are the ones its tests sweep.
+BUILTIN_GROUPS = (32, 64, 128, 256)
+
+
+def builtin_draft_group(spec: str) -> Optional[int]:
+    """The group size a draft name asks for: 0 for ``default`` (the target's widths decide), G
+    for ``int4:G``, None when ``spec`` names no built-in draft (a path, a hub id or an alias).
+    ValueError for an ``int4:`` name with a group size outside ``BUILTIN_GROUPS``."""
+    if spec == "default":
+        return 0
+    if not spec.startswith("int4:"):
+        return None
+    text = spec[len("int4:"):]
+    if not text.isdigit() or int(text) not in BUILTIN_GROUPS:
+        raise ValueError(f"the built-in int4 draft {spec!r} needs a group size of "
+                         f"{', '.join(map(str, BUILTIN_GROUPS[:-1]))} or {BUILTIN_GROUPS[-1]} (e.g. int4:32), "
+                         f"got {text!r}")
+    return int(text)
+
+
+def builtin_draft(target: Transformer, spec: str, max_len: Optional[int] = None) -> Transformer:
+    """The draft ``spec`` names: ``default`` (``default_draft``) or ``int4:G``, the target's layers
+    re-quantized to 4 bits in groups of G. A target dequantized from a 32-block 4-bit file (GGUF
+    Q4_0/Q4_1) is reproduced exactly by ``int4:32`` (measured on SmolLM2's Q4_1 file: top-1
+    agreement 0.85 against 0.68 at group 64; docs/DESIGN.md)."""
+    from ..errors import UnsupportedModelError
+
+    group = builtin_draft_group(spec)
+    if group is None:
+        raise ValueError(f"{spec!r} names no built-in draft (default, or int4:G with G in {BUILTIN_GROUPS})")
+    if group == 0:
+        return default_draft(target, max_len)
+    widths = sorted({m.shape[1] for lw in target.weights.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)})
+    if any(k % group for k in widths):
+        raise UnsupportedModelError(target.config.model_type,
+                                    f"draft {spec!r}: group size {group} must divide every matrix width "
+                                    f"(this model's: {widths}); pick a smaller one")
+    return int4_draft(target, group_size=group, max_len=max_len)
