@@ -5,8 +5,9 @@ Rows (tokens/s of generated tokens, prompt prefill included, as a user sees it):
 - HF transformers ``generate`` (float32, the GGUF dequantized), HF prompt-lookup decoding
   (``prompt_lookup_num_tokens=10``) and HF assisted generation (assistant: the same model with
   its linear layers dynamically quantized to int8, the closest HF analogue of our int4 draft);
-- ours: autoregressive (float32), ``budget="auto"``, SpecExec at fixed budgets, chain k=4,
-  all with the default draft; and our autoregressive decoding of a target kept 4-bit
+- ours: autoregressive (float32), ``budget="auto"``, SpecExec at fixed budgets, chain k=4, all
+  with the default draft (with ``--draft-groups 32`` also auto with the int4 draft at group 32,
+  which reproduces this Q4_1 target's own weights); and our autoregressive decoding of a target kept 4-bit
   (``quantize="int4"``: the GGUF's Q4_1 tensors stay packed);
 - llama.cpp on the same GGUF through ``llama-cpp-python`` (2 threads), run in its own
   virtualenv (it builds llama.cpp from source, so it is never a dependency of ours): the
@@ -89,6 +90,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budgets", default="4,16,64")
     ap.add_argument("--chains", default="4", help="chain lengths k (comma-separated)")
+    ap.add_argument("--draft-groups", default="",
+                    help="also run budget=auto with the built-in int4 draft at these group sizes (e.g. 32: "
+                         "the GGUF's own Q4_1 blocks, so that draft reproduces this target's weights)")
     ap.add_argument("--llama-python", default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF rows (quicker)")
     ap.add_argument("--out-md", default=None)
@@ -113,6 +117,11 @@ def main() -> int:
     ours = {"ours autoregressive": Engine(target, method="autoregressive", tokenizer=tok),
             "ours autoregressive, int4 target": Engine(target4, method="autoregressive", tokenizer=tok),
             "ours budget=auto": Engine(target, draft, budget="auto", tokenizer=tok)}
+    for g in (int(x) for x in args.draft_groups.split(",") if x):
+        from specexec_rt.speculative.drafts import builtin_draft
+
+        ours[f"ours budget=auto, int4:{g} draft"] = Engine(target, builtin_draft(target, f"int4:{g}"), budget="auto",
+                                                           tokenizer=tok)
     for b in (int(x) for x in args.budgets.split(",") if x):
         ours[f"ours specexec b={b}"] = Engine(target, draft, budget=b, tokenizer=tok)
     for k in [int(v) for v in args.chains.split(",") if v]:
