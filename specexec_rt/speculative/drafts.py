@@ -112,20 +112,25 @@ def default_draft(target: Transformer, max_len: Optional[int] = None) -> Transfo
     return layer_dropped_draft(target, default_keep(target.config.n_layers), max_len)
 
 
+def matrix_widths(target: Transformer) -> list:
+    """The in_features of the target's layer matrices, sorted (what an int4 group must divide)."""
+    return sorted({m.shape[1] for lw in target.weights.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)})
+
+
 def int4_group_size(target: Transformer, preferred: int = 64) -> int:
     """``preferred`` if it divides every matrix's in_features, else the largest power of two
     below it that does (a small model's 96-wide MLP takes groups of 32)."""
     from ..errors import UnsupportedModelError
     from ..kernels.int4_weight import PACK
 
-    widths = {m.shape[1] for lw in target.weights.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)}
+    widths = matrix_widths(target)
     g = preferred
     while g >= PACK:
         if all(k % g == 0 for k in widths):
             return g
         g //= 2
     raise UnsupportedModelError(target.config.model_type, f"the default int4 draft needs matrix widths divisible "
-                                                          f"by {PACK} (got {sorted(widths)}); pass a draft model")
+                                                          f"by {PACK} (got {widths}); pass a draft model")
 
 
 # Group sizes a named int4 draft (``int4:G``) may take: the native CPU kernel's nibble blocks are
@@ -161,7 +166,7 @@ def builtin_draft(target: Transformer, spec: str, max_len: Optional[int] = None)
         raise ValueError(f"{spec!r} names no built-in draft (default, or int4:G with G in {BUILTIN_GROUPS})")
     if group == 0:
         return default_draft(target, max_len)
-    widths = sorted({m.shape[1] for lw in target.weights.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)})
+    widths = matrix_widths(target)
     if any(k % group for k in widths):
         raise UnsupportedModelError(target.config.model_type,
                                     f"draft {spec!r}: group size {group} must divide every matrix width "
