@@ -252,8 +252,11 @@ class ChainTree:
         if nodes is not None and int(nodes.shape[0]) != n:
             raise RuntimeError("ChainTree.compact keeps the whole chain")
         c = _chain_constants(n, self.device)
-        slots = c["slots_all"] if self.n_draft_slots == n else c["slots"]
-        if self.n_draft_slots not in (n, n - 1):
+        if self.n_draft_slots == n:             # every node expanded: node i holds slot i
+            slots = c["ar"]
+        elif self.n_draft_slots == n - 1:       # the usual chain: all but the last
+            slots = c["slots"]
+        else:
             slots = torch.where(c["ar"] < self.n_draft_slots, c["ar"], torch.full_like(c["ar"], -1))
         return VerifyTree(tokens=self.tokens[:n], depths=c["ar"], parents=c["parents"], mask=c["tril"],
                           draft_slots=slots, nodes=c["ar"], proposed=None, depth_bound=n - 1)
@@ -265,15 +268,15 @@ _CHAIN_CONSTANTS: dict = {}
 def _chain_constants(n: int, device: torch.device) -> dict:
     """Read-only tensors of an ``n``-node chain on ``device``, made once: ``ar`` = 0..n-1 (node
     indices and depths), ``parents`` (root -1), ``tril`` (the ancestor mask), ``ones`` [1, n],
-    ``slots`` (draft slot of each node when all but the last were expanded: 0..n-2, -1) and
-    ``slots_all`` (all expanded). Callers never write into them."""
+    ``slots`` (draft slot of each node when all but the last were expanded: 0..n-2, -1). Callers
+    never write into them."""
     key = (n, device)
     c = _CHAIN_CONSTANTS.get(key)
     if c is None:
         ar = torch.arange(n, device=device)
         c = {"ar": ar, "parents": ar - 1, "tril": torch.ones(n, n, dtype=torch.bool, device=device).tril_(),
              "ones": torch.ones(1, n, dtype=torch.bool, device=device),
-             "slots": torch.where(ar < n - 1, ar, torch.full_like(ar, -1)), "slots_all": ar}
+             "slots": torch.where(ar < n - 1, ar, torch.full_like(ar, -1))}
         if len(_CHAIN_CONSTANTS) > 256:      # distinct (length, device) pairs: a handful in practice
             _CHAIN_CONSTANTS.clear()
         _CHAIN_CONSTANTS[key] = c
