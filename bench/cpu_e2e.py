@@ -6,8 +6,10 @@ Rows (tokens/s of generated tokens, prompt prefill included, as a user sees it):
   (``prompt_lookup_num_tokens=10``) and HF assisted generation (assistant: the same model with
   its linear layers dynamically quantized to int8, the closest HF analogue of our int4 draft);
 - ours: autoregressive (float32), ``budget="auto"``, SpecExec at fixed budgets, chain k=4, all
-  with the default draft (with ``--draft-groups 32`` also auto with the int4 draft at group 32,
-  which reproduces this Q4_1 target's own weights); and our autoregressive decoding of a target kept 4-bit
+  with the default draft (the target re-quantized at its GGUF's own 32-wide blocks, so its layers
+  are this Q4_1 target's weights, sharing the target's Q8_0 head; ``--draft-groups G`` adds auto
+  with the int4 draft at other group sizes, ``--previous-default`` auto with the default draft
+  before 2026-12-01: group 64, head re-quantized to int4); and our autoregressive decoding of a target kept 4-bit
   (``quantize="int4"``: the GGUF's Q4_1 tensors stay packed);
 - llama.cpp on the same GGUF through ``llama-cpp-python`` (2 threads), run in its own
   virtualenv (it builds llama.cpp from source, so it is never a dependency of ours): the
@@ -93,6 +95,9 @@ def main() -> int:
     ap.add_argument("--draft-groups", default="",
                     help="also run budget=auto with the built-in int4 draft at these group sizes (e.g. 32: "
                          "the GGUF's own Q4_1 blocks, so that draft reproduces this target's weights)")
+    ap.add_argument("--previous-default", action="store_true",
+                    help="also run budget=auto with the default draft before 2026-12-01 (group 64 whatever the "
+                         "file's blocks, LM head re-quantized to int4), side by side with today's")
     ap.add_argument("--llama-python", default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF rows (quicker)")
     ap.add_argument("--out-md", default=None)
@@ -122,6 +127,11 @@ def main() -> int:
 
         ours[f"ours budget=auto, int4:{g} draft"] = Engine(target, builtin_draft(target, f"int4:{g}"), budget="auto",
                                                            tokenizer=tok)
+    if args.previous_default:
+        from specexec_rt.speculative.drafts import int4_draft
+
+        ours["ours budget=auto, previous default draft (int4:64, int4 head)"] = Engine(
+            target, int4_draft(target, group_size=64, lm_head_int4=True), budget="auto", tokenizer=tok)
     for b in (int(x) for x in args.budgets.split(",") if x):
         ours[f"ours specexec b={b}"] = Engine(target, draft, budget=b, tokenizer=tok)
     for k in [int(v) for v in args.chains.split(",") if v]:

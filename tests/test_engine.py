@@ -320,6 +320,35 @@ def test_smollm2_greedy_lossless_every_method(smollm2_pair):
         assert res.stats.tokens_per_pass > 1.5, method     # the int4 self-draft is accepted often
 
 
+def test_default_draft_reproduces_the_4bit_file(smollm2_pair):
+    """SmolLM2's GGUF is Q4_1 (32-wide min/scale blocks) and its head Q8_0: the default draft
+    re-quantizes at the file's own group, so its layers dequantize to exactly the target's
+    weights, and it shares the target's 8-bit head rather than re-quantizing it."""
+    target, draft, _ = smollm2_pair
+    assert target.source_int4_group == 32
+    for lt, ld in zip(target.weights.layers, draft.weights.layers):
+        for field in ("wqkv", "wo", "w_gate_up", "w_down"):
+            wd = getattr(ld, field)
+            assert wd.group_size == 32, field
+            assert torch.equal(wd.dequantize(torch.float32), getattr(lt, field)), field
+    assert draft.weights.lm_head is target.weights.lm_head
+
+
+def test_default_draft_group_follows_the_checkpoint():
+    from conftest import build_tiny_model
+
+    from specexec_rt.speculative.drafts import default_draft
+
+    target = build_tiny_model(hidden_size=64, intermediate_size=128, n_heads=4, n_kv_heads=2, head_dim=16,
+                              vocab_size=96)
+    assert target.source_int4_group is None                 # built from float weights
+    assert default_draft(target).weights.layers[0].wqkv.group_size == 64
+    target.source_int4_group = 32                           # as a Q4_0/Q4_1/Q4_K GGUF sets it
+    assert default_draft(target).weights.layers[0].w_down.group_size == 32
+    target.source_int4_group = 128                          # a GPTQ group wider than a 64-wide row
+    assert default_draft(target).weights.layers[0].wo.group_size == 64
+
+
 def test_builtin_drafts_by_name():
     """``default`` and ``int4:G`` name drafts derived from the target (the CLI's --draft): the
     name's group size is checked before anything is built, and one that does not divide the

@@ -145,6 +145,17 @@ def test_q4_k_m_model_loads_both_ways(q4km, monkeypatch):
     torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
 
 
+def test_4bit_file_sets_the_default_drafts_group(q4km):
+    """A GGUF with 4-bit layer matrices records their 32-wide blocks even when dequantized on
+    load; the default draft re-quantizes at that group (64 otherwise, which 256/512 allow)."""
+    from specexec_rt.speculative.drafts import default_draft
+
+    dense = load_model(q4km, device="cpu", quantize="none", max_len=64)
+    assert dense.source_int4_group == 32
+    assert {getattr(lw, f).group_size for lw in default_draft(dense).weights.layers
+            for f in ("wqkv", "wo", "w_gate_up", "w_down")} == {32}
+
+
 def test_unsupported_gguf_type_is_named(tmp_path):
     path = write_tiny_gguf(tmp_path / "iq2.gguf", {"ffn_up": T.IQ2_XXS}, np.random.default_rng(2))
     with pytest.raises(ModelLoadError, match=r"blk\.0\.ffn_up\.weight has type IQ2_XXS; supported: .*Q4_K"):

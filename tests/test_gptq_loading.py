@@ -64,3 +64,16 @@ def test_gptq_stays_4bit_with_act_order(gptq_dir, monkeypatch):
     assert isinstance(layer.wqkv, Int4Weight) and layer.wqkv.perm is not None
     assert isinstance(layer.w_down, Int4Weight) and layer.w_down.perm is not None
     assert_prefill_matches_hf(model, hf, atol=2e-3)
+
+
+def test_source_group_only_where_groups_are_contiguous(gptq_dir):
+    """The default draft re-quantizes at the checkpoint's group only when that group is a run
+    of consecutive inputs: act-order (``desc_act``) scatters each group across the row."""
+    from specexec_rt.loading.hf import int4_group
+
+    d, _ = gptq_dir
+    assert load_model(d, device="cpu", quantize="none", max_len=64).source_int4_group is None   # act-order
+    assert int4_group({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}) == 128
+    assert int4_group({"quant_method": "awq", "w_bit": 4, "q_group_size": 64}) == 64
+    assert int4_group({"quant_method": "gptq", "group_size": -1}) is None        # one group per row
+    assert int4_group(None) is None

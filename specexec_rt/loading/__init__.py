@@ -69,16 +69,18 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
     # While loading, offloaded layers stay on the host; the streamer pins and places them.
     layer_device = torch.device("cpu") if offload else device
     if src.kind == "gguf":
-        from .gguf_file import gguf_config, gguf_getters, open_gguf
+        from .gguf_file import gguf_config, gguf_getters, gguf_int4_block, open_gguf
 
         reader = open_gguf(src.path)
         cfg = gguf_config(reader, src.path)
+        source_int4_group = gguf_int4_block(reader)
         get_matrix, get_vector = gguf_getters(reader, cfg, src.path, keep_int4=quantize != "none",
                                               keep_q8_head=_keeps_q8_head(device, dtype))
     else:
-        from .hf import hf_getters, read_hf_config
+        from .hf import hf_getters, int4_group, quantization_config, read_hf_config
 
         cfg = read_hf_config(src.path)
+        source_int4_group = int4_group(quantization_config(src.path))
         get_matrix, get_vector = hf_getters(src.path, cfg)
     max_len = resolve_max_len(cfg, max_len, max_len_cap)
     weights = assemble_weights(cfg, get_matrix, get_vector, dtype, quantize, layer_device, device,
@@ -96,6 +98,7 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
     model = Transformer(cfg, weights, max_len, device, dtype, layer_source=layer_source)
     model.source = src
     model.quantization = "int4" if quantize in ("int4", "keep") else None
+    model.source_int4_group = source_int4_group
     return model
 
 

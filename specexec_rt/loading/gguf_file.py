@@ -171,6 +171,16 @@ def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool, keep_q8_
     return get_matrix, get_vector
 
 
+def gguf_int4_block(reader):
+    """The block width (32) of the file's 4-bit layer matrices, or None when it has none. A draft
+    re-quantized at this width with min/scale groups reproduces those matrices exactly."""
+    from gguf import GGMLQuantizationType
+
+    four_bit = any(t.name.startswith("blk.") and GGMLQuantizationType(t.tensor_type).name in INT4_TYPES
+                   for t in reader.tensors)
+    return 32 if four_bit else None
+
+
 def gguf_has_int4(reader) -> bool:
     from gguf import GGMLQuantizationType
 

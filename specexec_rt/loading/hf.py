@@ -31,6 +31,15 @@ def quantization_config(directory: Path) -> Optional[dict]:
     return raw.get("quantization_config")
 
 
+def int4_group(qcfg: Optional[dict]) -> Optional[int]:
+    """The group size of a GPTQ/AWQ checkpoint's 4-bit matrices, or None (unquantized, one group
+    per row, or act-order, whose groups are not contiguous in the natural input order)."""
+    if not qcfg or str(qcfg.get("quant_method", "")).lower() not in ("gptq", "awq") or qcfg.get("desc_act"):
+        return None
+    group = qcfg.get("group_size", qcfg.get("q_group_size"))
+    return int(group) if isinstance(group, int) and group > 0 else None
+
+
 class SafetensorsCheckpoint:
     """Lazy reader over one or more safetensors shards, by tensor name."""
 

@@ -86,6 +86,9 @@ class Transformer:
         self.cache = self.new_cache()
         self.source = None          # where the weights came from (path), set by the loader
         self.quantization = None    # None or "int4"
+        # The group size of the checkpoint's 4-bit matrices when it had some (GGUF Q4_*: 32),
+        # whether or not they were dequantized on load; the default draft re-quantizes at it.
+        self.source_int4_group = None
         self._layers_plan = ((), None)  # (layers it was built from, NativeLayers or None)
 
     @property

@@ -4,7 +4,8 @@
   tensors (no extra weight memory; its own small KV cache).
 - ``int4_draft``: the target's layers (optionally a subset) quantized to 4 bits (a quarter of
   the bytes to read per pass: the cheap draft on a memory-bound GPU).
-- ``default_draft``: the choice measured best by ``bench/acceptance.py --drafts`` (int4).
+- ``default_draft``: the choice measured best by ``bench/acceptance.py --drafts`` (int4, at the
+  checkpoint's own 4-bit group when it had one).
 - ``builtin_draft``: a draft named by a string (the CLI's ``--draft default`` / ``--draft int4:G``).
 """
 from __future__ import annotations
@@ -56,19 +57,20 @@ def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_
                max_len: Optional[int] = None, lm_head_int4: Optional[bool] = None) -> Transformer:
     """The target's layers ``keep`` (default all) with every matrix quantized to 4 bits.
 
-    ``lm_head_int4``: also quantize the draft's own LM head (the target's stays as it is, and
-    the embedding stays shared). Default: on the CPU, where the native int4 GEMV reads
-    SmolLM2's 49152 x 576 head in ~1.1-1.6 ms, against ~3 ms for the target's Q8_0 head and
-    ~15 ms in float32 (M=1, 2 threads; at 32 rows 12 ms against ~30 ms), for 3 points of top-1
-    agreement with the target (0.737 -> 0.706; top-8 0.986 -> 0.974; bench/bench_int4_cpu.py
-    --part agreement, 768 tokens); kept as the target's elsewhere (not measured on GPUs).
+    ``lm_head_int4``: also quantize the draft's own LM head (the embedding stays shared).
+    Default: on the CPU when the target's head is dense. A float32 head costs ~11 ms per row
+    there (SmolLM2's 49152 x 576, M=1, 2 threads) against ~1.2 ms in int4. A head the target
+    already keeps 8-bit (a GGUF's Q8_0) is shared as it is: the native Q8_0 GEMV reads it as
+    fast as the int4 one (~1.2 ms), and re-quantizing it cost the draft 12 points of top-1
+    agreement on SmolLM2's Q4_1 file (0.97 -> 0.85 with group-32 layers, 8 prompts x 96
+    tokens). Elsewhere the head stays the target's (not measured on GPUs).
     """
     from ..kernels.int4_weight import Int4Weight, quantize_int4
     from ..kernels.q8_weight import Q8Weight
 
     keep = check_keep(target, range(target.config.n_layers) if keep is None else keep)
     if lm_head_int4 is None:
-        lm_head_int4 = target.device.type == "cpu"
+        lm_head_int4 = target.device.type == "cpu" and isinstance(target.weights.lm_head, torch.Tensor)
 
     def q(m):
         if isinstance(m, Int4Weight):
@@ -97,18 +99,22 @@ def default_keep(n_layers: int) -> list:
 
 
 def default_draft(target: Transformer, max_len: Optional[int] = None) -> Transformer:
-    """The demo's draft: the target's own weights re-quantized to 4 bits (group 64).
+    """The demo's draft: the target's own weights re-quantized to 4 bits.
 
-    Measured on SmolLM2-135M-Instruct (bench/acceptance.py --drafts, 3 texts, teacher forced):
-    int4 agrees with the target on the top-1 token 73% of the time and holds the target's token
-    in its top-8 99% of the time; layer-dropped copies (7 to 22 of 30 layers, first-k + last
-    layers or every other layer) agree 0-2.4% (top-8 <= 5%), useless as drafts. Falls back to
-    a layer-dropped copy when the target is already 4-bit.
+    The group size is the checkpoint's own 4-bit group when it had one (``source_int4_group``:
+    32 for GGUF Q4_0/Q4_1/Q4_K, GPTQ/AWQ's ``group_size``), else 64. A target dequantized from
+    a 4-bit file is then reproduced exactly by its draft's layers (min/scale groups are the
+    files' form). Measured on SmolLM2-135M-Instruct's Q4_1 file (8 prompts x 96 tokens, teacher
+    forced): top-1 agreement with the target 0.85 at group 32 against 0.68 at group 64, and
+    auto's end-to-end speed over plain decoding 1.45x against 1.25x (docs/DESIGN.md). Falls
+    back to a layer-dropped copy when the target is already 4-bit (layer-dropped copies of
+    SmolLM2 agree 0-2.4%, useless as drafts, but a kept-4-bit target has no cheaper form).
     """
     dense = all(isinstance(m, torch.Tensor) for lw in target.weights.layers
                 for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
     if dense:
-        return int4_draft(target, group_size=int4_group_size(target), max_len=max_len)
+        preferred = getattr(target, "source_int4_group", None) or 64
+        return int4_draft(target, group_size=int4_group_size(target, preferred), max_len=max_len)
     return layer_dropped_draft(target, default_keep(target.config.n_layers), max_len)
 
 
@@ -156,9 +162,8 @@ def builtin_draft_group(spec: str) -> Optional[int]:
 
 def builtin_draft(target: Transformer, spec: str, max_len: Optional[int] = None) -> Transformer:
     """The draft ``spec`` names: ``default`` (``default_draft``) or ``int4:G``, the target's layers
-    re-quantized to 4 bits in groups of G. A target dequantized from a 32-block 4-bit file (GGUF
-    Q4_0/Q4_1) is reproduced exactly by ``int4:32`` (measured on SmolLM2's Q4_1 file: top-1
-    agreement 0.85 against 0.68 at group 64; docs/DESIGN.md)."""
+    re-quantized to 4 bits in groups of G (``default`` already picks the checkpoint's own group;
+    ``int4:G`` overrides it, e.g. to compare group sizes)."""
     from ..errors import UnsupportedModelError
 
     group = builtin_draft_group(spec)
