@@ -10,7 +10,8 @@
   more memory than the L3 holds), interleaved repeats, medians; GB/s of weight bytes read,
   next to a plain read of a large fp32 tensor in the same run (the memory floor).
 - model: one decode step (M=1) and one 32-node tree step of the default draft (all layers
-  int4, group 64, int4 LM head), of the same draft with the target's dense LM head, of the
+  int4 at the GGUF's own group 32, the target's Q8_0 LM head), of the previous default (group
+  64, int4 LM head) and of group 64 with the target's head, of the
   float32 target and of the target kept 4-bit (``quantize="int4"``), interleaved, medians;
   decode steps of the draft and the float32 target also through the per-op path
   (``SPECEXEC_NATIVE_LAYERS=0``); that path's split into native matmuls, attention and
@@ -211,14 +212,14 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     from specexec_rt import load_model
     from specexec_rt.kernels import int4_cpu
     from specexec_rt.model import ops
-    from specexec_rt.speculative.drafts import int4_draft
+    from specexec_rt.speculative.drafts import default_draft, int4_draft
 
     target = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=512)
     target4 = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=512, quantize="int4")
-    draft = int4_draft(target)
-    draft_dense_head = int4_draft(target, lm_head_int4=False)
-    models = {"target fp32": target, "target int4": target4, "draft (int4 LM head)": draft,
-              "draft (target's Q8_0 LM head)": draft_dense_head}
+    draft = default_draft(target)
+    models = {"target fp32": target, "target int4": target4, "default draft (g32 + target's Q8_0 head)": draft,
+              "draft g64 (int4 LM head)": int4_draft(target, group_size=64, lm_head_int4=True),
+              "draft g64 (target's Q8_0 LM head)": int4_draft(target, group_size=64, lm_head_int4=False)}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (prompt_len,), generator=g)
     for mdl in models.values():
@@ -229,7 +230,7 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     try:
         plain = {"target int4, plain layout": load_model("smollm2-135m", device="cpu", dtype=torch.float32,
                                                           max_len=512, quantize="int4"),
-                 "draft (int4 LM head), plain layout": int4_draft(target)}
+                 "default draft (g32 + target's Q8_0 head), plain layout": default_draft(target)}
         for mdl in plain.values():
             mdl.prefill(prompt)
     finally:
@@ -248,7 +249,7 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     # (five native calls per layer from Python; SPECEXEC_NATIVE_LAYERS=0).
     cases = [(f"{name}, decode step (M=1)", decode, mdl, "1") for name, mdl in models.items()]
     cases += [(f"{name}, decode step (M=1), per-op path", decode, models[name], "0")
-              for name in ("target fp32", "draft (int4 LM head)")]
+              for name in ("target fp32", "default draft (g32 + target's Q8_0 head)")]
     cases += [(f"{name}, 32-node tree step", tree, mdl, "1") for name, mdl in models.items()
               if not name.startswith("target int4")]
     samples: dict = {c[0]: [] for c in cases}
@@ -354,22 +355,28 @@ def agreement(n_new: int = 128) -> list:
     from acceptance import PROMPTS, prompt_ids
 
     from specexec_rt import load_model, load_tokenizer
-    from specexec_rt.speculative.drafts import int4_draft
+    from specexec_rt.speculative.drafts import default_draft, int4_draft
 
     from specexec_rt.kernels import int4_cpu
     from specexec_rt.kernels.int4_weight import quantize_int4
 
     target = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=512)
     tok = load_tokenizer(target)
-    head32 = int4_draft(target)
-    head32.weights.lm_head = quantize_int4(target.weights.lm_head, 32)
-    dense_head = int4_draft(target, lm_head_int4=False)
+    head32 = int4_draft(target, group_size=64, lm_head_int4=True)
+    head32.weights.lm_head = quantize_int4(target.weights.lm_head.dequantize(torch.float32), 32)
+    dense_head = int4_draft(target, group_size=64, lm_head_int4=False)
+    default = default_draft(target)
     # (draft, int4 compute dtype): None = the native kernel (int8 activations), float32 = the
     # aten op in fp32 (the int4 weights applied exactly), isolating the activation quantization.
-    drafts = {"int4 layers, int4 LM head g64 (default)": (int4_draft(target), None),
-              "int4 layers, int4 LM head g32": (head32, None),
-              "int4 layers, target's LM head (Q8_0, fp32 act.)": (dense_head, None),
-              "int4 layers exact (fp32 activations), target's LM head": (dense_head, torch.float32)}
+    # Group 64 re-quantizes the GGUF's 32-wide Q4_1 blocks; group 32 (the default) reproduces them.
+    drafts = {"g64 layers, int4 LM head g64 (the default before 2026-12-01)":
+              (int4_draft(target, group_size=64, lm_head_int4=True), None),
+              "g64 layers, int4 LM head g32": (head32, None),
+              "g64 layers, target's LM head (Q8_0, fp32 act.)": (dense_head, None),
+              "g64 layers exact (fp32 activations), target's LM head": (dense_head, torch.float32),
+              "g32 layers, int4 LM head g64": (int4_draft(target, group_size=32, lm_head_int4=True), None),
+              "g32 layers, target's LM head (the default)": (default, None),
+              "g32 layers exact (fp32 activations), target's LM head": (default, torch.float32)}
     seqs = []
     for text in PROMPTS + MORE_PROMPTS:
         ids = prompt_ids(tok, text)
