@@ -377,6 +377,9 @@ T_AVX2 INLINE void store8_avx2(const ctx_t *c, int row, int col0, __m256 v) {
 }
 
 /* ---- the streaming layout (sxc_int4_pack): a 16-column unit is one stream, group by group */
+#ifndef PK_ROWS_OVER_AVX512
+#define PK_ROWS_OVER_AVX512 8 /* up to this many rows the streamed AVX2 kernels serve AVX-512 CPUs */
+#endif
 #ifndef PK_PREFETCH
 #define PK_PREFETCH 2048 /* bytes ahead in the unit's stream (tuned on a 2-core EPYC: 1024 until the
                             * inner loop lost its division, then 2048 was 4-6% faster at 1 row) */
@@ -895,10 +898,16 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
     if (!ws) return SXC_ENOMEM;
     ctx_t c = {w, (const int8_t *)ws, (const float *)(ws + xq_bytes), NULL, y, residual, (int)m, nb, ng,
                w->group / 32, (size_t)k / 2, NULL, 0};
-    /* The streaming layout serves the AVX2 kernels (fp16 scales only: sxc_int4_pack). */
-    if (w->pk && isa == SXC_AVX2 && w->scale_f16) {
+    /* The streaming layout serves the AVX2 kernels (fp16 scales only: sxc_int4_pack), and those
+     * serve an AVX-512 CPU too up to PK_ROWS_OVER_AVX512 rows: the AVX-512 kernels read the plain
+     * layout, and on a 2-core Zen 4 EPYC the streamed AVX2 ones ran SmolLM2's int4 draft step
+     * 1.27x faster at 1 row, 1.28x at 4 and 1.05x at 8, 0.85x at 32 (one process, interleaved).
+     * Every path gives the same bits, so which one runs changes nothing else. */
+    int kisa = isa;
+    if (w->pk && w->scale_f16 && (isa == SXC_AVX2 || (isa > SXC_AVX2 && m <= PK_ROWS_OVER_AVX512))) {
         c.pk = w->pk;
         c.group_bytes = 64 + 256 * (size_t)(w->group / 32);
+        kisa = SXC_AVX2;
     }
     c.xs = c.d + (size_t)m * nb;
     const prologue_t pro = {x, ldx, norm_w, eps, act, isa};
@@ -949,7 +958,7 @@ int sxc_int4_linear(const float *x, int64_t m, int64_t ldx, const sxc_weight *w,
         } else {
             for (int u = u0; u < u1; u++) {
                 const int col0 = 16 * u;
-                switch (isa) {
+                switch (kisa) {
 #if SXC_X86
                     case SXC_AVX512VNNI: tile_avx512vnni(&c, col0, buf); break;
                     case SXC_AVX512: tile_avx512(&c, col0, buf); break;

@@ -402,13 +402,21 @@ def test_avx512_paths_under_emulation(tmp_path, monkeypatch):
         pytest.skip("SIMDe headers not found (set SPECEXEC_SIMDE_INCLUDE; Debian: libsimde-dev)")
     emulated = cpu_native.load(cpu_native.build(
         cache_dir=tmp_path / "emu", extra_flags=("-DSXC_EMULATE_AVX512", "-mavx2", "-mfma", "-mf16c", "-I", inc)))
-    cases = [(n, k, g, m, perm, sd) for (n, k, g) in [(1, 32, 32), (100, 256, 64), (257, 384, 128), (40, 1536, 64)]
-             for m in (1, 8, 9, 17) for perm, sd in [(False, torch.float16), (True, torch.float32)]]
+    # fp16 scales on both layouts: up to 8 rows a weight with the streaming layout takes the
+    # streamed AVX2 kernels even at an AVX-512 level, so the plain layout is what reaches the
+    # AVX-512 kernels there.
+    cases = [(n, k, g, m, perm, sd, stream)
+             for (n, k, g) in [(1, 32, 32), (100, 256, 64), (257, 384, 128), (40, 1536, 64)]
+             for m in (1, 8, 9, 17)
+             for perm, sd, stream in [(False, torch.float16, True), (False, torch.float16, False),
+                                      (True, torch.float32, False)]]
     want = []
-    for i, (n, k, g, m, perm, sd) in enumerate(cases):
+    for i, (n, k, g, m, perm, sd, stream) in enumerate(cases):
+        monkeypatch.setattr(int4_cpu, "STREAM_LAYOUT", stream)
         _, w = _weight(n, k, g, seed=i, scale_dtype=sd, perm=perm)
         x = _x(m, k, seed=i)
         want.append((x, w, int4_matmul_native(x, w, isa="scalar")))
+        assert bool(int4_cpu._native_weight(w).contents.pk) == (stream and sd == torch.float16)
     monkeypatch.setattr(cpu_native, "_state", {"lib": emulated, "reason": None, "best": 3, "isa": 3})
     for (x, w, y), case in zip(want, cases):
         for isa in ("avx512", "avx512vnni"):
