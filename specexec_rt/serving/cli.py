@@ -32,8 +32,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: smollm2-135m)")
     p.add_argument("--draft", default=None,
                    help="draft model source, or a built-in draft derived from the target: 'default' (its "
-                        "layers re-quantized to int4, group 64), or 'int4:G' (groups of G = 32, 64, 128 or "
-                        "256; int4:32 reproduces a target dequantized from a GGUF Q4_0/Q4_1 file). Omit for "
+                        "layers re-quantized to int4 at the checkpoint's own 4-bit group, 32 for a GGUF "
+                        "Q4_0/Q4_1/Q4_K, else 64), or 'int4:G' (groups of G = 32, 64, 128 or 256). Omit for "
                         "autoregressive decoding")
     p.add_argument("--method", default=None, choices=["autoregressive", "chain", "specinfer", "specexec"],
                    help="decoding method (default: specexec with a draft, autoregressive without)")
