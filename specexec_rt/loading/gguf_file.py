@@ -179,9 +179,3 @@ def gguf_int4_block(reader):
     four_bit = any(t.name.startswith("blk.") and GGMLQuantizationType(t.tensor_type).name in INT4_TYPES
                    for t in reader.tensors)
     return 32 if four_bit else None
-
-
-def gguf_has_int4(reader) -> bool:
-    from gguf import GGMLQuantizationType
-
-    return any(GGMLQuantizationType(t.tensor_type).name in INT4_TYPES for t in reader.tensors)

@@ -62,8 +62,9 @@ def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_
     there (SmolLM2's 49152 x 576, M=1, 2 threads) against ~1.2 ms in int4. A head the target
     already keeps 8-bit (a GGUF's Q8_0) is shared as it is: the native Q8_0 GEMV reads it as
     fast as the int4 one (~1.2 ms), and re-quantizing it cost the draft 12 points of top-1
-    agreement on SmolLM2's Q4_1 file (0.97 -> 0.85 with group-32 layers, 8 prompts x 96
-    tokens). Elsewhere the head stays the target's (not measured on GPUs).
+    agreement on SmolLM2's Q4_1 file (0.974 -> 0.855 with group-32 layers, 6 prompts x 128
+    tokens, bench/bench_int4_cpu.py --part agreement). Elsewhere the head stays the target's
+    (not measured on GPUs).
     """
     from ..kernels.int4_weight import Int4Weight, quantize_int4
     from ..kernels.q8_weight import Q8Weight
@@ -114,8 +115,7 @@ def default_draft(target: Transformer, max_len: Optional[int] = None) -> Transfo
     dense = all(isinstance(m, torch.Tensor) for lw in target.weights.layers
                 for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
     if dense:
-        preferred = getattr(target, "source_int4_group", None) or 64
-        return int4_draft(target, group_size=int4_group_size(target, preferred), max_len=max_len)
+        return int4_draft(target, group_size=int4_group_size(target, target.source_int4_group or 64), max_len=max_len)
     return layer_dropped_draft(target, default_keep(target.config.n_layers), max_len)
 
 
