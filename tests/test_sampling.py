@@ -81,6 +81,32 @@ def test_top_p_random_rows_keep_the_smallest_prefix():
             assert keep[row, order[:k]].all()               # made of the most likely tokens
 
 
+def test_top_p_candidates_path_equals_the_full_sort(monkeypatch):
+    """On the CPU the nucleus is found among the ``TOP_P_CANDIDATES`` most likely tokens, with a
+    full sort only for rows whose nucleus reaches past them: the same mask as sorting every row,
+    for sharp rows, flat rows (nucleus of thousands) and both in one call."""
+    g = torch.Generator().manual_seed(4)
+    vocab = 5000
+    sharp = torch.randn(6, vocab, generator=g) * 8          # nucleus of a few tokens
+    flat = torch.randn(3, vocab, generator=g) * 0.5          # nucleus far past 256
+    probs = torch.softmax(torch.cat([sharp, flat])[torch.randperm(9, generator=g)], -1)
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        fast = sampling.top_p_mask(probs, top_p)
+        monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", vocab)
+        full = sampling.top_p_mask(probs, top_p)
+        monkeypatch.undo()
+        assert torch.equal(fast, full), top_p
+    sizes = sampling.top_p_mask(probs, 0.9).sum(-1)
+    assert sizes.min() < 50 and sizes.max() > sampling.TOP_P_CANDIDATES   # both paths were taken
+
+
+def test_top_p_keeps_every_token_tied_at_the_boundary():
+    probs = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]])
+    # 0.4 < 0.5, then a 0.2 reaches 0.6: the nucleus ends on a 0.2, and its twin stays too.
+    assert sampling.top_p_mask(probs, 0.5).tolist() == [[True, True, True, False, False]]
+    assert sampling.top_p_mask(probs, 0.3).tolist() == [[True, False, False, False, False]]
+
+
 def test_sample_matches_distribution():
     g = torch.Generator().manual_seed(2)
     probs = torch.tensor([0.5, 0.0, 0.2, 0.3])

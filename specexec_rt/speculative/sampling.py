@@ -39,15 +39,38 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+# A full sort of a 49152-wide row costs ~3.7 ms on a 2-core CPU (per sampled row: a draft call
+# or a verified row), about a fifth of a float32 decode step of SmolLM2. The nucleus of a sharp
+# distribution is a few dozen tokens, so on the CPU ``top_p_mask`` first takes this many most
+# likely tokens (``topk``, ~0.1 ms per row) and sorts a row fully only when its nucleus reaches
+# past them. Other devices sort (no host read of which rows need it).
+TOP_P_CANDIDATES = 256
+
+
+def _nucleus_size(sorted_p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """int64 ``[..., 1]``: how many of the descending ``sorted_p`` the nucleus takes (the mass
+    strictly before a kept one is below ``top_p``; at least one)."""
+    return ((sorted_p.cumsum(-1) - sorted_p) < top_p).sum(-1, keepdim=True).clamp_min(1)
+
+
 def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """True nucleus: bool mask ``[..., V]`` of the smallest set of most likely tokens whose mass
-    reaches ``top_p``. A token is kept iff the mass of the tokens strictly more likely than it
-    (in sorted order) is still below ``top_p``; the most likely token is always kept."""
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p
-    keep_sorted = mass_before < top_p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    reaches ``top_p``: in descending order a token is in it iff the mass of the tokens before it
+    is still below ``top_p`` (the most likely token always is). The mask keeps every token at
+    least as likely as the nucleus's least likely one, so tokens tied with it are all kept and
+    the result does not depend on how a sort orders ties."""
+    v = probs.shape[-1]
+    k = min(v, TOP_P_CANDIDATES) if probs.device.type == "cpu" else v
+    top = probs.topk(k, dim=-1).values if k < v else probs.sort(dim=-1, descending=True).values
+    n = _nucleus_size(top, top_p)
+    if k < v:
+        spill = (n == k).squeeze(-1)        # the nucleus may go on past the candidates
+        if bool(spill.any()):
+            full = probs[spill].sort(dim=-1, descending=True).values
+            tau = top.gather(-1, n - 1)
+            tau[spill] = full.gather(-1, _nucleus_size(full, top_p) - 1)
+            return probs >= tau
+    return probs >= top.gather(-1, n - 1)
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
