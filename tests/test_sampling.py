@@ -107,6 +107,18 @@ def test_top_p_keeps_every_token_tied_at_the_boundary():
     assert sampling.top_p_mask(probs, 0.3).tolist() == [[True, False, False, False, False]]
 
 
+def test_exp1_noise_is_exponential():
+    """The CPU's Exp(1) noise (-log1p(-U) of float64 uniforms): positive, finite, and
+    exponentially distributed (chi-square over 10 equal-mass bins, fixed seed)."""
+    g = torch.Generator().manual_seed(5)
+    e = sampling.exp1_(torch.empty(200_000), g)
+    assert e.dtype == torch.float32 and torch.isfinite(e).all() and (e >= 0).all()
+    edges = -torch.log1p(-torch.arange(1, 10) / 10.0)          # Exp(1) deciles
+    counts = torch.bincount(torch.bucketize(e, edges), minlength=10)
+    assert chi2_pvalue(counts, torch.full((10,), 0.1)) > 1e-3
+    assert abs(float(e.mean()) - 1.0) < 0.01
+
+
 def test_sample_matches_distribution():
     g = torch.Generator().manual_seed(2)
     probs = torch.tensor([0.5, 0.0, 0.2, 0.3])

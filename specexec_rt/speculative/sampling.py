@@ -94,9 +94,20 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
+def exp1_(out: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Fill float32 ``out`` with Exp(1) noise in place. On the CPU as ``-log1p(-U)`` of float64
+    uniforms (the inverse CDF): ``exponential_`` draws element by element there, 0.95 ms for a
+    49152-wide row against 0.33 ms (2-core EPYC), and a sampled chain pass draws a row per draft
+    call and per verified token. Elsewhere ``exponential_``."""
+    if out.device.type != "cpu":
+        return out.exponential_(1.0, generator=generator)
+    u = torch.rand(out.shape, dtype=torch.float64, generator=generator)
+    return out.copy_(u.neg_().log1p_().neg_())
+
+
 def exponential_noise(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
     """Exp(1) noise; ``argmax(p / E)`` is a draw from ``p`` (no multinomial, no host sync)."""
-    return torch.empty(shape, device=device).exponential_(1.0, generator=generator)
+    return exp1_(torch.empty(shape, device=device), generator)
 
 
 def sample(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -142,7 +153,7 @@ class PositionNoise:
         out = torch.empty(n, vocab, device=self.device)
         for i in range(n):
             self.gen.manual_seed(_mix64(self.seed, first + i))
-            out[i].exponential_(1.0, generator=self.gen)
+            exp1_(out[i], self.gen)
         return out
 
 
