@@ -21,6 +21,7 @@ and llama.cpp's outputs are compared and mismatches counted, not failed (differe
 llama.cpp different weights).
 
     python bench/cpu_e2e.py [--new 96] [--rounds 3] [--budgets 4,16,64] [--chains 4] [--out-md ...] [--out-png ...]
+    python bench/cpu_e2e.py --temperature 0.7 --top-p 0.9 ...   # sampled: every engine, one seed per round and prompt
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
     t0 = time.perf_counter()
-    out = llm.create_completion(req["prompt"], max_tokens=req["n"], temperature=0.0, top_k=1)
+    t = req.get("temperature", 0.0)
+    sampled = dict(temperature=t, top_p=req["top_p"], top_k=0, seed=req["seed"]) if t > 0 else dict(temperature=0.0, top_k=1)
+    out = llm.create_completion(req["prompt"], max_tokens=req["n"], **sampled)
     dt = time.perf_counter() - t0
     print(json.dumps({"seconds": dt, "tokens": out["usage"]["completion_tokens"],
                       "text": out["choices"][0]["text"]}), flush=True)
@@ -76,8 +79,9 @@ class LlamaWorker:
                                      stdout=subprocess.PIPE, text=True)
         json.loads(self.proc.stdout.readline())
 
-    def run(self, prompt: str, n: int) -> dict:
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "n": n}) + "\n")
+    def run(self, prompt: str, n: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "n": n, "temperature": temperature, "top_p": top_p,
+                                          "seed": seed}) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
@@ -98,6 +102,9 @@ def main() -> int:
     ap.add_argument("--previous-default", action="store_true",
                     help="also run budget=auto with the default draft before 2026-12-01 (group 64 whatever the "
                          "file's blocks, LM head re-quantized to int4), side by side with today's")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (0: greedy); every engine, the same seed per round and prompt")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--llama-python", default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF rows (quicker)")
     ap.add_argument("--out-md", default=None)
@@ -136,10 +143,12 @@ def main() -> int:
         ours[f"ours specexec b={b}"] = Engine(target, draft, budget=b, tokenizer=tok)
     for k in [int(v) for v in args.chains.split(",") if v]:
         ours[f"ours chain k={k}"] = Engine(target, draft, method="chain", budget=k, tokenizer=tok)
+    sampled = args.temperature > 0
+    sampling = dict(temperature=args.temperature, top_p=args.top_p)
     for name, eng in ours.items():
-        def run_ours(i, eng=eng):
+        def run_ours(i, seed, eng=eng):
             t0 = time.perf_counter()
-            res = eng.generate(prompt_ids[i], args.new)
+            res = eng.generate(prompt_ids[i], args.new, seed=seed, **sampling)
             return res.token_ids, time.perf_counter() - t0, res.stats
         runners[name] = run_ours
 
@@ -153,25 +162,30 @@ def main() -> int:
             {torch.nn.Linear}, dtype=torch.qint8)
         eos = tok.eos_token_id
 
-        def hf_run(i, **kw):
+        def hf_run(i, seed, **kw):
             ids = torch.tensor([prompt_ids[i]])
+            if sampled:
+                torch.manual_seed(seed)
+                kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
+            else:
+                kw.update(do_sample=False)
             with torch.no_grad():
                 t0 = time.perf_counter()
-                out = hf.generate(ids, max_new_tokens=args.new, do_sample=False, pad_token_id=eos, **kw)
+                out = hf.generate(ids, max_new_tokens=args.new, pad_token_id=eos, **kw)
                 dt = time.perf_counter() - t0
             return out[0, ids.shape[1]:].tolist(), dt, None
 
         runners["HF generate"] = hf_run
-        runners["HF prompt lookup"] = lambda i: hf_run(i, prompt_lookup_num_tokens=10)
-        runners["HF assisted (int8 assistant)"] = lambda i: hf_run(i, assistant_model=assistant)
+        runners["HF prompt lookup"] = lambda i, seed: hf_run(i, seed, prompt_lookup_num_tokens=10)
+        runners["HF assisted (int8 assistant)"] = lambda i, seed: hf_run(i, seed, assistant_model=assistant)
 
     llama = None
     lp = llama_python(args.llama_python)
     if lp:
         llama = LlamaWorker(lp, gguf, threads)
 
-        def llama_run(i):
-            r = llama.run(prompts[i], args.new)
+        def llama_run(i, seed):
+            r = llama.run(prompts[i], args.new, args.temperature, args.top_p, seed)
             return r["tokens"], r["seconds"], r["text"]
         runners["llama.cpp (llama-cpp-python)"] = llama_run
     else:
@@ -179,13 +193,13 @@ def main() -> int:
               "llama.cpp rows skipped", file=sys.stderr)
 
     for fn in runners.values():     # warm-up
-        fn(0)
+        fn(0, 0)
     samples = {name: [[] for _ in prompts] for name in runners}
     outputs: dict = {}
     for rnd in range(args.rounds):
         for i in range(len(prompts)):
             for name, fn in runners.items():
-                out, dt, extra = fn(i)
+                out, dt, extra = fn(i, 1000 * rnd + i)
                 n = out if isinstance(out, int) else len(out)
                 samples[name][i].append((n / dt, extra))
                 if not isinstance(out, int):
@@ -207,7 +221,9 @@ def main() -> int:
         rows.append(dict(name=name, tok_s=statistics.median(per_prompt), per_prompt=per_prompt,
                          vs_ours_ar=statistics.median(ratios), min_vs_ours_ar=min(ratios), tokens_per_pass=tpp,
                          greedy_mismatches=mismatches))
-        if name.startswith("ours") and mismatches and "int4 target" not in name:
+        # Sampled, only SpecExec's walk reproduces autoregressive sampling's text for a seed (chains
+        # and auto's chain passes draw differently, from the same distribution).
+        if name.startswith("ours") and mismatches and "int4 target" not in name and not sampled:
             raise AssertionError(f"{name}: greedy output differs from our autoregressive output")
     # Roofline: weight bytes read per token by our float32 autoregressive decoding, as stored
     # (float32 layers; the LM head as loaded: the GGUF's Q8_0 kept 8-bit on the CPU).
@@ -222,12 +238,13 @@ def main() -> int:
         pass
     lines = ["# CPU end to end: SmolLM2-135M, ours vs what CPU users run", "",
              f"{datetime.date.today()}, commit {commit}, {cpu}, {threads} threads, torch {torch.__version__}; "
-             f"greedy, {args.new} new tokens, {len(prompts)} chat prompts, medians of {args.rounds} interleaved "
+             f"{f'sampled (temperature {args.temperature}, top-p {args.top_p}, seed per round and prompt)' if sampled else 'greedy'}, "
+             f"{args.new} new tokens, {len(prompts)} chat prompts, medians of {args.rounds} interleaved "
              f"rounds (per prompt, then the median over prompts). Roofline: our float32 autoregressive decoding reads "
              f"{fp32_bytes / 1e6:.0f} MB of weights per token (float32 layers, the Q8_0 LM head as stored); the GB/s "
              "column is tokens/s times that (an equivalent for the other rows, not their own traffic)." + ("" if lp else " llama.cpp: not installed, skipped."),
              "", "| engine | tok/s | vs ours autoregressive (median / worst prompt) | tokens per pass | "
-             "weight GB/s equivalent | greedy output differs from ours (prompts) |", "|---|---:|---:|---:|---:|---:|"]
+             f"weight GB/s equivalent | {'output' if sampled else 'greedy output'} differs from ours (prompts) |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         tpp = f"{r['tokens_per_pass']:.2f}" if r["tokens_per_pass"] else ""
         lines.append(f"| {r['name']} | {r['tok_s']:.1f} | {r['vs_ours_ar']:.2f}x / {r['min_vs_ours_ar']:.2f}x | {tpp} | "
@@ -245,7 +262,7 @@ def main() -> int:
         names = [r["name"] for r in rows]
         ax.barh(names, [r["tok_s"] for r in rows], color=["C0" if n.startswith("ours") else "C7" for n in names])
         ax.invert_yaxis()
-        ax.set_xlabel("tokens/s (greedy, SmolLM2-135M, CPU)")
+        ax.set_xlabel(f"tokens/s ({f'T={args.temperature}, top-p {args.top_p}' if sampled else 'greedy'}, SmolLM2-135M, CPU)")
         ax.set_title(f"{cpu}, {threads} threads")
         fig.tight_layout()
         # Beside the markdown unless told otherwise (a --out-md elsewhere must not overwrite the default plot).
