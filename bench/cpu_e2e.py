@@ -1,5 +1,5 @@
 """End to end on the CPU, side by side with what CPU users run: SmolLM2-135M, three chat prompts,
-greedy, one process, interleaved rounds, medians.
+greedy (or sampled: ``--temperature``), one process, interleaved rounds, medians.
 
 Rows (tokens/s of generated tokens, prompt prefill included, as a user sees it):
 - HF transformers ``generate`` (float32, the GGUF dequantized), HF prompt-lookup decoding
@@ -18,7 +18,9 @@ Rows (tokens/s of generated tokens, prompt prefill included, as a user sees it):
 
 Every one of our greedy outputs is checked against our autoregressive output (lossless); HF's
 and llama.cpp's outputs are compared and mismatches counted, not failed (different kernels,
-llama.cpp different weights).
+llama.cpp different weights). Sampled, mismatches are counted for every row: SpecExec's walk
+gives autoregressive sampling's text for a seed, chains draw differently from the same
+distribution (tests/test_engine.py checks both).
 
     python bench/cpu_e2e.py [--new 96] [--rounds 3] [--budgets 4,16,64] [--chains 4] [--out-md ...] [--out-png ...]
     python bench/cpu_e2e.py --temperature 0.7 --top-p 0.9 ...   # sampled: every engine, one seed per round and prompt
