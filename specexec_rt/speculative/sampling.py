@@ -63,14 +63,13 @@ def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     k = min(v, TOP_P_CANDIDATES) if probs.device.type == "cpu" else v
     top = probs.topk(k, dim=-1).values if k < v else probs.sort(dim=-1, descending=True).values
     n = _nucleus_size(top, top_p)
+    tau = top.gather(-1, n - 1)                 # the nucleus's least likely probability
     if k < v:
-        spill = (n == k).squeeze(-1)        # the nucleus may go on past the candidates
+        spill = (n == k).squeeze(-1)            # the nucleus may go on past the candidates
         if bool(spill.any()):
             full = probs[spill].sort(dim=-1, descending=True).values
-            tau = top.gather(-1, n - 1)
             tau[spill] = full.gather(-1, _nucleus_size(full, top_p) - 1)
-            return probs >= tau
-    return probs >= top.gather(-1, n - 1)
+    return probs >= tau
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
