@@ -59,20 +59,31 @@ def specinfer_shape(budget: int) -> tuple[int, int]:
 
 
 def engine_kwargs(method: str, budget: int, chain_cap: int) -> dict:
-    """Engine(**kwargs) for one column at one budget."""
-    if method == "calibrated":
-        return dict(method="specexec", budget=budget, tree="calibrated")
-    if method == "softmax":
-        return dict(method="specexec", budget=budget, tree="softmax")
-    if method.startswith("softmax-T"):
-        return dict(method="specexec", budget=budget, tree="softmax", growth_temperature=float(method[9:]))
-    if method == "sequoia":
-        return dict(method="specexec", budget=budget, tree="sequoia")
-    if method == "specinfer":
+    """Engine(**kwargs) for one column at one budget. A ``-uncoupled`` suffix (SpecExec) grows
+    sampled trees by the draft's probabilities alone; ``-rejection`` (chain, SpecInfer) draws
+    sampled drafts independently and verifies them by rejection sampling. Without a suffix,
+    sampled drafts are coupled to the target's draws (the default)."""
+    base, _, variant = method.partition("-")
+    if variant.startswith("T"):
+        base, variant = method, ""
+    kw = {}
+    if variant in ("uncoupled", "rejection"):
+        kw["coupled"] = False
+    elif variant:
+        raise ValueError(f"unknown method column {method!r}")
+    if base == "calibrated":
+        return dict(method="specexec", budget=budget, tree="calibrated", **kw)
+    if base == "softmax":
+        return dict(method="specexec", budget=budget, tree="softmax", **kw)
+    if base.startswith("softmax-T"):
+        return dict(method="specexec", budget=budget, tree="softmax", growth_temperature=float(base[9:]))
+    if base == "sequoia":
+        return dict(method="specexec", budget=budget, tree="sequoia", **kw)
+    if base == "specinfer":
         n, depth = specinfer_shape(budget)
-        return dict(method="specinfer", budget=n * depth, n=n, depth=depth)
-    if method == "chain":
-        return dict(method="chain", budget=budget, k=min(budget, chain_cap))
+        return dict(method="specinfer", budget=n * depth, n=n, depth=depth, **kw)
+    if base == "chain":
+        return dict(method="chain", budget=budget, k=min(budget, chain_cap), **kw)
     raise ValueError(f"unknown method column {method!r}")
 
 
@@ -116,7 +127,10 @@ def run_one(target, draft, tok, method, budget, prompts, args, reference, warmup
         res = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=i)
         wall += time.perf_counter() - t0
-        if res.token_ids != reference[i]:
+        # Walk-verified engines give the target's own text for a seed; rejection sampling gives
+        # another draw from the same distribution.
+        if res.token_ids != reference[i] and not (args.temperature > 0 and kw.get("coupled") is False
+                                                  and kw["method"] != "specexec"):
             raise AssertionError(f"{method} budget {budget}: output differs from the target's (same seed)")
         s = res.stats
         new, passes, calls = new + s.new_tokens, passes + s.target_passes, calls + s.draft_calls
@@ -312,6 +326,8 @@ def main(argv=None) -> None:
     ap.add_argument("--growth-temps", default="0.5", help="fixed growth temperatures for softmax-T [0.5]")
     ap.add_argument("--draft", default="default,identical", help="default (int4) and/or identical (the target)")
     ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--prompt-file", default=None,
+                    help="a text file of chat prompts, one per line, instead of the built-in list (held-out prompts)")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -332,11 +348,15 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else (
         [8, 32, 128] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024])
+    texts = PROMPTS
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            texts = [line.strip() for line in f if line.strip()]
     args.prompts = args.prompts or (1 if args.quick else 3)
-    if not 1 <= args.prompts <= len(PROMPTS):
-        raise SystemExit(f"--prompts must be in [1, {len(PROMPTS)}]")
-    if not 0 <= args.warmup <= len(PROMPTS) - args.prompts:
-        raise SystemExit(f"--warmup must be in [0, {len(PROMPTS) - args.prompts}] (warm-up prompts are "
+    if not 1 <= args.prompts <= len(texts):
+        raise SystemExit(f"--prompts must be in [1, {len(texts)}]")
+    if not 0 <= args.warmup <= len(texts) - args.prompts:
+        raise SystemExit(f"--warmup must be in [0, {len(texts) - args.prompts}] (warm-up prompts are "
                          f"other prompts than the {args.prompts} measured)")
     args.max_new_tokens = args.max_new_tokens or (24 if args.quick else 64)
     tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
@@ -356,8 +376,8 @@ def main(argv=None) -> None:
               # The target's own layers and weights with a cache of its own: always right (greedy).
               "identical": lambda: layer_dropped_draft(target, range(target.config.n_layers))}
     tok = load_tokenizer(target)
-    prompts = [prompt_ids(tok, p) for p in PROMPTS[:args.prompts]]
-    warmup = [prompt_ids(tok, p) for p in PROMPTS[len(PROMPTS) - args.warmup:]] if args.warmup else []
+    prompts = [prompt_ids(tok, p) for p in texts[:args.prompts]]
+    warmup = [prompt_ids(tok, p) for p in texts[len(texts) - args.warmup:]] if args.warmup else []
     agreement = draft_agreement(target, tok, prompts) if args.drafts else []
     ar = Engine(target, method="autoregressive", tokenizer=tok)
     t0 = time.perf_counter()

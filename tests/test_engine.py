@@ -120,18 +120,26 @@ def first_two_counts(engine: Engine, params: SamplingParams, runs: int = N_RUNS)
     counts = torch.zeros(SAMPLING_VOCAB ** 2, dtype=torch.long)
     for seed in range(runs):
         ids = engine.generate(PROMPT, max_new_tokens=2, temperature=params.temperature,
-                              top_p=params.top_p, seed=seed).token_ids
+                              top_p=params.top_p, top_k=params.top_k, seed=seed).token_ids
         assert len(ids) == 2
         counts[ids[0] * SAMPLING_VOCAB + ids[1]] += 1
     return counts
 
 
+# Sampled chains and SpecExec trees are coupled to the target's draws by default (the draft ranks
+# by q / E with the request's position noise; verified by the walk); "-rejection" engines draw
+# their drafts independently and verify by rejection sampling, "-uncoupled" SpecExec ranks by q.
 SAMPLING_ENGINES = {
     "chain": dict(budget=2, k=2),
+    "chain-rejection": dict(budget=2, k=2, coupled=False),
     "specinfer": dict(budget=6, n=3, depth=2),
+    "specinfer-rejection": dict(budget=6, n=3, depth=2, coupled=False),
     "specexec": dict(budget=8, beams_per_step=4, branch_width=4, max_depth=3),     # tree="calibrated"
+    "specexec-uncoupled": dict(budget=8, beams_per_step=4, branch_width=4, max_depth=3, coupled=False),
+    "specexec-softmax": dict(budget=8, beams_per_step=4, branch_width=4, max_depth=3, tree="softmax"),
     "specexec-sequoia": dict(budget=8, branch_width=4, max_depth=3, tree="sequoia"),
 }
+REJECTION = ("chain-rejection", "specinfer-rejection")
 
 
 def make_engine(target, draft, name: str) -> Engine:
@@ -144,17 +152,19 @@ def sampling_pair():
     return make_pair(vocab=SAMPLING_VOCAB, noise=0.8, max_len=64, head_scale=0.15)
 
 
-SAMPLING_SETTINGS = [(0.7, 1.0), (1.0, 1.0), (0.7, 0.8), (1.0, 0.8)]
-# Every method under every setting; the Sequoia policy (the same walk over another tree shape)
-# under the hardest one only (temperature and top-p together), to keep the suite short.
-SAMPLING_CASES = [(m, t, p) for m in SAMPLING_ENGINES if m != "specexec-sequoia" for t, p in SAMPLING_SETTINGS] \
-    + [("specexec-sequoia", 0.7, 0.8)]
+SAMPLING_SETTINGS = [(0.7, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.8, 0), (1.0, 0.8, 0), (1.0, 1.0, 5)]
+# The coupled chain and SpecExec, and the rejection-sampling chains, under every setting; the
+# other tree policies (the same walk over other trees) and SpecInfer's variants under the hardest
+# ones (temperature with top-p, and top-k), to keep the suite short.
+SAMPLING_CASES = [(m, *st) for m in ("chain", "chain-rejection", "specexec") for st in SAMPLING_SETTINGS] \
+    + [(m, *st) for m in SAMPLING_ENGINES if m not in ("chain", "chain-rejection", "specexec")
+       for st in ((0.7, 0.8, 0), (1.0, 1.0, 5))]
 
 
-@pytest.mark.parametrize("method,temperature,top_p", SAMPLING_CASES)
-def test_sampling_matches_target_distribution(sampling_pair, method, temperature, top_p):
+@pytest.mark.parametrize("method,temperature,top_p,top_k", SAMPLING_CASES)
+def test_sampling_matches_target_distribution(sampling_pair, method, temperature, top_p, top_k):
     target, draft = sampling_pair
-    params = SamplingParams(temperature, top_p)
+    params = SamplingParams(temperature, top_p, top_k)
     exact = exact_first_two(target, params)
     counts = first_two_counts(make_engine(target, draft, method), params)
     assert chi2_pvalue(counts, exact) > 1e-3
@@ -174,15 +184,16 @@ def _walk_follows_draft(tree, draws):
 
 @pytest.mark.parametrize("method", list(SAMPLING_ENGINES))
 def test_broken_acceptance_fails_the_same_check(sampling_pair, method, monkeypatch):
-    """Accepting draft tokens without the ratio test (or, for SpecExec, following the draft
-    instead of the target's draws) must fail the distribution check above."""
+    """Accepting draft tokens without the ratio test (rejection sampling) or following the draft
+    instead of the target's draws (the walk, which verifies coupled and SpecExec trees) must fail
+    the distribution check above."""
     target, draft = sampling_pair
     params = SamplingParams(1.0, 1.0)
-    if method.startswith("specexec"):
+    if method in REJECTION:
+        monkeypatch.setattr(sampling, "ratio_accept", _accept_everything)
+    else:
         monkeypatch.setitem(tree_mod.__dict__, "_real_walk", tree_mod.walk_accept)
         monkeypatch.setattr(tree_mod, "walk_accept", _walk_follows_draft)
-    else:
-        monkeypatch.setattr(sampling, "ratio_accept", _accept_everything)
     exact = exact_first_two(target, params)
     counts = first_two_counts(make_engine(target, draft, method), params)
     assert chi2_pvalue(counts, exact) < 1e-6

@@ -241,19 +241,25 @@ class AcceptanceModel:
         dead, as with the softmax ranking)."""
         return self.scores_and_features(logq)[0]
 
-    def observations(self, p: torch.Tensor, parent_rows: torch.Tensor, tokens: torch.Tensor,
-                     bins: torch.Tensor) -> torch.Tensor:
+    def observations(self, p: Optional[torch.Tensor], parent_rows: torch.Tensor, tokens: torch.Tensor,
+                     bins: torch.Tensor, draws: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One pass's evidence, int64 ``[2 * n_bins]`` on device (counts, then sums x SCALE).
 
         p: float ``[n, V]`` the processed target distributions of the verified rows;
         parent_rows: int64 ``[k]`` the verified row of each proposed child's parent (-1: the
-        parent was not verified); tokens, bins: int64 ``[k]``."""
+        parent was not verified); tokens, bins: int64 ``[k]``. ``draws``: int64 ``[n]``, the
+        target's draw at each row, when acceptance is that 0/1 outcome rather than ``p``'s mass
+        (greedy, and coupled sampling, where the draft's ranking saw the draw's noise and ``p``'s
+        mass is no longer the chance of acceptance); ``p`` is then unused."""
         nb = self.n_bins
         valid = (parent_rows >= 0) & (bins >= 0) & (bins < nb)
-        obs = p[parent_rows.clamp_min(0), tokens] * valid
+        if draws is not None:
+            obs = (draws[parent_rows.clamp_min(0)] == tokens) & valid
+        else:
+            obs = p[parent_rows.clamp_min(0), tokens] * valid
         idx = torch.where(valid, bins, torch.full_like(bins, nb))
-        counts = torch.zeros(nb + 1, device=p.device).index_add_(0, idx, valid.float())
-        sums = torch.zeros(nb + 1, device=p.device).index_add_(0, idx, obs.float())
+        counts = torch.zeros(nb + 1, device=bins.device).index_add_(0, idx, valid.float())
+        sums = torch.zeros(nb + 1, device=bins.device).index_add_(0, idx, obs.float())
         return torch.cat([counts[:nb], sums[:nb] * SCALE]).round().long()
 
     def update(self, packet: Sequence[int]) -> None:

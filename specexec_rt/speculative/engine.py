@@ -521,7 +521,9 @@ class Engine:
     def _chain(self, k: int):
         """The chain method with ``k`` draft tokens per pass (auto_shapes="chains"), kept."""
         if k not in self._chain_decoders:
-            self._chain_decoders[k] = METHODS["chain"](k, {"k": k})
+            # Coupled: every pass draws position t's token from (seed, t) alone, whichever mode
+            # auto picked, so a seed fixes the text.
+            self._chain_decoders[k] = METHODS["chain"](k, {"k": k, "coupled": True})
         return self._chain_decoders[k]
 
     def _runner(self, n_tree_requests: int, budget: int):
@@ -627,22 +629,24 @@ class Engine:
             lg = logits[offset:offset + n]
             offset += n
             # Greedy acceptance only takes each row's argmax, which the logits give as the one-hot
-            # of process_logits does (first index on ties); the one-hot (~0.1 ms per row of a
-            # 49k vocabulary on a CPU, and an argmax over it again) is built only for a tree
-            # policy's evidence.
-            p = lg if r.params.greedy and policy is None else process_logits(lg, r.params)
+            # of process_logits does (first index on ties), so the one-hot (~0.1 ms per row of a
+            # 49k vocabulary on a CPU, and an argmax over it again) is never built.
+            p = lg if r.params.greedy else process_logits(lg, r.params)
             noise = None
             if r.noise is not None and extra is None:
-                root_pos = r.tp + len(r.t_pending)
+                # Row i draws the token at position root + depth_i + 1, with that position's noise.
                 bound = min(vt.depth_bound if vt.depth_bound is not None else n - 1, n - 1)
-                noise = r.noise.rows(root_pos + 1, bound + 1, p.shape[-1])
-            last, bonus = decoder.accept(vt, extra, p, r.gen, r.params, noise)
+                r.noise.ensure(r.root_pos + 1, bound + 1, p.shape[-1])
+                noise = r.noise.at(r.root_pos + 1, vt.depths)
+            last, bonus, draws = decoder.accept(vt, extra, p, r.gen, r.params, noise)
             path = path_rows(vt, last, n)
             lo, hi = torch.aminmax(lg)          # NaN propagates; one pass, no [n, V] temporary
             bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).long()
             parts += [bad.view(1), vt.depths[last].view(1), bonus.view(1), vt.tokens[path], vt.draft_slots[path], path]
             layout.append(n)
-            ev = policy.observations(vt, p, r.params, vt.mask[last]) if policy is not None else None
+            # Greedy and coupled trees learn from the draws themselves (acceptance.py).
+            outcome = draws if r.params.greedy or decoder.coupled else None
+            ev = policy.observations(vt, p, r.params, vt.mask[last], outcome) if policy is not None else None
             if ev is not None:
                 evidence.append((r, r.params, int(ev.shape[0])))
                 parts.append(ev)

@@ -103,6 +103,9 @@ class PassShape:
     tree_capacity: nodes of one request's ``DraftTree`` (its ancestor matrix is this squared).
     keeps_draft_probs: sampling keeps the draft's processed distribution of every node.
     n_requests: requests sharing the pass (their rows add up; each has its own tree).
+    coupled: sampled draft rows are processed like the target's and raced against the
+    request's position noise (``sampling.coupled_children``).
+    noise_rows: rows of position noise a sampled request keeps (``sampling.PositionNoise``).
     """
 
     verify_rows: int
@@ -110,6 +113,8 @@ class PassShape:
     tree_capacity: int = 0
     keeps_draft_probs: bool = False
     n_requests: int = 1
+    coupled: bool = False
+    noise_rows: int = 0
 
 
 def pass_bytes(target, draft, shape: PassShape, sampled: bool = True) -> int:
@@ -121,6 +126,8 @@ def pass_bytes(target, draft, shape: PassShape, sampled: bool = True) -> int:
     verify_rows = b * shape.verify_rows
     verify = forward_bytes(target, verify_rows, target.max_len) + verify_rows * v * accept \
         + b * shape.verify_rows ** 2  # the verification trees' masks
+    if sampled:
+        verify += b * shape.noise_rows * v * 4
     if draft is None or not shape.draft_rows:
         return int(verify)
     rows = b * shape.draft_rows
@@ -130,6 +137,9 @@ def pass_bytes(target, draft, shape: PassShape, sampled: bool = True) -> int:
         + forward_bytes(draft, rows, draft.max_len) + rows * v * 8
     if shape.keeps_draft_probs and sampled:
         draft_b += verify_rows * v * 4 + rows * v * accept
+    if shape.coupled and sampled:
+        # process_logits' temporaries, the gathered noise rows and the race keys of each step.
+        draft_b += rows * v * (accept + 8) + b * shape.noise_rows * v * 4
     if target.device == draft.device:
         # The draft trees are gone by verification, but the caching allocator keeps their blocks.
         return int(max(draft_b, verify) if target.device.type == "cpu" else draft_b + verify)

@@ -24,7 +24,7 @@ from . import sampling
 from . import tree as _tree
 from . import tree_policy
 from .memory import PassShape
-from .sampling import process_logits
+from .sampling import noise_ring_rows, process_logits
 from .tree import NEG_INF, ChainTree, DraftTree, VerifyTree, prune_forest
 
 CURVE_SCALE = 1e6     # budget="auto": prediction-curve values travel as int64 micro-tokens
@@ -61,6 +61,14 @@ class Method:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{self.name} parameter {k} must be a positive int, got {v!r}")
+        if not isinstance(self.params.get("coupled", True), bool):
+            raise ValueError(f"{self.name} parameter coupled must be True or False, got {self.params['coupled']!r}")
+
+    @property
+    def coupled(self) -> bool:
+        """Sampled drafts are coupled to the target's draws (the draft ranks candidates by
+        ``q / E`` with the request's position noise ``E``; see ``sampling.coupled_children``)."""
+        return bool(self.params.get("coupled", False))
 
     def defaults(self, budget: int, p: dict) -> dict:
         return p
@@ -87,19 +95,21 @@ class Method:
         raise NotImplementedError
 
     def accept(self, tree: VerifyTree, extra, p: torch.Tensor, gen, params, noise=None) -> tuple:
-        """(deepest accepted row, bonus token), both 0-dim int64 on the device. ``p``: the
-        target's processed distributions of the tree's rows ``[n, V]``. The SpecExec walk is
-        exact for any tree; with greedy decoding every method reduces to it. ``noise``: for a
-        sampled walk, float ``[depths, V]`` Exp(1) noise, row d for the draws of tree depth d
-        (sampling.PositionNoise: the text does not depend on the tree); None: draw with ``gen``."""
+        """(deepest accepted row, bonus token, the target's draw at every row or None), the
+        first two 0-dim int64 on the device, the draws int64 ``[n]``. ``p``: the target's
+        processed distributions of the tree's rows ``[n, V]`` (greedy: its logits, whose argmax
+        is the same). The SpecExec walk is exact for any tree; with greedy decoding every method
+        reduces to it. ``noise``: for a sampled walk, float ``[n, V]`` Exp(1) noise, each row's
+        the noise of the position its draw fills (sampling.PositionNoise: the text does not
+        depend on the tree); None: draw with ``gen``."""
         if params.greedy:
             draws = argmax_rows(p)
         elif noise is not None:
-            draws = sampling.sample_with_noise(p, noise[tree.depths])
+            draws = sampling.sample_with_noise(p, noise)
         else:
             draws = sampling.sample(p, gen)
         last = _tree.walk_accept(tree, draws)   # module lookup: tests swap in a broken walk
-        return last, draws[last]
+        return last, draws[last], draws
 
 
 class Autoregressive(Method):
@@ -113,16 +123,27 @@ class Autoregressive(Method):
         return 0
 
     def pass_shape(self, budget: int, n_requests: int = 1) -> PassShape:
-        return PassShape(1, n_requests=n_requests)
+        return PassShape(1, n_requests=n_requests, noise_rows=noise_ring_rows(1))
 
     def grow(self, ctx: PassContext) -> list:
         return [(ChainTree(1, ctx.device, r.root).compact(), None) for r in ctx.requests]
 
 
 class _Chains(Method):
-    """Chain and SpecInfer: ``n`` root candidates (greedy: the draft's top-n; sampling: drawn
-    without replacement from the processed draft distribution), each continued to a chain.
-    Node of chain j at depth i (1-based) is ``1 + (i - 1) * n + j``."""
+    """Chain and SpecInfer: ``n`` root candidates, each continued to a chain of ``depth``.
+    Node of chain j at depth i (1-based) is ``1 + (i - 1) * n + j``.
+
+    Greedy: the draft's top-n, continued by its argmax. Sampled, ``coupled=True``: the top-n of
+    the exponential race ``q / E`` with the request's position noise (the first is the draft's
+    own draw coupled to the target's), continued by ``argmax(q / E)``; verified by the SpecExec
+    walk with the same noise, so the text is the target's own sampled text for the seed.
+    Sampled, ``coupled=False``: candidates drawn without replacement from ``q`` with the
+    request's generator and chains sampled from ``q``, verified by (multi-candidate) rejection
+    sampling (Leviathan / Chen; SpecInfer)."""
+
+    def defaults(self, budget: int, p: dict) -> dict:
+        p.setdefault("coupled", True)
+        return p
 
     def _n_depth(self) -> tuple[int, int]:
         raise NotImplementedError
@@ -138,7 +159,8 @@ class _Chains(Method):
     def pass_shape(self, budget: int, n_requests: int = 1) -> PassShape:
         n, depth = self._n_depth()
         rows = 1 + n * depth
-        return PassShape(rows, n, rows, keeps_draft_probs=True, n_requests=n_requests)
+        return PassShape(rows, n, rows, keeps_draft_probs=not self.coupled, n_requests=n_requests,
+                         coupled=self.coupled, noise_rows=noise_ring_rows(depth + 1))
 
     def grow(self, ctx: PassContext) -> list:
         dev, drafter = ctx.device, ctx.drafter
@@ -149,17 +171,26 @@ class _Chains(Method):
         tree_cls = ChainTree if n == 1 else DraftTree
         drafter.trees = [tree_cls(1 + n * d, dev, r.root) for r, d in zip(ctx.requests, depths)]
         root_logits = drafter.root()
+        vocab = root_logits.shape[-1]
+        coupled = [self.coupled and not r.params.greedy for r in ctx.requests]
+        for r, d, c in zip(ctx.requests, depths, coupled):
+            if c:      # the noise rows of the chain's positions, made once per position
+                r.noise.ensure(r.root_pos + 1, d, vocab)
         out, tips = [], []
         zero_root = torch.zeros(1, dtype=torch.long, device=dev)
         for i, r in enumerate(ctx.requests):
             depth = depths[i]
             tree = drafter.trees[i]
             q_rows = None
+            valid = torch.ones(n, dtype=torch.bool, device=dev)
             if r.params.greedy:
                 cands = argmax_rows(root_logits[i]).view(1) if n == 1 else root_logits[i].topk(n).indices
-                valid = torch.ones(n, dtype=torch.bool, device=dev)
+            elif coupled[i]:
+                q = process_logits(root_logits[i:i + 1], r.params)
+                logk, cands = sampling.coupled_children(q, r.noise.at(r.root_pos + 1, zero_root), n)
+                cands, valid = cands[0], logk[0] > NEG_INF
             else:
-                q_rows = torch.zeros(1 + n * depth, root_logits.shape[-1], device=dev)
+                q_rows = torch.zeros(1 + n * depth, vocab, device=dev)
                 q_rows[0] = process_logits(root_logits[i], r.params)
                 cands, valid = sampling.sample_without_replacement(q_rows[0], n, r.gen)
             if n == 1:
@@ -168,28 +199,34 @@ class _Chains(Method):
                 zero = torch.zeros(1, n, device=dev)
                 tips.append(tree.add_children(zero_root, cands[None],
                                               torch.where(valid[None], zero, zero - float("inf"))))
-            out.append([q_rows, cands, valid, n, depth])
+            # Rejection sampling needs the draft's distributions and candidates; greedy and
+            # coupled trees are verified by the walk.
+            out.append((q_rows, cands, valid, n, depth) if q_rows is not None else None)
         for level in range(1, max(depths)):
             live = [i for i, d in enumerate(depths) if d > level]
             logits = drafter.step([(i, tips[i]) for i in live])
             for i, lg in zip(live, logits.split(n)):
-                r, tree, q_rows = ctx.requests[i], drafter.trees[i], out[i][0]
+                r, tree = ctx.requests[i], drafter.trees[i]
                 if r.params.greedy:
                     nxt = argmax_rows(lg)
+                elif coupled[i]:
+                    # Every chain's tip at this level fills the same position: one noise row.
+                    e = r.noise.at(r.root_pos + 1, torch.full((1,), level, dtype=torch.long, device=dev))
+                    nxt = argmax_rows(process_logits(lg, r.params) / e)
                 else:
                     q = process_logits(lg, r.params)
-                    q_rows[tips[i]] = q
+                    out[i][0][tips[i]] = q
                     nxt = sampling.sample(q, r.gen)
                 tips[i] = tree.add_children(tips[i], nxt[:, None], None if n == 1 else torch.zeros(n, 1, device=dev))
         result = []
         for i, tree in enumerate(drafter.trees):
             vt = tree.compact() if n == 1 else tree.compact(torch.arange(tree.n_nodes, device=dev))
-            result.append((vt, tuple(out[i])))
+            result.append((vt, out[i]))
         return result
 
     def accept(self, tree: VerifyTree, extra, p: torch.Tensor, gen, params, noise=None) -> tuple:
-        if params.greedy:
-            return super().accept(tree, extra, p, gen, params)
+        if extra is None:
+            return super().accept(tree, extra, p, gen, params, noise)
         # Multi-candidate rejection at the root, then chain rejection along the accepted
         # candidate's chain (n = 1 is classic speculative sampling). Device-only.
         q_rows, cands, valid, n, depth = extra
@@ -200,16 +237,17 @@ class _Chains(Method):
         rejected = acc_j < 0
         last = torch.where(rejected, torch.zeros_like(n_acc), rows[n_acc])
         bonus = torch.where(rejected, sampling.sample(p_root, gen), tok)
-        return last, bonus
+        return last, bonus, None
 
 
 class Chain(_Chains):
     name = "chain"
-    param_names = ("k",)
+    param_names = ("k", "coupled")
+    other_params = ("coupled",)
 
     def defaults(self, budget: int, p: dict) -> dict:
         p.setdefault("k", min(budget, 8))
-        return p
+        return super().defaults(budget, p)
 
     def _n_depth(self) -> tuple[int, int]:
         return 1, self.params["k"]
@@ -220,12 +258,13 @@ class Chain(_Chains):
 
 class SpecInfer(_Chains):
     name = "specinfer"
-    param_names = ("n", "depth")
+    param_names = ("n", "depth", "coupled")
+    other_params = ("coupled",)
 
     def defaults(self, budget: int, p: dict) -> dict:
         p.setdefault("n", min(budget, 8))
         p.setdefault("depth", max(1, budget // p["n"]))
-        return p
+        return super().defaults(budget, p)
 
     def _n_depth(self) -> tuple[int, int]:
         return self.params["n"], self.params["depth"]
@@ -244,8 +283,8 @@ class SpecExec(Method):
     always), so the budget goes to the requests whose drafts are most likely to be accepted."""
 
     name = "specexec"
-    param_names = ("beams_per_step", "branch_width", "max_depth") + tree_policy.POLICY_PARAMS
-    other_params = tree_policy.POLICY_PARAMS
+    param_names = ("beams_per_step", "branch_width", "max_depth", "coupled") + tree_policy.POLICY_PARAMS
+    other_params = tree_policy.POLICY_PARAMS + ("coupled",)
 
     def __init__(self, budget: int, given: dict, auto: bool = False, device="cpu"):
         self.auto = auto
@@ -259,6 +298,7 @@ class SpecExec(Method):
     def defaults(self, budget: int, p: dict) -> dict:
         p.setdefault("beams_per_step", min(budget, 32))
         p.setdefault("branch_width", 8)
+        p.setdefault("coupled", True)
         return tree_policy.set_defaults(p)     # tree, max_depth, growth_temperature, acceptance
 
     def beams(self, budget: int) -> int:
@@ -290,7 +330,8 @@ class SpecExec(Method):
             # A static shape expands each of its <= budget + 1 nodes at most once, but one level
             # (one draft step) may hold up to budget nodes.
             beams, capacity = budget, 1 + (budget + 1) * p["branch_width"]
-        return PassShape(1 + budget, beams, capacity, n_requests=n_requests)
+        return PassShape(1 + budget, beams, capacity, n_requests=n_requests, coupled=self.coupled,
+                         noise_rows=noise_ring_rows(p["max_depth"] + 1))
 
     def settings(self) -> tuple[str, str]:
         p = self.params
@@ -315,27 +356,50 @@ class SpecExec(Method):
         else:
             trees = [DraftTree(1 + d * beams * width, dev, r.root) for r, d in zip(reqs, depth_cap)]
         drafter.trees = trees
+        coupled = [self.coupled and not r.params.greedy for r in reqs]
         temps = [policy.draft_temperature(r.params) for r in reqs]
         same_temp = len(set(temps)) == 1
 
-        def expand(parts, logits, shape_masks=None):
-            if same_temp:
-                logq = torch.log_softmax(logits.float() / temps[0], dim=-1)
-            else:
-                t = torch.tensor([temps[i] for i, nodes in parts for _ in range(int(nodes.shape[0]))], device=dev)
-                logq = torch.log_softmax(logits.float() / t[:, None], dim=-1)
-            vals, toks = logq.topk(min(width, logq.shape[-1]), dim=-1)
-            row = 0
-            for j, (i, nodes) in enumerate(parts):
+        def children(parts, logits):
+            """Each part's top-``width`` children: (log-scores before the policy, tokens), both
+            ``[m, width]``. Coupled requests rank by the exponential race ``q / E`` with their own
+            noise at each child's position; the others by the draft's softmax at the policy's
+            temperature (one batched softmax when all parts share it)."""
+            if not any(coupled[i] for i, _ in parts):
+                if same_temp:
+                    logq = torch.log_softmax(logits.float() / temps[0], dim=-1)
+                else:
+                    t = torch.tensor([temps[i] for i, nodes in parts for _ in range(int(nodes.shape[0]))],
+                                     device=dev)
+                    logq = torch.log_softmax(logits.float() / t[:, None], dim=-1)
+                vals, toks = logq.topk(min(width, logq.shape[-1]), dim=-1)
+                sizes = [int(nodes.shape[0]) for _, nodes in parts]
+                return list(zip(vals.split(sizes), toks.split(sizes)))
+            out, row = [], 0
+            for i, nodes in parts:
                 m = int(nodes.shape[0])
+                lg = logits[row:row + m]
+                row += m
+                r = reqs[i]
+                if coupled[i]:
+                    # Children of a node at depth d fill position root + d + 1: noise row d.
+                    r.noise.ensure(r.root_pos + 1, trees[i].levels + 1, lg.shape[-1])
+                    out.append(sampling.coupled_children(process_logits(lg, r.params),
+                                                         r.noise.at(r.root_pos + 1, trees[i].depths[nodes]), width))
+                else:
+                    logq = torch.log_softmax(lg.float() / temps[i], dim=-1)
+                    out.append(logq.topk(min(width, logq.shape[-1]), dim=-1))
+            return out
+
+        def expand(parts, logits, shape_masks=None):
+            for j, ((i, nodes), (vals, toks)) in enumerate(zip(parts, children(parts, logits))):
                 # The policy's child scores (calibrated log-acceptance or the draft's log-prob)
                 # and the acceptance model's feature bins.
-                scores, feats = policy.child_scores(vals[row:row + m], reqs[i].params)
+                scores, feats = policy.child_scores(vals, reqs[i].params, coupled[i])
                 if shape_masks is not None:     # Sequoia: children outside the shape are created dead
                     keep = shape_masks[j][:, :scores.shape[1]]
                     scores = torch.where(keep, scores, torch.full_like(scores, NEG_INF))
-                trees[i].add_children(nodes, toks[row:row + m], scores, feats)
-                row += m
+                trees[i].add_children(nodes, toks, scores, feats)
             return prune_forest(trees, budget)
 
         zero = torch.zeros(1, dtype=torch.long, device=dev)

@@ -110,6 +110,12 @@ class Request:
         return self.pending[-1]
 
     @property
+    def root_pos(self) -> int:
+        """Absolute position of the root (the last committed token): what the target cache
+        holds, plus the committed tokens it has yet to read before the root."""
+        return self.tp + len(self.t_pending)
+
+    @property
     def remaining(self) -> int:
         return self.max_new_tokens - self.produced
 

@@ -130,6 +130,14 @@ def _mix64(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & (2 ** 63 - 1)
 
 
+def noise_ring_rows(window: int) -> int:
+    """Rows a ``PositionNoise`` holds once asked for windows of up to ``window`` positions."""
+    cap = PositionNoise.INITIAL_ROWS
+    while cap < window:
+        cap *= 2
+    return cap
+
+
 class PositionNoise:
     """Exp(1) noise vectors ``E_t`` ``[V]``, one per absolute sequence position ``t``, each a
     function of (seed, t) only.
@@ -138,22 +146,74 @@ class PositionNoise:
     is the target's processed distribution given the tokens before ``t``; every tree row at the
     same depth shares ``E_t``, but only one of them lies on the accepted path. Each emitted token
     is therefore a draw from the target with noise used for nothing else (exact), and the text is
-    the same whatever tree was verified: the same seed gives the same output for every tree
-    policy, budget, and history of a learning policy (and for autoregressive decoding). Costs one
-    ``V``-sized fill per tree depth and pass, fewer than one per tree row."""
+    the same whatever tree was verified: the same seed gives the same output for every method,
+    tree policy, budget, batch arrangement and history of a learning policy.
+
+    The draft reads the same rows to grow *coupled* trees: it ranks the children of a node at
+    position ``t`` by ``q_t / E_t`` (``coupled_children``), so its first child is its own draw
+    coupled to the target's (docs/ALGORITHM.md, "Coupled sampled trees").
+
+    Rows live in a ring of ``capacity`` slots (slot ``t % capacity``), filled once per position
+    as a request advances (``ensure``) and read by growth and verification alike, so a position's
+    row costs one ``V``-sized fill however many passes and draft steps read it. The ring grows
+    (by doubling) only when a window wider than it is asked for."""
+
+    INITIAL_ROWS = 8
 
     def __init__(self, seed: int, device):
         self.seed = int(seed) & (2 ** 63 - 1)
         self.device = torch.device(device)
         self.gen = torch.Generator(device=self.device)
+        self.capacity = self.INITIAL_ROWS
+        self._held: list = [-1] * self.capacity     # host: the position each slot holds (-1: none)
+        self._rows: Optional[torch.Tensor] = None   # float32 [capacity, V]
+
+    def _fill(self, slot: int, position: int) -> None:
+        self.gen.manual_seed(_mix64(self.seed, position))
+        exp1_(self._rows[slot], self.gen)
+        self._held[slot] = position
+
+    def ensure(self, first: int, n: int, vocab: int) -> None:
+        """Make positions ``first .. first + n - 1`` readable (host work only, no sync)."""
+        if self._rows is None or self._rows.shape[1] != vocab:
+            self._rows = torch.empty(self.capacity, vocab, device=self.device)
+            self._held = [-1] * self.capacity
+        if n > self.capacity:
+            cap = self.capacity
+            while cap < n:
+                cap *= 2
+            old, held = self._rows, self._held
+            self.capacity, self._rows, self._held = cap, torch.empty(cap, vocab, device=self.device), [-1] * cap
+            for slot, position in enumerate(held):
+                if position >= 0:
+                    self._rows[position % cap] = old[slot]
+                    self._held[position % cap] = position
+        for t in range(first, first + n):
+            if self._held[t % self.capacity] != t:
+                self._fill(t % self.capacity, t)
+
+    def at(self, first: int, offsets: torch.Tensor) -> torch.Tensor:
+        """float32 ``[m, V]``: ``E_{first + offsets[i]}`` for int64 device ``offsets`` ``[m]``
+        (positions made readable by ``ensure`` first)."""
+        return self._rows[(offsets + first) % self.capacity]
 
     def rows(self, first: int, n: int, vocab: int) -> torch.Tensor:
-        """float32 ``[n, vocab]``: ``E_first, ..., E_{first + n - 1}``."""
-        out = torch.empty(n, vocab, device=self.device)
-        for i in range(n):
-            self.gen.manual_seed(_mix64(self.seed, first + i))
-            exp1_(out[i], self.gen)
-        return out
+        """float32 ``[n, vocab]``: ``E_first, ..., E_{first + n - 1}`` (a copy)."""
+        self.ensure(first, n, vocab)
+        return self.at(first, torch.arange(n, device=self.device))
+
+
+def coupled_children(probs: torch.Tensor, noise: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` children of each row ranked by the exponential race ``probs / noise``.
+
+    probs: the draft's processed distributions ``[m, V]``; noise: the Exp(1) rows of the
+    children's positions ``[m, V]``, the same rows verification draws the target's tokens with.
+    Returns (log race keys float32 ``[m, width]``, descending, -inf for tokens ``probs`` excludes;
+    tokens int64 ``[m, width]``). The first child is ``argmax(q / E)``: a draw from ``q`` that
+    equals the target's draw ``argmax(p / E)`` with probability at least
+    ``(1 - TV(p, q)) / (1 + TV(p, q))``, and the later ones are the race's runners-up."""
+    keys, tokens = (probs / noise).topk(min(width, probs.shape[-1]), dim=-1)
+    return keys.log(), tokens
 
 
 def sample_without_replacement(probs: torch.Tensor, n: int, generator: Optional[torch.Generator]

@@ -163,11 +163,22 @@ class TreePolicy:
             return float(self.growth_temperature)
         return params.temperature if params.temperature > 0 else 1.0
 
-    def child_scores(self, logq: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-scores, feature bins) of the top-``w`` children of ``m`` expanded nodes, from the
-        draft's log-probs ``logq`` float ``[m, w]`` (rank order): both ``[m, w]``."""
+    def child_scores(self, logq: torch.Tensor, params: SamplingParams, coupled: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-scores, feature bins) of the top-``w`` children of ``m`` expanded nodes, both
+        ``[m, w]``, from ``logq`` float ``[m, w]`` in rank order: the draft's log-probs, or for a
+        ``coupled`` tree the log race keys ``log(q / E)`` (sampling.coupled_children). The
+        acceptance model reads either through ``margin_feature`` (a share among the siblings),
+        so the calibrated and Sequoia policies learn what a coupled rank is worth. The softmax
+        ranking scores a coupled child by its share of the siblings' race keys (at
+        ``growth_temperature``, default 1): near 1 for a clear winner of the race, which is the
+        target's draw unless the target and draft disagree."""
         scores, feats = self.model(params).scores_and_features(margin_feature(logq))
-        return (logq if self.name == "softmax" else scores), feats
+        if self.name != "softmax":
+            return scores, feats
+        if coupled:
+            return torch.log_softmax(logq / (self.growth_temperature or 1.0), dim=-1), feats
+        return logq, feats
 
     def candidate_margin(self, params: SamplingParams) -> float:
         """log of the best acceptance a child can get (<= 0): a node whose score plus this cannot
@@ -210,16 +221,20 @@ class TreePolicy:
 
     # ------------------------------------------------------------------ learning
     def observations(self, tree, p: torch.Tensor, params: SamplingParams,
-                     reached: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                     reached: Optional[torch.Tensor] = None, draws: Optional[torch.Tensor] = None
+                     ) -> Optional[torch.Tensor]:
         """The pass's evidence for the acceptance model (int64 device tensor), or None when the
         tree carries none (other methods). ``reached``: bool ``[n]``, the rows the walk reached
-        (the accepted path and the root); with ``evidence="reached"`` only their children count."""
+        (the accepted path and the root); with ``evidence="reached"`` only their children count.
+        ``draws``: int64 ``[n]``, the target's draw at every row when it is a function of what
+        the draft saw (greedy; coupled sampling, where the draft ranked by the same noise): each
+        child is then valued 1 if it is its parent's draw, else 0, instead of ``p``'s mass."""
         if tree.proposed is None:
             return None
         rows, tokens, bins = tree.proposed
         if self.evidence == "reached" and reached is not None:
             rows = torch.where(reached[rows.clamp_min(0)] & (rows >= 0), rows, torch.full_like(rows, -1))
-        return self.model(params).observations(p, rows, tokens, bins)
+        return self.model(params).observations(p, rows, tokens, bins, draws)
 
     def update(self, params: SamplingParams, packet: Sequence[int]) -> None:
         self.model(params).update(packet)
