@@ -16,11 +16,12 @@ Rows (tokens/s of generated tokens, prompt prefill included, as a user sees it):
   bench uses ``--llama-python`` (or ``$SPECEXEC_LLAMA_PYTHON``, or ``.llama-venv/bin/python``)
   and says so when none is found.
 
-Every one of our greedy outputs is checked against our autoregressive output (lossless); HF's
-and llama.cpp's outputs are compared and mismatches counted, not failed (different kernels,
-llama.cpp different weights). Sampled, mismatches are counted for every row: SpecExec's walk
-gives autoregressive sampling's text for a seed, chains draw differently from the same
-distribution (tests/test_engine.py checks both).
+Every one of our outputs is checked against our autoregressive output (lossless; sampled too:
+every pass draws position t's token from the seed and t alone); HF's and llama.cpp's outputs are
+compared and mismatches counted, not failed (different kernels, llama.cpp different weights).
+Sampled, the rows ``specexec b=B, uncoupled`` (trees grown from the draft's probabilities
+alone) and ``chain k=K, rejection sampling`` (drafts drawn independently, verified by
+rejection sampling: another text from the same distribution) show what coupling buys.
 
     python bench/cpu_e2e.py [--new 96] [--rounds 3] [--budgets 4,16,64] [--chains 4] [--out-md ...] [--out-png ...]
     python bench/cpu_e2e.py --temperature 0.7 --top-p 0.9 ...   # sampled: every engine, one seed per round and prompt
@@ -141,11 +142,16 @@ def main() -> int:
 
         ours["ours budget=auto, previous default draft (int4:64, int4 head)"] = Engine(
             target, int4_draft(target, group_size=64, lm_head_int4=True), budget="auto", tokenizer=tok)
+    sampled = args.temperature > 0
     for b in (int(x) for x in args.budgets.split(",") if x):
         ours[f"ours specexec b={b}"] = Engine(target, draft, budget=b, tokenizer=tok)
+        if sampled:     # the tree grown from the draft's probabilities alone, as before coupling
+            ours[f"ours specexec b={b}, uncoupled"] = Engine(target, draft, budget=b, coupled=False, tokenizer=tok)
     for k in [int(v) for v in args.chains.split(",") if v]:
         ours[f"ours chain k={k}"] = Engine(target, draft, method="chain", budget=k, tokenizer=tok)
-    sampled = args.temperature > 0
+        if sampled:
+            ours[f"ours chain k={k}, rejection sampling"] = Engine(target, draft, method="chain", budget=k,
+                                                                   coupled=False, tokenizer=tok)
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
     for name, eng in ours.items():
         def run_ours(i, seed, eng=eng):
@@ -223,10 +229,11 @@ def main() -> int:
         rows.append(dict(name=name, tok_s=statistics.median(per_prompt), per_prompt=per_prompt,
                          vs_ours_ar=statistics.median(ratios), min_vs_ours_ar=min(ratios), tokens_per_pass=tpp,
                          greedy_mismatches=mismatches))
-        # Sampled, only SpecExec's walk reproduces autoregressive sampling's text for a seed (chains
-        # and auto's chain passes draw differently, from the same distribution).
-        if name.startswith("ours") and mismatches and "int4 target" not in name and not sampled:
-            raise AssertionError(f"{name}: greedy output differs from our autoregressive output")
+        # Every walk-verified engine (plain, coupled chains, SpecExec trees, auto) gives our
+        # autoregressive text, sampled too (the seed fixes it); rejection sampling draws another
+        # text from the same distribution.
+        if name.startswith("ours") and mismatches and "int4 target" not in name and "rejection" not in name:
+            raise AssertionError(f"{name}: output differs from our autoregressive output")
     # Roofline: weight bytes read per token by our float32 autoregressive decoding, as stored
     # (float32 layers; the LM head as loaded: the GGUF's Q8_0 kept 8-bit on the CPU).
     from specexec_rt.model.weights import weights_nbytes
