@@ -142,3 +142,55 @@ def test_coupled_parameter_is_checked(pair):
         Engine(target, draft, method="chain", coupled=1)
     with pytest.raises(TypeError, match="coupled"):
         Engine(target, None, method="autoregressive", coupled=True)
+
+
+@pytest.mark.cuda
+def test_auto_keeps_the_seeded_text_on_cuda():
+    """The GPU path: trees under auto (the CUDA default), noise rows made on the device."""
+    import torch
+
+    from specexec_rt.model.weights import replace_leaves
+
+    target, draft = make_pair(noise=0.3)
+    cuda = torch.device("cuda")
+    moved = [Transformer(m.config, replace_leaves(m.weights, lambda _, x: x.to(cuda)), m.max_len, cuda, m.dtype)
+             for m in (target, draft)]
+    ar = Engine(moved[0], None, method="autoregressive")
+    engine = Engine(moved[0], moved[1], budget="auto", max_budget=16, max_depth=6, max_batch=2)
+    for _ in range(2):
+        handles = [(i, seed, engine.submit(PROMPTS[i], NEW, temperature=1.0, top_p=0.9, seed=seed))
+                   for seed in (0, 1) for i in range(2)]
+        for i, seed, h in handles:
+            want = ar.generate(PROMPTS[i], NEW, temperature=1.0, top_p=0.9, seed=seed).token_ids
+            assert h.result().token_ids == want
+
+
+def test_a_seeded_request_gets_one_text_through_the_server():
+    """The same seeded request sent three times to a server running budget="auto" (whose choices
+    follow measured costs) gets the same text, the target's own sampled text for that seed."""
+    import http.client
+    import json
+
+    from conftest import build_tiny_model
+    from server_harness import MAX_LEN, TIMEOUT, running
+    from tiny_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    engine = Engine(build_tiny_model(seed=0, max_len=MAX_LEN), build_tiny_model(seed=1, max_len=MAX_LEN),
+                    tokenizer=tok, budget="auto", max_budget=8, max_depth=4)
+    want = Engine(build_tiny_model(seed=0, max_len=MAX_LEN), None, method="autoregressive", tokenizer=tok).generate(
+        "w2 w4 w6", max_new_tokens=16, temperature=1.0, top_p=0.9, seed=77).text
+    body = json.dumps({"model": "tiny", "prompt": "w2 w4 w6", "max_tokens": 16, "temperature": 1.0, "top_p": 0.9,
+                       "seed": 77})
+    with running(engine) as server:
+        texts = []
+        for _ in range(3):
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=TIMEOUT)
+            try:
+                conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                assert resp.status == 200
+                texts.append(json.loads(resp.read())["choices"][0]["text"])
+            finally:
+                conn.close()
+    assert texts == [want] * 3
