@@ -19,6 +19,19 @@ ARCHS = {
     "llama-bias": (transformers.LlamaConfig, dict(attention_bias=True)),
     "mistral": (transformers.MistralConfig, dict(sliding_window=4096)),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    # Qwen3: q/k norm with GQA, head_dim 24 != hidden / heads = 16.
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=24)),
+    "qwen3-tied": (transformers.Qwen3Config, dict(head_dim=24, tie_word_embeddings=True)),
+    # Mixture of experts: top-2 of 8 with a dense middle layer (mlp_only_layers), top-1 on every
+    # other layer (decoder_sparse_step), top-k = every expert, and Mixtral's top-2.
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                                                    moe_intermediate_size=32, norm_topk_prob=False,
+                                                    mlp_only_layers=[1], head_dim=24)),
+    "qwen3_moe-top1": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
+                                                         norm_topk_prob=True, decoder_sparse_step=2)),
+    "qwen3_moe-topall": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=4,
+                                                           moe_intermediate_size=32, norm_topk_prob=True)),
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 
 
