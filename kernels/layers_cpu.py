@@ -34,14 +34,13 @@ SERVED_FIELDS = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "ffn_norm", "w_gate_up
 log = logging.getLogger(__name__)
 
 
-def unserved_field(layer) -> Optional[str]:
-    """The first field of a layer dataclass, outside ``SERVED_FIELDS``, that is set (not None):
-    a part of the block the native layer stack would silently skip. None when there is none."""
-    if dataclasses.is_dataclass(layer):
-        for f in dataclasses.fields(layer):
-            if f.name not in SERVED_FIELDS and getattr(layer, f.name) is not None:
-                return f.name
-    return None
+def unserved_fields(layer) -> tuple:
+    """The fields of a layer dataclass, outside ``SERVED_FIELDS``, that are set (not None): parts
+    of the block the native layer stack would silently skip. Empty when there are none."""
+    if not dataclasses.is_dataclass(layer):
+        return ()
+    return tuple(f.name for f in dataclasses.fields(layer)
+                 if f.name not in SERVED_FIELDS and getattr(layer, f.name) is not None)
 
 
 def enabled() -> bool:
@@ -84,10 +83,10 @@ class NativeLayers:
         if cpu_native.library() is None or not layers:
             return None
         for i, layer in enumerate(layers):
-            field = unserved_field(layer)
-            if field is not None:
-                log.info("CPU layers in one native call: not for this model (layer %d has %r, which the native "
-                         "layer stack does not compute); the per-op path runs", i, field)
+            fields = unserved_fields(layer)
+            if fields:
+                log.info("CPU layers in one native call: not for this model (layer %d has %s, which the native "
+                         "layer stack does not compute); the per-op path runs", i, ", ".join(map(repr, fields)))
                 return None
         keep: list = []
         structs = (cpu_native.SxcLayer * len(layers))()
