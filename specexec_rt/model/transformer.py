@@ -71,7 +71,8 @@ def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: t
 
 
 class Transformer:
-    """A decoder-only Llama-family model with a static KV cache.
+    """A decoder-only Llama-family model with a static KV cache (Llama, Mistral, Qwen2, Qwen3;
+    Qwen3-MoE and Mixtral with mixture-of-experts layers: ``transformer_block`` and ``moe.py``).
 
     ``weights.layers`` are served through ``layer_source`` (resident by default, or an offload
     ``LayerStreamer``); everything else is resident on ``device``.
