@@ -1,7 +1,7 @@
 """One config dataclass for every supported architecture, read from an HF config or GGUF metadata."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..errors import UnsupportedModelError
@@ -94,10 +94,8 @@ class ModelConfig:
     def keep_layers(self, keep) -> "ModelConfig":
         """The config of a model made of layers ``keep`` (sorted indices) of this one: a draft
         that drops or re-quantizes layers keeps each kept layer's kind (dense or experts)."""
-        import dataclasses
-
         moe = set(self.moe_layers)
-        return dataclasses.replace(self, n_layers=len(keep), moe_layers=tuple(j for j, i in enumerate(keep) if i in moe))
+        return replace(self, n_layers=len(keep), moe_layers=tuple(j for j, i in enumerate(keep) if i in moe))
 
 
 def _eos_list(value) -> list:
