@@ -26,6 +26,13 @@ The random 4-bit weights are built directly in packed form (random nibble bytes,
 the GPU one layer at a time, then packed once into the streamer's exact-size host block
 (~36 GB for 70B; the per-layer GPU tensors are released as they are packed).
 
+Mixture-of-experts targets (``moe_rows``; ``--moe mixtral-8x7b,qwen3-30b-a3b``, run after the dense
+model is released): a Mixtral-8x7B-shaped and a Qwen3-30B-A3B-shaped 4-bit target, every layer
+streamed with all its experts, verifying trees of each budget: ``target_s``, the streaming floor,
+the experts a pass routed to per layer (random weights route about uniformly: the most spread
+case, see ``bench/moe_routing.py``), and ``routed_floor_s``, what streaming only the routed
+experts would cost (not implemented: the layer streamer moves whole layers).
+
 ``--dry``: tiny shapes on the CPU (the Triton kernels through the interpreter when
 SPECEXEC_TRITON_INTERPRET=1 is set before import, as ``gpu_suite.py --dry`` does), seconds.
 ``run(dry) -> dict`` is what ``bench/gpu_suite.py`` imports.
@@ -81,6 +88,22 @@ DRY_TARGET = _cfg(512, 128, 256, 3, 2, 1, head_dim=64)
 DRY_DRAFT = _cfg(512, 128, 256, 2, 2, 2, head_dim=64)
 
 
+def _moe_cfg(model_type, vocab, hidden, inter, layers, heads, kv_heads, experts, top_k, moe_inter, head_dim=128,
+             qk_norm=False) -> ModelConfig:
+    return ModelConfig(model_type=model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                       n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-6,
+                       max_position_embeddings=4096, qk_norm=qk_norm, num_experts=experts, num_experts_per_tok=top_k,
+                       moe_intermediate_size=moe_inter, moe_layers=tuple(range(layers)))
+
+
+MOE_TARGETS = {
+    "mixtral-8x7b": _moe_cfg("mixtral", 32000, 4096, 14336, 32, 32, 8, 8, 2, 14336),
+    "qwen3-30b-a3b": _moe_cfg("qwen3_moe", 151936, 2048, 6144, 48, 32, 4, 128, 8, 768, qk_norm=True),
+}
+DRY_MOE_TARGETS = {"tiny-moe": _moe_cfg("qwen3_moe", 512, 128, 256, 2, 2, 1, 8, 2, 128, head_dim=64, qk_norm=True)}
+MOE_BUDGETS = (16, 64, 256, 1024)
+
+
 # ------------------------------------------------------------------ synthetic weights
 
 def random_int4(out_features: int, in_features: int, device, gen: torch.Generator) -> Int4Weight:
@@ -110,6 +133,23 @@ def random_layer(cfg: ModelConfig, device, dtype, gen: torch.Generator) -> Layer
         w_down=random_int4(h, cfg.intermediate_size, device, gen))
 
 
+def random_moe_layer(cfg: ModelConfig, device, dtype, gen: torch.Generator) -> LayerWeights:
+    """Attention as ``random_layer``; a router with logits of std ~1 (decisive, about uniform
+    over the experts) and ``num_experts`` random 4-bit SwiGLU experts."""
+    from specexec_rt.model.weights import MoEWeights
+
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    ones = torch.ones(cfg.head_dim, dtype=dtype, device=device) if cfg.qk_norm else None
+    router = (torch.randn(cfg.num_experts, h, device=device, generator=gen) / math.sqrt(h)).to(dtype)
+    return LayerWeights(
+        attn_norm=torch.ones(h, dtype=dtype, device=device),
+        wqkv=random_int4(cfg.qkv_size, h, device, gen), bqkv=None,
+        wo=random_int4(h, cfg.n_heads * cfg.head_dim, device, gen), bo=None,
+        ffn_norm=torch.ones(h, dtype=dtype, device=device), w_gate_up=None, w_down=None, q_norm=ones, k_norm=ones,
+        moe=MoEWeights(router=router, gate_up=[random_int4(2 * inter, h, device, gen) for _ in range(cfg.num_experts)],
+                       down=[random_int4(h, inter, device, gen) for _ in range(cfg.num_experts)]))
+
+
 def _progress(it, desc: str, total: int):
     try:
         from tqdm import tqdm
@@ -121,7 +161,8 @@ def _progress(it, desc: str, total: int):
 
 def random_layers(cfg: ModelConfig, device, dtype, seed: int, desc: str) -> list:
     gen = torch.Generator(device=device).manual_seed(seed)
-    return [random_layer(cfg, device, dtype, gen) for _ in _progress(range(cfg.n_layers), desc, cfg.n_layers)]
+    make = random_moe_layer if cfg.is_moe else random_layer
+    return [make(cfg, device, dtype, gen) for _ in _progress(range(cfg.n_layers), desc, cfg.n_layers)]
 
 
 def outer_weights(cfg: ModelConfig, device, dtype, seed: int, logit_std: float) -> ModelWeights:
@@ -335,13 +376,94 @@ def build_models(dry: bool, device: torch.device, dtype: torch.dtype, budgets, r
     return dict(target=target, draft=draft, streamer=streamer, prefix=prefix, info=info)
 
 
+class _RoutedExperts:
+    """Records which experts each mixture-of-experts layer ran (wraps ``moe.experts_forward``
+    for one untimed pass)."""
+
+    def __init__(self):
+        from specexec_rt.model import moe
+
+        self.moe, self.real, self.per_layer = moe, moe.experts_forward, []
+
+    def __enter__(self):
+        def spy(x, weights, experts, w):
+            self.per_layer.append(torch.unique(experts).tolist())
+            return self.real(x, weights, experts, w)
+        self.moe.experts_forward = spy
+        return self
+
+    def __exit__(self, *exc):
+        self.moe.experts_forward = self.real
+
+
+def moe_rows(dry: bool, device, dtype, names=None, budgets=None, reps: int = 3, n_slots: int = 2,
+             bw: Optional[float] = None, deadline_s: Optional[float] = None, t_start: float = 0.0) -> list:
+    """Per mixture-of-experts target shape: a streamed 4-bit target (every layer, all its experts),
+    one verification pass per budget and the autoregressive pass (see the module docstring)."""
+    from specexec_rt.model.weights import tensor_leaves
+
+    table = DRY_MOE_TARGETS if dry else MOE_TARGETS
+    budgets = tuple(budgets or ((8, 32) if dry else MOE_BUDGETS))
+    prefix = DRY_PREFIX if dry else PREFIX
+    rows = []
+    for name in table if dry else names or table:
+        cfg = table[name]
+        if deadline_s is not None and time.perf_counter() - t_start > deadline_s:
+            rows.append(dict(shape=name, skipped="deadline"))
+            continue
+        t0 = time.perf_counter()
+        layers = random_layers(cfg, device, dtype, seed=7, desc=f"{name} layers (random int4 experts)")
+        expert_bytes = sum(t.numel() * t.element_size() for _, t in tensor_leaves(layers[0].moe.gate_up[0])) + \
+            sum(t.numel() * t.element_size() for _, t in tensor_leaves(layers[0].moe.down[0]))
+        streamer = LayerStreamer(layers, device, n_resident=0, n_slots=n_slots, consume=True)
+        del layers
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        target = Transformer(cfg, outer_weights(cfg, device, dtype, 1, logit_std=1.0), prefix + max(budgets) + 8,
+                             device, dtype, layer_source=streamer)
+        fill_prefix(target, prefix, 3)
+        build_s = time.perf_counter() - t0
+        try:
+            per_pass = streamer.streamed_bytes_per_pass
+            floor = per_pass / (bw * 1e9) if bw else None
+            non_expert = per_pass - cfg.n_layers * cfg.num_experts * expert_bytes
+            gen = torch.Generator(device=device).manual_seed(5)
+            tree_gen = torch.Generator().manual_seed(6)
+            for b in (1,) + budgets:
+                mask, depths = (None, torch.zeros(1, dtype=torch.long)) if b == 1 else random_tree(b, tree_gen)
+                ids = torch.randint(0, cfg.vocab_size, (b,), device=device, generator=gen)
+                fn = (lambda ids=ids, depths=depths.to(device), mask=None if mask is None else mask.to(device):
+                      target.forward(ids, prefix + depths, target.cache, prefix, tree_mask=mask))
+                t_s, t_all, _ = timed(fn, device, reps)
+                with _RoutedExperts() as routed:
+                    fn()
+                touched = statistics.fmean(len(e) for e in routed.per_layer)
+                routed_floor = (non_expert + cfg.n_layers * touched * expert_bytes) / (bw * 1e9) if bw else None
+                rows.append(dict(shape=name, budget=0 if b == 1 else b, tokens=b, target_s=t_s, floor_s=floor,
+                                 target_over_floor=t_s / floor if floor else None, experts=cfg.num_experts,
+                                 top_k=cfg.num_experts_per_tok, experts_touched_per_layer=touched,
+                                 routed_floor_s=routed_floor, streamed_GB_per_pass=per_pass / 1e9,
+                                 build_s=build_s, target_all_s=t_all))
+                print(f"{name} {'plain decoding' if b == 1 else f'budget {b}'}: target {t_s:.4f} s"
+                      + (f" ({t_s / floor:.3f}x floor, routed-only floor {routed_floor:.4f} s)" if floor else "")
+                      + f", {touched:.1f}/{cfg.num_experts} experts per layer", file=sys.stderr, flush=True)
+        finally:
+            streamer.close()
+            target = streamer = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: str = "0", n_slots: int = 2,
         beams_per_step: Optional[int] = None, branch_width: int = 8, max_depth: Optional[int] = None,
         draft_logit_std: float = 4.0, target_layers: Optional[int] = None,
-        deadline_s: Optional[float] = None, batches=None, batch_budget: Optional[int] = None) -> dict:
+        deadline_s: Optional[float] = None, batches=None, batch_budget: Optional[int] = None,
+        moe=None) -> dict:
     """Measure the costs (see module docstring). Returns a JSON-ready dict with ``rows`` (one per
-    budget), ``autoregressive`` and ``info``. ``deadline_s``: stop starting new budgets after this
-    many seconds (the skipped budgets are listed in ``skipped_budgets``)."""
+    budget), ``autoregressive``, ``info`` and ``moe`` (``moe_rows``: the shapes named by ``moe``,
+    default all; ``()`` for none). ``deadline_s``: stop starting new budgets after this many
+    seconds (the skipped budgets are listed in ``skipped_budgets``)."""
     t_start = time.perf_counter()
     if dry:
         device, dtype = torch.device("cpu"), torch.float32
@@ -452,6 +574,15 @@ def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: s
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
     finally:
         streamer.close()
+    if moe is None or moe:
+        target = draft = streamer = m = None     # the dense models' memory goes before the MoE targets come
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        out["moe"] = moe_rows(dry, device, dtype, names=moe or None, reps=reps, n_slots=n_slots,
+                              bw=out.get("h2d_gbps_used"), t_start=t_start,
+                              deadline_s=None if dry else deadline_s)     # dry: one tiny shape, seconds
+        out["notes"].append("moe: every layer streamed with all its experts; routed_floor_s = the floor if only the "
+                            "experts the pass routed to were streamed (not implemented)")
     out["notes"].append("costs only: random weights make acceptance meaningless; breakeven_tokens_per_pass = "
                         "(draft_s + target_s) / autoregressive s per token, the tokens per pass a real draft "
                         "must reach for SpecExec to beat autoregressive offloaded decoding")
@@ -475,6 +606,8 @@ def main(argv=None) -> int:
                     "'' for none)")
     ap.add_argument("--batch-budget", type=int, default=None, help=f"budget per request of the batched rows "
                     f"(default {BATCH_BUDGET}; --dry: the first budget)")
+    ap.add_argument("--moe", default=None, help=f"mixture-of-experts targets to add ({', '.join(MOE_TARGETS)}; "
+                    "default all, '' for none)")
     args = ap.parse_args(argv)
     if args.dry:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
@@ -483,7 +616,8 @@ def main(argv=None) -> int:
     batches = None if args.batches is None else tuple(int(b) for b in args.batches.split(",") if b)
     res = run(args.dry, budgets, args.reps, args.resident, beams_per_step=args.beams_per_step,
               max_depth=args.max_depth, target_layers=args.target_layers, batches=batches,
-              batch_budget=args.batch_budget or (None if args.dry else BATCH_BUDGET))
+              batch_budget=args.batch_budget or (None if args.dry else BATCH_BUDGET),
+              moe=None if args.moe is None else tuple(n for n in args.moe.split(",") if n))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

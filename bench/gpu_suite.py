@@ -13,7 +13,8 @@ fatal, and the rest still run):
   kernels  bench/bench_tree_attention.py and bench/bench_int4_matmul.py ``run(dry)``.
   offload  ``specexec_rt.offload.profile.run_profile`` (llama-2-70b, int4; tiny in --dry).
   e2e      bench/e2e_synthetic.py ``run(dry)``: 70B-shaped 4-bit target streamed, 7B-shaped
-           4-bit draft resident, budgets 64..2048 (costs only).
+           4-bit draft resident, budgets 64..2048 (costs only); then Mixtral-8x7B- and
+           Qwen3-30B-A3B-shaped 4-bit MoE targets streamed with all their experts.
 
 Writes ``<out>/<date>-<gpu>.md`` and ``.json`` (and pytest logs); when ``$OUT`` is set, copies
 them there too. A report already at that path (same day, same GPU) is merged: sections not run
@@ -267,11 +268,20 @@ def section_e2e(budget_s: float, dry: bool) -> dict:
               table("SpecExec pass costs per budget (seconds, medians of whole passes)", res["rows"], cols)]
     if res.get("streamer_timing"):
         tables.append(table("streamer event timing, one verification pass", [res["streamer_timing"]]))
+    if res.get("moe"):
+        tables.append(table("mixture-of-experts targets, every layer streamed with all its experts (seconds)",
+                            res["moe"], ["shape", "budget", "tokens", "target_s", "floor_s", "target_over_floor",
+                                         "experts_touched_per_layer", "experts", "top_k", "routed_floor_s",
+                                         "streamed_GB_per_pass", "skipped"]))
     notes = list(res.get("notes", [])) + [f"params: {res['params']}"]
     status = "ok"
     if res.get("skipped_budgets"):
         status = "partial"
         notes.append(f"budgets skipped for time: {res['skipped_budgets']}")
+    if any(r.get("skipped") for r in res.get("moe") or ()):
+        status = "partial"
+        notes.append("mixture-of-experts shapes skipped for time: "
+                     f"{[r['shape'] for r in res['moe'] if r.get('skipped')]}")
     if any(r.get("engine_error") for r in res["rows"]):
         notes.append("the engine's tree growth failed, draft_s timed by equivalent draft forwards (see engine_error)")
     return dict(status=status, tables=tables, data=res, notes=notes)

@@ -9,10 +9,14 @@ about a quarter of a decode step. Plan once per model (``NativeLayers.build``: t
 C structs), run per pass.
 
 A layer here is any object with the fields of ``model.weights.LayerWeights`` (``attn_norm``,
-``wqkv``, ``bqkv``, ``wo``, ``bo``, ``ffn_norm``, ``w_gate_up``, ``w_down``).
+``wqkv``, ``bqkv``, ``wo``, ``bo``, ``ffn_norm``, ``w_gate_up``, ``w_down``). A layer dataclass
+with any other field set (Qwen3's q/k norms, mixture-of-experts weights) is a block this call
+does not compute: ``build`` refuses it, logs why, and the per-op path runs.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import os
 from typing import Optional, Sequence
@@ -24,6 +28,19 @@ from .int4_cpu import _native_weight, native_active
 from .int4_weight import Int4Weight
 
 MAT_F32, MAT_INT4 = 0, 1
+# The layer fields sxc_forward_layers computes; a layer with another field set is not served.
+SERVED_FIELDS = ("attn_norm", "wqkv", "bqkv", "wo", "bo", "ffn_norm", "w_gate_up", "w_down")
+
+log = logging.getLogger(__name__)
+
+
+def unserved_fields(layer) -> tuple:
+    """The fields of a layer dataclass, outside ``SERVED_FIELDS``, that are set (not None): parts
+    of the block the native layer stack would silently skip. Empty when there are none."""
+    if not dataclasses.is_dataclass(layer):
+        return ()
+    return tuple(f.name for f in dataclasses.fields(layer)
+                 if f.name not in SERVED_FIELDS and getattr(layer, f.name) is not None)
 
 
 def enabled() -> bool:
@@ -65,6 +82,12 @@ class NativeLayers:
         kernels take (then the per-op path runs)."""
         if cpu_native.library() is None or not layers:
             return None
+        for i, layer in enumerate(layers):
+            fields = unserved_fields(layer)
+            if fields:
+                log.info("CPU layers in one native call: not for this model (layer %d has %s, which the native "
+                         "layer stack does not compute); the per-op path runs", i, ", ".join(map(repr, fields)))
+                return None
         keep: list = []
         structs = (cpu_native.SxcLayer * len(layers))()
         any_f32 = any_int4 = False

@@ -31,10 +31,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from specexec_rt.model.config import ModelConfig  # noqa: E402
 from specexec_rt.model import Transformer  # noqa: E402
-from specexec_rt.model.weights import LayerWeights, ModelWeights  # noqa: E402
+from specexec_rt.model.weights import LayerWeights, ModelWeights, MoEWeights  # noqa: E402
+
+
+# A tiny mixture-of-experts layout: layers 0 and 2 with 6 experts (top-2), layer 1 dense.
+TINY_MOE = dict(n_layers=3, intermediate_size=64, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, moe_layers=(0, 2),
+                qk_norm=True)
 
 
 def tiny_config(model_type: str = "llama", **overrides) -> ModelConfig:
+    if model_type == "qwen3_moe":
+        overrides = {**TINY_MOE, **overrides}
     base = dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48, n_layers=2,
                 n_heads=4, n_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
                 max_position_embeddings=256, tie_word_embeddings=False,
@@ -52,14 +59,24 @@ def random_weights(cfg: ModelConfig, seed: int = 0, scale: float = 0.2) -> Model
     def norm():
         return 1.0 + 0.1 * torch.randn(cfg.hidden_size, generator=g)
 
+    def head_norm():
+        return 1.0 + 0.1 * torch.randn(cfg.head_dim, generator=g) if cfg.qk_norm else None
+
     layers = []
-    for _ in range(cfg.n_layers):
+    for i in range(cfg.n_layers):
+        if i in cfg.moe_layers:
+            e, inter = cfg.num_experts, cfg.moe_intermediate_size
+            mlp = dict(w_gate_up=None, w_down=None, moe=MoEWeights(
+                router=r(e, cfg.hidden_size) * 5, gate_up=[r(2 * inter, cfg.hidden_size) for _ in range(e)],
+                down=[r(cfg.hidden_size, inter) for _ in range(e)]))
+        else:
+            mlp = dict(w_gate_up=r(2 * cfg.intermediate_size, cfg.hidden_size),
+                       w_down=r(cfg.hidden_size, cfg.intermediate_size))
         layers.append(LayerWeights(
             attn_norm=norm(), wqkv=r(cfg.qkv_size, cfg.hidden_size),
             bqkv=r(cfg.qkv_size) if cfg.qkv_bias else None,
             wo=r(cfg.hidden_size, cfg.n_heads * cfg.head_dim), bo=r(cfg.hidden_size) if cfg.o_bias else None,
-            ffn_norm=norm(), w_gate_up=r(2 * cfg.intermediate_size, cfg.hidden_size),
-            w_down=r(cfg.hidden_size, cfg.intermediate_size)))
+            ffn_norm=norm(), q_norm=head_norm(), k_norm=head_norm(), **mlp))
     embed = r(cfg.vocab_size, cfg.hidden_size) * 5
     lm_head = embed if cfg.tie_word_embeddings else r(cfg.vocab_size, cfg.hidden_size)
     return ModelWeights(embed=embed, final_norm=norm(), lm_head=lm_head, layers=layers)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from hf_models import assert_prefill_matches_hf, make_hf_model, quantize_checkpoint
+from hf_models import assert_prefill_matches_hf, dequantized_reference, make_hf_model, quantize_checkpoint
 from specexec_rt import load_model
 from specexec_rt.errors import ModelLoadError
 from specexec_rt.kernels import int4_cpu
@@ -85,3 +85,31 @@ def test_unsupported_quantization_configs_are_named(awq_dir, tmp_path, change, m
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match=match):
         load_model(tmp_path, device="cpu", max_len=64)
+
+
+@pytest.fixture(scope="module")
+def awq_moe_dir(tmp_path_factory):
+    """Qwen3-MoE (experts in layers 0 and 2, a dense layer 1) with every projection, experts'
+    included, in AutoAWQ's format; the router stays dense, as AutoAWQ leaves it."""
+    d = tmp_path_factory.mktemp("awq-moe")
+    make_hf_model("qwen3_moe", d)
+    plain = quantize_checkpoint(d, None, lambda _, w: awq_pack(w),
+                                {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm",
+                                 "zero_point": True})
+    return d, dequantized_reference(d, plain, tmp_path_factory.mktemp("awq-moe-reference"))
+
+
+def test_awq_moe_dequantized_matches_hf(awq_moe_dir):
+    d, hf = awq_moe_dir
+    assert_prefill_matches_hf(load_model(d, device="cpu", quantize="none", max_len=64), hf, atol=2e-4)
+
+
+def test_awq_moe_experts_stay_4bit(awq_moe_dir, monkeypatch):
+    d, hf = awq_moe_dir
+    monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", torch.float32)   # exact CPU int4 path
+    model = load_model(d, device="cpu", quantize="int4", max_len=64)
+    moe = model.weights.layers[0].moe
+    assert len(moe.gate_up) == 8 and all(isinstance(m, Int4Weight) for m in moe.gate_up + moe.down)
+    assert isinstance(moe.router, torch.Tensor) and isinstance(model.weights.layers[1].w_down, Int4Weight)
+    assert model.source_int4_group == GROUP
+    assert_prefill_matches_hf(model, hf, atol=2e-4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models import assert_prefill_matches_hf, make_hf_model, quantize_checkpoint
+from hf_models import assert_prefill_matches_hf, dequantized_reference, make_hf_model, quantize_checkpoint
 from specexec_rt import load_model
 from specexec_rt.kernels import int4_cpu
 from specexec_rt.kernels.int4_weight import Int4Weight
@@ -77,3 +77,41 @@ def test_source_group_only_where_groups_are_contiguous(gptq_dir):
     assert int4_group({"quant_method": "awq", "w_bit": 4, "q_group_size": 64}) == 64
     assert int4_group({"quant_method": "gptq", "group_size": -1}) is None        # one group per row
     assert int4_group(None) is None
+
+
+@pytest.fixture(scope="module")
+def gptq_mixtral_dir(tmp_path_factory):
+    """Mixtral with its attention and every expert's w1/w2/w3 in GPTQ, act-order; the matrices
+    that read the same input share it (q/k/v; an expert's w1 and w3), so they fuse 4-bit."""
+    d = tmp_path_factory.mktemp("gptq-mixtral")
+    make_hf_model("mixtral", d)
+    g = torch.Generator().manual_seed(6)
+    g_idx = {}
+
+    def pack(name, t):
+        parent, module = name.rsplit(".", 2)[:2]
+        key = parent + {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "w1": "gu", "w3": "gu"}.get(module, module)
+        if key not in g_idx:
+            g_idx[key] = (torch.randperm(t.shape[1], generator=g) % (t.shape[1] // GROUP)).to(torch.int32)
+        return gptq_pack(t, g_idx[key])
+
+    plain = quantize_checkpoint(d, None, pack, {"quant_method": "gptq", "bits": 4, "group_size": GROUP,
+                                                "desc_act": True, "sym": False, "checkpoint_format": "gptq"},
+                                select=lambda name: name.endswith(("_proj.weight", ".w1.weight", ".w2.weight",
+                                                                   ".w3.weight")))
+    return d, dequantized_reference(d, plain, tmp_path_factory.mktemp("gptq-mixtral-reference"))
+
+
+def test_gptq_mixtral_dequantized_matches_hf(gptq_mixtral_dir):
+    d, hf = gptq_mixtral_dir
+    assert_prefill_matches_hf(load_model(d, device="cpu", quantize="none", max_len=64), hf, atol=2e-4)
+
+
+def test_gptq_mixtral_experts_stay_4bit(gptq_mixtral_dir, monkeypatch):
+    d, hf = gptq_mixtral_dir
+    monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", torch.float32)   # exact CPU int4 path
+    model = load_model(d, device="cpu", quantize="int4", max_len=64)
+    moe = model.weights.layers[1].moe
+    assert all(isinstance(m, Int4Weight) and m.perm is not None for m in moe.gate_up + moe.down)
+    assert model.source_int4_group is None       # act-order: the default draft keeps its own group
+    assert_prefill_matches_hf(model, hf, atol=2e-3)

@@ -47,6 +47,9 @@ def test_dry_run_writes_report_with_every_section_ok(tmp_path):
         assert r["draft_method"] == "engine", r.get("engine_error")
         assert r["draft_s"] > 0 and r["target_s"] > 0 and r["tree_nodes"] == r["budget"] + 1
     assert e2e["autoregressive"]["target_s_per_token"] > 0
+    moe = e2e["moe"]
+    assert [r["budget"] for r in moe] == [0, 8, 32]
+    assert moe[0]["experts_touched_per_layer"] == moe[0]["top_k"] and all(r["target_s"] > 0 for r in moe)
     md = jsons[0].with_suffix(".md").read_text()
     for name in DRY_SECTIONS:
         assert f"## {name}" in md

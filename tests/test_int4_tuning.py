@@ -228,3 +228,12 @@ def test_tune_cli_shapes_and_cpu_error(tmp_path, capsys):
     rc = cli.main(["tune-int4", "--shape", "llama-2-7b", "--out", str(tmp_path / "t.json")])
     assert rc == 2 and "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_shapes_of_a_moe_model_are_its_experts(tmp_path):
+    from hf_models import make_hf_model
+    from specexec_rt.serving.tune_int4 import shapes_for
+
+    make_hf_model("mixtral", tmp_path)            # every layer has experts: no dense MLP shapes
+    assert shapes_for(model=str(tmp_path)) == {"wqkv": (128, 64, 64), "wo": (64, 64, 64),
+                                               "expert_gate_up": (192, 64, 64), "expert_down": (64, 96, 32)}

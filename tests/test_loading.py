@@ -124,7 +124,8 @@ def test_unsupported_model_type(llama3_dir, tmp_path):
     raw = json.loads((tmp_path / "m" / "config.json").read_text())
     raw["model_type"] = "gpt2"
     (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2'.*supported: llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"'gpt2'.*supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"):
         load_model(tmp_path / "m", device="cpu")
 
 

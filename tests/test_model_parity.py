@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from hf_models import ARCHS, make_hf_model
+from tiny_tokenizer import tiny_tokenizer
 from specexec_rt import load_model
 
 ATOL = 1e-4
+# Tiny models are all per-op overhead: two OpenMP threads on a busy machine only slow them down.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_parents(n: int, rng: random.Random) -> list[int]:
@@ -118,6 +121,26 @@ def test_commit_then_continue(pair):
     out = model.forward(nxt, torch.arange(new_len, new_len + 3), model.cache, new_len)
     ref = hf_logits(hf, torch.cat([prefix, tokens[path], nxt]))[-3:]
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["autoregressive", "specexec"])
+def test_engine_greedy_matches_hf_generate(pair, method):
+    """Token for token against HF's own greedy ``generate``, through the engine: plain decoding,
+    and SpecExec with the default draft (the target re-quantized to int4; a MoE stays a MoE)."""
+    from specexec_rt.speculative.drafts import default_draft
+    from specexec_rt.speculative.engine import Engine
+
+    hf, model = pair
+    prompt = [1, 7, 30, 4, 12, 9]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    expected = out[0, len(prompt):].tolist()
+    draft = default_draft(model) if method == "specexec" else None
+    # The checkpoints have no tokenizer files (transformers would make up a Qwen one, with its own
+    # end-of-text id): the word tokenizer keeps the config's EOS the only one, as in HF's generate.
+    engine = Engine(model, draft, method=method, budget=16, tokenizer=tiny_tokenizer(model.vocab_size))
+    got = engine.generate(prompt, max_new_tokens=24).token_ids
+    assert got == expected
 
 
 def test_logits_rows_selects_rows(pair):

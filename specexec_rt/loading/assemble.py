@@ -7,9 +7,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model.config import ModelConfig
-from ..model.weights import LayerWeights, ModelWeights
+from ..model.weights import LayerWeights, ModelWeights, MoEWeights
 
-# get_matrix(name) -> float tensor [out, in] or Int4Weight; get_vector(name) -> tensor or None.
+# get_matrix(name) -> float tensor [out, in] or Int4Weight (for an expert stack name, a list of
+# them, one per expert); get_vector(name) -> tensor or None.
 MatrixGetter = Callable[[str], object]
 VectorGetter = Callable[[str], Optional[torch.Tensor]]
 
@@ -66,14 +67,20 @@ def finish_matrix(m, dtype: torch.dtype, quantize: str):
 
 
 def expected_shape(cfg: ModelConfig, name: str) -> tuple:
-    """The shape a tensor named like HF Llama's must have under ``cfg``."""
+    """The shape a tensor named like HF Llama's must have under ``cfg`` (for an expert stack,
+    ``model.layers.{i}.mlp.experts.{gate,up,down}_proj.weight``: each expert's)."""
     h, q, kv, inter = cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size
+    if ".mlp.experts." in name:
+        e_inter = cfg.moe_intermediate_size
+        return {"gate_proj.weight": (e_inter, h), "up_proj.weight": (e_inter, h),
+                "down_proj.weight": (h, e_inter)}[name.rsplit(".", 2)[-2] + ".weight"]
     table = {
         "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h), "o_proj.weight": (h, q),
         "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj.bias": (h,),
         "gate_proj.weight": (inter, h), "up_proj.weight": (inter, h), "down_proj.weight": (h, inter),
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,), "model.norm.weight": (h,),
         "embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
+        "q_norm.weight": (cfg.head_dim,), "k_norm.weight": (cfg.head_dim,), "mlp.gate.weight": (cfg.num_experts, h),
     }
     for suffix, shape in table.items():
         if name.endswith(suffix):
@@ -85,14 +92,25 @@ def checked(getter, cfg: ModelConfig):
     """Wrap a getter so a tensor whose shape disagrees with the config fails at load, by name."""
     from ..errors import ModelLoadError
 
-    def get(name: str):
-        t = getter(name)
+    def check(name: str, t, what: str) -> None:
         shape = tuple(t.shape)
         want = expected_shape(cfg, name)
         if shape != want:
-            raise ModelLoadError(f"tensor {name!r} has shape {list(shape)} but the config "
+            raise ModelLoadError(f"tensor {what} has shape {list(shape)} but the config "
                                  f"({cfg.model_type}, hidden {cfg.hidden_size}, heads {cfg.n_heads}/"
-                                 f"{cfg.n_kv_heads}, head_dim {cfg.head_dim}) implies {list(want)}")
+                                 f"{cfg.n_kv_heads}, head_dim {cfg.head_dim}, experts {cfg.num_experts} x "
+                                 f"{cfg.moe_intermediate_size}) implies {list(want)}")
+
+    def get(name: str):
+        t = getter(name)
+        if isinstance(t, list):   # an expert stack: one matrix per expert
+            if len(t) != cfg.num_experts:
+                raise ModelLoadError(f"expert stack {name!r} holds {len(t)} experts but the config has "
+                                     f"num_experts={cfg.num_experts}")
+            for e, m in enumerate(t):
+                check(name, m, f"{name!r} (expert {e})")
+        else:
+            check(name, t, repr(name))
         return t
     return get
 
@@ -100,9 +118,12 @@ def checked(getter, cfg: ModelConfig):
 def assemble_weights(cfg: ModelConfig, get_matrix: MatrixGetter, get_vector: VectorGetter,
                      dtype: torch.dtype, quantize: str, layer_device, resident_device,
                      desc: str = "loading") -> ModelWeights:
-    """Names follow HF Llama: ``model.layers.{i}.self_attn.q_proj.weight`` etc. Layers are placed
+    """Names follow HF Llama: ``model.layers.{i}.self_attn.q_proj.weight`` etc. (Qwen3's
+    ``self_attn.q_norm.weight``; a mixture-of-experts layer's ``mlp.gate.weight`` router and
+    ``mlp.experts.{gate,up,down}_proj.weight`` stacks, see ``moe_weights``). Layers are placed
     on ``layer_device`` (the host when offloading), the rest on ``resident_device``."""
     get_matrix, get_vector = checked(get_matrix, cfg), checked(get_vector, cfg)
+    moe_layers = set(cfg.moe_layers)
     layers = []
     for i in tqdm(range(cfg.n_layers), desc=desc, unit="layer", leave=False):
         p = f"model.layers.{i}."
@@ -112,7 +133,12 @@ def assemble_weights(cfg: ModelConfig, get_matrix: MatrixGetter, get_vector: Vec
         if cfg.qkv_bias:
             bqkv = torch.cat([get_vector(att + f"{x}_proj.bias") for x in "qkv"]).to(dtype)
         bo = get_vector(att + "o_proj.bias") if cfg.o_bias else None
-        w_gate_up = fuse_rows([get_matrix(p + "mlp.gate_proj.weight"), get_matrix(p + "mlp.up_proj.weight")])
+        if i in moe_layers:
+            mlp = dict(w_gate_up=None, w_down=None, moe=moe_weights(p, get_matrix, dtype, quantize))
+        else:
+            w_gate_up = fuse_rows([get_matrix(p + "mlp.gate_proj.weight"), get_matrix(p + "mlp.up_proj.weight")])
+            mlp = dict(w_gate_up=finish_matrix(w_gate_up, dtype, quantize),
+                       w_down=finish_matrix(get_matrix(p + "mlp.down_proj.weight"), dtype, quantize))
         layer = LayerWeights(
             attn_norm=get_vector(p + "input_layernorm.weight").to(dtype),
             wqkv=finish_matrix(wqkv, dtype, quantize),
@@ -120,8 +146,9 @@ def assemble_weights(cfg: ModelConfig, get_matrix: MatrixGetter, get_vector: Vec
             wo=finish_matrix(get_matrix(att + "o_proj.weight"), dtype, quantize),
             bo=bo.to(dtype) if bo is not None else None,
             ffn_norm=get_vector(p + "post_attention_layernorm.weight").to(dtype),
-            w_gate_up=finish_matrix(w_gate_up, dtype, quantize),
-            w_down=finish_matrix(get_matrix(p + "mlp.down_proj.weight"), dtype, quantize),
+            q_norm=get_vector(att + "q_norm.weight").to(dtype) if cfg.qk_norm else None,
+            k_norm=get_vector(att + "k_norm.weight").to(dtype) if cfg.qk_norm else None,
+            **mlp,
         )
         layers.append(move_layer(layer, layer_device))
     embed = get_matrix("model.embed_tokens.weight")
@@ -140,6 +167,21 @@ def assemble_weights(cfg: ModelConfig, get_matrix: MatrixGetter, get_vector: Vec
             lm_head = lm_head.to(resident_device)  # a tensor or an Int4Weight: both have .to
     final_norm = get_vector("model.norm.weight").to(dtype).to(resident_device)
     return ModelWeights(embed=embed, final_norm=final_norm, lm_head=lm_head, layers=layers)
+
+
+def moe_weights(prefix: str, get_matrix: MatrixGetter, dtype: torch.dtype, quantize: str) -> MoEWeights:
+    """A layer's router and experts, read as stacks (``{prefix}mlp.experts.gate_proj.weight``:
+    one matrix per expert, whatever the checkpoint's own layout) and fused and finished per
+    expert like a dense MLP. The router stays dense whatever ``quantize`` says: it picks the
+    experts, and it is small."""
+    router = get_matrix(prefix + "mlp.gate.weight")
+    router = (router if _is_dense(router) else router.dequantize(torch.float32)).to(dtype)
+    gates = get_matrix(prefix + "mlp.experts.gate_proj.weight")
+    ups = get_matrix(prefix + "mlp.experts.up_proj.weight")
+    gate_up = [finish_matrix(fuse_rows([g, u]), dtype, quantize) for g, u in zip(gates, ups)]
+    del gates, ups
+    down = [finish_matrix(m, dtype, quantize) for m in get_matrix(prefix + "mlp.experts.down_proj.weight")]
+    return MoEWeights(router=router, gate_up=gate_up, down=down)
 
 
 def move_layer(layer: LayerWeights, device) -> LayerWeights:

@@ -9,8 +9,11 @@ import torch
 from ..model.config import ModelConfig
 from ..errors import ModelLoadError, UnsupportedModelError
 
-# GGUF architecture -> our model_type
-GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+# GGUF architecture -> our model_type (llama.cpp writes Mixtral as "llama" with experts: "mixtral")
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+# Families whose q/k rows llama.cpp's converter permutes (rotary pairs interleaved). The Qwen
+# families use NeoX-style RoPE there, HF's own half-split layout, and are stored as HF has them.
+PERMUTED_QK = ("llama", "mistral", "mixtral")
 # Kept 4-bit (converted exactly to Int4Weight) when 4-bit weights are wanted, else dequantized.
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 # Dequantized to float on load (gguf-py's numpy dequantizers): the other k-quants of llama.cpp's
@@ -23,6 +26,10 @@ _LAYER_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    # Mixture-of-experts layers: the router and the experts stacked along a leading axis.
+    "mlp.gate": "ffn_gate_inp", "mlp.experts.gate_proj": "ffn_gate_exps", "mlp.experts.up_proj": "ffn_up_exps",
+    "mlp.experts.down_proj": "ffn_down_exps",
 }
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                  "lm_head.weight": "output.weight"}
@@ -75,11 +82,16 @@ def gguf_config(reader, path: Path) -> ModelConfig:
         raise UnsupportedModelError(arch, "GGUF rope_freqs (llama3 rope scaling baked as a tensor) is not "
                                           "supported; load the HF checkpoint instead")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    moe = _gguf_moe(reader, arch, names, int(req("block_count")))
+    model_type = "mixtral" if arch == "llama" and moe else GGUF_ARCHS[arch]
+    inter = _field(reader, f"{arch}.feed_forward_length")
+    if inter is None and not (moe and len(moe["moe_layers"]) == int(req("block_count"))):
+        req("feed_forward_length")      # a dense MLP needs it: raises, naming the key
     return ModelConfig(
-        model_type=GGUF_ARCHS[arch],
+        model_type=model_type,
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(req("feed_forward_length")),
+        intermediate_size=int(inter if inter is not None else moe["moe_intermediate_size"]),
         n_layers=int(req("block_count")),
         n_heads=n_heads,
         n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
@@ -93,7 +105,32 @@ def gguf_config(reader, path: Path) -> ModelConfig:
         o_bias="blk.0.attn_output.bias" in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=[int(eos)] if eos is not None else [],
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        **moe,
     )
+
+
+def _gguf_moe(reader, arch: str, names: set, n_layers: int) -> dict:
+    """The mixture-of-experts fields from llama.cpp's metadata: a layer with a router
+    (``blk.N.ffn_gate_inp``) has experts; softmax gating, top ``expert_used_count``,
+    renormalised unless ``expert_weights_norm`` says otherwise (llama.cpp's Qwen3-MoE and
+    Mixtral graphs renormalise). Gating and shared experts the runtime lacks are refused by key."""
+    layers = tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" in names)
+    if not layers:
+        return {}
+    gating = _field(reader, f"{arch}.expert_gating_func")
+    if gating is not None and int(gating) != 1:
+        raise UnsupportedModelError(arch, f"{arch}.expert_gating_func={gating} is not supported (only 1, softmax)")
+    if _field(reader, f"{arch}.expert_shared_count"):
+        raise UnsupportedModelError(arch, f"{arch}.expert_shared_count is set: shared experts are not supported")
+    width = _field(reader, f"{arch}.expert_feed_forward_length")
+    if width is None:   # Mixtral's files: the experts are feed_forward_length wide; the tensor says so too
+        stack = next((t for t in reader.tensors if t.name == f"blk.{layers[0]}.ffn_gate_exps.weight"), None)
+        width = int(stack.shape[1]) if stack is not None else 0
+    return dict(num_experts=int(_field(reader, f"{arch}.expert_count", 0)),
+                num_experts_per_tok=int(_field(reader, f"{arch}.expert_used_count", 0)),
+                moe_intermediate_size=int(width), norm_topk_prob=bool(_field(reader, f"{arch}.expert_weights_norm", True)),
+                moe_layers=layers)
 
 
 def _unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -134,7 +171,11 @@ def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool, keep_q8_
                                  f"{', '.join(DENSE_TYPES + INT4_TYPES)}")
         return name, t, qtype
 
+    permuted = cfg.model_type in PERMUTED_QK
+
     def n_head_for(hf_name: str):
+        if not permuted:
+            return None
         if ".q_proj." in hf_name:
             return cfg.n_heads
         if ".k_proj." in hf_name:
@@ -144,15 +185,14 @@ def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool, keep_q8_
     def get_matrix(hf_name: str):
         name, t, qtype = lookup(hf_name)
         rows = np.asarray(t.data)                      # [out_features, bytes or elements per row]
+        out_features, in_features = int(t.shape[1]), int(t.shape[0])
+        if rows.ndim == 3:                             # an expert stack: [experts, out_features, ...]
+            return expert_stack(rows, qtype, t.tensor_type, (out_features, in_features))
         n_head = n_head_for(hf_name)
         if n_head is not None:
             rows = _unpermute_rows(rows, n_head)
-        out_features, in_features = int(t.shape[1]), int(t.shape[0])
         if keep_int4 and qtype in INT4_TYPES:
-            from . import int4_formats as f
-
-            convert = {"Q4_0": f.from_gguf_q4_0, "Q4_1": f.from_gguf_q4_1, "Q4_K": f.from_gguf_q4_k}[qtype]
-            return convert(np.ascontiguousarray(rows), (out_features, in_features))
+            return int4_from_gguf(rows, qtype, (out_features, in_features))
         if keep_q8_head and qtype == "Q8_0" and hf_name in _HEAD_NAMES and n_head is None:
             from ..kernels.q8_weight import from_gguf_q8_0
 
@@ -160,6 +200,13 @@ def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool, keep_q8_
             return from_gguf_q8_0(blocks, (out_features, in_features))
         w = dequantize(rows, t.tensor_type).reshape(out_features, in_features)
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+
+    def expert_stack(rows: np.ndarray, qtype: str, tensor_type, shape: tuple) -> list:
+        """One matrix per expert: kept 4-bit expert by expert (exact), or dequantized."""
+        if keep_int4 and qtype in INT4_TYPES:
+            return [int4_from_gguf(rows[e], qtype, shape) for e in range(rows.shape[0])]
+        w = dequantize(rows, tensor_type).reshape(rows.shape[0], *shape)
+        return [torch.from_numpy(np.ascontiguousarray(w[e], dtype=np.float32)) for e in range(rows.shape[0])]
 
     def get_vector(hf_name: str):
         name, t, qtype = lookup(hf_name)
@@ -169,6 +216,15 @@ def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool, keep_q8_
         return torch.from_numpy(np.array(data, dtype=np.float32))
 
     return get_matrix, get_vector
+
+
+def int4_from_gguf(rows: np.ndarray, qtype: str, shape: tuple):
+    """A Q4_0 / Q4_1 / Q4_K matrix's raw blocks (``[out_features, bytes per row]``) as an
+    ``Int4Weight``, converted exactly."""
+    from . import int4_formats as f
+
+    convert = {"Q4_0": f.from_gguf_q4_0, "Q4_1": f.from_gguf_q4_1, "Q4_K": f.from_gguf_q4_k}[qtype]
+    return convert(np.ascontiguousarray(rows), shape)
 
 
 def gguf_int4_block(reader):

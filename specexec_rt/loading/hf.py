@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -102,8 +103,11 @@ def hf_getters(directory: Path, cfg: ModelConfig):
             raise ModelLoadError(f"AWQ version={qcfg.get('version')!r} zero_point={qcfg.get('zero_point')!r} is "
                                  f"not supported (only AutoAWQ's GEMM format with zero points)")
     packed_matrix = {"gptq": _gptq_matrix, "awq": _awq_matrix}.get(method)
+    rename = _MIXTRAL_NAMES if cfg.model_type == "mixtral" else ()
 
-    def get_matrix(name: str):
+    def get_one(name: str):
+        for ours, theirs in rename:
+            name = name.replace(ours, theirs)
         if name.endswith(".weight") and not ckpt.has(name) and packed_matrix is not None:
             base = name[: -len(".weight")]
             if ckpt.has(base + ".qweight"):
@@ -112,10 +116,24 @@ def hf_getters(directory: Path, cfg: ModelConfig):
             return ckpt.get("model.embed_tokens.weight")
         return ckpt.get(name)
 
+    def get_matrix(name: str):
+        stack = _EXPERT_STACK.fullmatch(name)
+        if stack:   # hub checkpoints store one tensor per expert (GPTQ/AWQ ones too)
+            prefix, proj = stack.groups()
+            return [get_one(f"{prefix}mlp.experts.{e}.{proj}.weight") for e in range(cfg.num_experts)]
+        return get_one(name)
+
     def get_vector(name: str):
         return ckpt.get(name)
 
     return get_matrix, get_vector
+
+
+# An expert stack as assemble.py asks for it: model.layers.{i}.mlp.experts.{gate,up,down}_proj.weight.
+_EXPERT_STACK = re.compile(r"(model\.layers\.\d+\.)mlp\.experts\.(gate_proj|up_proj|down_proj)\.weight")
+# Mixtral's checkpoint names for what assemble.py asks by Qwen-MoE / Llama names.
+_MIXTRAL_NAMES = ((".mlp.experts.", ".block_sparse_moe.experts."), (".gate_proj.", ".w1."), (".up_proj.", ".w3."),
+                  (".down_proj.", ".w2."), (".mlp.gate.", ".block_sparse_moe.gate."))
 
 
 def _gptq_matrix(ckpt: SafetensorsCheckpoint, base: str, qcfg: dict):

@@ -146,6 +146,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def qk_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, n_heads: int, n_kv_heads: int,
+            head_dim: int, eps: float) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm of q and k (each head over its ``head_dim``, before RoPE):
+    ``qkv`` ``[n, (H + 2 H_kv) D]`` -> a new contiguous tensor of the same shape, v unchanged
+    (the native ``rope_attention`` reads q, k and v from one contiguous row)."""
+    n = qkv.shape[0]
+    q_end, k_end = n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
+    q = rms_norm(qkv[:, :q_end].reshape(n, n_heads, head_dim), q_weight, eps)
+    k = rms_norm(qkv[:, q_end:k_end].reshape(n, n_kv_heads, head_dim), k_weight, eps)
+    return torch.cat([q.reshape(n, q_end), k.reshape(n, k_end - q_end), qkv[:, k_end:]], dim=1)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
     """Inverse frequencies ``[head_dim // 2]`` (float32), with linear or llama3 scaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..kernels.layers_cpu import NativeLayers
-from . import ops
+from . import moe, ops
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .weights import LayerWeights, ModelWeights, ResidentLayers
@@ -51,6 +51,8 @@ def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: t
     n = x.shape[0]
     h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     qkv = ops.norm_linear(x, w.attn_norm, cfg.rms_norm_eps, w.wqkv, w.bqkv)
+    if w.q_norm is not None:  # Qwen3: each q and k head RMS-normalised before RoPE
+        qkv = ops.qk_norm(qkv, w.q_norm, w.k_norm, h, hkv, d, cfg.rms_norm_eps)
     if meta.native_rows is not None:  # CPU float32: RoPE, cache write and attention in one call
         attn = ops.rope_attention(qkv, cos, sin, cache_k, cache_v, slots, meta, h, hkv, d)
     else:
@@ -62,12 +64,15 @@ def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: t
         cache_v.index_copy_(0, slots, v.view(n, hkv, d))
         attn = ops.attention(q, cache_k[:meta.n_k], cache_v[:meta.n_k], meta).reshape(n, h * d)
     x = ops.linear(attn, w.wo, w.bo, residual=x)
+    if w.moe is not None:
+        return moe.moe_mlp(x, w, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.rms_norm_eps)
     gate_up = ops.norm_linear(x, w.ffn_norm, cfg.rms_norm_eps, w.w_gate_up)
     return ops.swiglu_linear(gate_up, w.w_down, residual=x)
 
 
 class Transformer:
-    """A decoder-only Llama-family model with a static KV cache.
+    """A decoder-only Llama-family model with a static KV cache (Llama, Mistral, Qwen2, Qwen3;
+    Qwen3-MoE and Mixtral with mixture-of-experts layers: ``transformer_block`` and ``moe.py``).
 
     ``weights.layers`` are served through ``layer_source`` (resident by default, or an offload
     ``LayerStreamer``); everything else is resident on ``device``.
@@ -94,6 +99,12 @@ class Transformer:
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a forward can be captured as a CUDA graph: not with mixture-of-experts layers,
+        which read each expert's row count on the host (``moe.py``)."""
+        return not self.config.is_moe
 
     def new_cache(self, max_len: Optional[int] = None) -> KVCache:
         c = self.config

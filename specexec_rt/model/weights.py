@@ -14,8 +14,27 @@ Matrix = Union[torch.Tensor, "object"]
 
 
 @dataclass
+class MoEWeights:
+    """The mixture-of-experts MLP of one layer. Expert ``e``'s matrices are ``gate_up[e]`` and
+    ``down[e]`` (dense tensors or ``Int4Weight``s, like a dense layer's); plain lists, so the
+    offload streamer packs and streams every expert with its layer."""
+
+    router: torch.Tensor             # [num_experts, hidden], dense in the model's dtype
+    gate_up: list                    # num_experts x [2 * moe_intermediate, hidden]: gate rows, then up rows
+    down: list                       # num_experts x [hidden, moe_intermediate]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.gate_up)
+
+
+@dataclass
 class LayerWeights:
-    """One transformer block. Matrices are [out_features, in_features] like nn.Linear."""
+    """One transformer block. Matrices are [out_features, in_features] like nn.Linear.
+
+    A mixture-of-experts layer has ``moe`` set and no dense MLP (``w_gate_up``/``w_down`` None).
+    New optional fields go last and default to None: code that serves only some layers (the CPU
+    whole-layer native path) refuses a layer with a field it does not know set."""
 
     attn_norm: torch.Tensor          # [hidden]
     wqkv: Matrix                     # [(n_heads + 2 * n_kv_heads) * head_dim, hidden]
@@ -23,8 +42,20 @@ class LayerWeights:
     wo: Matrix                       # [hidden, n_heads * head_dim]
     bo: Optional[torch.Tensor]       # [hidden] or None
     ffn_norm: torch.Tensor           # [hidden]
-    w_gate_up: Matrix                # [2 * intermediate, hidden]: gate rows, then up rows
-    w_down: Matrix                   # [hidden, intermediate]
+    w_gate_up: Optional[Matrix]      # [2 * intermediate, hidden]: gate rows, then up rows (None: moe)
+    w_down: Optional[Matrix]         # [hidden, intermediate] (None: moe)
+    q_norm: Optional[torch.Tensor] = None   # [head_dim]: per-head RMSNorm of q before RoPE (Qwen3)
+    k_norm: Optional[torch.Tensor] = None   # [head_dim]: the same for k
+    moe: Optional[MoEWeights] = None
+
+
+def layer_matrices(layer: LayerWeights) -> list:
+    """Every matrix of a layer that a draft quantizes: attention's, then the dense MLP's or every
+    expert's. Not the router (kept dense: it decides which experts run)."""
+    mats = [layer.wqkv, layer.wo]
+    if layer.moe is None:
+        return mats + [layer.w_gate_up, layer.w_down]
+    return mats + list(layer.moe.gate_up) + list(layer.moe.down)
 
 
 @dataclass

@@ -49,8 +49,15 @@ def shapes_for(model=None, shape=None, group_size=None) -> dict:
         s = SHAPES[shape]
         cfg, ckpt_group = SimpleNamespace(hidden_size=s["hidden"], head_dim=s["head_dim"], n_heads=s["n_heads"],
                                           n_kv_heads=s["n_kv_heads"], intermediate_size=s["inter"]), None
+    shapes = model_shapes(cfg)
+    if getattr(cfg, "is_moe", False):
+        # A mixture-of-experts model runs its experts' matrices, each over the rows routed to it.
+        h, e = cfg.hidden_size, cfg.moe_intermediate_size
+        if len(cfg.moe_layers) == cfg.n_layers:      # no dense MLP left
+            del shapes["w_gate_up"], shapes["w_down"]
+        shapes.update(expert_gate_up=(2 * e, h), expert_down=(h, e))
     out = {}
-    for name, (n, k) in model_shapes(cfg).items():
+    for name, (n, k) in shapes.items():
         out[name] = (n, k, group_size or ckpt_group or int4_group_size(k))
     return out
 

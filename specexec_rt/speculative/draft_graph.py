@@ -45,7 +45,10 @@ class StaticDraftStep:
         self.mask = torch.zeros(self.beams, self.width, dtype=torch.bool, device=dev)
         self.prefix = torch.zeros(1, dtype=torch.int32, device=dev)
         self.scratch = torch.arange(model.max_len - self.beams, model.max_len, device=dev)
-        self.capture = (dev.type == "cuda") if capture is None else bool(capture)
+        # A model whose forward reads the device on the host (mixture-of-experts layers) cannot be
+        # captured: its static steps run eagerly.
+        self.capture = (dev.type == "cuda" and getattr(model, "capturable", True)) if capture is None \
+            else bool(capture)
         self.graph = None
         self.graph_logits = None
         self.verified = False

@@ -10,13 +10,12 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Sequence
 
 import torch
 
 from ..model.transformer import Transformer
-from ..model.weights import LayerWeights, ModelWeights
+from ..model.weights import LayerWeights, ModelWeights, MoEWeights, layer_matrices
 
 
 def _resident_layers(target: Transformer) -> list:
@@ -27,8 +26,8 @@ def _resident_layers(target: Transformer) -> list:
     return [move_layer(layer, target.device) for layer in target.weights.layers]
 
 
-def _build(target: Transformer, layers: list, max_len: Optional[int], lm_head=None) -> Transformer:
-    cfg = dataclasses.replace(target.config, n_layers=len(layers))
+def _build(target: Transformer, keep: list, layers: list, max_len: Optional[int], lm_head=None) -> Transformer:
+    cfg = target.config.keep_layers(keep)
     w = target.weights
     weights = ModelWeights(embed=w.embed, final_norm=w.final_norm,
                            lm_head=w.lm_head if lm_head is None else lm_head, layers=layers)
@@ -50,7 +49,7 @@ def layer_dropped_draft(target: Transformer, keep: Sequence[int], max_len: Optio
     keep = check_keep(target, keep)
     layers = target.weights.layers if target.layer_source.__class__.__name__ == "ResidentLayers" \
         else _resident_layers(target)
-    return _build(target, [layers[i] for i in keep], max_len)
+    return _build(target, keep, [layers[i] for i in keep], max_len)
 
 
 def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_size: int = 64,
@@ -79,16 +78,21 @@ def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_
         dense = m.dequantize(torch.float32) if isinstance(m, Q8Weight) else m.float()
         return quantize_int4(dense, group_size=group_size).to(target.device)
 
+    def vec(t):
+        return None if t is None else t.to(target.device)
+
     layers = []
     for i in keep:
         lw = target.weights.layers[i]
+        # A mixture-of-experts layer stays one: every expert quantized, the router kept as it is.
+        moe = None if lw.moe is None else MoEWeights(router=vec(lw.moe.router), gate_up=[q(m) for m in lw.moe.gate_up],
+                                                     down=[q(m) for m in lw.moe.down])
         layers.append(LayerWeights(
-            attn_norm=lw.attn_norm.to(target.device), wqkv=q(lw.wqkv),
-            bqkv=None if lw.bqkv is None else lw.bqkv.to(target.device), wo=q(lw.wo),
-            bo=None if lw.bo is None else lw.bo.to(target.device), ffn_norm=lw.ffn_norm.to(target.device),
-            w_gate_up=q(lw.w_gate_up), w_down=q(lw.w_down)))
+            attn_norm=vec(lw.attn_norm), wqkv=q(lw.wqkv), bqkv=vec(lw.bqkv), wo=q(lw.wo), bo=vec(lw.bo),
+            ffn_norm=vec(lw.ffn_norm), w_gate_up=None if moe else q(lw.w_gate_up), w_down=None if moe else q(lw.w_down),
+            q_norm=vec(lw.q_norm), k_norm=vec(lw.k_norm), moe=moe))
     lm_head = q(target.weights.lm_head) if lm_head_int4 else None
-    draft = _build(target, layers, max_len, lm_head)
+    draft = _build(target, keep, layers, max_len, lm_head)
     draft.quantization = "int4"
     return draft
 
@@ -111,9 +115,9 @@ def default_draft(target: Transformer, max_len: Optional[int] = None) -> Transfo
     speed over plain decoding 1.72x against 1.06x in one run (docs/DESIGN.md). Falls back to a
     layer-dropped copy when the target is already 4-bit (layer-dropped copies of
     SmolLM2 agree 0-2.4%, useless as drafts, but a kept-4-bit target has no cheaper form).
+    A mixture-of-experts target's draft has the same experts, each re-quantized, and its router.
     """
-    dense = all(isinstance(m, torch.Tensor) for lw in target.weights.layers
-                for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+    dense = all(isinstance(m, torch.Tensor) for lw in target.weights.layers for m in layer_matrices(lw))
     if dense:
         return int4_draft(target, group_size=int4_group_size(target, target.source_int4_group or 64), max_len=max_len)
     return layer_dropped_draft(target, default_keep(target.config.n_layers), max_len)
@@ -121,7 +125,7 @@ def default_draft(target: Transformer, max_len: Optional[int] = None) -> Transfo
 
 def matrix_widths(target: Transformer) -> list:
     """The in_features of the target's layer matrices, sorted (what an int4 group must divide)."""
-    return sorted({m.shape[1] for lw in target.weights.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)})
+    return sorted({m.shape[1] for lw in target.weights.layers for m in layer_matrices(lw)})
 
 
 def int4_group_size(target: Transformer, preferred: int = 64) -> int:

@@ -83,8 +83,18 @@ def forward_bytes(model, n_q: int, n_k: int, logits_rows: Optional[int] = None) 
         from ..kernels.int4_gemm import SCRATCH_MAX_ELEMENTS
 
         total += e * min(SCRATCH_MAX_ELEMENTS, max(h, inter) * max(2 * inter, c.qkv_size, h))
+    if c.is_moe:
+        total += n_q * moe_bytes_per_token(c, e)
     total += rows * c.vocab_size * (e + 4)      # LM head output and its float32 copy
     return int(total)
+
+
+def moe_bytes_per_token(c, e: int) -> int:
+    """What a mixture-of-experts layer adds per token (``model/moe.py``): router logits and
+    float32 probabilities, the top-k weights and indices, the sort, each of the token's k rows
+    gathered, through its expert (gate/up, SiLU x up, down) and weighted, and the summed output."""
+    k, inter, h = c.num_experts_per_tok, c.moe_intermediate_size, c.hidden_size
+    return int(c.num_experts * (e + 4) + k * (4 + 8 * 4) + k * e * (2 * h + 4 * inter) + 2 * e * h)
 
 
 def draft_tree_bytes(capacity: int, expand_rows: int) -> int:
