@@ -182,12 +182,8 @@ async def _prompt_ids(state: ServerState, req, kind: str, param: str) -> list:
             params.check_text_bytes(text, state.text_limit, param)
         if kind == "completions":
             ids = await state.tokens.encode(req.prompt)
-        else:
-            try:
-                ids = await state.tokens.chat_ids(req.messages)
-            except Exception as e:  # noqa: BLE001 - no template, or the template refuses these messages
-                raise APIError(400, f"cannot apply the model's chat template: {type(e).__name__}: {e}",
-                               param="messages", code="chat_template_error") from e
+        else:       # ChatTemplateError (a 400 naming the message) if the template refuses them
+            ids = await state.tokens.chat_ids(req.messages)
         if not ids:
             raise InvalidParameterError(param, f"{param} gives no tokens once tokenized")
         ids = params.check_token_ids(ids, state.vocab_size, param)
