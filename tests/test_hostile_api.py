@@ -2,9 +2,11 @@
 that names it (no silent coercion, no bare ValueError/TypeError/IndexError), and the engine then
 still gives exactly what a fresh engine gives.
 
-Classes (issue 13): seeds outside the generator's range or of the wrong type (4); silent
-coercions and unnamed parameters: float/bool/bytes/None token ids, ``temperature=inf``,
-``prompt=None``, ``stop=123``, ``temperature="abc"``, ``max_len="64"`` (7).
+Covered: seeds outside the generator's range or of the wrong type; silent coercions and
+unnamed parameters (float/bool/bytes/None token ids, ``temperature=inf``, ``prompt=None``,
+``stop=123``, ``temperature="abc"``, ``max_len="64"``); lone surrogates in prompts and stop
+strings; batches (a bare string, one bad prompt among good ones: nothing is left queued);
+chat messages (missing or mistyped roles and content, text parts, template errors).
 """
 from __future__ import annotations
 
