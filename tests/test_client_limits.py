@@ -144,3 +144,16 @@ def test_fd_capacity_leaves_room(monkeypatch):
     assert 0 < fd_capacity() < 1024 - 64
     monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert fd_capacity() is None
+
+
+def test_connection_limit_fits_the_open_file_limit(monkeypatch, capsys):
+    """The default is lowered to what ``ulimit -n`` holds without a word; a limit asked for
+    explicitly is lowered with a warning."""
+    from specexec_rt.serving import server
+
+    monkeypatch.setattr(server, "fd_capacity", lambda: 500)
+    assert server._fit_descriptors(None) == 500 and capsys.readouterr().err == ""
+    assert server._fit_descriptors(10) == 10 and capsys.readouterr().err == ""
+    assert server._fit_descriptors(2000) == 500 and "ulimit -n" in capsys.readouterr().err
+    monkeypatch.setattr(server, "fd_capacity", lambda: None)
+    assert server._fit_descriptors(None) == server.DEFAULT_MAX_CONNECTIONS

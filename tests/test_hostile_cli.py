@@ -277,15 +277,15 @@ def test_serve_connection_flags():
     """``--max-client-connections`` sets both per-address caps; 0 turns them off (a reverse proxy
     in front applies its own)."""
     from specexec_rt.serving import cli_checks
-    from specexec_rt.serving.client_limits import DEFAULT_MAX_CLIENT_PENDING_HEADS, DEFAULT_MAX_CONNECTIONS
+    from specexec_rt.serving.client_limits import DEFAULT_MAX_CLIENT_PENDING_HEADS
 
     def limits(*flags):
         return cli_checks.check_serve_args(cli.build_parser().parse_args(["serve", *flags]))
 
     default = limits()
-    assert default["max_connections"] == DEFAULT_MAX_CONNECTIONS
+    assert default["max_connections"] is None          # the server's default, fitted to ulimit -n
     assert default["max_client_pending_heads"] == DEFAULT_MAX_CLIENT_PENDING_HEADS
-    assert limits("--max-client-connections", "8") == {"max_connections": DEFAULT_MAX_CONNECTIONS,
-                                                       "max_client_connections": 8, "max_client_pending_heads": 8}
+    assert limits("--max-client-connections", "8") == {"max_connections": None, "max_client_connections": 8,
+                                                       "max_client_pending_heads": 8}
     assert limits("--max-client-connections", "0", "--max-connections", "5") == {
         "max_connections": 5, "max_client_connections": None, "max_client_pending_heads": None}

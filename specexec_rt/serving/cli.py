@@ -166,8 +166,9 @@ def add_serve_parser(subparsers) -> None:
                         "default 1)")
     p.add_argument("--max-queue", type=non_negative_int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests that may wait for a free slot; beyond it: 429 (default {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
-                   help=f"open connections in all; beyond it: 503 (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--max-connections", type=positive_int, default=None,
+                   help=f"open connections in all; beyond it: 503 (default {DEFAULT_MAX_CONNECTIONS}, or fewer if "
+                        f"the open-file limit, ulimit -n, holds fewer)")
     p.add_argument("--max-client-connections", type=non_negative_int, default=DEFAULT_MAX_CLIENT_CONNECTIONS,
                    help=f"open connections per client address, {DEFAULT_MAX_CLIENT_PENDING_HEADS} of them at most "
                         f"with incomplete request heads; 0: no per-address limits, for a reverse proxy that "

@@ -327,7 +327,7 @@ class SpecExecServer:
 
     def __init__(self, sock: socket.socket, engine, api_key: Optional[str] = None,
                  max_queue: int = DEFAULT_MAX_QUEUE, model_name: Optional[str] = None, tokenizer=None,
-                 verbose: bool = False, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 verbose: bool = False, max_connections: Optional[int] = None,
                  max_client_connections: Optional[int] = DEFAULT_MAX_CLIENT_CONNECTIONS,
                  max_client_pending_heads: Optional[int] = DEFAULT_MAX_CLIENT_PENDING_HEADS,
                  head_timeout: float = HEAD_TIMEOUT, min_head_timeout: float = MIN_HEAD_TIMEOUT,
@@ -416,9 +416,12 @@ class SpecExecServer:
         return idle
 
 
-def _fit_descriptors(max_connections: int) -> int:
-    """``max_connections``, lowered (with a warning) to what the open-file limit can hold."""
+def _fit_descriptors(max_connections: Optional[int]) -> int:
+    """``max_connections`` (None: DEFAULT_MAX_CONNECTIONS) lowered to what the open-file limit
+    (``ulimit -n``) can hold; a value asked for explicitly is lowered with a warning."""
     room = fd_capacity()
+    if max_connections is None:
+        return DEFAULT_MAX_CONNECTIONS if room is None else min(DEFAULT_MAX_CONNECTIONS, room)
     if room is not None and isinstance(max_connections, int) and not isinstance(max_connections, bool) \
             and max_connections > room:
         print(f"[specexec-rt serve] max_connections={max_connections} lowered to {room}: the open-file limit "
