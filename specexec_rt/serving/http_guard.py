@@ -20,8 +20,8 @@
   connection, for the first request): else 408 and close. uvicorn bounds only the idle time
   between requests, so a client sending a header byte every few seconds would otherwise hold
   its connection for ever. The deadline is ``head_timeout`` and shortens under pressure (to
-  ``min_head_timeout``); an address holding ``max_client_pending_heads`` incomplete heads
-  loses its oldest one to each new one;
+  ``min_head_timeout``); beyond ``max_client_pending_heads`` incomplete heads from one
+  address, a connection is parked unread until one of them completes or times out;
 - malformed requests (bad request line, ``Content-Length: -1``, headers over the limit) get a
   JSON 400 instead of uvicorn's text one.
 
