@@ -124,7 +124,7 @@ class ClientTable:
         if self._totals["open"] >= lim.max_connections:
             return f"the server holds its limit of {lim.max_connections} connections; retry later"
         cap = lim.max_client_connections
-        if cap is not None and self._open[key] >= min(cap, lim.max_connections):
+        if cap is not None and self._open[key] >= cap:
             return f"this client address holds its limit of {cap} open connections; close some or retry later"
         return None
 
