@@ -216,7 +216,10 @@ def check_prompts(prompts, vocab_size: Optional[int] = None, name: str = "prompt
 
 
 def _is_token_id(value) -> bool:
+    """An int-like scalar (a one-element tensor row of a batch is a prompt, not an id)."""
     if isinstance(value, (bool, float, str, bytes)) or _is_bool_tensor(value):
+        return False
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
         return False
     try:
         operator.index(value)
