@@ -294,6 +294,8 @@ def test_batch_accepts_any_sequence_of_prompts(engine, fresh):
     for prompts in ([PROMPT, [7, 8]], (PROMPT, [7, 8]), (p for p in [PROMPT, [7, 8]]), [PROMPT, torch.tensor([7, 8])]):
         assert [r.token_ids for r in engine.generate_batch(prompts, max_new_tokens=N_NEW)] == want
     assert engine.generate_batch([], max_new_tokens=N_NEW) == []
+    one_token = engine.generate_batch(torch.tensor([[7], [8]]), max_new_tokens=2)          # [B, 1]: B prompts
+    assert [r.token_ids for r in one_token] == [engine.generate([t], max_new_tokens=2).token_ids for t in (7, 8)]
     seeded = engine.generate_batch([PROMPT, PROMPT], max_new_tokens=N_NEW, temperature=0.8, top_p=0.9, seed=6)
     assert seeded[1].token_ids == fresh["sampled"].token_ids        # request i is seeded with seed + i
     assert_nothing_pending(engine)
