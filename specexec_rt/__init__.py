@@ -10,7 +10,7 @@ Layers, top to bottom (imports only run downward): ``serving`` (CLI, server) ->
 tokenizers, hub) -> ``offload`` (layer streaming) -> ``model`` (config, weights, KV cache, ops,
 transformer) -> ``kernels`` (Triton kernels and references; also ``specexec_rt.kernels``).
 """
-from .errors import (ContextLengthError, InvalidParameterError, MemoryBudgetError, ModelLoadError,
+from .errors import (ChatTemplateError, ContextLengthError, InvalidParameterError, MemoryBudgetError, ModelLoadError,
                      NonFiniteLogitsError, SamplingParameterError, SpecExecError, UnsupportedModelError,
                      VocabularyMismatchError)
 from .loading import load_model, load_tokenizer
@@ -23,5 +23,6 @@ __all__ = [
     "load_model", "load_tokenizer", "Engine", "default_draft", "GenerationResult", "GenerationStats",
     "SamplingParams", "Transformer", "ModelConfig",
     "SpecExecError", "ModelLoadError", "UnsupportedModelError", "ContextLengthError", "VocabularyMismatchError",
-    "SamplingParameterError", "InvalidParameterError", "MemoryBudgetError", "NonFiniteLogitsError",
+    "SamplingParameterError", "InvalidParameterError", "ChatTemplateError", "MemoryBudgetError",
+    "NonFiniteLogitsError",
 ]

@@ -59,3 +59,11 @@ class InvalidParameterError(SamplingParameterError):
 
     def __reduce__(self):       # picklable although __init__ takes more than the message
         return type(self), (self.param, str(self), self.code)
+
+
+class ChatTemplateError(InvalidParameterError):
+    """The tokenizer's chat template refused the messages (or there is none); ``param`` names
+    the first message at which it fails (``messages[3]``), ``code`` is ``chat_template_error``."""
+
+    def __init__(self, param: str, message: str, code: str = "chat_template_error"):
+        super().__init__(param, message, code)

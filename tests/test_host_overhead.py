@@ -4,8 +4,11 @@ bench/host_overhead.py measures the host time of the same path."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
+import types
 
+import pytest
 import torch
 
 from specexec_rt.model import ops
@@ -32,8 +35,29 @@ def test_forward_plans_attention_once_and_launches_once_per_matrix():
     assert "_int4_dequant_kernel" not in launches          # small M stays on the fused kernels
     # Norms, RoPE, cache writes, residuals, SiLU: about 27 PyTorch kernels per layer today.
     assert res["torch_kernel_ops_per_layer"] <= 32, res["top_ops"]
-    for key in ("forward_us", "int4_matmul_us", "tree_attention_planned_run_us"):
-        assert res[key] > 0
+    timings = ("forward_us", "int4_matmul_us", "int4_matmul_m1_us", "tree_attention_packed_us",
+               "tree_attention_planned_run_us")
+    assert all(isinstance(res[key], float) and math.isfinite(res[key]) for key in timings), res
+    assert res["forward_us_per_layer"] == res["forward_us"] / 4
+
+
+def test_median_us_times_each_call_after_warming_up(monkeypatch):
+    """The timer behind every figure: warm-up calls untimed, then the median of ``reps`` timed
+    calls, in microseconds (a scripted clock gives calls of 0, 1, ..., reps - 1 seconds)."""
+    bench = load_bench()
+    reps, calls, ticks = 30, [], iter(range(1000))
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def fn():
+        calls.append(1)
+        now[0] += next(ticks) if len(calls) > 3 else 1000.0      # warm-ups: slow, and not counted
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock))     # this module's clock only
+    assert bench.median_us(fn, reps) == pytest.approx((14 + 15) / 2 * 1e6)    # median of 0 .. 29 seconds
+    assert len(calls) == 3 + reps
 
 
 def test_stubbed_path_is_restored():
@@ -47,8 +71,6 @@ def test_stubbed_path_is_restored():
 def test_planned_launch_rejects_other_shapes():
     """A launch planned for one layer's shapes refuses different ones instead of reading the
     wrong memory."""
-    import pytest
-
     bench = load_bench()
     with bench.stubbed_triton_path():
         q = torch.randn(4, 2, 64, dtype=torch.float16)

@@ -2,8 +2,9 @@
 before any model loads, the right exit code (2 known error, 1 unexpected, 130 Ctrl-C), a draft
 with a shorter context usable, and a normal run afterwards printing what a fresh engine gives.
 
-Classes (issue 13): 4 (seeds), 5 (``--draft`` loaded with the target's ``max_len``), 6
-(tracebacks, errors after loading), 7 (sampling values the API refuses).
+Covered: seeds; ``--draft`` loaded with the target's ``max_len``; tracebacks and errors after
+loading; sampling values the API refuses (stop strings and prompts with undecodable bytes too);
+empty ``--model``/``--draft``; ``serve``'s own flags.
 """
 from __future__ import annotations
 
@@ -100,6 +101,11 @@ BEFORE_LOADING = [
     (["--seed", str(2**64)], "--seed"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--stop", ""], "--stop"),
+    (["--stop", "w9 \udcff"], "--stop"),          # undecodable bytes on a command line arrive as surrogates
+    (["--prompt", "w5 \udcff"], "--prompt"),
+    (["--model", ""], "--model is empty"),       # not the current directory
+    (["--model", "  "], "--model is empty"),
+    (["--draft", ""], "--draft is empty"),
     (["--prompt", ""], "--prompt"),
     (["--draft", "/nonexistent/draft"], "not found"),       # the draft source fails before the target loads
     (["--draft", "int4:33"], "--draft"),                      # a built-in draft's group size, checked first
@@ -138,7 +144,9 @@ def test_malformed_flag_values(dirs, no_loading, capsys, extra, named):
 
 @pytest.mark.parametrize("extra,named", [(["--port", "70000"], "--port"), (["--port", "-1"], "--port"),
                                          (["--max-queue", "-1"], "--max-queue"), (["--api-key", " "], "--api-key"),
-                                         (["--device", "cuda:99"], "--device")])
+                                         (["--device", "cuda:99"], "--device"), (["--model", ""], "--model"),
+                                         (["--host", ""], "--host"), (["--served-model-name", " "], "--served-model"),
+                                         (["--max-client-connections", "-1"], "--max-client-connections")])
 def test_bad_serve_arguments(dirs, no_loading, capsys, extra, named):
     rc, out, err = run_main(["serve", "--model", dirs["target"], "--port", "0"] + extra, capsys)
     assert rc == 2 and named in err
@@ -263,3 +271,21 @@ def test_closed_stdout_pipe(dirs):
     os.close(r)                 # the reader leaves after one byte
     err = p.communicate(timeout=300)[1]
     assert "Traceback" not in err and p.returncode in (0, 141), err
+
+
+def test_serve_connection_flags():
+    """``--max-client-connections`` sets both per-address caps; 0 turns them off (a reverse proxy
+    in front applies its own)."""
+    from specexec_rt.serving import cli_checks
+    from specexec_rt.serving.client_limits import DEFAULT_MAX_CLIENT_PENDING_HEADS
+
+    def limits(*flags):
+        return cli_checks.check_serve_args(cli.build_parser().parse_args(["serve", *flags]))
+
+    default = limits()
+    assert default["max_connections"] is None          # the server's default, fitted to ulimit -n
+    assert default["max_client_pending_heads"] == DEFAULT_MAX_CLIENT_PENDING_HEADS
+    assert limits("--max-client-connections", "8") == {"max_connections": None, "max_client_connections": 8,
+                                                       "max_client_pending_heads": 8}
+    assert limits("--max-client-connections", "0", "--max-connections", "5") == {
+        "max_connections": 5, "max_client_connections": None, "max_client_pending_heads": None}

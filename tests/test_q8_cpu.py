@@ -55,7 +55,7 @@ def _float_bound(x, w: Q8Weight):
 
 
 def test_quantize_matches_llama_cpp_bytes():
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -63,9 +63,10 @@ def test_quantize_matches_llama_cpp_bytes():
     w[3, :32] = 0                                    # an all-zero block: scale 0
     ours = quantize_q8_0(w)
     raw = quantize(w.numpy(), GGMLQuantizationType.Q8_0)       # [40, 3 * 34] uint8
+    assert raw.dtype == np.uint8 and raw.shape == (40, 3 * 34), (raw.dtype, raw.shape)
     theirs = from_gguf_q8_0(torch.from_numpy(np.ascontiguousarray(raw)).reshape(40, 3, 34), (40, 96))
     assert torch.equal(ours.qweight, theirs.qweight) and torch.equal(ours.scales, theirs.scales)
-    assert gguf is not None
+    assert ours.scales[3, 0] == 0 and not ours.qweight[3, :32].any() and (ours.scales[:, 1:] > 0).all()
 
 
 def test_format_round_trip_and_checks():

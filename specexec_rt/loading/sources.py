@@ -65,6 +65,9 @@ def resolve_source(source) -> Source:
     """An alias, a ``.gguf`` file, an HF model directory (or an HF cache ``models--org--name``
     directory), or a hub id ``org/name`` (from the local HF cache, downloaded if absent)."""
     text = str(source)
+    if not text.strip():        # Path("") is the current directory: never what an empty source means
+        raise ModelLoadError(f"the model source is empty ({source!r}); give a model directory, a .gguf file, a hub "
+                             f"id or one of the aliases {sorted(ALIASES)}")
     if text in ALIASES:
         return Source("gguf", resolve_alias(text))
     path = Path(text).expanduser()

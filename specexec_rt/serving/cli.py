@@ -17,6 +17,7 @@ import time
 from ..errors import SpecExecError
 from . import cli_checks
 from .cli_checks import non_negative_int, parse_budget, port_number, positive_float, positive_int
+from .client_limits import DEFAULT_MAX_CLIENT_CONNECTIONS, DEFAULT_MAX_CLIENT_PENDING_HEADS, DEFAULT_MAX_CONNECTIONS
 from .error_map import EXIT_INTERRUPTED, EXIT_OK, UsageError, report_cli_error
 from .worker import DEFAULT_MAX_QUEUE
 
@@ -165,8 +166,13 @@ def add_serve_parser(subparsers) -> None:
                         "default 1)")
     p.add_argument("--max-queue", type=non_negative_int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests that may wait for a free slot; beyond it: 429 (default {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--max-connections", type=positive_int, default=64,
-                   help="open connections served at once; beyond it: 503 (default 64)")
+    p.add_argument("--max-connections", type=positive_int, default=None,
+                   help=f"open connections in all; beyond it: 503 (default {DEFAULT_MAX_CONNECTIONS}, or fewer if "
+                        f"the open-file limit, ulimit -n, holds fewer)")
+    p.add_argument("--max-client-connections", type=non_negative_int, default=DEFAULT_MAX_CLIENT_CONNECTIONS,
+                   help=f"open connections per client address, {DEFAULT_MAX_CLIENT_PENDING_HEADS} of them at most "
+                        f"with incomplete request heads; 0: no per-address limits, for a reverse proxy that "
+                        f"applies its own (default {DEFAULT_MAX_CLIENT_CONNECTIONS})")
     p.add_argument("--served-model-name", default=None,
                    help="model id reported by /v1/models (default: the --model argument)")
     p.add_argument("--verbose", action="store_true", help="log every request")
@@ -181,8 +187,7 @@ def cmd_serve(args) -> int:
     from .server import bind, make_server
 
     cli_checks.check_model_args(args)
-    if args.api_key is not None and not args.api_key.strip():
-        raise UsageError("--api-key is empty; give a key, or omit the flag to serve without one")
+    limits = cli_checks.check_serve_args(args)
     try:
         sock = bind(args.host, args.port)       # before loading: a port in use fails in a second
     except OSError as e:
@@ -192,7 +197,7 @@ def cmd_serve(args) -> int:
         engine = build_engine(args)
         name = args.served_model_name or str(args.model)
         server = make_server(engine, api_key=args.api_key, max_queue=args.max_queue, model_name=name,
-                             verbose=args.verbose, sock=sock, max_connections=args.max_connections)
+                             verbose=args.verbose, sock=sock, **limits)
     except BaseException:
         sock.close()
         raise

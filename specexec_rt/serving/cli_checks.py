@@ -17,6 +17,7 @@ from typing import Optional, Union
 from ..speculative import params
 from ..speculative.drafts import builtin_draft_group
 from ..speculative.engine import METHOD_PARAMS
+from .client_limits import DEFAULT_MAX_CLIENT_PENDING_HEADS
 from .error_map import UsageError
 
 # flag -> Engine parameter, for the method parameters
@@ -108,8 +109,18 @@ def check_device(text: Optional[str]) -> Optional[str]:
     return text
 
 
+def check_source(text: Optional[str], flag: str) -> None:
+    """A model source flag must name something: ``--model ""`` would otherwise be read as the
+    current directory."""
+    if text is not None and not text.strip():
+        raise UsageError(f"{flag} is empty: give a model directory, a .gguf file, a hub id or an alias "
+                         f"such as smollm2-135m")
+
+
 def check_model_args(args) -> ModelPlan:
-    """The model flags together: device, method and its draft, budget, method parameters."""
+    """The model flags together: sources, device, method and its draft, budget, method parameters."""
+    check_source(args.model, "--model")
+    check_source(args.draft, "--draft")
     device = check_device(args.device)
     method = args.method or ("specexec" if args.draft else "autoregressive")
     if method != "autoregressive" and not args.draft:
@@ -135,6 +146,19 @@ def check_model_args(args) -> ModelPlan:
                 or "no method flags"
             raise UsageError(f"{METHOD_FLAGS[name]} does not apply to --method {method} (it takes {takes})")
     return ModelPlan(device, method, budget, given)
+
+
+def check_serve_args(args) -> dict:
+    """``serve``'s own flags -> the connection limits for ``make_server``."""
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty; give a key, or omit the flag to serve without one")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UsageError("--served-model-name is empty; give a name, or omit the flag to use --model")
+    if not args.host.strip():
+        raise UsageError("--host is empty; give an address to listen on (0.0.0.0 or :: for every interface)")
+    per_client = args.max_client_connections or None         # 0: no per-address limits
+    return {"max_connections": args.max_connections, "max_client_connections": per_client,
+            "max_client_pending_heads": min(DEFAULT_MAX_CLIENT_PENDING_HEADS, per_client) if per_client else None}
 
 
 def check_sampling_args(args) -> params.RequestParams:

@@ -13,34 +13,43 @@
 - a response the client does not read within ``send_timeout`` seconds per write is abandoned.
 
 ``GuardedH11Protocol`` (uvicorn's h11 protocol, extended):
-- a request's line and headers must arrive within ``head_timeout`` seconds of its first byte
-  (of the connection, for the first request): else 408 and close. uvicorn bounds only the idle
-  time between requests, so a client sending a header byte every few seconds would otherwise
-  hold its connection for ever;
-- more than ``max_connections`` open connections (or running requests): a JSON 503 instead of
-  uvicorn's text one;
+- connections are counted per client address (``client_limits.ClientTable``): beyond
+  ``max_connections`` in all, or ``max_client_connections`` from one address, a new connection
+  gets a JSON 503 as it opens (then a graceful close);
+- a request's line and headers must arrive within the head deadline of its first byte (of the
+  connection, for the first request): else 408 and close. uvicorn bounds only the idle time
+  between requests, so a client sending a header byte every few seconds would otherwise hold
+  its connection for ever. The deadline is ``head_timeout`` and shortens under pressure (to
+  ``min_head_timeout``); beyond ``max_client_pending_heads`` incomplete heads from one
+  address, a connection is parked unread until one of them completes or times out;
 - malformed requests (bad request line, ``Content-Length: -1``, headers over the limit) get a
   JSON 400 instead of uvicorn's text one.
+
+``RequestGuard`` also serves an absolute-form request target (``POST http://host/v1/...``, which
+RFC 9112 requires a server to accept) by its path, and refuses other non-path targets with 400.
 """
 from __future__ import annotations
 
 import hmac
 import http
 import json
+import re
 from typing import Optional
+from urllib.parse import unquote
 
 import anyio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .client_limits import ClientTable, ConnectionLimits, client_key
 from .error_map import APIError
 
 MAX_BODY_BYTES = 8 * 2**20
 MAX_HEADER_BYTES = 16 * 2**10
-HEAD_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
 SEND_TIMEOUT = 60.0
 PUBLIC_PATHS = ("/health",)
+_ABSOLUTE_FORM = re.compile(rb"^[hH][tT][tT][pP][sS]?://[^/]*")
 
 
 class ClientTooSlow(Exception):
@@ -99,6 +108,10 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        try:
+            scope = origin_form(scope)
+        except APIError as e:
+            return await send_api_error(send, e, close=True)
         headers, size = {}, 0
         for k, v in scope["headers"]:
             headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
@@ -165,64 +178,172 @@ class RequestGuard:
                            code="request_timeout") from None
 
 
+def origin_form(scope: dict) -> dict:
+    """``scope`` with an absolute-form target (``http://host:port/v1/models``) turned into its
+    path (``/v1/models``; the query is already apart), as RFC 9112 (3.2.2) asks of a server;
+    a path and the asterisk form (``OPTIONS *``) pass unchanged; anything else is a 400."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    if raw.startswith(b"/") or raw == b"*":
+        return scope
+    m = _ABSOLUTE_FORM.match(raw)
+    if m is None:
+        shown = raw[:60].decode("latin-1")
+        raise APIError(400, f"request target {shown!r} is neither a path (/v1/...) nor an absolute http(s) URI",
+                       code="invalid_request")
+    path = raw[m.end():] or b"/"
+    return {**scope, "raw_path": path, "path": unquote(path.decode("latin-1"))}
+
+
 def _too_large(n: int, limit: int, at_least: bool = False) -> APIError:
     return APIError(413, f"request body of {'at least ' if at_least else ''}{n} bytes exceeds the {limit}-byte limit",
                     code="request_too_large")
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on each request's head, a JSON connection limit
-    and JSON answers to malformed requests. Configure by subclassing (``protocol_class``)."""
+    """uvicorn's h11 protocol with per-client connection limits and head deadlines
+    (``client_limits``), JSON answers to refused connections and malformed requests.
+    Configure by subclassing (``protocol_class``): ``table`` is shared by a server's
+    connections."""
 
-    head_timeout: float = HEAD_TIMEOUT
-    max_connections: Optional[int] = None
+    table: ClientTable
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._head_timer = None
-        self.limit_concurrency = None           # ours, below: the same bound with a JSON 503
-        if self.max_connections is not None:
-            self.app = self._limited(self.app)
+        self.limit_concurrency = None           # ours: ClientTable.admit, with a JSON 503
+        self._key = ""
+        self._admitted = False                  # counted in the table's open connections
+        self._lingering = False                 # a refusal counted in the table's lingering ones
+        self._discarding = False                # answered: what the client sends is dropped
+        self._head_timer = self._park_timer = self._close_timer = None
+        self._head_deadline = 0.0
 
-    def _limited(self, app):
-        async def limited(scope, receive, send):
-            limit = self.max_connections
-            if len(self.connections) > limit or len(self.tasks) > limit:
-                err = APIError(503, f"the server holds its limit of {limit} connections; retry later",
-                               type_="server_error", code="too_many_connections", headers={"Retry-After": "1"})
-                return await send_api_error(send, err, close=True)
-            return await app(scope, receive, send)
-        return limited
-
-    # --------------------------------------------------------------- the head deadline
+    # --------------------------------------------------------------- admission
     def connection_made(self, transport) -> None:
+        self._key = client_key(transport.get_extra_info("peername"))
+        refusal = self.table.admit(self._key)
+        if refusal is not None:
+            self.transport = transport
+            if not self.table.refuse(self._key):
+                self._discarding = True
+                transport.abort()               # too many refusals linger: no answer
+                return
+            self._lingering = True
+            self.connections.add(self)          # so that a server shutdown closes it too
+            self._answer_then_close(_busy(refusal))
+            return
         super().connection_made(transport)
-        self._arm_head_timer()
-
-    def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and self.conn.their_state is h11.IDLE:
-            self._arm_head_timer()              # the first byte of a kept-alive connection's next request
-        super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:
-            self._cancel_head_timer()
+        self._admitted = True
+        self.table.opened(self._key)
+        self._start_head()
 
     def connection_lost(self, exc) -> None:
-        self._cancel_head_timer()
+        for timer in (self._head_timer, self._park_timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._park_timer = self._close_timer = None
+        if self._lingering:
+            self._lingering = False
+            self.table.linger_done(self._key)
+        if not self._admitted:
+            self.connections.discard(self)
+            return
+        self._settle([], self.table.closed(self._key, self))
         super().connection_lost(exc)
 
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return                              # the answer is sent; the rest is dropped
+        between_requests = (self._head_timer is None and self._park_timer is None
+                            and self.conn.their_state is h11.IDLE)
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            if self._head_timer is not None:    # the head is complete
+                self._head_timer.cancel()
+                self._head_timer = None
+                self._settle([], self.table.head_done(self._key, self))
+        elif between_requests and not self.transport.is_closing():
+            self._start_head()                  # a kept-alive connection's next head, incomplete
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def shutdown(self) -> None:
+        if self._admitted and not self._discarding:
+            super().shutdown()
+        else:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self._admitted:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._admitted:
+            super().resume_writing()
+
+    # --------------------------------------------------------------- heads: deadlines, parking
+    def _start_head(self) -> None:
+        deadline, expired, promoted = self.table.head_started(self._key, self)
+        if deadline is None:                    # the address holds its cap of pending heads
+            self.transport.pause_reading()
+            self._park_timer = self.loop.call_later(self.table.limits.head_timeout, self._park_timed_out)
+        else:
+            self._arm_head(deadline)
+        self._settle(expired, promoted)
+
+    def _arm_head(self, deadline: float) -> None:
+        self._head_deadline = deadline
+        self._head_timer = self.loop.call_later(deadline, self._head_timed_out)
+
+    def _settle(self, expired: list, promoted: list) -> None:
+        """Act on what the table decided: time out ``expired`` heads, read ``promoted`` ones."""
+        for conn in expired:
+            conn._head_expired()
+        for conn, deadline in promoted:
+            conn._promote(deadline)
+
+    def _promote(self, deadline: float) -> None:
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
+        self._arm_head(deadline)
+        self.transport.resume_reading()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        promoted = self.table.head_done(self._key, self, timed_out=True)
+        self._answer_head_timeout(f"the request line and headers did not arrive within {self._head_deadline:g} s")
+        self._settle([], promoted)
+
+    def _head_expired(self) -> None:
+        """The table dropped this pending head: it is older than the deadline that the pressure
+        on its address (or the server) now allows."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._answer_head_timeout("the request line and headers did not arrive in time (the head deadline is "
+                                  "shorter while this client address or the server holds many incomplete requests)")
+
+    def _park_timed_out(self) -> None:
+        self._park_timer = None
+        promoted = self.table.head_done(self._key, self)
+        cap = self.table.limits.max_client_pending_heads
+        self._answer_then_close(_busy(f"this client address holds {cap} requests whose line and headers are "
+                                      f"incomplete; this connection waited {self.table.limits.head_timeout:g} s "
+                                      f"unread; retry later"))
+        self._settle([], promoted)
+
+    def _answer_head_timeout(self, message: str) -> None:
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self._write_and_close(APIError(408, f"the request line and headers did not arrive within "
-                                                f"{self.head_timeout:g} s", code="request_timeout"))
+            self._answer_then_close(APIError(408, message, code="request_timeout"))
+
+    def _answer_then_close(self, err: APIError) -> None:
+        """Write ``err`` and close gracefully: half-close, drop what the client still sends, close
+        once it does or ``linger`` s pass. Closing at once with its data unread would reset the
+        connection, and the client would lose the answer."""
+        self._discarding = True
+        self.transport.write(_response_bytes(err))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()
+        self._close_timer = self.loop.call_later(self.table.limits.linger, self.transport.close)
 
     # --------------------------------------------------------------- JSON instead of text
     def send_400_response(self, msg: str) -> None:
@@ -231,14 +352,24 @@ class GuardedH11Protocol(H11Protocol):
                  f"Content-Length that is not a non-negative integer)", code="invalid_request"))
 
     def _write_and_close(self, err: APIError) -> None:
-        body = json_error_bytes(err)
-        head = (f"HTTP/1.1 {err.status} {http.HTTPStatus(err.status).phrase}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
-        self.transport.write(head + body)
+        self.transport.write(_response_bytes(err))
         self.transport.close()
 
 
-def protocol_class(head_timeout: float = HEAD_TIMEOUT, max_connections: Optional[int] = None) -> type:
-    """A GuardedH11Protocol subclass with these limits (uvicorn builds one protocol per connection)."""
-    return type("SpecExecH11Protocol", (GuardedH11Protocol,),
-                {"head_timeout": head_timeout, "max_connections": max_connections})
+def _busy(message: str) -> APIError:
+    return APIError(503, message, type_="server_error", code="too_many_connections", headers={"Retry-After": "1"})
+
+
+def _response_bytes(err: APIError) -> bytes:
+    """A whole JSON error response that closes the connection, as bytes."""
+    body = json_error_bytes(err)
+    head = f"HTTP/1.1 {err.status} {http.HTTPStatus(err.status).phrase}\r\ncontent-type: application/json\r\n"
+    head += "".join(f"{k.lower()}: {v}\r\n" for k, v in err.headers.items())
+    head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+def protocol_class(limits: ConnectionLimits = ConnectionLimits()) -> type:
+    """A GuardedH11Protocol subclass for one server (uvicorn builds one protocol per connection;
+    they share the class's ClientTable)."""
+    return type("SpecExecH11Protocol", (GuardedH11Protocol,), {"table": ClientTable(limits)})

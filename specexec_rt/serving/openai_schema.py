@@ -21,13 +21,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from ..errors import InvalidParameterError, SpecExecError
-from ..speculative import params
+from ..speculative import chat, params
 from .error_map import APIError
 
 DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 256}   # OpenAI's completions default is 16
 MAX_STOP_SEQUENCES = 4
 MAX_JSON_DEPTH = 32         # OpenAI bodies nest 4-5 levels (messages[i].content[j].text)
-ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
@@ -201,8 +200,9 @@ class CompletionRequest(_GenerationBody):
 
 
 class ChatCompletionRequest(_GenerationBody):
-    """``POST /v1/chat/completions``: ``messages`` through the tokenizer's chat template
-    (``developer`` is taken as ``system``; content is a string or a list of text parts)."""
+    """``POST /v1/chat/completions``: ``messages`` checked by the engine API's own check
+    (``specexec_rt/speculative/chat.py``: ``developer`` is taken as ``system``; content is a
+    string or a list of text parts), then through the tokenizer's chat template."""
 
     messages: list
     max_completion_tokens: Optional[int] = None
@@ -218,41 +218,12 @@ class ChatCompletionRequest(_GenerationBody):
     @field_validator("messages", mode="before")
     @classmethod
     def _messages(cls, value, info: ValidationInfo):
-        if value is None:
-            raise InvalidParameterError("messages", "messages is required: a non-empty list of {role, content} "
-                                                    "objects", "missing_required_parameter")
-        if not isinstance(value, list) or not value:
-            raise InvalidParameterError("messages", "messages must be a non-empty list of {role, content} objects")
-        out = []
-        for i, m in enumerate(value):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise InvalidParameterError(f"messages[{i}]", f"messages[{i}] needs a role: {', '.join(ROLES)}")
-            role = "system" if m["role"] == "developer" else m["role"]
-            out.append({"role": role, "content": _message_text(m.get("content"), i)})
-        if not any(m["content"] for m in out):
-            raise InvalidParameterError("messages", "messages are all empty")
-        return out
+        return chat.check_messages(value)
 
     def max_new_tokens(self, kind: str = "chat") -> int:
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return super().max_new_tokens(kind)
-
-
-def _message_text(content, i: int) -> str:
-    name = f"messages[{i}].content"
-    if isinstance(content, str):
-        return params.check_text(content, name)
-    if isinstance(content, list):   # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise InvalidParameterError(name, f"{name}: only text parts are supported "
-                                                  f"({{'type': 'text', 'text': ...}})", "unsupported_value")
-            parts.append(params.check_text(part["text"], name))
-        return "".join(parts)
-    raise InvalidParameterError(name, f"{name} must be a string or a list of text parts, got {_short(content)}",
-                                "invalid_type")
 
 
 # ------------------------------------------------------------------------------ errors

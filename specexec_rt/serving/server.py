@@ -4,7 +4,7 @@ Endpoints: ``GET /v1/models[/{id}]``, ``POST /v1/completions``, ``POST /v1/chat/
 (both streaming with server-sent events), ``GET /health``. See docs/SERVER.md.
 
 How a request flows:
-1. ``http_guard``: the connection limit and the head deadline (uvicorn protocol), then the API
+1. ``http_guard``: per-client connection limits and head deadlines (uvicorn protocol), then the API
    key from the headers, the body's size limit and its total deadline (ASGI middleware).
 2. The handler parses the body (depth-limited JSON), validates it (``openai_schema``: pydantic
    models whose validators are the engine API's own checks), refuses text that cannot fit the
@@ -37,14 +37,14 @@ from ..errors import ContextLengthError, InvalidParameterError, SpecExecError
 from ..speculative import params
 from . import openai_format as fmt
 from .error_map import APIError, classify
-from .http_guard import (BODY_TIMEOUT, HEAD_TIMEOUT, MAX_BODY_BYTES, MAX_HEADER_BYTES, SEND_TIMEOUT, RequestGuard,
-                         protocol_class)
+from .client_limits import (DEFAULT_MAX_CLIENT_CONNECTIONS, DEFAULT_MAX_CLIENT_PENDING_HEADS, DEFAULT_MAX_CONNECTIONS,
+                            HEAD_TIMEOUT, MIN_HEAD_TIMEOUT, ConnectionLimits, fd_capacity)
+from .http_guard import BODY_TIMEOUT, MAX_BODY_BYTES, MAX_HEADER_BYTES, SEND_TIMEOUT, RequestGuard, protocol_class
 from .openai_schema import ChatCompletionRequest, CompletionRequest, parse_json_object, validate_body
 from .tokenize_pool import TokenizerPool
 from .worker import DEFAULT_MAX_QUEUE, EngineWorker, QueueFull
 
 SERVED_ALIAS = "specexec-rt"           # accepted as a model name besides the model's own id
-DEFAULT_MAX_CONNECTIONS = 64
 OFF_LOOP_BYTES = 64 * 2**10            # bodies larger than this are parsed on a thread
 
 
@@ -182,12 +182,8 @@ async def _prompt_ids(state: ServerState, req, kind: str, param: str) -> list:
             params.check_text_bytes(text, state.text_limit, param)
         if kind == "completions":
             ids = await state.tokens.encode(req.prompt)
-        else:
-            try:
-                ids = await state.tokens.chat_ids(req.messages)
-            except Exception as e:  # noqa: BLE001 - no template, or the template refuses these messages
-                raise APIError(400, f"cannot apply the model's chat template: {type(e).__name__}: {e}",
-                               param="messages", code="chat_template_error") from e
+        else:       # ChatTemplateError (a 400 naming the message) if the template refuses them
+            ids = await state.tokens.chat_ids(req.messages)
         if not ids:
             raise InvalidParameterError(param, f"{param} gives no tokens once tokenized")
         ids = params.check_token_ids(ids, state.vocab_size, param)
@@ -331,10 +327,16 @@ class SpecExecServer:
 
     def __init__(self, sock: socket.socket, engine, api_key: Optional[str] = None,
                  max_queue: int = DEFAULT_MAX_QUEUE, model_name: Optional[str] = None, tokenizer=None,
-                 verbose: bool = False, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
+                 verbose: bool = False, max_connections: Optional[int] = None,
+                 max_client_connections: Optional[int] = DEFAULT_MAX_CLIENT_CONNECTIONS,
+                 max_client_pending_heads: Optional[int] = DEFAULT_MAX_CLIENT_PENDING_HEADS,
+                 head_timeout: float = HEAD_TIMEOUT, min_head_timeout: float = MIN_HEAD_TIMEOUT,
+                 body_timeout: float = BODY_TIMEOUT,
                  send_timeout: float = SEND_TIMEOUT, max_body_bytes: int = MAX_BODY_BYTES,
                  keep_alive_timeout: float = 5.0, shutdown_timeout: float = 10.0, tokenizer_threads: int = 2):
+        # Checked first: nothing (the tokenizer pool, the engine's thread) starts for bad limits.
+        self.limits = ConnectionLimits(_fit_descriptors(max_connections), max_client_connections,
+                                       max_client_pending_heads, head_timeout, min_head_timeout)
         tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
         self.socket = sock
         self._address = sock.getsockname()[:2]
@@ -344,8 +346,10 @@ class SpecExecServer:
         self.worker = EngineWorker(engine, max_queue)
         self.state = ServerState(engine, self.worker, self.tokens, model_name or _default_model_id(engine))
         self.app = build_app(self.state, self.api_key, max_body_bytes, body_timeout, send_timeout)
+        http_protocol = protocol_class(self.limits)
+        self._clients = http_protocol.table
         config = uvicorn.Config(
-            self.app, http=protocol_class(head_timeout, max_connections), loop="asyncio", lifespan="off",
+            self.app, http=http_protocol, loop="asyncio", lifespan="off",
             log_config=None, log_level="info" if verbose else "warning", access_log=verbose,
             proxy_headers=False, server_header=False, timeout_keep_alive=keep_alive_timeout,
             timeout_graceful_shutdown=shutdown_timeout, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -364,6 +368,18 @@ class SpecExecServer:
     @property
     def counters(self) -> dict:
         return self.worker.counters
+
+    @property
+    def connections(self) -> dict:
+        """Connection counts now (``client_limits.ClientTable.snapshot``): ``open``,
+        ``pending_heads`` and ``lingering`` per client address, and the counters ``opened``,
+        ``refused``, ``reset``, ``evicted``, ``head_timeouts``."""
+        return self._clients.snapshot()
+
+    def wait_for_connections(self, predicate, timeout: float) -> bool:
+        """Block until ``predicate(self.connections)`` holds (True) or ``timeout`` s pass (False):
+        what tests and monitors wait on instead of sleeping."""
+        return self._clients.wait_for(predicate, timeout)
 
     @property
     def received_signals(self) -> list:
@@ -400,6 +416,20 @@ class SpecExecServer:
         return idle
 
 
+def _fit_descriptors(max_connections: Optional[int]) -> int:
+    """``max_connections`` (None: DEFAULT_MAX_CONNECTIONS) lowered to what the open-file limit
+    (``ulimit -n``) can hold; a value asked for explicitly is lowered with a warning."""
+    room = fd_capacity()
+    if max_connections is None:
+        return DEFAULT_MAX_CONNECTIONS if room is None else min(DEFAULT_MAX_CONNECTIONS, room)
+    if room is not None and isinstance(max_connections, int) and not isinstance(max_connections, bool) \
+            and max_connections > room:
+        print(f"[specexec-rt serve] max_connections={max_connections} lowered to {room}: the open-file limit "
+              f"(ulimit -n) holds no more; raise it to serve more", file=sys.stderr)
+        return room
+    return max_connections
+
+
 def _default_model_id(engine) -> str:
     src = getattr(getattr(engine, "target", None), "source", None)
     path = getattr(src, "path", None)
@@ -430,7 +460,8 @@ def make_server(engine, host: str = "127.0.0.1", port: int = 8000, api_key: Opti
                 max_queue: int = DEFAULT_MAX_QUEUE, model_name: Optional[str] = None, tokenizer=None,
                 verbose: bool = False, sock: Optional[socket.socket] = None, **limits) -> SpecExecServer:
     """Bind (port 0 picks a free port: ``server.server_address``) unless ``sock`` is given
-    already bound; then ``serve_forever()``. ``limits``: ``max_connections``, ``head_timeout``,
+    already bound; then ``serve_forever()``. ``limits``: ``max_connections``,
+    ``max_client_connections``, ``max_client_pending_heads``, ``head_timeout``, ``min_head_timeout``,
     ``body_timeout``, ``send_timeout``, ``max_body_bytes``, ``keep_alive_timeout``,
     ``shutdown_timeout``, ``tokenizer_threads`` (see SpecExecServer)."""
     sock = sock if sock is not None else bind(host, port)

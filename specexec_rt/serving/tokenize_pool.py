@@ -16,6 +16,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from ..speculative import chat
+
 DEFAULT_THREADS = 2
 
 
@@ -56,7 +58,9 @@ def _encode(tok, text: str) -> list:
 
 
 def _chat_ids(tok, messages: list) -> list:
-    return _encode(tok, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    """``messages`` already checked (``chat.check_messages``); ChatTemplateError if the template
+    refuses them."""
+    return _encode(tok, chat.render_messages(tok, messages))
 
 
 def _private_copy(tokenizer):

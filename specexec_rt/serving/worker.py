@@ -90,6 +90,7 @@ class EngineWorker:
             used, queued = self._slots()
             if queued + 1 - max(0, self.max_batch - used) > self.max_queue:
                 self.counters["rejected_queue_full"] += 1
+                self._cond.notify_all()
                 raise QueueFull
             # Held across the submission: the job's done-callback (engine thread) takes this
             # lock, so it cannot run before ``job.handle`` is set.
@@ -108,6 +109,7 @@ class EngineWorker:
                 return
             job._cancel.set()
             self.counters["cancelled"] += 1
+            self._cond.notify_all()
         job.handle.cancel()
 
     def cancel_all(self) -> None:
@@ -135,9 +137,14 @@ class EngineWorker:
 
     def idle(self, timeout: float) -> bool:
         """Wait until nothing runs and nothing waits; False on timeout."""
+        return self.wait_for(lambda counters: not (self._jobs or self._holds), timeout)
+
+    def wait_for(self, predicate: Callable[[dict], bool], timeout: float) -> bool:
+        """Wait until ``predicate(counters)`` holds (True) or ``timeout`` s pass (False); every
+        change of the counters or the jobs wakes it."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._jobs or self._holds:
+            while not predicate(self.counters):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -170,6 +177,7 @@ class EngineWorker:
                 with self._cond:
                     self.counters["passes"] += 1
                     self.counters["batched_passes"] += n > 1
+                    self._cond.notify_all()
 
     def _update(self, job: Job, piece: str, done: bool) -> None:
         """The engine's callback for ``job``: a pass's piece, or its end."""
@@ -188,6 +196,7 @@ class EngineWorker:
         except Exception as e:  # noqa: BLE001 - every failure is the request's answer, the worker lives on
             with self._cond:
                 self.counters["errors"] += 1
+                self._cond.notify_all()
             _emit(job, ("error", e))
             return
         if job.cancelled or result.stats.finish_reason == "cancelled":
@@ -195,6 +204,7 @@ class EngineWorker:
             return
         with self._cond:
             self.counters["completed"] += 1
+            self._cond.notify_all()
         if job.pieces and piece:
             _emit(job, ("piece", piece))
         _emit(job, ("done", result))

@@ -30,10 +30,11 @@ from . import memory
 from ..errors import (ContextLengthError, InvalidParameterError, MemoryBudgetError, ModelLoadError,
                       NonFiniteLogitsError, SamplingParameterError, SpecExecError, VocabularyMismatchError)
 from ..model import Segment, causal_mask
+from .chat import check_messages, render_messages
 from .detok import TextTracker
 from .drafting import Drafter, runner_for
 from .methods import CURVE_SCALE, METHODS, PassContext, SpecExec
-from .params import check_prompt, check_request, check_token_ids
+from .params import batch_item, batch_seeds, check_prompt, check_prompts, check_request, check_token_ids
 from .request import GenerationResult, GenerationStats, Request, RequestHandle
 from .sampling import SamplingParams, process_logits
 from .tree import path_rows
@@ -203,9 +204,14 @@ class Engine:
                                       f"Engine(..., tokenizer=...) or give the prompt as token ids")
 
     def apply_chat_template(self, messages: list) -> str:
+        """The prompt text of chat ``messages`` (``[{"role", "content"}, ...]``; content a string
+        or a list of text parts), with the generation prompt. The messages are checked first
+        (InvalidParameterError naming ``messages[i].role`` ...); a template that refuses them
+        raises ChatTemplateError naming the message (specexec_rt/speculative/chat.py)."""
+        checked = check_messages(messages)
         if self.tokenizer is None:
             raise self._no_tokenizer("a chat template")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_messages(self.tokenizer, checked)
 
     def encode(self, text: str) -> list:
         """Token ids of ``text`` exactly as ``generate`` would feed them (needs a tokenizer)."""
@@ -242,10 +248,13 @@ class Engine:
         ends): what a server uses to forward text without a thread per request."""
         req = self._make_request(prompt_or_ids, max_new_tokens, temperature, top_p, top_k, seed, stop)
         req.on_update = on_update
+        return self._enqueue([req])[0]
+
+    def _enqueue(self, reqs: list) -> list:
         with self._cond:
-            self._queue.append(req)
+            self._queue.extend(reqs)
             self._cond.notify_all()
-        return RequestHandle(self, req)
+        return [RequestHandle(self, r) for r in reqs]
 
     def step(self, timeout: Optional[float] = None) -> int:
         """Run one pass for every active request (admitting queued ones first); returns how many
@@ -296,14 +305,29 @@ class Engine:
         yield from handle.stream()
         self.last_result = handle.result()
 
-    def generate_batch(self, prompts: Sequence, max_new_tokens: int = 256, **sampling) -> list:
+    def generate_batch(self, prompts: Sequence, max_new_tokens: int = 256, temperature: float = 0.0,
+                       top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+                       stop: Optional[Sequence[str]] = None) -> list:
         """Generate for several prompts together (they share passes, ``max_batch`` at a time);
-        returns their ``GenerationResult`` in order. ``sampling`` as for ``generate``; a
-        ``seed`` seeds request ``i`` with ``seed + i``."""
-        seed = sampling.pop("seed", None)
-        handles = [self.submit(p, max_new_tokens, seed=None if seed is None else seed + i, **sampling)
-                   for i, p in enumerate(prompts)]
-        return [h.result() for h in handles]
+        returns their ``GenerationResult`` in order. Parameters as for ``generate``; a ``seed``
+        seeds request ``i`` with ``seed + i``. ``prompts`` is a list of prompts (a bare ``str``
+        is refused, not split into characters). Every prompt and parameter is checked, and every
+        text prompt tokenized, before any request is queued: an error names the parameter or
+        ``prompts[i]`` and leaves nothing queued. An error or interrupt while they run cancels
+        the others."""
+        prompts = check_prompts(prompts, self.target.vocab_size)
+        check_request(max_new_tokens, temperature, top_p, top_k, seed, stop)     # names a bad parameter once
+        reqs = []
+        for i, (prompt, s) in enumerate(zip(prompts, batch_seeds(seed, len(prompts)))):
+            with batch_item("prompts", i):
+                reqs.append(self._make_request(prompt, max_new_tokens, temperature, top_p, top_k, s, stop))
+        handles = self._enqueue(reqs)
+        try:
+            return [h.result() for h in handles]
+        except BaseException:
+            for h in handles:
+                h.cancel()          # a no-op for those already done
+            raise
 
     def grow_trees(self, committed: Sequence[int], roots: Sequence[int], temperature: float = 0.0):
         """Grow the draft trees of one pass as the engine would, for ``len(roots)`` requests

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from ..errors import ContextLengthError, InvalidParameterError
+from ..errors import ContextLengthError, InvalidParameterError, MemoryBudgetError
 
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1] and folds negative seeds onto positive
 # ones; negatives are refused so that two different seeds never give the same draws (and a
@@ -50,14 +51,14 @@ class RequestParams:
     stop: tuple = ()        # non-empty strings
 
 
-def _show(value, limit: int = 60) -> str:
+def show(value, limit: int = 60) -> str:
     """repr of a bad value, cut short: a message must stay one readable line."""
     r = repr(value)
     return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
 def _type_error(name: str, what: str, value) -> InvalidParameterError:
-    return InvalidParameterError(name, f"{name} must be {what}, got {_show(value)} ({type(value).__name__})",
+    return InvalidParameterError(name, f"{name} must be {what}, got {show(value)} ({type(value).__name__})",
                                  "invalid_type")
 
 
@@ -84,7 +85,7 @@ def as_real(value, name: str) -> float:
     except OverflowError:
         x = math.inf
     if not math.isfinite(x):
-        raise InvalidParameterError(name, f"{name} must be a finite number, got {_show(value)}")
+        raise InvalidParameterError(name, f"{name} must be a finite number, got {show(value)}")
     return x
 
 
@@ -123,12 +124,13 @@ def check_seed(value, name: str = "seed") -> Optional[int]:
     s = as_int(value, name, "an integer in [0, 2**64 - 1]")
     if not 0 <= s <= SEED_MAX:
         raise InvalidParameterError(name, f"{name} must be in [0, 2**64 - 1] (omit it for a random seed), "
-                                          f"got {_show(s)}")
+                                          f"got {show(s)}")
     return s
 
 
 def check_stop(value, name: str = "stop", max_count: Optional[int] = None) -> tuple:
-    """None, a string, or a list/tuple of strings, every one non-empty -> a tuple of strings."""
+    """None, a string, or a list/tuple of strings, every one non-empty and valid Unicode (as
+    prompts are) -> a tuple of strings."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -139,22 +141,24 @@ def check_stop(value, name: str = "stop", max_count: Optional[int] = None) -> tu
         raise _type_error(name, "a string or a list of strings", value)
     for i, s in enumerate(stops):
         if not isinstance(s, str):
-            raise InvalidParameterError(name, f"{name}[{i}] must be a string, got {_show(s)} ({type(s).__name__})",
+            raise InvalidParameterError(name, f"{name}[{i}] must be a string, got {show(s)} ({type(s).__name__})",
                                         "invalid_type")
         if not s:
             raise InvalidParameterError(name, f"{name} strings must be non-empty ({name}[{i}] is '')")
+        check_text(s, name if isinstance(value, str) else f"{name}[{i}]", param=name)
     if max_count is not None and len(stops) > max_count:
         raise InvalidParameterError(name, f"{name} takes at most {max_count} strings, got {len(stops)}")
     return tuple(stops)
 
 
-def check_text(text: str, name: str = "prompt") -> str:
+def check_text(text: str, name: str = "prompt", param: Optional[str] = None) -> str:
     """``text`` unchanged if it is valid Unicode (JSON can carry lone surrogates such as
-    "\\ud800", which tokenizers refuse with a TypeError)."""
+    "\\ud800", which tokenizers refuse with a TypeError, and a command line undecodable bytes
+    as surrogates). The message names ``name``; the error's ``param`` is ``param`` or ``name``."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InvalidParameterError(name, f"{name} is not valid Unicode text: {e.reason} "
+        raise InvalidParameterError(param or name, f"{name} is not valid Unicode text: {e.reason} "
                                           f"({text[e.start:e.end]!r} at index {e.start})") from None
     return text
 
@@ -192,6 +196,67 @@ def check_prompt(prompt, vocab_size: Optional[int] = None, name: str = "prompt")
     return check_token_ids(items, vocab_size, name)
 
 
+def check_prompts(prompts, vocab_size: Optional[int] = None, name: str = "prompts") -> list:
+    """A batch: a list, tuple or other iterable of prompts (not a ``str``, whose characters would
+    each become a prompt, nor ``bytes`` or one list of token ids), each checked by
+    ``check_prompt`` as ``prompts[i]`` -> the checked prompts."""
+    if prompts is None:
+        raise InvalidParameterError(name, f"{name} is required: a list of prompts", "missing_required_parameter")
+    if isinstance(prompts, (str, bytes, bytearray, memoryview)):
+        raise InvalidParameterError(name, f"{name} must be a list of prompts, not one {type(prompts).__name__} "
+                                          f"(each character would be a prompt): wrap it in a list, or call "
+                                          f"generate", "invalid_type")
+    if isinstance(prompts, (Mapping, Set)) or not isinstance(prompts, Iterable):     # a set has no order
+        raise _type_error(name, "a list of prompts", prompts)
+    items = list(prompts)
+    if items and all(_is_token_id(p) for p in items):
+        raise InvalidParameterError(name, f"{name} is one list of token ids, not a list of prompts: wrap it in a "
+                                          f"list ([ids]), or call generate", "invalid_type")
+    return [check_prompt(p, vocab_size, f"{name}[{i}]") for i, p in enumerate(items)]
+
+
+def _is_token_id(value) -> bool:
+    """An int-like scalar (a one-element tensor row of a batch is a prompt, not an id)."""
+    if isinstance(value, (bool, float, str, bytes)) or _is_bool_tensor(value):
+        return False
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def batch_seeds(seed, n: int, name: str = "seed") -> list:
+    """The seeds of a batch's ``n`` requests: ``seed + i`` for request ``i`` (all None without
+    a seed), every one in the generator's range."""
+    s = check_seed(seed, name)
+    if s is None:
+        return [None] * n
+    if n and s + n - 1 > SEED_MAX:
+        raise InvalidParameterError(name, f"{name} + i seeds prompt i, so with {n} prompts {name} must be at most "
+                                          f"2**64 - {n}, got {show(s)}")
+    return [s + i for i in range(n)]
+
+
+@contextmanager
+def batch_item(name: str, i: int):
+    """Errors about one prompt of a batch (tokenized empty, too long for the context or the
+    device's memory) say which: ``prompt`` becomes ``prompts[i]``."""
+    item = f"{name}[{i}]"
+    try:
+        yield
+    except InvalidParameterError as e:
+        if not e.param.startswith("prompt") or e.param.startswith(name):
+            raise
+        message = str(e)
+        message = message.replace("prompt", item, 1) if message.startswith("prompt") else f"{item}: {message}"
+        raise InvalidParameterError(item + e.param[len("prompt"):], message, e.code) from None
+    except (ContextLengthError, MemoryBudgetError) as e:
+        raise type(e)(f"{item}: {e}") from None
+
+
 def _numpy_to_tensor(array, name: str) -> torch.Tensor:
     try:
         return torch.as_tensor(array)
@@ -212,14 +277,14 @@ def check_token_ids(items, vocab_size: Optional[int], name: str = "prompt") -> l
     if vocab_size is not None:
         for i, t in enumerate(ids):
             if not 0 <= t < vocab_size:
-                raise InvalidParameterError(name, f"{name}[{i}] = {_show(t)} is not a token id: token ids must be "
+                raise InvalidParameterError(name, f"{name}[{i}] = {show(t)} is not a token id: token ids must be "
                                                   f"in [0, {vocab_size})")
     return ids
 
 
 def _id_type_error(name: str, i: int, t) -> InvalidParameterError:
     return InvalidParameterError(
-        name, f"{name}[{i}] must be an int token id, got {_show(t)} ({type(t).__name__}); a prompt is a string "
+        name, f"{name}[{i}] must be an int token id, got {show(t)} ({type(t).__name__}); a prompt is a string "
               f"or one list of token ids", "invalid_type")
 
 
