@@ -170,6 +170,12 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="model id reported by /v1/models (default: the --model argument)")
     p.add_argument("--verbose", action="store_true", help="log every request")
+    p.add_argument("--replicas", type=positive_int, default=None,
+                   help="serve N replicas (an engine each) as a Ray Serve application on this host and port; "
+                        "needs the 'ray' extra. Without it: one process, no Ray")
+    p.add_argument("--ray-address", default=None,
+                   help="with --replicas: join this Ray cluster ('ray start --head' prints it; 'auto': the one "
+                        "started on this machine) instead of starting a local Ray instance")
     p.set_defaults(func=cmd_serve)
 
 
@@ -183,6 +189,8 @@ def cmd_serve(args) -> int:
     cli_checks.check_model_args(args)
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key is empty; give a key, or omit the flag to serve without one")
+    if args.replicas is not None or args.ray_address is not None:
+        return _serve_on_ray(args)
     try:
         sock = bind(args.host, args.port)       # before loading: a port in use fails in a second
     except OSError as e:
@@ -219,6 +227,14 @@ def cmd_serve(args) -> int:
         idle = server.close(timeout=10.0)
     print("[specexec-rt] stopped" + ("" if idle else " (the engine did not go idle within 10 s)"), file=sys.stderr)
     return code
+
+
+def _serve_on_ray(args) -> int:
+    if args.replicas is None:
+        raise UsageError("--ray-address needs --replicas N: the replicas to deploy on that cluster")
+    from .ray_launch import serve_replicas
+
+    return serve_replicas(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
