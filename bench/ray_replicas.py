@@ -30,6 +30,7 @@ PROMPTS = ["1, 2, 3, 4, 5,", "Monday, Tuesday, Wednesday,", "a, b, c, d, e,", "o
 
 
 def free_port() -> int:
+    # Not the tests' helper: importing tests/ would point the replicas at the tests' caches.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -168,8 +168,11 @@ def test_replicas_must_be_a_positive_integer(capsys, bad):
 
 
 def test_missing_ray_names_the_extra(capsys, monkeypatch):
+    import specexec_rt.serving
+
     monkeypatch.setitem(sys.modules, "ray", None)          # import ray -> ImportError
     monkeypatch.delitem(sys.modules, "specexec_rt.serving.ray_serve", raising=False)
+    monkeypatch.delattr(specexec_rt.serving, "ray_serve", raising=False)     # imported by an earlier test
     code, err = serve(capsys, "--replicas", "2")
     assert code == 2
     assert "pip install 'specexec-rt[ray]'" in err and "Traceback" not in err

