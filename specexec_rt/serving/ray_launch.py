@@ -69,7 +69,8 @@ def serve_replicas(args) -> int:
             print(f"[specexec-rt] warning: listening on {args.host} without --api-key", file=sys.stderr)
         where = "a local Ray instance" if local else f"the Ray cluster at {args.ray_address}"
         print(f"[specexec-rt] serving {args.served_model_name or str(args.model)!r} on "
-              f"http://{args.host}:{args.port}/v1 with {args.replicas} replicas on {where} (Ctrl-C to stop)",
+              f"http://{args.host}:{args.port}/v1 with {args.replicas} replica{'s' * (args.replicas != 1)} on {where} "
+              f"(Ctrl-C to stop)",
               file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)        # until a signal's handler raises

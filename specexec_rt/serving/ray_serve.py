@@ -138,7 +138,8 @@ def build_app(model: str = "smollm2-135m", draft: Optional[str] = None, replicas
     ``replicas`` (default 1) or ``autoscaling_config`` (Serve's: ``min_replicas``,
     ``max_replicas``, ``target_ongoing_requests``, ...; ``max_batch`` is a natural target).
     ``ray_actor_options`` default: one GPU per replica when it runs on CUDA (``device`` cuda, or
-    left unset on a cluster or machine with GPUs), else one CPU core per replica.
+    left unset on a cluster or machine with GPUs), else one CPU core per replica; given, it decides
+    where a replica without a ``device`` runs (on CUDA if it asks for GPUs).
     """
     unknown = sorted(set(engine_args) - set(model_flag_names()))
     if unknown:
@@ -166,9 +167,12 @@ def build_app(model: str = "smollm2-135m", draft: Optional[str] = None, replicas
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise UsageError(f"replicas must be a positive integer, got {replicas!r}")
         options["num_replicas"] = replicas
-    gpu = _uses_gpu(plan.device)
-    options["ray_actor_options"] = (dict(ray_actor_options) if ray_actor_options is not None
-                                    else {"num_gpus": 1} if gpu else {"num_cpus": 1})
+    if ray_actor_options is None:
+        gpu = _uses_gpu(plan.device)
+        options["ray_actor_options"] = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+    else:           # the caller's resources decide where a replica without a device runs
+        options["ray_actor_options"] = dict(ray_actor_options)
+        gpu = plan.device.startswith("cuda") if plan.device else options["ray_actor_options"].get("num_gpus", 0) > 0
     settings = ReplicaSettings(engine_args=_engine_args(args), max_queue=args.max_queue, api_key=args.api_key,
                                model_name=args.served_model_name or str(args.model), gpu=gpu)
     try:
