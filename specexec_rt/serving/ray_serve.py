@@ -12,7 +12,7 @@ request to a replica; ``ray_proxy`` makes the proxy's own answers the server's J
 
 or, from the shell, ``serve run specexec_rt.serving.ray_serve:app model=smollm2-135m draft=default
 replicas=2`` (``app`` takes the serve flags as ``key=value``), or ``specexec-rt serve --replicas 2``
-(``ray_launch``).
+(``ray_launch``). The engine comes from the same flags as in one process (``engine_flags``).
 
 Admission: each replica takes ``max_batch`` requests into its passes and lets ``max_queue`` more
 wait, as the single server does, and answers 429 ``queue_full`` (``Retry-After: 1``) beyond.
@@ -35,7 +35,7 @@ try:
 except ImportError as e:
     raise ImportError(f"{RAY_MISSING} ({type(e).__name__}: {e})") from e
 
-from . import cli, cli_checks
+from . import cli_checks, engine_flags
 from .error_map import UsageError
 from .server import ServerState, build_app as build_http_app
 from .tokenize_pool import TokenizerPool
@@ -55,7 +55,7 @@ DRAIN_SECONDS = 10.0
 class ReplicaSettings:
     """What each replica is built from (pickled to the replicas)."""
 
-    engine_args: dict           # the serve flags' namespace: model flags and max_batch (cli.build_engine)
+    engine_args: dict           # the model flags and max_batch (engine_flags.build_engine reads them)
     max_queue: int
     api_key: Optional[str]
     model_name: str
@@ -80,7 +80,7 @@ class SpecExecReplica:
         if not settings.gpu:
             cores = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
             torch.set_num_threads(max(1, int(cores)))      # the cores Ray reserved, not the node's
-        engine = cli.build_engine(args)
+        engine = engine_flags.build_engine(args)
         self._tokens = TokenizerPool(getattr(engine, "tokenizer", None))
         self._worker = EngineWorker(engine, settings.max_queue)
         self._state = ServerState(engine, self._worker, self._tokens, settings.model_name)
@@ -145,11 +145,13 @@ def build_app(model: str = "smollm2-135m", draft: Optional[str] = None, replicas
     if unknown:
         raise TypeError(f"build_app() got unexpected keyword argument(s) {', '.join(unknown)}; "
                         f"engine arguments are the serve flags: {', '.join(model_flag_names())}")
-    args = parse_serve_flags(dict(model=model, draft=draft, max_batch=max_batch, max_queue=max_queue,
-                                  api_key=api_key, served_model_name=served_model_name, **engine_args))
+    args = parse_model_flags(dict(model=model, draft=draft, **engine_args))
+    args.max_batch = _checked(cli_checks.positive_int, "max_batch", max_batch)
+    args.max_queue = _checked(cli_checks.non_negative_int, "max_queue", max_queue)
+    args.api_key, args.served_model_name = api_key, served_model_name
     plan = cli_checks.check_model_args(args)
-    if args.api_key is not None and not args.api_key.strip():
-        raise UsageError("api_key is empty; give a key, or None to serve without one")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise UsageError("api_key is empty or not a string; give a key, or None to serve without one")
     if plan.device is not None and plan.device.startswith("cuda:"):
         raise UsageError(f"device {plan.device!r}: under Ray each replica is given a GPU of its own; "
                          f"use device='cuda'")
@@ -202,10 +204,10 @@ def app(args: dict) -> "serve.Application":
 
 @functools.lru_cache(maxsize=1)
 def model_flag_names() -> tuple:
-    """The model flags' names but ``model`` and ``draft`` (``cli.add_model_args``), as keyword
-    arguments."""
+    """The model flags' names but ``model`` and ``draft`` (``engine_flags.add_model_args``), as
+    keyword arguments."""
     parser = argparse.ArgumentParser(add_help=False)
-    cli.add_model_args(parser)
+    engine_flags.add_model_args(parser)
     return tuple(a.dest for a in parser._actions if a.dest not in ("model", "draft"))
 
 
@@ -214,21 +216,25 @@ class _RaisingParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_serve_flags(values: dict) -> argparse.Namespace:
-    """``specexec-rt serve``'s namespace from Python values: each value goes through its flag's
-    own parsing and checks (``max_len=0`` fails as ``--max-len 0`` does). None leaves the default."""
-    root = _RaisingParser(prog="specexec-rt")
-    cli.add_serve_parser(root.add_subparsers(dest="command", parser_class=_RaisingParser))
-    argv = ["serve"]
+def parse_model_flags(values: dict) -> argparse.Namespace:
+    """The model flags' namespace from Python values: each value goes through its flag's own
+    parsing and checks (``max_len=0`` fails as ``--max-len 0`` does). None leaves the default."""
+    parser = _RaisingParser(prog="build_app", add_help=False)
+    engine_flags.add_model_args(parser)
+    argv = []
     for name, value in values.items():
         if value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        else:
-            argv += [flag, str(value)]
-    return root.parse_args(argv)
+        argv += [flag] if value is True else [flag, str(value)]
+    return parser.parse_args(argv)
+
+
+def _checked(parse, name: str, value):
+    """An int argument through the flag's own check (``parse`` reads the text a flag would get)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    return _parse_with(parse, name, str(value))
 
 
 def _parse_with(parse, name: str, text: str):
@@ -239,7 +245,7 @@ def _parse_with(parse, name: str, text: str):
 
 
 def _engine_args(args: argparse.Namespace) -> dict:
-    """What ``cli.build_engine`` reads from the namespace: the model flags and max_batch."""
+    """What ``engine_flags.build_engine`` reads from the namespace: the model flags and max_batch."""
     names = ["model", "draft", "max_batch", *model_flag_names()]
     return {name: getattr(args, name) for name in names}
 
