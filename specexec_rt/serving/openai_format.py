@@ -32,13 +32,15 @@ def finish_reason(result, max_tokens: int) -> str:
     return "length" if len(result.token_ids) >= max_tokens else "stop"
 
 
-def completion(kind: str, env: dict, result, prompt_tokens: int, max_tokens: int) -> dict:
-    """The whole (non-streamed) answer."""
+def completion(kind: str, env: dict, result, prompt_tokens: int, max_tokens: int,
+               stats_extra: Optional[dict] = None) -> dict:
+    """The whole (non-streamed) answer. ``stats_extra``: fields added to its ``specexec`` object."""
     reason = finish_reason(result, max_tokens)
     choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
                "finish_reason": reason} if kind == "chat" else
               {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason})
-    return dict(env, choices=[choice], usage=usage(prompt_tokens, result), specexec=stats_json(result.stats))
+    return dict(env, choices=[choice], usage=usage(prompt_tokens, result),
+                specexec={**stats_json(result.stats), **(stats_extra or {})})
 
 
 def chunk(kind: str, env: dict, text: Optional[str], reason: Optional[str] = None, first: bool = False) -> dict:
@@ -54,12 +56,13 @@ def chunk(kind: str, env: dict, text: Optional[str], reason: Optional[str] = Non
     return dict(env, choices=[choice])
 
 
-def final_chunks(kind: str, env: dict, result, prompt_tokens: int, max_tokens: int, include_usage: bool) -> list:
-    """The chunk with ``finish_reason``, ``usage`` and ``specexec``, then (``include_usage``) the
-    usage-only chunk with empty ``choices``."""
+def final_chunks(kind: str, env: dict, result, prompt_tokens: int, max_tokens: int, include_usage: bool,
+                 stats_extra: Optional[dict] = None) -> list:
+    """The chunk with ``finish_reason``, ``usage`` and ``specexec`` (plus ``stats_extra``), then
+    (``include_usage``) the usage-only chunk with empty ``choices``."""
     last = chunk(kind, env, None if kind == "chat" else "", finish_reason(result, max_tokens))
     last["usage"] = usage(prompt_tokens, result)
-    last["specexec"] = stats_json(result.stats)
+    last["specexec"] = {**stats_json(result.stats), **(stats_extra or {})}
     out = [last]
     if include_usage:
         out.append(dict(env, choices=[], usage=last["usage"]))

@@ -64,6 +64,8 @@ class ServerState:
         self.text_limit = (params.text_byte_limit(self.max_len, tokens.longest_token_bytes)
                            if self.max_len else None)
         self.closing = False
+        # Fields added to every answer's ``specexec`` object (a Ray Serve replica adds its name).
+        self.stats_extra: dict = {}
 
     def model_names(self) -> tuple:
         return (self.model_id, SERVED_ALIAS)
@@ -218,7 +220,8 @@ async def _run(state: ServerState, request: Request, req, kind: str, ids: list) 
         if req.stream:
             watcher.cancel()            # StreamingResponse listens for the disconnect from here on
             streaming = True            # and _JobStream cancels the job when the response ends
-            return _JobStream(_sse(first, events, kind, env, len(ids), max_tokens, req.include_usage),
+            return _JobStream(_sse(first, events, kind, env, len(ids), max_tokens, req.include_usage,
+                                   state.stats_extra),
                               on_close=lambda: state.worker.cancel(job))
         event = first
         while event[0] == "piece":
@@ -227,7 +230,7 @@ async def _run(state: ServerState, request: Request, req, kind: str, ids: list) 
             raise event[1]
         if event[0] == "cancelled":
             raise APIError(503, "the server is shutting down", type_="server_error", code="shutting_down")
-        return JSONResponse(fmt.completion(kind, env, event[1], len(ids), max_tokens))
+        return JSONResponse(fmt.completion(kind, env, event[1], len(ids), max_tokens, state.stats_extra))
     finally:
         watcher.cancel()
         if not streaming:
@@ -265,7 +268,7 @@ async def _next_event(events: asyncio.Queue, watcher: asyncio.Future) -> tuple:
 
 
 async def _sse(first: tuple, events: asyncio.Queue, kind: str, env: dict, prompt_tokens: int, max_tokens: int,
-               include_usage: bool):
+               include_usage: bool, stats_extra: dict):
     """The event stream: a role chunk (chat), a chunk per non-empty piece, the final chunk(s) and
     ``[DONE]``. An engine error after the headers ends the stream with an in-band error and no
     ``[DONE]``; so does a shutdown (the job's "cancelled")."""
@@ -278,7 +281,7 @@ async def _sse(first: tuple, events: asyncio.Queue, kind: str, env: dict, prompt
         event = await events.get()
     what, value = event
     if what == "done":
-        for c in fmt.final_chunks(kind, env, value, prompt_tokens, max_tokens, include_usage):
+        for c in fmt.final_chunks(kind, env, value, prompt_tokens, max_tokens, include_usage, stats_extra):
             yield fmt.sse(c)
         yield fmt.sse("[DONE]")
     elif what == "error":
