@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from specexec_rt.model import ops
 from specexec_rt.model.config import ModelConfig
-from specexec_rt.kernels import int4_gemm, int4_weight
+from specexec_rt.kernels import device_info, int4_gemm, int4_weight
 from specexec_rt.kernels import attention as ta
 from specexec_rt.model import Transformer
 from specexec_rt.model.weights import LayerWeights, ModelWeights
@@ -61,8 +61,7 @@ class CountingStub:
 def stubbed_triton_path():
     """Route the runtime's CPU tensors through the Triton launchers, with counting stubs."""
     saved, stubs = [], {}
-    patches = [(ops, "use_triton", lambda device: True), (int4_gemm, "_interpreting", lambda: True),
-               (ta, "_interpreting", lambda: True)]
+    patches = [(ops, "use_triton", lambda device: True), (device_info, "interpreting", lambda: True)]
     for mod, names in KERNELS.items():
         for name in names:
             stubs[name] = CountingStub()

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from . import device_info
 
 __all__ = [
     "Segments",
@@ -259,23 +260,14 @@ def _choose_config(rows: int, d_pad: int, interpreted: bool) -> TileConfig:
     return TileConfig(block_m, 64, 4, 3)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _choose_splits(programs: int, n_tiles: int, device: torch.device) -> int:
     """Flash-decoding split count: fill ~2 waves of SMs, at least 2 key tiles per split."""
     if device.type != "cuda" or n_tiles < 4:
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = device_info.sm_count(device)
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, programs), n_tiles // 2, 128))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int) -> None:
@@ -356,7 +348,7 @@ def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree):
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"the CUDA kernel takes float16/bfloat16, got {q.dtype} "
                             "(use tree_attention_reference for float32)")
-    elif q.device.type == "cpu" and _interpreting():
+    elif q.device.type == "cpu" and device_info.interpreting():
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"unsupported dtype {q.dtype}")
     else:
@@ -386,7 +378,7 @@ def _check_ragged_inputs(q, k, v, packed_mask, segments: "Segments") -> None:
     if q.device.type == "cuda":
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"the CUDA kernel takes float16/bfloat16, got {q.dtype}")
-    elif not (q.device.type == "cpu" and _interpreting()):
+    elif not (q.device.type == "cpu" and device_info.interpreting()):
         raise RuntimeError(f"tree_attention's Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
                            f"tensors), got {q.device}; call tree_attention_ragged_reference on the CPU")
     if not 16 <= q.shape[2] <= 256:

@@ -7,7 +7,8 @@ a failed build, ``SPECEXEC_NATIVE_CPU=0``); callers then take their PyTorch path
 ``~/.cache/specexec_rt/native`` (``$SPECEXEC_NATIVE_CACHE``), keyed by the sources, the compiler
 (``$CC``, else ``cc``/``gcc``/``clang``) and its version, and the CPU's features; no torch headers
 are involved, so any C compiler will do. OpenMP is used when the compiler has it (else one
-thread, logged).
+thread, logged). Building, the cache's hash check before ``dlopen`` and the one rebuild of a
+damaged file are ``specexec_rt.csrc.loader``'s, shared with the CUDA copy engine.
 
 The library picks its code path at run time from the CPU's features (``ISAS``, lowest first);
 ``SPECEXEC_CPU_ISA=<name>`` forces a lower one (tests and benchmarks run every path the CPU has).
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h", "layers_cpu.h", "argmax_cpu.h")
 LIB_NAME = "libspecexec_cpu.so"
 ABI_VERSION = 8  # csrc/int4_cpu.c SXC_ABI_VERSION
+ABI = ("sxc_abi_version", ABI_VERSION)
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
 ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations
 ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "invalid argument"}
@@ -68,6 +70,9 @@ class SxcQ8Weight(ctypes.Structure):
 
     _fields_ = [("q", ctypes.c_void_p), ("d", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32)]
 
+
+# Compiler flags added to every build of library() (the tests build at -O0: same results, faster).
+EXTRA_CFLAGS: tuple = ()
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib", "reason", "isa" once decided
@@ -120,9 +125,9 @@ def compile_command(cc: str, out: Path, openmp: bool = True, extra_flags: Sequen
 
 def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flags: Sequence[str] = ()) -> Path:
     """Build (or find in the cache) the library; returns its path. Tries with OpenMP first, then
-    without. Raises ``specexec_rt.csrc.build.BuildError`` (no compiler, or both builds failed)."""
+    without. Raises ``specexec_rt.csrc.loader.BuildError`` (no compiler, or both builds failed)."""
     from ..csrc import source
-    from ..csrc.build import BuildError, build_shared
+    from ..csrc.loader import BuildError, build_shared
 
     if cc is None:
         cc, how = find_compiler()
@@ -132,11 +137,11 @@ def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flag
     extra = (compiler_version(cc), cpu_features())
     try:
         return build_shared(LIB_NAME, inputs, lambda out: compile_command(cc, out, True, extra_flags), extra,
-                            cache_dir)
+                            cache_dir, abi=ABI)
     except BuildError as with_omp:
         try:
             path = build_shared(LIB_NAME, inputs, lambda out: compile_command(cc, out, False, extra_flags), extra,
-                                cache_dir)
+                                cache_dir, abi=ABI)
         except BuildError:
             raise with_omp from None
         log.warning("native CPU library built without OpenMP (one thread): %s", str(with_omp).splitlines()[0])
@@ -144,13 +149,26 @@ def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flag
 
 
 def load(path: Path) -> ctypes.CDLL:
-    """Load a built library, declare its functions and check its ABI version."""
-    from ..csrc.build import BuildError
+    """Open a built library, declare its functions and check its ABI version (BuildError if
+    not). No hash check: ``load_cached`` is the path that verifies the cache."""
+    from ..csrc.loader import open_library
 
-    lib = ctypes.CDLL(str(path))
+    return open_library(path, signatures(), ABI)
+
+
+def load_cached(cache_dir: Optional[Path] = None, cc: Optional[str] = None,
+                extra_flags: Sequence[str] = ()) -> ctypes.CDLL:
+    """Build or find the library in the cache, check it against its recorded hash, open it; a
+    damaged cached file is rebuilt once (``csrc.loader.load_verified``)."""
+    from ..csrc.loader import load_verified
+
+    return load_verified(lambda: build(cache_dir, cc, extra_flags), load)
+
+
+def signatures() -> dict:
+    """The library's functions: name -> (restype, argtypes)."""
     wp = ctypes.POINTER(SxcWeight)
-    sigs = {
-        "sxc_abi_version": (ctypes.c_int, []),
+    return {
         "sxc_has_openmp": (ctypes.c_int, []),
         "sxc_best_isa": (ctypes.c_int, []),
         "sxc_int4_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, wp, ctypes.c_void_p,
@@ -182,12 +200,6 @@ def load(path: Path) -> ctypes.CDLL:
         "sxc_int4_pack_bytes": (ctypes.c_size_t, [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
         "sxc_int4_pack": (ctypes.c_int, [wp, ctypes.c_void_p]),
     }
-    for name, (res, args) in sigs.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-    if lib.sxc_abi_version() != ABI_VERSION:
-        raise BuildError(f"{path}: ABI version {lib.sxc_abi_version()} != expected {ABI_VERSION}")
-    return lib
 
 
 def isa_level(name: Optional[str]) -> int:
@@ -222,7 +234,7 @@ def _select() -> None:
         log.info("CPU int4 kernel: PyTorch (SPECEXEC_NATIVE_CPU=0)")
         return
     try:
-        lib = load(build())
+        lib = load_cached(extra_flags=EXTRA_CFLAGS)
     except Exception as e:  # any failure means the PyTorch fallback, never a crash
         if mode == "1":
             raise

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -33,6 +32,7 @@ except ImportError:  # CPU-only installs without Triton still get the CPU paths
     triton = None
     tl = None
 
+from . import device_info
 from .int4_cpu import int4_matmul_cpu
 from .int4_plans import Int4Plan, block_k_for, default_plan, plan_for
 from .int4_weight import Int4Weight, check_matmul_inputs
@@ -220,13 +220,6 @@ if triton is not None:
 
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so tiny test shapes still exercise split-K
-
-
 def _split_k(n_tiles: int, k_blocks: int, sm_count: int, per_sm: int) -> int:
     """Splits of K (a power of two) so the grid has >= ``per_sm`` programs per SM, each
     with >= 2 K blocks: a memory-bound kernel needs many loads in flight per SM (Little's
@@ -236,10 +229,6 @@ def _split_k(n_tiles: int, k_blocks: int, sm_count: int, per_sm: int) -> int:
     while n_tiles * split < target and k_blocks // (split * 2) >= 2:
         split *= 2
     return split
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class _FusedLaunch(NamedTuple):
@@ -266,7 +255,7 @@ def _fused_launch(plan: "Int4Plan", m: int, n: int, k: int, group_size: int, dty
     gemv = bm == 1
     n_tiles = triton.cdiv(n, bn) * (m if gemv else triton.cdiv(m, bm))
     k_blocks = k // bk
-    split_k = plan.split_k or _split_k(n_tiles, k_blocks, _sm_count(device), 8 if gemv else 4)
+    split_k = plan.split_k or _split_k(n_tiles, k_blocks, device_info.sm_count(device), 8 if gemv else 4)
     k_per_split = triton.cdiv(k_blocks, min(split_k, k_blocks)) * bk
     split_k = triton.cdiv(k, k_per_split)  # no empty splits
     fast = dtype != torch.float32  # fp32 x keeps the exact nibble conversion
@@ -277,8 +266,8 @@ def _fused_launch(plan: "Int4Plan", m: int, n: int, k: int, group_size: int, dty
     else:
         grid = (triton.cdiv(n, bn), split_k, triton.cdiv(m, bm))
         consts = dict(GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=K_LOOP_STAGES,
-                      DOT_PRECISION="ieee" if dtype == torch.float32 or _interpreting() else "tf32",
-                      UPCAST_DOT=_interpreting() and dtype == torch.bfloat16, FAST=fast, num_warps=warps)
+                      DOT_PRECISION="ieee" if dtype == torch.float32 or device_info.interpreting() else "tf32",
+                      UPCAST_DOT=device_info.interpreting() and dtype == torch.bfloat16, FAST=fast, num_warps=warps)
     return _FusedLaunch(gemv, grid, split_k, k_per_split, consts, (triton.cdiv(m * n, 1024),))
 
 
@@ -392,7 +381,7 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight,
     check_matmul_inputs(x, w)
     if out is not None:
         _check_out(out, x, w)
-    if x.device.type == "cpu" and not _interpreting():
+    if x.device.type == "cpu" and not device_info.interpreting():
         y = int4_matmul_cpu(x, w)
         return y if out is None else out.copy_(y)
     if triton is None:

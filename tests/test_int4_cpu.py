@@ -26,7 +26,7 @@ import subprocess
 import pytest
 import torch
 
-from specexec_rt.csrc.build import BuildError
+from specexec_rt.csrc.loader import BuildError
 from specexec_rt.kernels import cpu_native, int4_cpu
 from specexec_rt.kernels.int4_cpu import (int4_matmul_cpu, int4_matmul_native, int4_matmul_q8_reference,
                                           quantize_activations_native, quantize_activations_q8)
@@ -372,7 +372,7 @@ def test_cache_is_reused_and_openmp_is_optional(tmp_path, monkeypatch):
 
 
 def test_build_key_depends_on_sources_command_and_machine(tmp_path):
-    from specexec_rt.csrc.build import build_key
+    from specexec_rt.csrc.loader import build_key
 
     a = tmp_path / "a.c"
     a.write_text("int f(void){return 1;}\n")
