@@ -224,7 +224,7 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     prompt = torch.randint(100, 40000, (prompt_len,), generator=g)
     for mdl in models.values():
         mdl.prefill(prompt)     # the first native use builds each int4 weight's streaming layout
-    # The same int4 models on the plain layout only (csrc/int4_cpu.c, sxc_int4_pack), side by side.
+    # The same int4 models on the plain layout only (csrc/int4_cpu.h, sxc_int4_pack), side by side.
     stream = int4_cpu.STREAM_LAYOUT
     int4_cpu.STREAM_LAYOUT = False
     try:

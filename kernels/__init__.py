@@ -13,7 +13,7 @@ with:
 | ``int4_cpu`` | ``int4_matmul_cpu``: the CPU path (native kernel, aten fallback); ``int4_matmul_q8_reference`` |
 | ``q8_weight`` | the 8-bit (GGUF Q8_0) format ``Q8Weight`` for LM heads, ``q8_linear`` (native CPU kernel), its references |
 | ``argmax_cpu`` | ``argmax_rows``: greedy decoding's row-wise argmax (native CPU scan), its reference |
-| ``cpu_native`` | builds (on first use) and loads the native CPU library ``csrc/int4_cpu.c`` (+ ``q8_cpu.h``) |
+| ``cpu_native`` | builds (on first use) and loads the native CPU library ``csrc/specexec_cpu.c`` |
 
 Micro-benchmarking needs only the names below, e.g.::
 

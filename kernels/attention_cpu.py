@@ -39,7 +39,7 @@ def serves(head_dim: int) -> bool:
 
 def exp_native(x: torch.Tensor, isa: Optional[str] = None) -> torch.Tensor:
     """``exp(x)`` as the native library computes it inside the softmax and SiLU (``exp_fixed`` in
-    ``csrc/int4_cpu.c``: one fixed sequence of float operations, the same bits on every ISA path,
+    ``csrc/cpu_common.h``: one fixed sequence of float operations, the same bits on every ISA path,
     within an ulp of the exact value; 0 below -87.336, inf above 88.376). For the tests."""
     if cpu_native.library() is None:
         raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")

@@ -1,5 +1,6 @@
-"""The native CPU library (``csrc/int4_cpu.c``, which includes ``q8_cpu.h``, ``f32_cpu.h``,
-``attn_cpu.h`` and ``layers_cpu.h``): compiled on first use, loaded with ctypes.
+"""The native CPU library (``csrc/specexec_cpu.c``, which includes one file per op:
+``int4_cpu.h``, ``q8_cpu.h``, ``f32_cpu.h``, ``attn_cpu.h``, ``layers_cpu.h``, ``argmax_cpu.h``,
+and the helpers they share, ``cpu_common.h``): compiled on first use, loaded with ctypes.
 
 ``library()`` returns the loaded library, or None with the reason logged once (no C compiler,
 a failed build, ``SPECEXEC_NATIVE_CPU=0``); callers then take their PyTorch paths. With
@@ -30,9 +31,11 @@ log = logging.getLogger(__name__)
 # specexec_rt.csrc is imported inside the functions that build: kernels/ must stay importable as
 # a top-level package too (transformers probes the name "kernels" from the repo root).
 
-SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h", "layers_cpu.h", "argmax_cpu.h")
+ENTRY = "specexec_cpu.c"  # the library; it includes the rest
+SOURCES = (ENTRY, "cpu_common.h", "int4_cpu.h", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h",
+           "layers_cpu.h", "argmax_cpu.h")
 LIB_NAME = "libspecexec_cpu.so"
-ABI_VERSION = 8  # csrc/int4_cpu.c SXC_ABI_VERSION
+ABI_VERSION = 8  # csrc/specexec_cpu.c SXC_ABI_VERSION
 ABI = ("sxc_abi_version", ABI_VERSION)
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
 ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations
@@ -43,7 +46,7 @@ _FEATURE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx
 
 
 class SxcWeight(ctypes.Structure):
-    """Mirror of ``sxc_weight`` in csrc/int4_cpu.c: one Int4Weight as pointers."""
+    """Mirror of ``sxc_weight`` in csrc/int4_cpu.h: one Int4Weight as pointers."""
 
     _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
                 ("perm", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
@@ -120,7 +123,7 @@ def compile_command(cc: str, out: Path, openmp: bool = True, extra_flags: Sequen
     from ..csrc import SOURCE_DIR, source
 
     return [cc, "-O3", "-std=c11", "-ffp-contract=off", "-fPIC", "-shared", *(["-fopenmp"] if openmp else []),
-            *extra_flags, "-I", str(SOURCE_DIR), "-o", str(out), str(source("int4_cpu.c"))]
+            *extra_flags, "-I", str(SOURCE_DIR), "-o", str(out), str(source(ENTRY))]
 
 
 def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flags: Sequence[str] = ()) -> Path:

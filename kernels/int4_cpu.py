@@ -1,7 +1,7 @@
 """``int4_matmul_cpu``: ``x @ W.T`` for an ``Int4Weight`` on the CPU, and its references.
 
 Paths, fastest first:
-- the native kernel (``csrc/int4_cpu.c`` through ``cpu_native``; ``int4_matmul_native``):
+- the native kernel (``csrc/int4_cpu.h`` through ``cpu_native``; ``int4_matmul_native``):
   activations quantized per row and 32-block to int8 (llama.cpp's Q8 scheme), integer dot
   products against the nibbles, the weight's min folded in through the activations' group
   sums. ``int4_matmul_q8_reference`` is the same arithmetic in PyTorch, for the tests.
@@ -27,7 +27,7 @@ from .int4_weight import PACK, Int4Weight, check_matmul_inputs, int4_matmul_refe
 # always the aten op in that dtype (tests set float32 for results exact to fp32 rounding).
 CPU_COMPUTE_DTYPE: Optional[torch.dtype] = None
 ATEN_DEFAULT_DTYPE = torch.bfloat16
-# Whether native weights carry the streaming layout (csrc/int4_cpu.c, sxc_int4_pack); read when a
+# Whether native weights carry the streaming layout (csrc/int4_cpu.h, sxc_int4_pack); read when a
 # weight is first used natively (tests compare both layouts).
 STREAM_LAYOUT = os.environ.get("SPECEXEC_INT4_STREAM", "1") != "0"
 

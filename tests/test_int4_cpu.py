@@ -1,4 +1,4 @@
-"""The native CPU int4 kernel (csrc/int4_cpu.c via kernels/cpu_native.py, kernels/int4_cpu.py).
+"""The native CPU int4 kernel (csrc/int4_cpu.h via kernels/cpu_native.py, kernels/int4_cpu.py).
 
 - Activation quantization: the library's and the PyTorch emulation's agree bit for bit.
 - The matmul against ``int4_matmul_q8_reference`` (the same arithmetic in PyTorch) within an
@@ -169,7 +169,7 @@ def test_a_row_gives_the_same_bits_alone_and_among_others(m):
 
 
 def _stream_layout(w) -> torch.Tensor:
-    """The streaming layout of csrc/int4_cpu.c (sxc_int4_pack) built in PyTorch: per 16-column
+    """The streaming layout of csrc/int4_cpu.h (sxc_int4_pack) built in PyTorch: per 16-column
     unit and group, 16 fp16 scales, 16 fp16 mins, then per block 4 operand steps of 16 columns x
     4 bytes (bytes 4u .. 4u+3 of each column's 16-byte block)."""
     n, k, group = w.out_features, w.in_features, w.group_size
@@ -382,7 +382,7 @@ def test_build_key_depends_on_sources_command_and_machine(tmp_path):
     assert k != build_key([a], ["cc", "-O3"], ["gcc 12", "x86_64 avx2 avx512f"])
     a.write_text("int f(void){return 2;}\n")
     assert k != build_key([a], ["cc", "-O3"], ["gcc 12", "x86_64 avx2"])
-    assert os.path.basename(str(cpu_native.compile_command("cc", tmp_path / "x.so")[-1])) == "int4_cpu.c"
+    assert os.path.basename(str(cpu_native.compile_command("cc", tmp_path / "x.so")[-1])) == "specexec_cpu.c"
 
 
 def _simde_include():
