@@ -45,40 +45,17 @@ ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "i
 _FEATURE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
 
-class SxcWeight(ctypes.Structure):
-    """Mirror of ``sxc_weight`` in csrc/int4_cpu.h: one Int4Weight as pointers."""
-
-    _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
-                ("perm", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("group", ctypes.c_int32), ("scale_f16", ctypes.c_int32), ("pk", ctypes.c_void_p)]
-
-
-class SxcMat(ctypes.Structure):
-    """Mirror of ``sxc_mat`` in csrc/layers_cpu.h: a float32 (kind 0) or 4-bit (kind 1) matrix."""
-
-    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("f32", ctypes.c_void_p), ("q4", ctypes.POINTER(SxcWeight))]
-
-
-class SxcLayer(ctypes.Structure):
-    """Mirror of ``sxc_layer`` in csrc/layers_cpu.h: one transformer block as pointers."""
-
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("bqkv", ctypes.c_void_p),
-                ("bo", ctypes.c_void_p), ("wqkv", SxcMat), ("wo", SxcMat), ("w_gate_up", SxcMat),
-                ("w_down", SxcMat)]
-
-
-class SxcQ8Weight(ctypes.Structure):
-    """Mirror of ``sxc_q8weight`` in csrc/q8_cpu.h: one Q8Weight as pointers."""
-
-    _fields_ = [("q", ctypes.c_void_p), ("d", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32)]
-
-
 # Compiler flags added to every build of library() (the tests build at -O0: same results, faster).
 EXTRA_CFLAGS: tuple = ()
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib", "reason", "isa" once decided
+# The functions every op uses; each op's module declares its own (declare).
+_signatures: dict = {
+    "sxc_has_openmp": (ctypes.c_int, []),
+    "sxc_best_isa": (ctypes.c_int, []),
+    "sxc_exp": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]),
+}
 
 
 def find_compiler() -> tuple[Optional[str], str]:
@@ -168,41 +145,20 @@ def load_cached(cache_dir: Optional[Path] = None, cc: Optional[str] = None,
     return load_verified(lambda: build(cache_dir, cc, extra_flags), load)
 
 
+def declare(functions: dict) -> None:
+    """Register functions of the library, name -> (restype, argtypes): each op's module declares
+    its own, beside its entry point (the loaded library, if any, gets them at once)."""
+    _signatures.update(functions)
+    lib = _state.get("lib")
+    if lib is not None:
+        for name, (res, args) in functions.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+
+
 def signatures() -> dict:
-    """The library's functions: name -> (restype, argtypes)."""
-    wp = ctypes.POINTER(SxcWeight)
-    return {
-        "sxc_has_openmp": (ctypes.c_int, []),
-        "sxc_best_isa": (ctypes.c_int, []),
-        "sxc_int4_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, wp, ctypes.c_void_p,
-                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int,
-                                           ctypes.c_int, ctypes.c_int]),
-        "sxc_q8_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                         ctypes.POINTER(SxcQ8Weight), ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_int,
-                                         ctypes.c_int]),
-        "sxc_f32_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                          ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-                                          ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
-        "sxc_rope_attention": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
-                                              ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float,
-                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int]),
-        "sxc_forward_layers": (ctypes.c_int, [ctypes.POINTER(SxcLayer), ctypes.c_int32, ctypes.c_void_p,
-                                              ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                                              ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p,
-                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
-                                              ctypes.c_float, ctypes.c_int, ctypes.c_int]),
-        "sxc_quantize_q8": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, wp, ctypes.c_int, ctypes.c_void_p,
-                                           ctypes.c_void_p, ctypes.c_void_p]),
-        "sxc_exp": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]),
-        "sxc_argmax_rows": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                           ctypes.c_void_p, ctypes.c_int]),
-        "sxc_int4_pack_bytes": (ctypes.c_size_t, [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
-        "sxc_int4_pack": (ctypes.c_int, [wp, ctypes.c_void_p]),
-    }
+    """The library's functions declared so far: name -> (restype, argtypes)."""
+    return dict(_signatures)
 
 
 def isa_level(name: Optional[str]) -> int:

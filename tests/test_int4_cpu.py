@@ -1,4 +1,4 @@
-"""The native CPU int4 kernel (csrc/int4_cpu.h via kernels/cpu_native.py, kernels/int4_cpu.py).
+"""The native CPU int4 kernel (csrc/int4_cpu.h via kernels/cpu_native.py, kernels/int4/cpu.py).
 
 - Activation quantization: the library's and the PyTorch emulation's agree bit for bit.
 - The matmul against ``int4_matmul_q8_reference`` (the same arithmetic in PyTorch) within an
@@ -27,10 +27,11 @@ import pytest
 import torch
 
 from specexec_rt.csrc.loader import BuildError
-from specexec_rt.kernels import cpu_native, int4_cpu
-from specexec_rt.kernels.int4_cpu import (int4_matmul_cpu, int4_matmul_native, int4_matmul_q8_reference,
-                                          quantize_activations_native, quantize_activations_q8)
-from specexec_rt.kernels.int4_weight import quantize_int4
+from specexec_rt.kernels import cpu_native
+from specexec_rt.kernels.int4 import cpu as int4_cpu
+from specexec_rt.kernels.int4 import (int4_matmul_cpu, int4_matmul_native, int4_matmul_q8_reference,
+                                      quantize_activations_native, quantize_activations_q8)
+from specexec_rt.kernels.int4 import quantize_int4
 
 EPS32 = 2.0 ** -23
 
@@ -193,14 +194,14 @@ def test_stream_layout_bytes_and_results(group, n, monkeypatch):
     k = 256
     _, w = _weight(n, k, group, seed=n + group)
     monkeypatch.setattr(int4_cpu, "STREAM_LAYOUT", True)
-    st = int4_cpu._native_weight(w).contents
+    st = int4_cpu.native_weight(w).contents
     packed = w.__dict__["_native_cpu"][5][5]
     assert st.pk == packed.data_ptr()
     assert torch.equal(packed, _stream_layout(w))
     streamed = {m: int4_matmul_native(_x(m, k, seed=m), w) for m in (1, 2, 3, 4, 5, 7, 8, 9, 33)}
     _, plain = _weight(n, k, group, seed=n + group)
     monkeypatch.setattr(int4_cpu, "STREAM_LAYOUT", False)
-    assert not int4_cpu._native_weight(plain).contents.pk
+    assert not int4_cpu.native_weight(plain).contents.pk
     for m, y in streamed.items():
         assert torch.equal(y, int4_matmul_native(_x(m, k, seed=m), plain)), m
         assert torch.equal(y, int4_matmul_native(_x(m, k, seed=m), plain, isa="scalar")), m
@@ -209,7 +210,7 @@ def test_stream_layout_bytes_and_results(group, n, monkeypatch):
 def test_fp32_scales_keep_the_plain_layout():
     _native_or_skip()
     _, w = _weight(40, 128, 64, seed=3, scale_dtype=torch.float32)
-    assert not int4_cpu._native_weight(w).contents.pk
+    assert not int4_cpu.native_weight(w).contents.pk
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
@@ -416,7 +417,7 @@ def test_avx512_paths_under_emulation(tmp_path, monkeypatch):
         _, w = _weight(n, k, g, seed=i, scale_dtype=sd, perm=perm)
         x = _x(m, k, seed=i)
         want.append((x, w, int4_matmul_native(x, w, isa="scalar")))
-        assert bool(int4_cpu._native_weight(w).contents.pk) == (stream and sd == torch.float16)
+        assert bool(int4_cpu.native_weight(w).contents.pk) == (stream and sd == torch.float16)
     monkeypatch.setattr(cpu_native, "_state", {"lib": emulated, "reason": None, "best": 3, "isa": 3})
     for (x, w, y), case in zip(want, cases):
         for isa in ("avx512", "avx512vnni"):
@@ -437,7 +438,7 @@ def _step_bound(x_in, w):
                                                   (False, False, True)])
 def test_fused_prologue_and_residual(m, norm, swiglu, residual):
     _native_or_skip()
-    from specexec_rt.kernels.int4_cpu import int4_linear_native, int4_linear_q8_reference
+    from specexec_rt.kernels.int4 import int4_linear_native, int4_linear_q8_reference
 
     n, k = 100, 192
     _, w = _weight(n, k, 64, seed=m, perm=swiglu)
@@ -459,7 +460,7 @@ def test_fused_prologue_and_residual(m, norm, swiglu, residual):
 
 def test_fused_call_checks_its_arguments():
     _native_or_skip()
-    from specexec_rt.kernels.int4_cpu import int4_linear_native
+    from specexec_rt.kernels.int4 import int4_linear_native
 
     _, w = _weight(16, 64, 32, seed=1)
     with pytest.raises(ValueError, match=r"x must be a CPU float32 \[M, 128\]"):
@@ -476,7 +477,7 @@ def test_ops_fuse_only_for_native_int4(monkeypatch):
     """ops.norm_linear / linear(residual=) / swiglu_linear: one native int4 call for a CPU int4
     weight; the PyTorch composition on the Triton or aten int4 paths."""
     _native_or_skip()
-    from specexec_rt.kernels.int4_cpu import int4_linear_q8_reference
+    from specexec_rt.kernels.int4 import int4_linear_q8_reference
     from specexec_rt.model import ops
 
     _, w = _weight(96, 128, 64, seed=2)

@@ -30,11 +30,11 @@ CHILD = r"""
 import json, logging, os, sys
 import torch
 from specexec_rt.kernels import cpu_native
-from specexec_rt.kernels.argmax_cpu import argmax_rows
-from specexec_rt.kernels.dense_cpu import f32_linear_native
-from specexec_rt.kernels.int4_cpu import int4_matmul_native
-from specexec_rt.kernels.int4_weight import quantize_int4
-from specexec_rt.kernels.q8_weight import q8_linear_native, quantize_q8_0
+from specexec_rt.kernels.argmax import argmax_rows
+from specexec_rt.kernels.dense import f32_linear_native
+from specexec_rt.kernels.int4 import int4_matmul_native
+from specexec_rt.kernels.int4 import quantize_int4
+from specexec_rt.kernels.q8 import q8_linear_native, quantize_q8_0
 
 warnings = []
 handler = logging.Handler(logging.WARNING)
