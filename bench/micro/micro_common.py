@@ -1,0 +1,49 @@
+"""What every micro-benchmark does: time one implementation inside its op-and-shape group and
+put the roofline figure beside the time.
+
+``run_case`` sets the benchmark's ``group`` (ours, the reference and the peers of one op and
+shape share it, so ``--benchmark-compare`` and ``--benchmark-histogram`` line them up) and its
+``extra_info``: ``impl`` (ours / reference / peer), ``shape``, the ``bytes`` the call must move
+and the ``flops`` it must do, which of the two bounds it (``bound``), and from the median time
+``GB/s`` and ``TFLOP/s``. Bytes and FLOPs are the minimum for the problem in each
+implementation's own format (a float32 peer reads 4 bytes per weight, an int4 kernel about
+half a byte), so the figures compare each implementation with the machine's roofline.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device sync on CUDA (a benchmark round then times the kernels, not
+    only their launch)."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def run_case(benchmark, fn: Callable[[], object], *, group: str, impl: str, shape: dict, nbytes: int, flops: int,
+             bound: str, device: torch.device = torch.device("cpu")):
+    """Benchmark ``fn`` (already warm: its inputs built, its weights packed) and record the
+    roofline figures; returns ``fn``'s result."""
+    if bound not in ("memory", "compute"):
+        raise ValueError(f"bound must be 'memory' or 'compute', got {bound!r}")
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, shape=shape, bytes=int(nbytes), flops=int(flops), bound=bound)
+    fn = synced(fn, device)
+    fn()  # first-call work (lazy packing, library load, compilation) stays out of the rounds
+    out = benchmark(fn)
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is not None and stats.median > 0:
+        gbs, tflops = float(f"{nbytes / stats.median / 1e9:.4g}"), float(f"{flops / stats.median / 1e12:.4g}")
+        benchmark.extra_info.update({"GB/s": gbs, "TFLOP/s": tflops,
+                                     "roofline": f"{gbs} GB/s" if bound == "memory" else f"{tflops} TFLOP/s"})
+    return out
