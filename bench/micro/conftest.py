@@ -12,6 +12,10 @@ import torch
 def pytest_addoption(parser):
     parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
                      help="which kernels to benchmark: the CPU cases (default) or the CUDA ones (needs a GPU)")
+    parser.addoption("--threads", type=int, default=None,
+                     help="CPU threads for every implementation (torch.set_num_threads; the native kernels use "
+                          "the same count). Default: torch's. 1 steadies the numbers on a machine others share, "
+                          "where a descheduled thread of a team stalls the whole call")
 
 
 def pytest_configure(config):
@@ -19,6 +23,11 @@ def pytest_configure(config):
         raise pytest.UsageError(
             "bench/micro --device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False). "
             "Run the CPU cases without --device, or run on a machine with a GPU.")
+    threads = config.getoption("--threads")
+    if threads is not None:
+        if threads < 1:
+            raise pytest.UsageError(f"bench/micro --threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

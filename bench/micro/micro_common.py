@@ -8,12 +8,34 @@ and the ``flops`` it must do, which of the two bounds it (``bound``), and from t
 ``GB/s`` and ``TFLOP/s``. Bytes and FLOPs are the minimum for the problem in each
 implementation's own format (a float32 peer reads 4 bytes per weight, an int4 kernel about
 half a byte), so the figures compare each implementation with the machine's roofline.
+
+A decode step reads each weight once, after the rest of the model has evicted it, so the matmul
+cases take their weight from ``cold_copies``: enough copies that the rounds, taking them in
+turn, find none in cache (llm.c flushes the L2 for the same reason).
 """
 from __future__ import annotations
 
-from typing import Callable
+import itertools
+from typing import Callable, Sequence
 
 import torch
+
+# More than a CPU's last-level cache or a GPU's L2 (50 MB on an H100).
+COLD_BYTES = 128 << 20
+MAX_COPIES = 32
+
+
+def cold_copies(first, copy: Callable[[object], object], nbytes: int) -> list:
+    """``first`` and enough ``copy(first)`` that together they exceed ``COLD_BYTES`` (at most
+    ``MAX_COPIES``); ``nbytes``: the bytes a call reads of one copy."""
+    n = max(1, min(MAX_COPIES, -(-COLD_BYTES // max(1, nbytes))))
+    return [first] + [copy(first) for _ in range(n - 1)]
+
+
+def rotating(fn: Callable[[object], object], copies: Sequence) -> Callable[[], object]:
+    """A call of ``fn`` on the next of ``copies`` each time."""
+    it = itertools.cycle(copies)
+    return lambda: fn(next(it))
 
 
 def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
@@ -31,15 +53,18 @@ def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], objec
 
 
 def run_case(benchmark, fn: Callable[[], object], *, group: str, impl: str, shape: dict, nbytes: int, flops: int,
-             bound: str, device: torch.device = torch.device("cpu")):
-    """Benchmark ``fn`` (already warm: its inputs built, its weights packed) and record the
-    roofline figures; returns ``fn``'s result."""
+             bound: str, device: torch.device = torch.device("cpu"), copies: int = 1):
+    """Benchmark ``fn`` and record the roofline figures; returns ``fn``'s result. ``copies``:
+    how many weight copies ``fn`` rotates through (1: the same inputs every round, in cache
+    when they fit)."""
     if bound not in ("memory", "compute"):
         raise ValueError(f"bound must be 'memory' or 'compute', got {bound!r}")
     benchmark.group = group
-    benchmark.extra_info.update(impl=impl, shape=shape, bytes=int(nbytes), flops=int(flops), bound=bound)
+    benchmark.extra_info.update(impl=impl, shape=shape, bytes=int(nbytes), flops=int(flops), bound=bound,
+                                weight_copies=copies, cpu_threads=torch.get_num_threads())
     fn = synced(fn, device)
-    fn()  # first-call work (lazy packing, library load, compilation) stays out of the rounds
+    for _ in range(copies):  # first-call work (lazy packing, library load, compilation) stays out of the rounds
+        fn()
     out = benchmark(fn)
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is not None and stats.median > 0:

@@ -3,10 +3,12 @@ float32 or int8 activations, against aten's int8 weight-only op and the dequanti
 weight through ``F.linear`` (the reference)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from micro_common import run_case
+from micro_common import cold_copies, rotating, run_case
 from specexec_rt.kernels import cpu_native
 from specexec_rt.kernels.q8 import q8_linear_native, q8_linear_reference, quantize_q8_0, with_int8_activations
 
@@ -31,16 +33,21 @@ def test_q8_head_cpu(benchmark, head, impl):
         dense = head.dequantize()
         scale = dense.abs().amax(1).clamp_min(1e-8) / 127
         q = torch.round(dense / scale[:, None]).to(torch.int8)
-        fn = lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale)  # noqa: E731
         nbytes = q.nbytes + scale.nbytes
+        ws = cold_copies((q, scale), lambda c: (c[0].clone(), c[1].clone()), nbytes)
+        fn = rotating(lambda c: torch.ops.aten._weight_int8pack_mm(x, *c), ws)
     elif impl == "reference":
-        fn = lambda: q8_linear_reference(x, head)  # noqa: E731 - the dequantized copy is cached on the weight
-        nbytes = N * K * 4
+        nbytes = N * K * 4  # its dequantized copy, cached on the weight: larger than any cache already
+        ws = [head]
+        fn = lambda: q8_linear_reference(x, head)  # noqa: E731
     else:
         w = with_int8_activations(head) if impl == "ours-int8-act" else head
-        fn = lambda: q8_linear_native(x, w)  # noqa: E731
         nbytes = head.nbytes
+        ws = cold_copies(w, lambda c: dataclasses.replace(c, qweight=c.qweight.clone(), scales=c.scales.clone()),
+                         nbytes)
+        fn = rotating(lambda c: q8_linear_native(x, c), ws)
     y = run_case(benchmark, fn, group=f"q8-head cpu M={m} N={N} K={K}",
                  impl={"reference": "reference", "aten-int8": "peer"}.get(impl, "ours"),
-                 shape=dict(m=m, n=N, k=K), nbytes=nbytes + m * (N + K) * 4, flops=2 * m * N * K, bound="memory")
+                 shape=dict(m=m, n=N, k=K), nbytes=nbytes + m * (N + K) * 4, flops=2 * m * N * K, bound="memory",
+                 copies=len(ws))
     torch.testing.assert_close(y.float(), q8_linear_reference(x, head), rtol=0.05, atol=0.05)
