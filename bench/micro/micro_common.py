@@ -25,9 +25,12 @@ COLD_BYTES = 128 << 20
 MAX_COPIES = 32
 
 
-def cold_copies(first, copy: Callable[[object], object], nbytes: int) -> list:
+def cold_copies(benchmark, first, copy: Callable[[object], object], nbytes: int) -> list:
     """``first`` and enough ``copy(first)`` that together they exceed ``COLD_BYTES`` (at most
-    ``MAX_COPIES``); ``nbytes``: the bytes a call reads of one copy."""
+    ``MAX_COPIES``); ``nbytes``: the bytes a call reads of one copy. Only ``first`` when the
+    benchmark is disabled (``--benchmark-disable`` runs each case once)."""
+    if not benchmark.enabled:
+        return [first]
     n = max(1, min(MAX_COPIES, -(-COLD_BYTES // max(1, nbytes))))
     return [first] + [copy(first) for _ in range(n - 1)]
 

@@ -19,7 +19,7 @@ def test_f32_linear_cpu(benchmark, impl, m):
         pytest.skip("the native CPU library is unavailable (see the logged reason)")
     g = torch.Generator().manual_seed(m)
     w, x = torch.randn(N, K, generator=g) * 0.02, torch.randn(m, K, generator=g)
-    ws = cold_copies(w, torch.clone, w.nbytes)
+    ws = cold_copies(benchmark, w, torch.clone, w.nbytes)
     fn = rotating((lambda c: f32_linear_native(x, c)) if impl == "ours" else (lambda c: f32_linear_reference(x, c)), ws)
     y = run_case(benchmark, fn, group=f"f32-linear cpu M={m} N={N} K={K}", impl=impl, shape=dict(m=m, n=N, k=K),
                  nbytes=w.nbytes + m * (N + K) * 4, flops=2 * m * N * K, bound="memory", copies=len(ws))

@@ -44,11 +44,11 @@ def test_int4_linear_cpu(benchmark, cpu_weight, impl, m):
     x = torch.randn(m, CPU_K, generator=torch.Generator().manual_seed(m))
     if impl == "dense-f32":
         nbytes = dense.nbytes + m * (CPU_N + CPU_K) * 4
-        ws = cold_copies(dense, torch.clone, dense.nbytes)
+        ws = cold_copies(benchmark, dense, torch.clone, dense.nbytes)
         fn = rotating(lambda d: F.linear(x, d), ws)
     else:
         nbytes = _int4_bytes(w, m, 4)
-        ws = cold_copies(w, _copy_int4, w.nbytes)
+        ws = cold_copies(benchmark, w, _copy_int4, w.nbytes)
         cdt = None if impl == "ours" else torch.bfloat16
         fn = rotating(lambda q: int4_matmul_cpu(x, q, compute_dtype=cdt), ws)
     y = run_case(benchmark, fn, group=f"int4-linear cpu M={m} N={CPU_N} K={CPU_K}",
@@ -72,7 +72,7 @@ def test_int4_linear_cuda(benchmark, cuda_weight, impl, m):
     x = torch.randn(m, CUDA_K, device="cuda", dtype=torch.float16)
     if impl == "ours":
         nbytes = _int4_bytes(w, m, 2)
-        ws = cold_copies(w, _copy_int4, w.nbytes)                   # 34 MB each: beyond the L2 in turn
+        ws = cold_copies(benchmark, w, _copy_int4, w.nbytes)  # 34 MB each: beyond the L2 in turn
         fn = rotating(lambda q: int4_matmul(x, q), ws)
     else:
         nbytes = dense.nbytes + m * (CUDA_N + CUDA_K) * 2

@@ -34,7 +34,7 @@ def test_q8_head_cpu(benchmark, head, impl):
         scale = dense.abs().amax(1).clamp_min(1e-8) / 127
         q = torch.round(dense / scale[:, None]).to(torch.int8)
         nbytes = q.nbytes + scale.nbytes
-        ws = cold_copies((q, scale), lambda c: (c[0].clone(), c[1].clone()), nbytes)
+        ws = cold_copies(benchmark, (q, scale), lambda c: (c[0].clone(), c[1].clone()), nbytes)
         fn = rotating(lambda c: torch.ops.aten._weight_int8pack_mm(x, *c), ws)
     elif impl == "reference":
         nbytes = N * K * 4  # its dequantized copy, cached on the weight: larger than any cache already
@@ -43,8 +43,8 @@ def test_q8_head_cpu(benchmark, head, impl):
     else:
         w = with_int8_activations(head) if impl == "ours-int8-act" else head
         nbytes = head.nbytes
-        ws = cold_copies(w, lambda c: dataclasses.replace(c, qweight=c.qweight.clone(), scales=c.scales.clone()),
-                         nbytes)
+        ws = cold_copies(benchmark, w, lambda c: dataclasses.replace(c, qweight=c.qweight.clone(),
+                                                                     scales=c.scales.clone()), nbytes)
         fn = rotating(lambda c: q8_linear_native(x, c), ws)
     y = run_case(benchmark, fn, group=f"q8-head cpu M={m} N={N} K={K}",
                  impl={"reference": "reference", "aten-int8": "peer"}.get(impl, "ours"),
