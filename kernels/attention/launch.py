@@ -31,7 +31,6 @@ from . import triton_kernels
 from .inputs import Segments, check_qkv, check_rows_visible, check_tree_mask
 
 
-
 class TileConfig(NamedTuple):
     """Block sizes and launch parameters of ``_tree_attn_fwd`` (BLOCK_N a multiple of 32)."""
 
