@@ -93,9 +93,9 @@ def _copies(make, nbytes: int) -> list:
 
 
 def micro(ms: list, repeats: int, shapes: Optional[list] = None) -> list:
-    from specexec_rt.kernels.int4_cpu import int4_matmul_cpu, int4_matmul_native
-    from specexec_rt.kernels.int4_weight import Int4Weight, quantize_int4
-    from specexec_rt.kernels.q8_weight import q8_linear_native, quantize_q8_0, with_int8_activations
+    from specexec_rt.kernels.int4 import int4_matmul_cpu, int4_matmul_native
+    from specexec_rt.kernels.int4 import Int4Weight, quantize_int4
+    from specexec_rt.kernels.q8 import q8_linear_native, quantize_q8_0, with_int8_activations
 
     rows = []
     for name, n, k in SHAPES:
@@ -147,8 +147,8 @@ def arith(ms: list, repeats: int) -> list:
     import tempfile
 
     from specexec_rt.kernels import cpu_native
-    from specexec_rt.kernels.int4_cpu import int4_matmul_native
-    from specexec_rt.kernels.int4_weight import Int4Weight, quantize_int4
+    from specexec_rt.kernels.int4 import int4_matmul_native
+    from specexec_rt.kernels.int4 import Int4Weight, quantize_int4
 
     cc, how = cpu_native.find_compiler()
     if cc is None:
@@ -210,7 +210,7 @@ def tree_mask(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     from specexec_rt import load_model
-    from specexec_rt.kernels import int4_cpu
+    from specexec_rt.kernels.int4 import cpu as int4_cpu
     from specexec_rt.model import ops
     from specexec_rt.speculative.drafts import default_draft, int4_draft
 
@@ -224,7 +224,7 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     prompt = torch.randint(100, 40000, (prompt_len,), generator=g)
     for mdl in models.values():
         mdl.prefill(prompt)     # the first native use builds each int4 weight's streaming layout
-    # The same int4 models on the plain layout only (csrc/int4_cpu.c, sxc_int4_pack), side by side.
+    # The same int4 models on the plain layout only (csrc/int4_cpu.h, sxc_int4_pack), side by side.
     stream = int4_cpu.STREAM_LAYOUT
     int4_cpu.STREAM_LAYOUT = False
     try:
@@ -357,8 +357,8 @@ def agreement(n_new: int = 128) -> list:
     from specexec_rt import load_model, load_tokenizer
     from specexec_rt.speculative.drafts import default_draft, int4_draft
 
-    from specexec_rt.kernels import int4_cpu
-    from specexec_rt.kernels.int4_weight import quantize_int4
+    from specexec_rt.kernels.int4 import cpu as int4_cpu
+    from specexec_rt.kernels.int4 import quantize_int4
 
     target = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=512)
     tok = load_tokenizer(target)

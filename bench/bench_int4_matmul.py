@@ -5,7 +5,7 @@ One line per (shape, M): times (median of ``triton.testing.do_bench``), our achi
 and against dequantise-then-matmul. Weights (and x) rotate over enough copies that the L2
 cannot serve them. ``fused`` is the Triton GEMV/tensor-core kernel forced at every M, so
 the table also shows where ``DEQUANT_MIN_M`` should sit. ``ms_default`` is the untuned
-plan; with ``--tune`` every shape is first tuned on this GPU (kernels/int4_tuning.py) and
+plan; with ``--tune`` every shape is first tuned on this GPU (kernels/int4/tuning.py) and
 ``ms_ours`` is the measured plan (``plan`` column). ``*_graph`` columns time one CUDA-graph
 replay (``do_bench_cudagraph``): kernel time without Python launch overhead, which is what
 a graph-captured decode step pays.
@@ -84,13 +84,14 @@ def _bench_cpu(fn, n_copies: int, reps: int = 3) -> float:
 
 
 def _row(name, k, n, m, torch, dry, tune=False):
-    from specexec_rt.kernels import int4_gemm, int4_plans, int4_weight
+    from specexec_rt.kernels import int4
+    from specexec_rt.kernels.int4 import gemm as int4_gemm, plans as int4_plans
 
     device = "cpu" if dry else "cuda"
     dtype = torch.float32 if dry else torch.float16
     g = torch.Generator(device=device).manual_seed(k * 7 + n + m)
     w0 = torch.randn(n, k, device=device, generator=g, dtype=torch.float32) * 0.02
-    wq = int4_weight.quantize_int4(w0, GROUP)
+    wq = int4.quantize_int4(w0, GROUP)
     w16 = w0.to(dtype)
     del w0
     q_bytes = wq.nbytes
@@ -104,7 +105,7 @@ def _row(name, k, n, m, torch, dry, tune=False):
           for _ in range(max(n_q, n_16))]
 
     # Correctness first: a fast wrong kernel must not reach the table.
-    ref = int4_weight.int4_matmul_reference(xs[0], wq).float()
+    ref = int4.int4_matmul_reference(xs[0], wq).float()
     for label, y in (("ours", int4_gemm.int4_matmul(xs[0], wq)),
                      ("fused", int4_gemm._launch_fused(xs[0], wq))):
         scale = (xs[0].float().abs() @ wq.dequantize().abs().T).max().item()
@@ -114,7 +115,7 @@ def _row(name, k, n, m, torch, dry, tune=False):
 
     bench = _bench_cpu if dry else _bench_cuda
     if tune and not dry:
-        from specexec_rt.kernels import int4_tuning
+        from specexec_rt.kernels.int4 import tuning as int4_tuning
 
         int4_tuning.tune_shape(n, k, GROUP, ms=[m], dtype=dtype, device=device, weight=wq)
     plan = int4_plans.plan_for(xs[0], wq)
@@ -165,7 +166,7 @@ def run(dry: bool = False, models: tuple[str, ...] = ("70b", "7b"), ms=None,
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from specexec_rt.kernels import int4_gemm
+    from specexec_rt.kernels.int4 import gemm as int4_gemm
 
     if not dry and not torch.cuda.is_available():
         raise RuntimeError("the int4 benchmark needs a CUDA GPU (or --dry)")

@@ -56,7 +56,7 @@ if __name__ == "__main__" and "--dry" in sys.argv[1:]:
 import torch  # noqa: E402
 
 from specexec_rt.model.config import ModelConfig
-from specexec_rt.kernels.int4_weight import Int4Weight  # noqa: E402
+from specexec_rt.kernels.int4 import Int4Weight  # noqa: E402
 from specexec_rt.model import Transformer  # noqa: E402
 from specexec_rt.offload import LayerStreamer, layout_layer, plan_residency  # noqa: E402
 from specexec_rt.model.weights import LayerWeights, ModelWeights, weights_nbytes  # noqa: E402

@@ -8,8 +8,10 @@ fatal, and the rest still run):
   tests    pytest in subprocesses with TRITON_INTERPRET / SPECEXEC_TRITON_INTERPRET removed:
            (1) ``-m "not cuda"`` (the CPU suite as CI runs it), (2) ``-m cuda`` with
            ``suite_pytest_plugin`` so the kernels are compiled Triton even though some test modules
-           set TRITON_INTERPRET=1 at import, (3) ``tests/test_offload.py -m cuda`` under
-           ``TORCH_CUDA_SANITIZER=1``. Summary lines and failures go into the report.
+           set TRITON_INTERPRET=1 at import, (3) ``bench/micro --device cuda`` (the kernels'
+           pytest-benchmark CUDA cases; their JSON lands beside the report), (4)
+           ``tests/test_offload.py -m cuda`` under ``TORCH_CUDA_SANITIZER=1``. Summary lines and
+           failures go into the report.
   kernels  bench/bench_tree_attention.py and bench/bench_int4_matmul.py ``run(dry)``.
   offload  ``specexec_rt.offload.profile.run_profile`` (llama-2-70b, int4; tiny in --dry).
   e2e      bench/e2e_synthetic.py ``run(dry)``: 70B-shaped 4-bit target streamed, 7B-shaped
@@ -55,6 +57,7 @@ DRY_BUDGET_S = {"tests": 600, "kernels": 60, "offload": 30, "e2e": 60}
 TEST_RUNS = (
     ("cpu", ["tests", "-m", "not cuda"], {}, 300),
     ("cuda", ["tests", "-m", "cuda"], {}, 240),
+    ("micro", ["bench/micro", "--device", "cuda", "--benchmark-only"], {}, 120),
     ("sanitizer", ["tests/test_offload.py", "-m", "cuda"], {"TORCH_CUDA_SANITIZER": "1"}, 150),
 )
 INTERPRETER_VARS = ("TRITON_INTERPRET", "SPECEXEC_TRITON_INTERPRET")
@@ -194,6 +197,11 @@ def section_tests(budget_s: float, work: Path, dry: bool) -> dict:
             notes.append("sanitizer run skipped: " + ("no CUDA device" if not has_cuda else
                                                       "tests/test_offload.py missing"))
             continue
+        if name == "micro":
+            if not has_cuda:  # --device cuda refuses to start without a GPU
+                notes.append("micro run skipped: no CUDA device")
+                continue
+            args = [*args, f"--benchmark-json={work / 'micro-cuda.json'}"]
         left = budget_s - (time.perf_counter() - t0)
         if left < 10:
             runs.append(dict(run=name, rc=None, timed_out=True, summary="not started: section budget spent",
@@ -501,7 +509,7 @@ def main(argv=None) -> int:
     if not args.no_merge and same_day.exists() and str(same_day) not in merge:
         merge.insert(0, str(same_day))
     merge_sections(report, merge)
-    logs = sorted(work.glob("pytest-*.log")) if "tests" in names else []
+    logs = sorted(work.glob("pytest-*.log")) + sorted(work.glob("micro-*.json")) if "tests" in names else []
     files = write_report(report, out_dir, logs)
     print("\n".join(f"{n:<8} {s['status']:<8} {s.get('elapsed_s', 0):7.1f} s" for n, s in report["sections"].items()))
     print("report: " + ", ".join(str(f) for f in files[:2]))

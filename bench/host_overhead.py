@@ -31,13 +31,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from specexec_rt.model import ops
 from specexec_rt.model.config import ModelConfig
-from specexec_rt.kernels import int4_gemm, int4_weight
+from specexec_rt.kernels import device_info
+from specexec_rt.kernels.int4 import quantize_int4
+from specexec_rt.kernels.int4 import gemm as int4_gemm
 from specexec_rt.kernels import attention as ta
+from specexec_rt.kernels.attention import triton_kernels as attention_kernels
+from specexec_rt.kernels.int4 import triton_kernels as int4_kernels
 from specexec_rt.model import Transformer
 from specexec_rt.model.weights import LayerWeights, ModelWeights
 
-KERNELS = {ta: ("_tree_attn_fwd", "_tree_attn_merge"),
-           int4_gemm: ("_int4_gemv_kernel", "_int4_mm_kernel", "_sum_splits_kernel", "_int4_dequant_kernel")}
+KERNELS = {attention_kernels: ("_tree_attn_fwd", "_tree_attn_merge"),
+           int4_kernels: ("_int4_gemv_kernel", "_int4_mm_kernel", "_sum_splits_kernel", "_int4_dequant_kernel")}
 # Ops that launch no kernel on a GPU (views, and allocations).
 NO_KERNEL_OPS = {"view", "_unsafe_view", "slice", "select", "expand", "t", "transpose", "unsqueeze", "squeeze",
             "permute", "as_strided", "alias", "detach", "split", "split_with_sizes", "chunk", "unbind",
@@ -61,8 +65,7 @@ class CountingStub:
 def stubbed_triton_path():
     """Route the runtime's CPU tensors through the Triton launchers, with counting stubs."""
     saved, stubs = [], {}
-    patches = [(ops, "use_triton", lambda device: True), (int4_gemm, "_interpreting", lambda: True),
-               (ta, "_interpreting", lambda: True)]
+    patches = [(ops, "use_triton", lambda device: True), (device_info, "interpreting", lambda: True)]
     for mod, names in KERNELS.items():
         for name in names:
             stubs[name] = CountingStub()
@@ -98,7 +101,7 @@ def tiny_int4_model(n_layers: int, max_len: int, dtype=torch.float16, seed: int 
     g = torch.Generator().manual_seed(seed)
 
     def int4(n, k):
-        return int4_weight.quantize_int4(torch.randn(n, k, generator=g) / math.sqrt(k), group_size=64)
+        return quantize_int4(torch.randn(n, k, generator=g) / math.sqrt(k), group_size=64)
 
     h = cfg.hidden_size
     layers = [LayerWeights(attn_norm=torch.ones(h, dtype=dtype), wqkv=int4(cfg.qkv_size, h), bqkv=None,

@@ -1,4 +1,4 @@
-/* The alternative to csrc/int4_cpu.c's arithmetic, for bench/bench_int4_cpu.py --part arith only:
+/* The alternative to csrc/int4_cpu.h's arithmetic, for bench/bench_int4_cpu.py --part arith only:
  * fp32 activations (exact), each nibble converted to float and multiplied in with one FMA per
  * weight and row. Same weight layout, 8-column tiles, the same register transpose, 4 rows per
  * pass, OpenMP over tiles; AVX2 + FMA + F16C, fp16 scales, N a multiple of 8.

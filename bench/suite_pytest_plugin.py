@@ -13,7 +13,7 @@ import importlib
 import json
 import os
 
-KERNEL_MODULES = ("specexec_rt.kernels.attention", "specexec_rt.kernels.int4_gemm")
+KERNEL_MODULES = ("specexec_rt.kernels.attention.triton_kernels", "specexec_rt.kernels.int4.triton_kernels")
 _state: dict = {"import_errors": {}, "interpret_set_during_collection": None}
 
 
@@ -30,7 +30,7 @@ def _kernel_kinds() -> dict:
                 inner, seen = inner.fn, seen + 1
             kind = type(inner).__name__
             if kind in ("JITFunction", "InterpretedFunction"):
-                kinds[f"{name.rsplit('.', 1)[-1]}.{attr}"] = kind
+                kinds[f"{name.split('.')[2]}.{attr}"] = kind
     return kinds
 
 

@@ -1,4 +1,4 @@
-/* Row-wise argmax of float32 rows, included at the end of int4_cpu.c.
+/* Row-wise argmax of float32 rows, included by specexec_cpu.c.
  *
  * Why: greedy decoding picks every token (the draft's proposals, the target's draws) as the
  * argmax of a vocabulary-wide row, and torch.argmax does not vectorize that reduction on a CPU:

@@ -1,4 +1,4 @@
-/* CPU float32 matmul for a few rows, included at the end of int4_cpu.c (it shares the prologue,
+/* CPU float32 matmul for a few rows, included by specexec_cpu.c (it shares the prologue,
  * the helpers and the ISA dispatch there).
  *
  *   y[m, n] = residual[m, n] + sum_k xhat[m, k] * w[n, k]        (w float32 [n, k], row-major)

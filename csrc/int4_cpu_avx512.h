@@ -1,7 +1,7 @@
-/* The AVX-512 tile kernel of int4_cpu.c (16 output columns, one int32 lane per column).
- * Included twice by int4_cpu.c with SXC_AVX512_NAME / SXC_AVX512_TARGET / SXC_AVX512_VNNI set:
- * without VNNI the block's dot goes through vpmaddubsw (int16 sums, see int4_cpu.c) + vpmaddwd,
- * with VNNI through vpdpbusd (int32 accumulation). Arithmetic as in int4_cpu.c's header. */
+/* The AVX-512 tile kernel of int4_cpu.h (16 output columns, one int32 lane per column).
+ * Included twice by int4_cpu.h with SXC_AVX512_NAME / SXC_AVX512_TARGET / SXC_AVX512_VNNI set:
+ * without VNNI the block's dot goes through vpmaddubsw (int16 sums, see int4_cpu.h) + vpmaddwd,
+ * with VNNI through vpdpbusd (int32 accumulation). Arithmetic as in int4_cpu.h's header. */
 
 #define SXC_CAT2(a, b) a##b
 #define SXC_CAT(a, b) SXC_CAT2(a, b)
@@ -63,7 +63,7 @@ SXC_AVX512_TARGET INLINE void SXC_FN(_store)(const ctx_t *c, int row, int col0, 
     }
 }
 
-/* dot += lo . xl + hi . xh (int32 lanes with VNNI, int16 sums without: see int4_cpu.c). */
+/* dot += lo . xl + hi . xh (int32 lanes with VNNI, int16 sums without: see int4_cpu.h). */
 SXC_AVX512_TARGET INLINE __m512i SXC_FN(_dot)(__m512i dot, __m512i lo, __m512i hi, const int8_t *xl, const int8_t *xh) {
 #if SXC_AVX512_VNNI
     dot = _mm512_dpbusd_epi32(dot, lo, _mm512_set1_epi32(load_i32(xl)));

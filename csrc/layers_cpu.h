@@ -1,5 +1,5 @@
 /* The transformer layers of a CPU float32 pass in one native call; included at the end of
- * int4_cpu.c, after the matmuls and attention it strings together.
+ * specexec_cpu.c, after the matmuls and attention it strings together.
  *
  * Why: with the matmuls and attention native, what was left of a small model's decode step was
  * Python and ctypes around them: five calls per layer, each a ctypes call (~3.5 us for its

@@ -1,4 +1,4 @@
-/* CPU Q8_0 weight-only matmul, included at the end of int4_cpu.c (it shares its helpers, its
+/* CPU Q8_0 weight-only matmul, included by specexec_cpu.c (it shares its helpers, its
  * prologue and its ISA dispatch, and lives in the same library).
  *
  *   y[m, n] = residual[m, n] + sum_k xhat[m, k] * q[n, k] * d[n, k / 32]

@@ -1,32 +1,36 @@
-"""Kernels of specexec-rt, installed as ``specexec_rt.kernels``.
+"""Kernels of specexec-rt, installed as ``specexec_rt.kernels``: one package per op, each holding
+its kernel(s), its native CPU entry (with the ctypes signature beside it), its PyTorch reference
+(``reference``) and its plan object where it has one.
 
-Each module holds a kernel, its launcher and the plain PyTorch reference the tests compare it
-with:
-
-| module | what |
+| package | op |
 | --- | --- |
-| ``attention`` | tree-masked attention (Triton): ``tree_attention``, the planned ``TreeAttentionLaunch``, ``tree_attention_reference``, flash-SDPA decode path |
-| ``int4_weight`` | the 4-bit format ``Int4Weight``, ``quantize_int4``, ``int4_matmul_reference`` |
-| ``int4_gemm`` | ``int4_matmul`` (Triton GEMV / tensor-core / dequantise + cuBLAS), ``run_plan`` |
-| ``int4_plans`` | ``Int4Plan`` launch plans and the table of measured plans |
-| ``int4_tuning`` | ``tune_shape``: measures the candidate plans on this GPU |
-| ``int4_cpu`` | ``int4_matmul_cpu``: the CPU path (native kernel, aten fallback); ``int4_matmul_q8_reference`` |
-| ``q8_weight`` | the 8-bit (GGUF Q8_0) format ``Q8Weight`` for LM heads, ``q8_linear`` (native CPU kernel), its references |
-| ``argmax_cpu`` | ``argmax_rows``: greedy decoding's row-wise argmax (native CPU scan), its reference |
-| ``cpu_native`` | builds (on first use) and loads the native CPU library ``csrc/int4_cpu.c`` (+ ``q8_cpu.h``) |
+| ``attention`` | tree-masked attention: Triton kernel (``triton_kernels``), planned launch ``TreeAttentionLaunch`` (``launch``), native CPU call with RoPE and the cache write (``cpu``), references |
+| ``int4`` | 4-bit weight-only matmul: format ``Int4Weight`` (``weight``), Triton kernels and dispatch ``int4_matmul`` (``triton_kernels``, ``gemm``), launch plans ``Int4Plan`` and their tuner (``plans``, ``tuning``), native CPU path ``int4_matmul_cpu`` (``cpu``), references |
+| ``q8`` | 8-bit (GGUF Q8_0) LM heads: ``Q8Weight`` (``weight``), ``q8_linear`` (``cpu``), references |
+| ``dense`` | float32 weights times a few rows, layer ops fused (native CPU), reference |
+| ``argmax`` | ``argmax_rows``: greedy decoding's row-wise argmax (native CPU scan), reference |
+| ``layers`` | ``NativeLayers``: every transformer layer of a CPU float32 pass in one native call |
+
+Shared by the ops: ``device_info`` (SM count, Triton's interpreter switch) and ``cpu_native``
+(builds on first use and loads the native CPU library ``csrc/specexec_cpu.c``; each op declares
+its functions with ``cpu_native.declare``).
 
 Micro-benchmarking needs only the names below, e.g.::
 
     from specexec_rt.kernels import tree_attention, pack_tree_mask, TreeAttentionLaunch
     from specexec_rt.kernels import int4_matmul, quantize_int4, Int4Weight, Int4Plan, run_plan
+
+and each op's kernel beside its reference, e.g.
+``from specexec_rt.kernels.argmax import argmax_rows, argmax_rows_reference``.
 """
+# Every op package is imported here, so each has declared its native functions before the
+# library is first loaded.
+from . import argmax, attention, dense, int4, layers, q8  # noqa: F401
 from .attention import (TreeAttentionLaunch, pack_tree_mask, prefix_attention_sdpa, tree_attention,
                         tree_attention_packed, tree_attention_reference)
-from .int4_cpu import int4_matmul_cpu
-from .int4_gemm import int4_matmul, run_plan
-from .int4_plans import Int4Plan, candidate_plans, default_plan, plan_for
-from .int4_weight import Int4Weight, int4_matmul_reference, quantize_int4
-from .q8_weight import Q8Weight, q8_linear, q8_linear_reference, quantize_q8_0
+from .int4 import (Int4Plan, Int4Weight, candidate_plans, default_plan, int4_matmul, int4_matmul_cpu,
+                   int4_matmul_reference, plan_for, quantize_int4, run_plan)
+from .q8 import Q8Weight, q8_linear, q8_linear_reference, quantize_q8_0
 
 __all__ = [
     "tree_attention", "tree_attention_packed", "tree_attention_reference", "TreeAttentionLaunch",

@@ -1,5 +1,6 @@
-"""The native CPU library (``csrc/int4_cpu.c``, which includes ``q8_cpu.h``, ``f32_cpu.h``,
-``attn_cpu.h`` and ``layers_cpu.h``): compiled on first use, loaded with ctypes.
+"""The native CPU library (``csrc/specexec_cpu.c``, which includes one file per op:
+``int4_cpu.h``, ``q8_cpu.h``, ``f32_cpu.h``, ``attn_cpu.h``, ``layers_cpu.h``, ``argmax_cpu.h``,
+and the helpers they share, ``cpu_common.h``): compiled on first use, loaded with ctypes.
 
 ``library()`` returns the loaded library, or None with the reason logged once (no C compiler,
 a failed build, ``SPECEXEC_NATIVE_CPU=0``); callers then take their PyTorch paths. With
@@ -7,7 +8,8 @@ a failed build, ``SPECEXEC_NATIVE_CPU=0``); callers then take their PyTorch path
 ``~/.cache/specexec_rt/native`` (``$SPECEXEC_NATIVE_CACHE``), keyed by the sources, the compiler
 (``$CC``, else ``cc``/``gcc``/``clang``) and its version, and the CPU's features; no torch headers
 are involved, so any C compiler will do. OpenMP is used when the compiler has it (else one
-thread, logged).
+thread, logged). Building, the cache's hash check before ``dlopen`` and the one rebuild of a
+damaged file are ``specexec_rt.csrc.loader``'s, shared with the CUDA copy engine.
 
 The library picks its code path at run time from the CPU's features (``ISAS``, lowest first);
 ``SPECEXEC_CPU_ISA=<name>`` forces a lower one (tests and benchmarks run every path the CPU has).
@@ -29,9 +31,12 @@ log = logging.getLogger(__name__)
 # specexec_rt.csrc is imported inside the functions that build: kernels/ must stay importable as
 # a top-level package too (transformers probes the name "kernels" from the repo root).
 
-SOURCES = ("int4_cpu.c", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h", "layers_cpu.h", "argmax_cpu.h")
+ENTRY = "specexec_cpu.c"  # the library; it includes the rest
+SOURCES = (ENTRY, "cpu_common.h", "int4_cpu.h", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h",
+           "layers_cpu.h", "argmax_cpu.h")
 LIB_NAME = "libspecexec_cpu.so"
-ABI_VERSION = 8  # csrc/int4_cpu.c SXC_ABI_VERSION
+ABI_VERSION = 8  # csrc/specexec_cpu.c SXC_ABI_VERSION
+ABI = ("sxc_abi_version", ABI_VERSION)
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
 ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations
 ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "invalid argument"}
@@ -40,37 +45,17 @@ ERRORS = {-1: "ISA level not supported by this CPU", -2: "out of memory", -3: "i
 _FEATURE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
 
-class SxcWeight(ctypes.Structure):
-    """Mirror of ``sxc_weight`` in csrc/int4_cpu.c: one Int4Weight as pointers."""
-
-    _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
-                ("perm", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("group", ctypes.c_int32), ("scale_f16", ctypes.c_int32), ("pk", ctypes.c_void_p)]
-
-
-class SxcMat(ctypes.Structure):
-    """Mirror of ``sxc_mat`` in csrc/layers_cpu.h: a float32 (kind 0) or 4-bit (kind 1) matrix."""
-
-    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("f32", ctypes.c_void_p), ("q4", ctypes.POINTER(SxcWeight))]
-
-
-class SxcLayer(ctypes.Structure):
-    """Mirror of ``sxc_layer`` in csrc/layers_cpu.h: one transformer block as pointers."""
-
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("bqkv", ctypes.c_void_p),
-                ("bo", ctypes.c_void_p), ("wqkv", SxcMat), ("wo", SxcMat), ("w_gate_up", SxcMat),
-                ("w_down", SxcMat)]
-
-
-class SxcQ8Weight(ctypes.Structure):
-    """Mirror of ``sxc_q8weight`` in csrc/q8_cpu.h: one Q8Weight as pointers."""
-
-    _fields_ = [("q", ctypes.c_void_p), ("d", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32)]
-
+# Compiler flags added to every build of library() (the tests build at -O0: same results, faster).
+EXTRA_CFLAGS: tuple = ()
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib", "reason", "isa" once decided
+# The functions every op uses; each op's module declares its own (declare).
+_signatures: dict = {
+    "sxc_has_openmp": (ctypes.c_int, []),
+    "sxc_best_isa": (ctypes.c_int, []),
+    "sxc_exp": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]),
+}
 
 
 def find_compiler() -> tuple[Optional[str], str]:
@@ -115,14 +100,14 @@ def compile_command(cc: str, out: Path, openmp: bool = True, extra_flags: Sequen
     from ..csrc import SOURCE_DIR, source
 
     return [cc, "-O3", "-std=c11", "-ffp-contract=off", "-fPIC", "-shared", *(["-fopenmp"] if openmp else []),
-            *extra_flags, "-I", str(SOURCE_DIR), "-o", str(out), str(source("int4_cpu.c"))]
+            *extra_flags, "-I", str(SOURCE_DIR), "-o", str(out), str(source(ENTRY))]
 
 
 def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flags: Sequence[str] = ()) -> Path:
     """Build (or find in the cache) the library; returns its path. Tries with OpenMP first, then
-    without. Raises ``specexec_rt.csrc.build.BuildError`` (no compiler, or both builds failed)."""
+    without. Raises ``specexec_rt.csrc.loader.BuildError`` (no compiler, or both builds failed)."""
     from ..csrc import source
-    from ..csrc.build import BuildError, build_shared
+    from ..csrc.loader import BuildError, build_shared
 
     if cc is None:
         cc, how = find_compiler()
@@ -132,11 +117,11 @@ def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flag
     extra = (compiler_version(cc), cpu_features())
     try:
         return build_shared(LIB_NAME, inputs, lambda out: compile_command(cc, out, True, extra_flags), extra,
-                            cache_dir)
+                            cache_dir, abi=ABI)
     except BuildError as with_omp:
         try:
             path = build_shared(LIB_NAME, inputs, lambda out: compile_command(cc, out, False, extra_flags), extra,
-                                cache_dir)
+                                cache_dir, abi=ABI)
         except BuildError:
             raise with_omp from None
         log.warning("native CPU library built without OpenMP (one thread): %s", str(with_omp).splitlines()[0])
@@ -144,50 +129,36 @@ def build(cache_dir: Optional[Path] = None, cc: Optional[str] = None, extra_flag
 
 
 def load(path: Path) -> ctypes.CDLL:
-    """Load a built library, declare its functions and check its ABI version."""
-    from ..csrc.build import BuildError
+    """Open a built library, declare its functions and check its ABI version (BuildError if
+    not). No hash check: ``load_cached`` is the path that verifies the cache."""
+    from ..csrc.loader import open_library
 
-    lib = ctypes.CDLL(str(path))
-    wp = ctypes.POINTER(SxcWeight)
-    sigs = {
-        "sxc_abi_version": (ctypes.c_int, []),
-        "sxc_has_openmp": (ctypes.c_int, []),
-        "sxc_best_isa": (ctypes.c_int, []),
-        "sxc_int4_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, wp, ctypes.c_void_p,
-                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int,
-                                           ctypes.c_int, ctypes.c_int]),
-        "sxc_q8_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                         ctypes.POINTER(SxcQ8Weight), ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_int,
-                                         ctypes.c_int]),
-        "sxc_f32_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                          ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-                                          ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
-        "sxc_rope_attention": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
-                                              ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float,
-                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int]),
-        "sxc_forward_layers": (ctypes.c_int, [ctypes.POINTER(SxcLayer), ctypes.c_int32, ctypes.c_void_p,
-                                              ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                                              ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p,
-                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
-                                              ctypes.c_float, ctypes.c_int, ctypes.c_int]),
-        "sxc_quantize_q8": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, wp, ctypes.c_int, ctypes.c_void_p,
-                                           ctypes.c_void_p, ctypes.c_void_p]),
-        "sxc_exp": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]),
-        "sxc_argmax_rows": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                           ctypes.c_void_p, ctypes.c_int]),
-        "sxc_int4_pack_bytes": (ctypes.c_size_t, [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
-        "sxc_int4_pack": (ctypes.c_int, [wp, ctypes.c_void_p]),
-    }
-    for name, (res, args) in sigs.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-    if lib.sxc_abi_version() != ABI_VERSION:
-        raise BuildError(f"{path}: ABI version {lib.sxc_abi_version()} != expected {ABI_VERSION}")
-    return lib
+    return open_library(path, signatures(), ABI)
+
+
+def load_cached(cache_dir: Optional[Path] = None, cc: Optional[str] = None,
+                extra_flags: Sequence[str] = ()) -> ctypes.CDLL:
+    """Build or find the library in the cache, check it against its recorded hash, open it; a
+    damaged cached file is rebuilt once (``csrc.loader.load_verified``)."""
+    from ..csrc.loader import load_verified
+
+    return load_verified(lambda: build(cache_dir, cc, extra_flags), load)
+
+
+def declare(functions: dict) -> None:
+    """Register functions of the library, name -> (restype, argtypes): each op's module declares
+    its own, beside its entry point (the loaded library, if any, gets them at once)."""
+    _signatures.update(functions)
+    lib = _state.get("lib")
+    if lib is not None:
+        for name, (res, args) in functions.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+
+
+def signatures() -> dict:
+    """The library's functions declared so far: name -> (restype, argtypes)."""
+    return dict(_signatures)
 
 
 def isa_level(name: Optional[str]) -> int:
@@ -222,7 +193,7 @@ def _select() -> None:
         log.info("CPU int4 kernel: PyTorch (SPECEXEC_NATIVE_CPU=0)")
         return
     try:
-        lib = load(build())
+        lib = load_cached(extra_flags=EXTRA_CFLAGS)
     except Exception as e:  # any failure means the PyTorch fallback, never a crash
         if mode == "1":
             raise

@@ -1,4 +1,4 @@
-"""The native row-wise argmax (kernels/argmax_cpu.py, csrc/argmax_cpu.h) that greedy decoding
+"""The native row-wise argmax (kernels/argmax/, csrc/argmax_cpu.h) that greedy decoding
 takes of every vocabulary row: exactly ``torch.argmax``'s index on every ISA path, for ties
 (first index), signed zeros, infinities, NaNs (the first NaN), widths not a multiple of the
 vector, strided rows; other inputs go to torch."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specexec_rt.kernels import cpu_native
-from specexec_rt.kernels.argmax_cpu import MIN_WIDTH, argmax_rows, argmax_rows_reference
+from specexec_rt.kernels.argmax import MIN_WIDTH, argmax_rows, argmax_rows_reference
 
 
 def _isas():

@@ -1,5 +1,5 @@
-"""The native CPU attention with RoPE and the cache write (kernels/attention_cpu.py,
-csrc/attn_cpu.h) and the one-call layer stack (kernels/layers_cpu.py, csrc/layers_cpu.h).
+"""The native CPU attention with RoPE and the cache write (kernels/attention/cpu.py,
+csrc/attn_cpu.h) and the one-call layer stack (kernels/layers/cpu.py, csrc/layers_cpu.h).
 
 - Against the PyTorch reference: the cache entries bit for bit (same RoPE arithmetic), the
   output within float32 tolerance; trees, several segments, GQA groups, head sizes on and off
@@ -15,9 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specexec_rt.kernels import cpu_native, dense_cpu
+from specexec_rt.kernels import cpu_native
+from specexec_rt.kernels.dense import cpu as dense_cpu
 from specexec_rt.kernels.attention import Segments
-from specexec_rt.kernels.attention_cpu import exp_native, rope_attention_cpu, rope_attention_reference
+from specexec_rt.kernels.attention import exp_native, rope_attention_cpu, rope_attention_reference
 from specexec_rt.model import ops
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""The native float32 few-row matmul (kernels/dense_cpu.py, csrc/f32_cpu.h) and its use by ops.py.
+"""The native float32 few-row matmul (kernels/dense/, csrc/f32_cpu.h) and its use by ops.py.
 
 - Against the float64 product within a float32 summation bound, with and without the fused
   prologue (RMSNorm, SiLU * up) and residual; against ``f32_linear_reference``.
@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specexec_rt.kernels import cpu_native, dense_cpu
-from specexec_rt.kernels.dense_cpu import f32_linear_native, f32_linear_reference
+from specexec_rt.kernels import cpu_native
+from specexec_rt.kernels.dense import cpu as dense_cpu
+from specexec_rt.kernels.dense import f32_linear_native, f32_linear_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS32 = 2.0 ** -23

@@ -14,7 +14,7 @@ from gguf import quants  # noqa: E402
 
 from specexec_rt import load_model  # noqa: E402
 from specexec_rt.errors import ModelLoadError  # noqa: E402
-from specexec_rt.kernels.int4_weight import Int4Weight  # noqa: E402
+from specexec_rt.kernels.int4 import Int4Weight  # noqa: E402
 from specexec_rt.loading.int4_formats import from_gguf_q4_k  # noqa: E402
 from specexec_rt.loading.gguf_file import gguf_config, gguf_getters, open_gguf  # noqa: E402
 
@@ -122,7 +122,7 @@ def test_q4_k_tensors_stay_4bit_and_exact(q4km):
 
 
 def test_q4_k_m_model_loads_both_ways(q4km, monkeypatch):
-    from specexec_rt.kernels import int4_cpu
+    from specexec_rt.kernels.int4 import cpu as int4_cpu
 
     dense = load_model(q4km, device="cpu", quantize="none", max_len=64)
     packed = load_model(q4km, device="cpu", quantize="int4", max_len=64)

@@ -6,8 +6,8 @@ import torch
 
 from hf_models import assert_prefill_matches_hf, dequantized_reference, make_hf_model, quantize_checkpoint
 from specexec_rt import load_model
-from specexec_rt.kernels import int4_cpu
-from specexec_rt.kernels.int4_weight import Int4Weight
+from specexec_rt.kernels.int4 import cpu as int4_cpu
+from specexec_rt.kernels.int4 import Int4Weight
 
 GROUP = 32
 

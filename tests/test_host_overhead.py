@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from specexec_rt.model import ops
-from specexec_rt.kernels import int4_gemm
+from specexec_rt.kernels import device_info
 from specexec_rt.kernels import attention as ta
+from specexec_rt.kernels.attention import triton_kernels as attention_kernels
+from specexec_rt.kernels.int4 import triton_kernels as int4_kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,10 +64,10 @@ def test_median_us_times_each_call_after_warming_up(monkeypatch):
 
 def test_stubbed_path_is_restored():
     bench = load_bench()
-    before = (ops.use_triton, ta._tree_attn_fwd, int4_gemm._int4_gemv_kernel, int4_gemm._interpreting)
+    before = (ops.use_triton, attention_kernels._tree_attn_fwd, int4_kernels._int4_gemv_kernel, device_info.interpreting)
     with bench.stubbed_triton_path():
-        assert isinstance(ta._tree_attn_fwd, bench.CountingStub) and ops.use_triton(torch.device("cpu"))
-    assert (ops.use_triton, ta._tree_attn_fwd, int4_gemm._int4_gemv_kernel, int4_gemm._interpreting) == before
+        assert isinstance(attention_kernels._tree_attn_fwd, bench.CountingStub) and ops.use_triton(torch.device("cpu"))
+    assert (ops.use_triton, attention_kernels._tree_attn_fwd, int4_kernels._int4_gemv_kernel, device_info.interpreting) == before
 
 
 def test_planned_launch_rejects_other_shapes():

@@ -1,4 +1,4 @@
-"""The native CPU int4 kernel (csrc/int4_cpu.c via kernels/cpu_native.py, kernels/int4_cpu.py).
+"""The native CPU int4 kernel (csrc/int4_cpu.h via kernels/cpu_native.py, kernels/int4/cpu.py).
 
 - Activation quantization: the library's and the PyTorch emulation's agree bit for bit.
 - The matmul against ``int4_matmul_q8_reference`` (the same arithmetic in PyTorch) within an
@@ -26,11 +26,12 @@ import subprocess
 import pytest
 import torch
 
-from specexec_rt.csrc.build import BuildError
-from specexec_rt.kernels import cpu_native, int4_cpu
-from specexec_rt.kernels.int4_cpu import (int4_matmul_cpu, int4_matmul_native, int4_matmul_q8_reference,
-                                          quantize_activations_native, quantize_activations_q8)
-from specexec_rt.kernels.int4_weight import quantize_int4
+from specexec_rt.csrc.loader import BuildError
+from specexec_rt.kernels import cpu_native
+from specexec_rt.kernels.int4 import cpu as int4_cpu
+from specexec_rt.kernels.int4 import (int4_matmul_cpu, int4_matmul_native, int4_matmul_q8_reference,
+                                      quantize_activations_native, quantize_activations_q8)
+from specexec_rt.kernels.int4 import quantize_int4
 
 EPS32 = 2.0 ** -23
 
@@ -169,7 +170,7 @@ def test_a_row_gives_the_same_bits_alone_and_among_others(m):
 
 
 def _stream_layout(w) -> torch.Tensor:
-    """The streaming layout of csrc/int4_cpu.c (sxc_int4_pack) built in PyTorch: per 16-column
+    """The streaming layout of csrc/int4_cpu.h (sxc_int4_pack) built in PyTorch: per 16-column
     unit and group, 16 fp16 scales, 16 fp16 mins, then per block 4 operand steps of 16 columns x
     4 bytes (bytes 4u .. 4u+3 of each column's 16-byte block)."""
     n, k, group = w.out_features, w.in_features, w.group_size
@@ -193,14 +194,14 @@ def test_stream_layout_bytes_and_results(group, n, monkeypatch):
     k = 256
     _, w = _weight(n, k, group, seed=n + group)
     monkeypatch.setattr(int4_cpu, "STREAM_LAYOUT", True)
-    st = int4_cpu._native_weight(w).contents
+    st = int4_cpu.native_weight(w).contents
     packed = w.__dict__["_native_cpu"][5][5]
     assert st.pk == packed.data_ptr()
     assert torch.equal(packed, _stream_layout(w))
     streamed = {m: int4_matmul_native(_x(m, k, seed=m), w) for m in (1, 2, 3, 4, 5, 7, 8, 9, 33)}
     _, plain = _weight(n, k, group, seed=n + group)
     monkeypatch.setattr(int4_cpu, "STREAM_LAYOUT", False)
-    assert not int4_cpu._native_weight(plain).contents.pk
+    assert not int4_cpu.native_weight(plain).contents.pk
     for m, y in streamed.items():
         assert torch.equal(y, int4_matmul_native(_x(m, k, seed=m), plain)), m
         assert torch.equal(y, int4_matmul_native(_x(m, k, seed=m), plain, isa="scalar")), m
@@ -209,7 +210,7 @@ def test_stream_layout_bytes_and_results(group, n, monkeypatch):
 def test_fp32_scales_keep_the_plain_layout():
     _native_or_skip()
     _, w = _weight(40, 128, 64, seed=3, scale_dtype=torch.float32)
-    assert not int4_cpu._native_weight(w).contents.pk
+    assert not int4_cpu.native_weight(w).contents.pk
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
@@ -372,7 +373,7 @@ def test_cache_is_reused_and_openmp_is_optional(tmp_path, monkeypatch):
 
 
 def test_build_key_depends_on_sources_command_and_machine(tmp_path):
-    from specexec_rt.csrc.build import build_key
+    from specexec_rt.csrc.loader import build_key
 
     a = tmp_path / "a.c"
     a.write_text("int f(void){return 1;}\n")
@@ -382,7 +383,7 @@ def test_build_key_depends_on_sources_command_and_machine(tmp_path):
     assert k != build_key([a], ["cc", "-O3"], ["gcc 12", "x86_64 avx2 avx512f"])
     a.write_text("int f(void){return 2;}\n")
     assert k != build_key([a], ["cc", "-O3"], ["gcc 12", "x86_64 avx2"])
-    assert os.path.basename(str(cpu_native.compile_command("cc", tmp_path / "x.so")[-1])) == "int4_cpu.c"
+    assert os.path.basename(str(cpu_native.compile_command("cc", tmp_path / "x.so")[-1])) == "specexec_cpu.c"
 
 
 def _simde_include():
@@ -416,7 +417,7 @@ def test_avx512_paths_under_emulation(tmp_path, monkeypatch):
         _, w = _weight(n, k, g, seed=i, scale_dtype=sd, perm=perm)
         x = _x(m, k, seed=i)
         want.append((x, w, int4_matmul_native(x, w, isa="scalar")))
-        assert bool(int4_cpu._native_weight(w).contents.pk) == (stream and sd == torch.float16)
+        assert bool(int4_cpu.native_weight(w).contents.pk) == (stream and sd == torch.float16)
     monkeypatch.setattr(cpu_native, "_state", {"lib": emulated, "reason": None, "best": 3, "isa": 3})
     for (x, w, y), case in zip(want, cases):
         for isa in ("avx512", "avx512vnni"):
@@ -437,7 +438,7 @@ def _step_bound(x_in, w):
                                                   (False, False, True)])
 def test_fused_prologue_and_residual(m, norm, swiglu, residual):
     _native_or_skip()
-    from specexec_rt.kernels.int4_cpu import int4_linear_native, int4_linear_q8_reference
+    from specexec_rt.kernels.int4 import int4_linear_native, int4_linear_q8_reference
 
     n, k = 100, 192
     _, w = _weight(n, k, 64, seed=m, perm=swiglu)
@@ -459,7 +460,7 @@ def test_fused_prologue_and_residual(m, norm, swiglu, residual):
 
 def test_fused_call_checks_its_arguments():
     _native_or_skip()
-    from specexec_rt.kernels.int4_cpu import int4_linear_native
+    from specexec_rt.kernels.int4 import int4_linear_native
 
     _, w = _weight(16, 64, 32, seed=1)
     with pytest.raises(ValueError, match=r"x must be a CPU float32 \[M, 128\]"):
@@ -476,7 +477,7 @@ def test_ops_fuse_only_for_native_int4(monkeypatch):
     """ops.norm_linear / linear(residual=) / swiglu_linear: one native int4 call for a CPU int4
     weight; the PyTorch composition on the Triton or aten int4 paths."""
     _native_or_skip()
-    from specexec_rt.kernels.int4_cpu import int4_linear_q8_reference
+    from specexec_rt.kernels.int4 import int4_linear_q8_reference
     from specexec_rt.model import ops
 
     _, w = _weight(96, 128, 64, seed=2)

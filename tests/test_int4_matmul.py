@@ -1,4 +1,4 @@
-"""Tests of the int4 kernels (kernels/int4_weight.py, int4_gemm.py, int4_cpu.py) and the checkpoint converters (specexec_rt/loading/int4_formats.py).
+"""Tests of the int4 kernels (kernels/int4/) and the checkpoint converters (specexec_rt/loading/int4_formats.py).
 
 The Triton kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is set
 before anything imports Triton). In the interpreter bf16 tensor-core dots are upcast to
@@ -23,11 +23,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from gguf import quants as gguf_quants  # noqa: E402
 
-from specexec_rt.kernels import int4_gemm  # noqa: E402
+from specexec_rt.kernels.int4 import gemm as int4_gemm  # noqa: E402
 from specexec_rt.loading.int4_formats import from_gguf_q4_0, from_gguf_q4_1, from_gptq  # noqa: E402
-from specexec_rt.kernels.int4_cpu import int4_matmul_cpu  # noqa: E402
-from specexec_rt.kernels.int4_gemm import int4_matmul  # noqa: E402
-from specexec_rt.kernels.int4_weight import Int4Weight, int4_matmul_reference, quantize_int4  # noqa: E402
+from specexec_rt.kernels.int4 import int4_matmul_cpu  # noqa: E402
+from specexec_rt.kernels.int4 import int4_matmul  # noqa: E402
+from specexec_rt.kernels.int4 import Int4Weight, int4_matmul_reference, quantize_int4  # noqa: E402
 
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -155,7 +155,7 @@ def test_dequant_then_matmul_path(dtype, monkeypatch):
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_fast_path(n, group, dtype, monkeypatch):
-    from specexec_rt.kernels import int4_cpu
+    from specexec_rt.kernels.int4 import cpu as int4_cpu
 
     k = 256
     w = quantize_int4(_rand_weight(n, k, n + group), group)

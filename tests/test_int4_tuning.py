@@ -1,4 +1,4 @@
-"""Launch plans of int4_matmul (kernels/int4_plans.py) and their measured choice (kernels/int4_tuning.py).
+"""Launch plans of int4_matmul (kernels/int4/plans.py) and their measured choice (kernels/int4/tuning.py).
 
 Every plan the tuner may pick must be exact, so all candidate tile configs run here in
 Triton's interpreter; the choice itself is tested with an injected timer (the interpreter's
@@ -15,10 +15,10 @@ import logging  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from specexec_rt.kernels import int4_gemm  # noqa: E402
-from specexec_rt.kernels import int4_plans  # noqa: E402
-from specexec_rt.kernels import int4_weight  # noqa: E402
-from specexec_rt.kernels import int4_tuning  # noqa: E402
+from specexec_rt.kernels.int4 import gemm as int4_gemm  # noqa: E402
+from specexec_rt.kernels.int4 import plans as int4_plans  # noqa: E402
+from specexec_rt.kernels import int4  # noqa: E402
+from specexec_rt.kernels.int4 import tuning as int4_tuning  # noqa: E402
 
 REL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -26,7 +26,7 @@ REL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 def _weight(n, k, group, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) + torch.randn(n, 1, generator=g) * 0.1
-    return int4_weight.quantize_int4(w, group)
+    return int4.quantize_int4(w, group)
 
 
 def _x(m, k, dtype, seed):
@@ -206,7 +206,7 @@ def test_cuda_tuning_round(fresh_tuning):
     the default, and int4_matmul then uses it and stays exact."""
     n, k, group = 1024, 4096, 128
     rows = int4_tuning.tune_shape(n, k, group, ms=[1, 16, 512], dtype=torch.float16, device="cuda")
-    w = int4_weight.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, group)
+    w = int4.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, group)
     for row in rows:
         assert row["ms"] <= row["default_ms"] * 1.0001
         x = torch.randn(row["m"], k, device="cuda", dtype=torch.float16)

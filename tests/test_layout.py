@@ -146,10 +146,12 @@ def test_wheel_carries_native_sources_and_finds_them(tmp_path):
     (wheel,) = wheel_dir.glob("specexec_rt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("specexec_rt/csrc/offload.cu", "specexec_rt/csrc/offload.h", "specexec_rt/csrc/__init__.py",
-              "specexec_rt/csrc/int4_cpu.c", "specexec_rt/csrc/int4_cpu_avx512.h", "specexec_rt/csrc/q8_cpu.h",
-              "specexec_rt/csrc/f32_cpu.h", "specexec_rt/csrc/attn_cpu.h",
-              "specexec_rt/csrc/build.py",
-              "specexec_rt/kernels/attention.py", "specexec_rt/kernels/cpu_native.py", "specexec_rt/serving/cli.py"):
+              "specexec_rt/csrc/specexec_cpu.c", "specexec_rt/csrc/cpu_common.h", "specexec_rt/csrc/int4_cpu.h",
+              "specexec_rt/csrc/int4_cpu_avx512.h", "specexec_rt/csrc/q8_cpu.h", "specexec_rt/csrc/f32_cpu.h",
+              "specexec_rt/csrc/attn_cpu.h", "specexec_rt/csrc/layers_cpu.h", "specexec_rt/csrc/argmax_cpu.h",
+              "specexec_rt/csrc/loader.py",
+              "specexec_rt/kernels/attention/launch.py", "specexec_rt/kernels/int4/cpu.py", "specexec_rt/kernels/q8/cpu.py",
+              "specexec_rt/kernels/cpu_native.py", "specexec_rt/serving/cli.py"):
         assert f in names, f
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     site = tmp_path / "site"

@@ -25,8 +25,8 @@ from conftest import build_tiny_model, greedy_decode
 from hf_models import make_hf_model
 from specexec_rt import load_model
 from specexec_rt.errors import UnsupportedModelError
-from specexec_rt.kernels.int4_weight import Int4Weight, quantize_int4
-from specexec_rt.kernels.layers_cpu import NativeLayers, unserved_fields
+from specexec_rt.kernels.int4.weight import Int4Weight, quantize_int4
+from specexec_rt.kernels.layers.cpu import NativeLayers, unserved_fields
 from specexec_rt.model import Segment, moe, ops
 from specexec_rt.model.weights import MoEWeights, replace_leaves, tensor_leaves
 from specexec_rt.speculative.drafts import default_draft, int4_draft
@@ -281,7 +281,7 @@ def test_native_layer_stack_refuses_blocks_it_does_not_compute(moe_target, caplo
     qwen3 = build_tiny_model("qwen3", qk_norm=True)
     llama = build_tiny_model("llama")
     assert NativeLayers.build(llama.weights.layers) is not None
-    with caplog.at_level(logging.INFO, logger="specexec_rt.kernels.layers_cpu"):
+    with caplog.at_level(logging.INFO, logger="specexec_rt.kernels.layers.cpu"):
         assert NativeLayers.build(qwen3.weights.layers) is None
         assert NativeLayers.build(moe_target.weights.layers) is None
     assert "has 'q_norm', 'k_norm', which" in caplog.text and "has 'q_norm', 'k_norm', 'moe'" in caplog.text

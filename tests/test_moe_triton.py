@@ -7,7 +7,7 @@ import torch
 
 from conftest import build_tiny_model
 from specexec_rt.kernels import int4_cpu
-from specexec_rt.kernels.int4_weight import Int4Weight
+from specexec_rt.kernels.int4.weight import Int4Weight
 from specexec_rt.model import ops
 from specexec_rt.speculative.drafts import int4_draft
 

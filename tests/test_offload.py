@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specexec_rt.offload import native
-from specexec_rt.kernels.int4_weight import Int4Weight, quantize_int4
+from specexec_rt.kernels.int4 import Int4Weight, quantize_int4
 from specexec_rt.offload.streamer import ALIGN, LayerStreamer, layout_layer, make_layer_source, plan_residency
 from specexec_rt.model.weights import LayerWeights, ResidentLayers, tensor_leaves, weights_nbytes
 

@@ -1,4 +1,4 @@
-"""The 8-bit (Q8_0) weight format and its native CPU matmul (kernels/q8_weight.py, csrc/q8_cpu.h).
+"""The 8-bit (Q8_0) weight format and its native CPU matmul (kernels/q8/, csrc/q8_cpu.h).
 
 - The format: ``quantize_q8_0`` is llama.cpp's (the ``gguf`` package's quantizer gives the same
   bytes), GGUF blocks convert in place, dequantize(quantize(w)) is within half a step of w.
@@ -22,9 +22,8 @@ import pytest
 import torch
 
 from specexec_rt.kernels import cpu_native
-from specexec_rt.kernels.q8_weight import (Q8Weight, from_gguf_q8_0, q8_linear, q8_linear_native,
-                                           q8_linear_q8_reference, q8_linear_reference, quantize_q8_0,
-                                           with_int8_activations)
+from specexec_rt.kernels.q8 import (Q8Weight, from_gguf_q8_0, q8_linear, q8_linear_native, q8_linear_q8_reference,
+                                    q8_linear_reference, quantize_q8_0, with_int8_activations)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS32 = 2.0 ** -23
@@ -211,11 +210,11 @@ def test_gguf_head_stays_q8_on_the_cpu():
 
 
 def test_many_float_rows_take_blas_on_a_dequantized_copy():
-    from specexec_rt.kernels import q8_weight
+    from specexec_rt.kernels.q8 import cpu as q8_cpu
 
     _native_or_skip()
     w = quantize_q8_0(_w(40, 64, 8))
-    m = q8_weight.FLOAT_NATIVE_ROWS + 1
+    m = q8_cpu.FLOAT_NATIVE_ROWS + 1
     x, nw = _x(m, 64, 3), torch.rand(64) + 0.5
     assert "_dense_cache" not in w.__dict__
     y = q8_linear(x, w, norm=(nw, 1e-5))

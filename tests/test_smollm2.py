@@ -71,13 +71,13 @@ def test_int4_path_greedy_equals_dequantized(models, monkeypatch):
 
     The CPU int4 op runs in bf16 by default (speed); fp32 here so only the path differs.
     """
-    from specexec_rt.kernels import int4_cpu
-    from specexec_rt.kernels import int4_weight
+    from specexec_rt.kernels.int4 import cpu as int4_cpu
+    from specexec_rt.kernels import int4
 
     monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", torch.float32)
     ours, _, tok = models
     packed = load_model("smollm2-135m", device="cpu", quantize="int4", max_len=256)
-    assert isinstance(packed.weights.layers[0].wqkv, int4_weight.Int4Weight)
+    assert isinstance(packed.weights.layers[0].wqkv, int4.Int4Weight)
     for prompt in PROMPTS[:2]:
         ids = tok(prompt).input_ids
         assert greedy_decode(packed, ids, 24) == greedy_decode(ours, ids, 24)
@@ -87,7 +87,7 @@ def test_int4_target_on_the_native_kernel_stays_close(models):
     """The Q4_1 weights kept 4-bit and run by the native CPU kernel (int8 activations): next-token
     agreement with the same weights dequantized to float32, teacher forced on the float model's
     greedy text (measured 98% over these prompts; activation rounding alone differs)."""
-    from specexec_rt.kernels import int4_cpu
+    from specexec_rt.kernels.int4 import cpu as int4_cpu
 
     if not int4_cpu.native_active():
         pytest.skip("native CPU library unavailable")

@@ -53,7 +53,7 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
         dense checkpoints to 4-bit on load. On the CPU in float32, a GGUF embedding or LM head
         stored as Q8_0 is kept 8-bit for the head's matmul whatever ``quantize`` says (the
         product is the dequantized weight's to float32 rounding; with a 4-bit target the
-        activations are quantized to int8 as its layers' are; see ``kernels/q8_weight.py``).
+        activations are quantized to int8 as its layers' are; see ``kernels/q8/weight.py``).
     offload: keep transformer layers in pinned host memory and stream them to the GPU each pass
         (``gpu_memory_gb`` caps what stays resident; see docs/OFFLOAD.md).
     """

@@ -27,13 +27,13 @@ def _is_dense(m) -> bool:
 
 
 def _is_q8(m) -> bool:
-    from ..kernels.q8_weight import Q8Weight
+    from ..kernels.q8 import Q8Weight
 
     return isinstance(m, Q8Weight)
 
 
 def _head_q8(w, quantize: str, device):
-    from ..kernels.q8_weight import with_int8_activations
+    from ..kernels.q8 import with_int8_activations
 
     return with_int8_activations(w, quantize != "none").to(device)
 
@@ -43,7 +43,7 @@ def fuse_rows(mats: list):
     if all(_is_dense(m) for m in mats):
         return torch.cat(mats, dim=0)
     if not any(_is_dense(m) for m in mats):
-        from ..kernels.int4_weight import Int4Weight
+        from ..kernels.int4 import Int4Weight
 
         perms = [m.perm for m in mats]
         if all(p is None for p in perms) or (all(p is not None for p in perms)
@@ -57,7 +57,7 @@ def finish_matrix(m, dtype: torch.dtype, quantize: str):
     """Cast a dense matrix, quantize it when asked, or dequantize a 4-bit one for quantize="none"."""
     if _is_dense(m):
         if quantize == "int4":
-            from ..kernels.int4_weight import quantize_int4
+            from ..kernels.int4 import quantize_int4
 
             return quantize_int4(m.float(), group_size=int4_group_size(m.shape[1]))
         return m.to(dtype)

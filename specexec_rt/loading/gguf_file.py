@@ -194,7 +194,7 @@ def gguf_getters(reader, cfg: ModelConfig, path: Path, keep_int4: bool, keep_q8_
         if keep_int4 and qtype in INT4_TYPES:
             return int4_from_gguf(rows, qtype, (out_features, in_features))
         if keep_q8_head and qtype == "Q8_0" and hf_name in _HEAD_NAMES and n_head is None:
-            from ..kernels.q8_weight import from_gguf_q8_0
+            from ..kernels.q8 import from_gguf_q8_0
 
             blocks = torch.from_numpy(np.array(rows, dtype=np.uint8)).reshape(out_features, in_features // 32, 34)
             return from_gguf_q8_0(blocks, (out_features, in_features))

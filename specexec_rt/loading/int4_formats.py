@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..kernels.int4_weight import Int4Weight, pack_nibbles
+from ..kernels.int4.weight import Int4Weight, pack_nibbles
 
 __all__ = ["from_gptq", "from_awq", "from_gguf_q4_0", "from_gguf_q4_1", "from_gguf_q4_k"]
 

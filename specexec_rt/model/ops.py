@@ -12,7 +12,7 @@ RMSNorm / SiLU / residual around them fused into the same call (docs/DESIGN.md).
 passes also take one native call per layer for RoPE, the KV-cache write and attention
 (``rope_attention``, planned by ``prepare_attention(native_cpu=True)``), and the transformer
 runs all layers in one native call where every matrix is served natively
-(``kernels/layers_cpu.py``).
+(``kernels/layers/cpu.py``).
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ import torch.nn.functional as F
 if os.environ.get("SPECEXEC_TRITON_INTERPRET") == "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from ..kernels.int4_cpu import int4_matmul_cpu, native_active, run_native_linear  # noqa: E402  (after TRITON_INTERPRET is set)
-from ..kernels.int4_gemm import int4_matmul  # noqa: E402
-from ..kernels.int4_weight import Int4Weight  # noqa: E402
-from ..kernels import attention_cpu, dense_cpu  # noqa: E402
-from ..kernels.q8_weight import Q8Weight, q8_linear  # noqa: E402
+from ..kernels.attention import cpu as attention_cpu  # noqa: E402  (after TRITON_INTERPRET is set)
+from ..kernels.dense import cpu as dense_cpu  # noqa: E402
+from ..kernels.int4.cpu import int4_matmul_cpu, native_active, run_native_linear  # noqa: E402
+from ..kernels.int4.gemm import int4_matmul  # noqa: E402
+from ..kernels.int4.weight import Int4Weight  # noqa: E402
+from ..kernels.q8 import Q8Weight, q8_linear  # noqa: E402
 
 
 def triton_interpret() -> bool:

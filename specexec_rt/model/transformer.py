@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.layers_cpu import NativeLayers
+from ..kernels.layers import NativeLayers
 from . import moe, ops
 from .config import ModelConfig
 from .kv_cache import KVCache

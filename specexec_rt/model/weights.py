@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 
 # A matrix is either a dense tensor [out_features, in_features] or an Int4Weight (a dataclass of
-# tensors from specexec_rt.kernels.int4_weight); both are handled by ops.linear.
+# tensors from specexec_rt.kernels.int4.weight); both are handled by ops.linear.
 Matrix = Union[torch.Tensor, "object"]
 
 

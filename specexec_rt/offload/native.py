@@ -2,7 +2,8 @@
 
 ``backend()`` is ``"csrc"`` when the library was built (nvcc + ctypes, cached under
 ``~/.cache/specexec_rt/native``) and loaded on a machine with a CUDA device, else ``"torch"``:
-the same operations through ``torch.cuda.cudart()`` and ``Tensor.copy_``. Both pin memory at
+the same operations through ``torch.cuda.cudart()`` and ``Tensor.copy_``. Building, caching and
+the hash check before loading are ``specexec_rt.csrc.loader``'s (shared with the CPU kernels). Both pin memory at
 its exact size (``cudaHostRegister``), copy on a given stream, and probe bandwidth with CUDA
 events. ``SPECEXEC_NATIVE=0`` forces the fallback; ``SPECEXEC_NATIVE=1`` makes a failed build an
 error instead of a fallback.
@@ -10,11 +11,9 @@ error instead of a fallback.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 from typing import Optional
@@ -22,6 +21,7 @@ from typing import Optional
 import torch
 
 from ..csrc import SOURCE_DIR
+from ..csrc.loader import build_shared, load_verified, open_library
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 CSRC = SOURCE_DIR
 SOURCES = ("offload.cu", "offload.h")
 ABI_VERSION = 2  # csrc/offload.h SX_ABI_VERSION
+ABI = ("sx_abi_version", ABI_VERSION)
+LIB_NAME = "libspecexec_offload.so"
 
 HOST_KINDS = {"pageable": 0, "pinned": 1, "registered": 2}
 DIRECTIONS = {"h2d": 0, "d2h": 1}
@@ -63,40 +65,23 @@ def nvcc_command(nvcc: str, out: Path) -> list[str]:
             "-I", str(CSRC), "-o", str(out), str(CSRC / "offload.cu")]
 
 
-def _source_hash(nvcc: str) -> str:
-    h = hashlib.sha256()
-    for name in SOURCES:
-        h.update((CSRC / name).read_bytes())
-    h.update(nvcc.encode())
-    return h.hexdigest()[:16]
-
-
 def build(cache_dir: Optional[Path] = None, nvcc: Optional[str] = None) -> Path:
     """Compile ``csrc/offload.cu`` into a shared library (cached by source hash); return its path.
 
-    Raises FileNotFoundError without nvcc and NativeError with the compiler output on failure.
+    Raises FileNotFoundError without nvcc and ``csrc.loader.BuildError`` with the compiler output
+    on failure.
     """
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    cache_dir = Path(cache_dir or os.environ.get("SPECEXEC_NATIVE_CACHE",
-                                                 Path.home() / ".cache" / "specexec_rt" / "native"))
-    target = cache_dir / _source_hash(nvcc) / "libspecexec_offload.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp.so")  # atomic publish: concurrent builders
-    proc = subprocess.run(nvcc_command(nvcc, tmp), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise NativeError(f"nvcc failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    os.replace(tmp, target)
-    return target
+    return build_shared(LIB_NAME, [CSRC / name for name in SOURCES], lambda out: nvcc_command(nvcc, out),
+                        cache_dir=cache_dir, abi=ABI)
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+def signatures() -> dict:
+    """The library's functions: name -> (restype, argtypes)."""
     c_int_p = ctypes.POINTER(ctypes.c_int)
-    sigs = {
-        "sx_abi_version": (ctypes.c_int, []),
+    return {
         "sx_error_string": (ctypes.c_char_p, [ctypes.c_int]),
         "sx_device_count": (ctypes.c_int, [c_int_p]),
         "sx_host_alloc": (ctypes.c_int, [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]),
@@ -111,18 +96,17 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "sx_probe_bandwidth": (ctypes.c_int, [ctypes.c_int, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                               ctypes.c_int, ctypes.POINTER(ctypes.c_float)]),
     }
-    for name, (res, args) in sigs.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-    return lib
 
 
 def load_library(path: Path) -> ctypes.CDLL:
-    """Load a built library and check its ABI version (works without a GPU: nothing runs)."""
-    lib = _declare(ctypes.CDLL(str(path)))
-    if lib.sx_abi_version() != ABI_VERSION:
-        raise NativeError(f"{path}: ABI version {lib.sx_abi_version()} != expected {ABI_VERSION}")
-    return lib
+    """Open a built library and check its ABI version (works without a GPU: nothing runs)."""
+    return open_library(path, signatures(), ABI)
+
+
+def load_cached(cache_dir: Optional[Path] = None) -> ctypes.CDLL:
+    """Build or find the library, check it against its recorded hash, open it (a damaged cached
+    file is rebuilt once)."""
+    return load_verified(lambda: build(cache_dir), load_library)
 
 
 def _check(lib: ctypes.CDLL, code: int, what: str) -> None:
@@ -140,7 +124,7 @@ def _select() -> str:
         log.info("offload copy engine: torch (no CUDA device)")
         return "torch"
     try:
-        lib = load_library(build())
+        lib = load_cached()
         n = ctypes.c_int()
         _check(lib, lib.sx_device_count(ctypes.byref(n)), "cudaGetDeviceCount")
         _lib = lib

@@ -23,8 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.int4_gemm import int4_matmul
-from ..kernels.int4_weight import Int4Weight
+from ..kernels.int4 import Int4Weight, int4_matmul
 from . import native
 from .streamer import LayerStreamer, layout_layer
 from ..model.weights import LayerWeights, ResidentLayers, replace_leaves

@@ -1,5 +1,5 @@
 """``specexec-rt tune-int4``: measure the fastest int4_matmul launch plan for a model's matrices
-on this GPU and save them (measured by ``specexec_rt.kernels.int4_tuning``, kept by ``int4_plans``).
+on this GPU and save them (measured by ``specexec_rt.kernels.int4.tuning``, kept by ``int4.plans``).
 
     specexec-rt tune-int4 --shape llama-2-70b              # synthetic weights of that shape
     specexec-rt tune-int4 --model path/or/alias            # the shapes of a model (config only)
@@ -37,7 +37,7 @@ def _config_of(source):
 
 def shapes_for(model=None, shape=None, group_size=None) -> dict:
     """name -> (N, K, group size) of the int4 matrices to tune."""
-    from ..kernels.int4_tuning import model_shapes
+    from ..kernels.int4.tuning import model_shapes
     from ..loading.assemble import int4_group_size
     from ..offload.profile import SHAPES
 
@@ -84,7 +84,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args) -> int:
     import torch
 
-    from ..kernels import int4_plans, int4_tuning
+    from ..kernels.int4 import plans as int4_plans, tuning as int4_tuning
 
     if not torch.cuda.is_available():
         raise TuningUnavailableError("tune-int4 measures GPU kernels and needs a CUDA GPU; "

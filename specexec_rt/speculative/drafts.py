@@ -65,8 +65,8 @@ def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_
     tokens, bench/bench_int4_cpu.py --part agreement). Elsewhere the head stays the target's
     (not measured on GPUs).
     """
-    from ..kernels.int4_weight import Int4Weight, quantize_int4
-    from ..kernels.q8_weight import Q8Weight
+    from ..kernels.int4 import Int4Weight, quantize_int4
+    from ..kernels.q8 import Q8Weight
 
     keep = check_keep(target, range(target.config.n_layers) if keep is None else keep)
     if lm_head_int4 is None:
@@ -132,7 +132,7 @@ def int4_group_size(target: Transformer, preferred: int = 64) -> int:
     """``preferred`` if it divides every matrix's in_features, else the largest power of two
     below it that does (a small model's 96-wide MLP takes groups of 32)."""
     from ..errors import UnsupportedModelError
-    from ..kernels.int4_weight import PACK
+    from ..kernels.int4 import PACK
 
     widths = matrix_widths(target)
     g = preferred

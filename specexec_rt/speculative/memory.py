@@ -80,7 +80,7 @@ def forward_bytes(model, n_q: int, n_k: int, logits_rows: Optional[int] = None) 
         total += 4 * n_q * n_k * (hq // hkv) + 4 * n_q * n_k * hq + 4 * (n_q * hq + 2 * n_k * hkv) * d
     # Dense-M int4 layers on CUDA dequantise into one scratch buffer (kept between calls).
     if model.device.type == "cuda" and getattr(model, "quantization", None) == "int4" and n_q >= 256:
-        from ..kernels.int4_gemm import SCRATCH_MAX_ELEMENTS
+        from ..kernels.int4.gemm import SCRATCH_MAX_ELEMENTS
 
         total += e * min(SCRATCH_MAX_ELEMENTS, max(h, inter) * max(2 * inter, c.qkv_size, h))
     if c.is_moe:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.argmax_cpu import argmax_rows
+from ..kernels.argmax import argmax_rows
 from . import sampling
 from . import tree as _tree
 from . import tree_policy

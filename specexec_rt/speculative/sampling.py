@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..errors import SamplingParameterError
-from ..kernels.argmax_cpu import argmax_rows
+from ..kernels.argmax import argmax_rows
 
 
 @dataclass(frozen=True)

@@ -9,19 +9,29 @@ verification tree, several requests' segments in one pass): each row sees the co
 of its segment and the tree slots its mask row allows. A row's result depends only on the keys
 it sees, in a fixed order, so it is the same whether the row is computed alone or with others.
 
-Plan once per forward (``plan_rows``), run per layer (``run_rope_attention``).
+Plan once per forward (``plan_rows``), run per layer (``run_rope_attention``). The reference is
+``reference.rope_attention_reference``.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Optional
 
 import torch
 
-from . import cpu_native
-from .attention import Segments
+from .. import cpu_native
+from .inputs import Segments
 
 MAX_HEAD_DIM = 256  # csrc/attn_cpu.h SXC_ATTN_MAX_D
+
+cpu_native.declare({
+    "sxc_rope_attention": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+                                          ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float,
+                                          ctypes.c_void_p, ctypes.c_int, ctypes.c_int]),
+})
 
 
 def plan_rows(segments: Segments) -> torch.Tensor:
@@ -39,7 +49,7 @@ def serves(head_dim: int) -> bool:
 
 def exp_native(x: torch.Tensor, isa: Optional[str] = None) -> torch.Tensor:
     """``exp(x)`` as the native library computes it inside the softmax and SiLU (``exp_fixed`` in
-    ``csrc/int4_cpu.c``: one fixed sequence of float operations, the same bits on every ISA path,
+    ``csrc/cpu_common.h``: one fixed sequence of float operations, the same bits on every ISA path,
     within an ulp of the exact value; 0 below -87.336, inf above 88.376). For the tests."""
     if cpu_native.library() is None:
         raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
@@ -115,7 +125,7 @@ def rope_attention_cpu(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     each new token, before RoPE); ``cos``/``sin`` ``[n, head_dim]`` (the tables' rows at the
     tokens' positions, rotate-half layout); ``cache_k``/``cache_v`` float32
     ``[max_len, n_kv_heads, head_dim]``, written in place; ``slots`` ``[n]``; ``segments`` and
-    ``tree_mask`` as for ``kernels.attention.tree_attention_ragged`` (row ``i`` of segment
+    ``tree_mask`` as for ``tree_attention_ragged`` (row ``i`` of segment
     ``s`` sees slots ``base + j`` for ``j < prefix`` and tree slot ``t`` where
     ``tree_mask[i, t]``). Returns float32 ``[n, n_heads * head_dim]``. ``isa`` and ``threads``
     as for the other native kernels. Raises ValueError on bad input, RuntimeError without the
@@ -131,22 +141,3 @@ def rope_attention_cpu(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return run_rope_attention(qkv, cos.contiguous(), sin.contiguous(), cache_k, cache_v,
                               slots.to(torch.int64).contiguous(), plan_rows(segments),
                               tree_mask.to(torch.bool).contiguous(), n_heads, n_kv_heads, d, scale, level, threads)
-
-
-def rope_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
-                             cache_v: torch.Tensor, slots: torch.Tensor, tree_mask: torch.Tensor,
-                             segments: Segments, n_heads: int, n_kv_heads: int,
-                             scale: Optional[float] = None) -> torch.Tensor:
-    """``rope_attention_cpu`` in PyTorch ops (same contract; writes the cache the same way)."""
-    from .attention import tree_attention_ragged_reference
-
-    d = cache_k.shape[2]
-    n = qkv.shape[0]
-    c, s = cos.reshape(n, 1, d), sin.reshape(n, 1, d)
-    qk = qkv[:, :(n_heads + n_kv_heads) * d].reshape(n, n_heads + n_kv_heads, d)
-    half = d // 2
-    qk = qk * c + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * s
-    cache_k.index_copy_(0, slots, qk[:, n_heads:])
-    cache_v.index_copy_(0, slots, qkv[:, (n_heads + n_kv_heads) * d:].reshape(n, n_kv_heads, d))
-    out = tree_attention_ragged_reference(qk[:, :n_heads], cache_k, cache_v, tree_mask, segments, scale)
-    return out.reshape(n, n_heads * d)

@@ -15,6 +15,7 @@ does not compute: ``build`` refuses it, logs why, and the per-op path runs.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
@@ -23,9 +24,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import cpu_native, dense_cpu
-from .int4_cpu import _native_weight, native_active
-from .int4_weight import Int4Weight
+from .. import cpu_native
+from ..dense import cpu as dense_cpu
+from ..int4.cpu import SxcWeight, native_active, native_weight
+from ..int4.weight import Int4Weight
 
 MAT_F32, MAT_INT4 = 0, 1
 # The layer fields sxc_forward_layers computes; a layer with another field set is not served.
@@ -43,6 +45,31 @@ def unserved_fields(layer) -> tuple:
                  if f.name not in SERVED_FIELDS and getattr(layer, f.name) is not None)
 
 
+class SxcMat(ctypes.Structure):
+    """Mirror of ``sxc_mat`` in csrc/layers_cpu.h: a float32 (kind 0) or 4-bit (kind 1) matrix."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("f32", ctypes.c_void_p), ("q4", ctypes.POINTER(SxcWeight))]
+
+
+class SxcLayer(ctypes.Structure):
+    """Mirror of ``sxc_layer`` in csrc/layers_cpu.h: one transformer block as pointers."""
+
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("bqkv", ctypes.c_void_p),
+                ("bo", ctypes.c_void_p), ("wqkv", SxcMat), ("wo", SxcMat), ("w_gate_up", SxcMat),
+                ("w_down", SxcMat)]
+
+
+cpu_native.declare({
+    "sxc_forward_layers": (ctypes.c_int, [ctypes.POINTER(SxcLayer), ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64,
+                                          ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                          ctypes.c_int32, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float,
+                                          ctypes.c_int, ctypes.c_int]),
+})
+
+
 def enabled() -> bool:
     """``SPECEXEC_NATIVE_LAYERS=0`` keeps the per-op path (benchmarks split a step's time with it)."""
     return os.environ.get("SPECEXEC_NATIVE_LAYERS", "1") != "0"
@@ -53,15 +80,15 @@ def _f32(t: Optional[torch.Tensor]) -> bool:
                          and t.is_contiguous())
 
 
-def _mat(w, keep: list) -> Optional[cpu_native.SxcMat]:
+def _mat(w, keep: list) -> Optional[SxcMat]:
     """The C struct of one matrix, or None when the native kernels do not take it."""
     if isinstance(w, Int4Weight):
         if not native_active() or w.qweight.device.type != "cpu":
             return None
-        return cpu_native.SxcMat(MAT_INT4, w.out_features, w.in_features, None, _native_weight(w))
+        return SxcMat(MAT_INT4, w.out_features, w.in_features, None, native_weight(w))
     if isinstance(w, torch.Tensor) and w.dim() == 2 and _f32(w) and w.shape[1] % 16 == 0:
         keep.append(w)
-        return cpu_native.SxcMat(MAT_F32, w.shape[0], w.shape[1], w.data_ptr(), None)
+        return SxcMat(MAT_F32, w.shape[0], w.shape[1], w.data_ptr(), None)
     return None
 
 
@@ -89,7 +116,7 @@ class NativeLayers:
                          "layer stack does not compute); the per-op path runs", i, ", ".join(map(repr, fields)))
                 return None
         keep: list = []
-        structs = (cpu_native.SxcLayer * len(layers))()
+        structs = (SxcLayer * len(layers))()
         any_f32 = any_int4 = False
         for s, layer in zip(structs, layers):
             mats = [_mat(getattr(layer, name), keep) for name in ("wqkv", "wo", "w_gate_up", "w_down")]
@@ -118,7 +145,7 @@ class NativeLayers:
             threads: Optional[int] = None, isa_level: Optional[int] = None) -> torch.Tensor:
         """``x`` float32 ``[n, hidden]`` (a new tensor, updated in place and returned) through
         every layer; ``cache_k``/``cache_v`` contiguous float32 ``[n_layers, max_len, H_kv, D]``;
-        the rest as ``attention_cpu.run_rope_attention`` (softmax scale ``1 / sqrt(head_dim)``)."""
+        the rest as ``attention.cpu.run_rope_attention`` (softmax scale ``1 / sqrt(head_dim)``)."""
         lib = cpu_native.library()
         n, hidden = x.shape
         rc = lib.sxc_forward_layers(self.structs, len(self.layers), x.data_ptr(), n, hidden, n_heads, n_kv_heads,

@@ -1,10 +1,10 @@
-"""``int4_matmul_cpu``: ``x @ W.T`` for an ``Int4Weight`` on the CPU, and its references.
+"""``int4_matmul_cpu``: ``x @ W.T`` for an ``Int4Weight`` on the CPU (references: ``reference``).
 
 Paths, fastest first:
-- the native kernel (``csrc/int4_cpu.c`` through ``cpu_native``; ``int4_matmul_native``):
+- the native kernel (``csrc/int4_cpu.h`` through ``cpu_native``; ``int4_matmul_native``):
   activations quantized per row and 32-block to int8 (llama.cpp's Q8 scheme), integer dot
   products against the nibbles, the weight's min folded in through the activations' group
-  sums. ``int4_matmul_q8_reference`` is the same arithmetic in PyTorch, for the tests.
+  sums. ``reference.int4_matmul_q8_reference`` is the same arithmetic in PyTorch, for the tests.
 - ``torch.ops.aten._weight_int4pack_mm_for_cpu`` in ``CPU_COMPUTE_DTYPE`` (bf16 unless set),
   used when the native library is unavailable, when ``CPU_COMPUTE_DTYPE`` is set (float32 gives
   results exact to fp32 rounding) or when a ``compute_dtype`` is passed;
@@ -19,23 +19,44 @@ from typing import Optional
 
 import torch
 
-from . import cpu_native
-from .int4_weight import PACK, Int4Weight, check_matmul_inputs, int4_matmul_reference
+from .. import cpu_native
+from .reference import int4_matmul_reference
+from .weight import PACK, Int4Weight, check_matmul_inputs
 
 # None: the native kernel where it is available, else the aten op in bf16 (its only vectorised
 # variant; its fp32/fp16 kernels are ~30-100x slower, measured, torch 2.13, AVX-512). A dtype:
 # always the aten op in that dtype (tests set float32 for results exact to fp32 rounding).
 CPU_COMPUTE_DTYPE: Optional[torch.dtype] = None
 ATEN_DEFAULT_DTYPE = torch.bfloat16
-# Whether native weights carry the streaming layout (csrc/int4_cpu.c, sxc_int4_pack); read when a
+# Whether native weights carry the streaming layout (csrc/int4_cpu.h, sxc_int4_pack); read when a
 # weight is first used natively (tests compare both layouts).
 STREAM_LAYOUT = os.environ.get("SPECEXEC_INT4_STREAM", "1") != "0"
+
+
+class SxcWeight(ctypes.Structure):
+    """Mirror of ``sxc_weight`` in csrc/int4_cpu.h: one Int4Weight as pointers."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("perm", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("group", ctypes.c_int32), ("scale_f16", ctypes.c_int32), ("pk", ctypes.c_void_p)]
+
+
+_WP = ctypes.POINTER(SxcWeight)
+cpu_native.declare({
+    "sxc_int4_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, _WP, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int]),
+    "sxc_quantize_q8": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, _WP, ctypes.c_int, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_void_p]),
+    "sxc_int4_pack_bytes": (ctypes.c_size_t, [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
+    "sxc_int4_pack": (ctypes.c_int, [_WP, ctypes.c_void_p]),
+})
 
 
 # ----------------------------------------------------------------------------------------
 # Native kernel
 # ----------------------------------------------------------------------------------------
-def _native_weight(w: Int4Weight):
+def native_weight(w: Int4Weight):
     """The ``SxcWeight`` for ``w`` (cached on the instance, not a field; rebuilt if a tensor field
     was replaced). Tensors are used in place; only non-contiguous ones are copied. With fp16
     scales it also carries the streaming layout (``sxc_int4_pack``, built once: the AVX2 kernels
@@ -46,7 +67,7 @@ def _native_weight(w: Int4Weight):
         return c[4]
     q, s, m = w.qweight.contiguous(), w.scales.contiguous(), w.mins.contiguous()
     perm = None if w.perm is None else w.perm.contiguous()
-    st = cpu_native.SxcWeight(q.data_ptr(), s.data_ptr(), m.data_ptr(), 0 if perm is None else perm.data_ptr(),
+    st = SxcWeight(q.data_ptr(), s.data_ptr(), m.data_ptr(), 0 if perm is None else perm.data_ptr(),
                               w.out_features, w.in_features, w.group_size, int(s.dtype == torch.float16), None)
     packed = None
     lib = cpu_native.library()
@@ -111,7 +132,7 @@ def run_native_linear(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.T
     y = torch.empty(m, w.out_features)
     if m:
         rc = lib.sxc_int4_linear(
-            x.data_ptr(), m, x.stride(0), _native_weight(w), y.data_ptr(),
+            x.data_ptr(), m, x.stride(0), native_weight(w), y.data_ptr(),
             0 if residual is None else residual.data_ptr(), 0 if norm_weight is None else norm_weight.data_ptr(),
             eps, 1 if swiglu else 0, threads or torch.get_num_threads(),
             cpu_native.isa() if isa_level is None else isa_level)
@@ -153,71 +174,11 @@ def quantize_activations_native(x: torch.Tensor, w: Int4Weight, isa: Optional[st
     xq = torch.empty(m, k, dtype=torch.int8)
     d = torch.empty(m, k // PACK)
     xs = torch.empty(m, k // w.group_size)
-    rc = lib.sxc_quantize_q8(x.data_ptr(), m, _native_weight(w), cpu_native.isa_level(isa), xq.data_ptr(), d.data_ptr(),
+    rc = lib.sxc_quantize_q8(x.data_ptr(), m, native_weight(w), cpu_native.isa_level(isa), xq.data_ptr(), d.data_ptr(),
                              xs.data_ptr())
     if rc != 0:
         raise RuntimeError(f"sxc_quantize_q8 failed: {cpu_native.ERRORS.get(rc, rc)}")
     return xq, d, xs
-
-
-# ----------------------------------------------------------------------------------------
-# The native kernel's arithmetic in PyTorch
-# ----------------------------------------------------------------------------------------
-def quantize_activations_q8(x: torch.Tensor, w: Int4Weight):
-    """Quantize ``x`` ``[M, K]`` as the native kernel does (bit-exact): after the act-order
-    gather, per row and 32-block ``d = amax / 127``, ``xq = round_half_even(x * (1 / d))``
-    (0 where d = 0); ``xs[:, g]`` = sum over the group's blocks, in order, of ``d * sum(xq)``.
-    Returns ``(xq int8 [M, K], d [M, K/32], xs [M, K/G])``."""
-    x = x.to(torch.float32)
-    if w.perm is not None:
-        x = x.index_select(-1, w.perm)
-    m, k = x.shape
-    xb = x.reshape(m, k // PACK, PACK)
-    amax = xb.abs().amax(-1)
-    d = torch.div(amax, torch.full_like(amax, 127.0))           # tensor / tensor: IEEE division
-    inv = torch.where(d != 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
-    xq = torch.round(xb * inv[..., None])                        # half to even, as the kernel
-    sums = xq.sum(-1)                                            # exact: integers below 2**24
-    bpg = w.group_size // PACK
-    xs = torch.zeros(m, k // w.group_size)
-    for j in range(bpg):                                         # the kernel's summation order
-        xs = xs + d[:, j::bpg] * sums[:, j::bpg]
-    return xq.to(torch.int8).reshape(m, k), d, xs
-
-
-def int4_matmul_q8_reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """The native kernel's result in PyTorch, ``[..., N]`` fp32: ``Wdeq @ xhat`` with ``xhat``
-    the int8-quantized activations, computed as the kernel does (exact integer block dots, then
-    ``sum_b isum * (scale * d) + min * xs`` per group) up to fp32 rounding order."""
-    check_matmul_inputs(x, w)
-    lead = x.shape[:-1]
-    k, n, g = w.in_features, w.out_features, w.group_size
-    x2 = x.reshape(-1, k)
-    xq, d, xs = quantize_activations_q8(x2, w)
-    m, nb, bpg = x2.shape[0], k // PACK, g // PACK
-    q = w.unpack().to(torch.float32).view(n, nb, PACK)              # stored K order
-    isum = torch.einsum("mbi,nbi->mbn", xq.to(torch.float32).view(m, nb, PACK), q)  # exact integers
-    s, mn = w.scales.float(), w.mins.float()                        # [K/G, N]
-    acc = torch.zeros(m, n)
-    for b in range(nb):
-        acc = acc + isum[:, b] * (s[b // bpg][None, :] * d[:, b, None])
-        if b % bpg == bpg - 1:
-            acc = acc + mn[b // bpg][None, :] * xs[:, b // bpg, None]
-    return acc.reshape(*lead, n)
-
-
-def int4_linear_q8_reference(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.Tensor] = None,
-                             norm: Optional[tuple] = None, swiglu: bool = False) -> torch.Tensor:
-    """``int4_linear_native`` in PyTorch: the prologue with torch ops (SiLU, HF's RMSNorm), then
-    ``int4_matmul_q8_reference``, then the residual."""
-    if swiglu:
-        gate, up = x.chunk(2, dim=-1)
-        x = torch.nn.functional.silu(gate) * up
-    if norm is not None:
-        nw, eps = norm
-        x = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    y = int4_matmul_q8_reference(x, w)
-    return y if residual is None else y + residual
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """``argmax_rows``: the row-wise argmax that greedy decoding takes of every vocabulary-wide row
-(``sxc_argmax_rows`` in ``csrc/argmax_cpu.h``), and its PyTorch reference.
+(``sxc_argmax_rows`` in ``csrc/argmax_cpu.h``); the reference is ``reference``.
 
 ``torch.argmax`` does not vectorize this reduction on a CPU: ~60-110 us per 49152-wide float32
 row on a 2-core EPYC, where the native two-sweep scan takes ~10 us. A greedy chain pass of k
@@ -8,18 +8,20 @@ the first index of the largest value, or of the first NaN.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
 
-from . import cpu_native
+from .. import cpu_native
 
 # Rows narrower than this go to torch.argmax (its fixed cost is the same as the native call's).
 MIN_WIDTH = 1024
 
-
-def argmax_rows_reference(x: torch.Tensor) -> torch.Tensor:
-    return x.argmax(-1)
+cpu_native.declare({
+    "sxc_argmax_rows": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_void_p, ctypes.c_int]),
+})
 
 
 def argmax_rows(x: torch.Tensor, isa: Optional[str] = None) -> torch.Tensor:

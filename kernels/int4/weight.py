@@ -1,4 +1,4 @@
-"""The 4-bit weight format: ``Int4Weight``, ``quantize_int4`` and the plain PyTorch reference.
+"""The 4-bit weight format: ``Int4Weight``, ``quantize_int4`` and the input checks of its matmuls.
 
 Format (``Int4Weight``), for a weight ``W`` ``[N, K]`` = ``[out_features, in_features]``:
 
@@ -13,8 +13,9 @@ Format (``Int4Weight``), for a weight ``W`` ``[N, K]`` = ``[out_features, in_fea
   one coalesced row segment (GPTQ's own orientation).
 - ``perm`` (optional, GPTQ act-order): the stored K order; activations are gathered with it.
 
-The matmuls over this format live in ``int4_gemm`` (Triton, CUDA) and ``int4_cpu`` (CPU);
-checkpoint converters (GPTQ, AWQ, GGUF) in ``specexec_rt.loading.int4_formats``.
+The matmuls over this format live in ``gemm`` (Triton, CUDA) and ``cpu`` (CPU), their
+references in ``reference``; checkpoint converters (GPTQ, AWQ, GGUF) in
+``specexec_rt.loading.int4_formats``.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class PackedMatrix:
-    """What every packed weight dataclass (``Int4Weight``, ``q8_weight.Q8Weight``) answers like a
+    """What every packed weight dataclass (``Int4Weight``, ``q8.Q8Weight``) answers like a
     tensor: ``shape`` ``(out_features, in_features)``, ``device`` and ``nbytes`` (its tensors')."""
 
     out_features: int
@@ -209,7 +210,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128,
 
 
 # ----------------------------------------------------------------------------------------
-# Reference and validation
+# Validation
 # ----------------------------------------------------------------------------------------
 def check_matmul_inputs(x: torch.Tensor, w: Int4Weight) -> None:
     if not isinstance(w, Int4Weight):
@@ -226,13 +227,3 @@ def check_matmul_inputs(x: torch.Tensor, w: Int4Weight) -> None:
         )
     if x.device != w.qweight.device:
         raise ValueError(f"int4_matmul: x on {x.device}, weight on {w.qweight.device}")
-
-
-def int4_matmul_reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """``x @ W.T`` in fp32 from the dequantised weight, cast to x's dtype. ``[..., N]``."""
-    check_matmul_inputs(x, w)
-    return (x.float() @ w.dequantize(torch.float32).T).to(x.dtype)
-
-
-# ----------------------------------------------------------------------------------------
-# CPU fast path

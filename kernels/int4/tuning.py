@@ -1,9 +1,9 @@
 """Measure the fastest ``int4_matmul`` launch plan per weight shape on this GPU.
 
-The default plans (``int4_plans.default_plan``) are guesses for an H100. ``tune_shape``
+The default plans (``plans.default_plan``) are guesses for an H100. ``tune_shape``
 times every plan of ``candidate_plans`` on this GPU for one weight shape and a set of M
 buckets, after checking each against the reference (a fast wrong plan is never chosen), and
-registers the fastest with ``int4_plans.register_plan``; ``int4_plans.save_tuning`` writes
+registers the fastest with ``plans.register_plan``; ``plans.save_tuning`` writes
 them to the tuning file that ``int4_matmul`` reads on its first GPU call. Tuning costs
 seconds per shape (every tile config compiles once), so it is an explicit step:
 ``specexec-rt tune-int4`` or ``bench/bench_int4_matmul.py --tune``, never a side effect of a
@@ -19,9 +19,10 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .int4_gemm import run_plan
-from .int4_plans import Int4Plan, candidate_plans, default_plan, m_bucket, register_plan, tuned_key
-from .int4_weight import Int4Weight, int4_matmul_reference, quantize_int4
+from .gemm import run_plan
+from .plans import Int4Plan, candidate_plans, default_plan, m_bucket, register_plan, tuned_key
+from .reference import int4_matmul_reference
+from .weight import Int4Weight, quantize_int4
 
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # Weights rotate over copies until this many bytes are in play, so the L2 cannot serve them.

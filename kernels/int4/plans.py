@@ -27,7 +27,7 @@ DEQUANT_MIN_M = 256
 # Launch configuration
 # ----------------------------------------------------------------------------------------
 # Bucketed M (next power of two) -> (BLOCK_M, BLOCK_N, max BLOCK_K, num_warps) of the default
-# plan. BLOCK_M == 1 selects the GEMV kernel. Guesses for H100; measured plans (int4_tuning)
+# plan. BLOCK_M == 1 selects the GEMV kernel. Guesses for H100; measured plans (tuning)
 # replace them per GPU model and shape.
 _CONFIGS = {
     1: (1, 64, 128, 4),
@@ -150,7 +150,7 @@ def candidate_plans(m: int, k: int, group_size: int, dequant: bool = True) -> li
 
 
 # Measured plans: (device name, x dtype, N, K, group size, M bucket) -> Int4Plan. Filled by
-# int4_tuning (from its JSON file on first use, or by tuning in this process).
+# tuning (from its JSON file on first use, or by tuning in this process).
 _TUNED: dict = {}
 
 

@@ -1,5 +1,5 @@
 """``f32_linear_native``: a float32 weight times a few rows on the CPU (``sxc_f32_linear`` in
-``csrc/f32_cpu.h``), with the layer ops around it fused, and its PyTorch reference.
+``csrc/f32_cpu.h``), with the layer ops around it fused (the reference: ``reference``).
 
 A float32 decode step reads every weight once, so its matmuls are bound by memory; the kernel
 streams the weight rows in order with software prefetch, and runs RMSNorm, SiLU * up and the
@@ -10,17 +10,23 @@ rows. See docs/DESIGN.md ("CPU float32 path") for the measurements.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from . import cpu_native
+from .. import cpu_native
 
 # Rows up to which ops.py takes the native kernel (above: the transposed BLAS GEMM, which reuses
 # each weight across rows better past ~24 on a 2-core EPYC, see docs/DESIGN.md; 24 covers the
 # 17-row verification of a budget-16 tree).
 MAX_ROWS = 24
+
+cpu_native.declare({
+    "sxc_f32_linear": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+                                      ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_int]),
+})
 
 
 def serves(x: torch.Tensor, w: torch.Tensor, width: int) -> bool:
@@ -82,16 +88,3 @@ def f32_linear_native(x: torch.Tensor, w: torch.Tensor, residual: Optional[torch
     return run_f32_native(x, w.contiguous(), None if residual is None else residual.contiguous(),
                           None if norm is None else norm[0].contiguous(), 0.0 if norm is None else float(norm[1]),
                           swiglu, level, threads)
-
-
-def f32_linear_reference(x: torch.Tensor, w: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                         norm: Optional[tuple] = None, swiglu: bool = False) -> torch.Tensor:
-    """``f32_linear_native`` in PyTorch ops."""
-    if swiglu:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
-    if norm is not None:
-        nw, eps = norm
-        x = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    y = F.linear(x, w)
-    return y if residual is None else y + residual
