@@ -22,7 +22,7 @@ from gguf import quants  # noqa: E402
 from hf_models import make_hf_model  # noqa: E402
 from specexec_rt import load_model  # noqa: E402
 from specexec_rt.errors import UnsupportedModelError  # noqa: E402
-from specexec_rt.kernels import int4_cpu  # noqa: E402
+from specexec_rt.kernels.int4 import cpu as int4_cpu  # noqa: E402
 from specexec_rt.kernels.int4.weight import Int4Weight  # noqa: E402
 from specexec_rt.loading.gguf_file import gguf_config, gguf_getters, open_gguf  # noqa: E402
 

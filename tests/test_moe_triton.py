@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from conftest import build_tiny_model
-from specexec_rt.kernels import int4_cpu
+from specexec_rt.kernels.int4 import cpu as int4_cpu
 from specexec_rt.kernels.int4.weight import Int4Weight
 from specexec_rt.model import ops
 from specexec_rt.speculative.drafts import int4_draft
@@ -29,7 +29,7 @@ def test_int4_moe_through_the_triton_kernels_matches_the_cpu_path(monkeypatch):
     monkeypatch.setattr(int4_cpu, "CPU_COMPUTE_DTYPE", torch.float32)      # exact int4 products
     want = run()
     calls = []
-    from specexec_rt.kernels import int4_gemm
+    from specexec_rt.kernels.int4 import gemm as int4_gemm
 
     real = int4_gemm.run_plan
     monkeypatch.setattr(int4_gemm, "run_plan", lambda x, w, *a: calls.append(x.shape[0]) or real(x, w, *a))
