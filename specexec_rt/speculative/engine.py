@@ -32,16 +32,15 @@ from ..errors import (ContextLengthError, InvalidParameterError, MemoryBudgetErr
 from ..model import Segment, causal_mask
 from .detok import TextTracker
 from .drafting import Drafter, runner_for
-from .methods import CURVE_SCALE, METHODS, PassContext, SpecExec
+from .methods import METHOD_PARAMS, METHODS, PassContext, method_class
+from .packet import from_fixed, to_fixed
 from .params import check_prompt, check_request, check_token_ids
 from .request import GenerationResult, GenerationStats, Request, RequestHandle
 from .sampling import SamplingParams, process_logits
 from .tree import path_rows
 
-__all__ = ["Engine", "GenerationResult", "GenerationStats", "RequestHandle", "METHODS",
+__all__ = ["Engine", "GenerationResult", "GenerationStats", "RequestHandle", "METHODS", "METHOD_PARAMS",
            "check_same_vocabulary"]
-
-METHOD_PARAMS = {name: cls.param_names for name, cls in METHODS.items()}
 
 
 class Engine:
@@ -91,8 +90,7 @@ class Engine:
     def __init__(self, target, draft=None, method: str = "specexec", budget: Union[int, str] = 256,
                  tokenizer=None, static_draft: Optional[bool] = None, max_batch: int = 1,
                  prefill_chunk: int = 1024, **method_params):
-        if method not in METHODS:
-            raise ValueError(f"method={method!r}; choose one of {tuple(METHODS)}")
+        method_cls = method_class(method)
         self.auto = isinstance(budget, str) and budget == "auto"
         if isinstance(budget, str) and not self.auto:
             raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}")
@@ -103,7 +101,7 @@ class Engine:
         if auto_shapes not in (None, "trees", "chains"):
             raise ValueError(f"auto_shapes must be 'trees' or 'chains', got {auto_shapes!r}")
         if self.auto:
-            if method != "specexec":
+            if not method_cls.supports_auto:
                 raise ValueError(f"budget='auto' needs method='specexec', not {method!r}")
             max_budget = method_params.pop("max_budget", None)
             budget = max(1, min(1024, target.max_len - 3)) if max_budget is None else max_budget
@@ -111,7 +109,7 @@ class Engine:
         if unknown:
             raise TypeError(f"method {method!r} takes no parameter(s) {sorted(unknown)}; "
                             f"it takes {list(METHOD_PARAMS[method]) or 'none'}")
-        if method != "autoregressive" and draft is None:
+        if method_cls.needs_draft and draft is None:
             raise ValueError(f"method {method!r} needs a draft model (or use method='autoregressive'; "
                              f"specexec_rt.default_draft(target) builds one from the target)")
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
@@ -121,13 +119,12 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.target = target
-        self.draft = draft if method != "autoregressive" else None
+        self.draft = draft if method_cls.needs_draft else None
         self.method = method
         self.budget = "auto" if self.auto else budget
-        self.decoder = SpecExec(budget, method_params, self.auto, target.device) if method == "specexec" \
-            else METHODS[method](budget, method_params)
+        self.decoder = method_cls(budget, method_params, self.auto, target.device)
         self.params = self.decoder.params
-        self.tree_policy = getattr(self.decoder, "policy", None)   # SpecExec: tree_policy.TreePolicy
+        self.tree_policy = self.decoder.policy   # SpecExec: tree_policy.TreePolicy
         self.device = target.device
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -150,7 +147,7 @@ class Engine:
         if static_draft is None:
             static_draft = (self.draft is not None and self.draft.device.type == "cuda" and max_batch == 1
                             and type(self.draft.layer_source).__name__ == "ResidentLayers")
-        self.static_draft = bool(static_draft) and method == "specexec" and max_batch == 1
+        self.static_draft = bool(static_draft) and method_cls.static_draft and max_batch == 1
         self._draft_runners: dict = {}     # beams -> StaticDraftStep (None: cache too short)
         self.budget_controller = None
         self.auto_shapes: Optional[str] = None   # budget="auto": "trees" or "chains"
@@ -169,8 +166,6 @@ class Engine:
                                                       allow_autoregressive=self.draft is not None,
                                                       chains=self.auto_shapes == "chains",
                                                       max_chain=min(8, self.params["max_depth"]))
-        self._chain_decoders: dict = {}    # k -> Chain (auto_shapes="chains")
-        self._plain = METHODS["autoregressive"](1, {})
         # Scheduling state. _cond guards the queue, the free regions and every request's
         # pieces/done/error; _loop is held by the thread running a pass.
         self._cond = threading.Condition()
@@ -487,8 +482,7 @@ class Engine:
         shortest possible request (a 1-token prompt, 1 new token)."""
         verify = self.decoder.verify_rows(self._max_budget)
         if 2 + verify > self.target.max_len:
-            setting = self.decoder.settings()[0] if self.method != "specexec" else \
-                f"budget={self.budget}" + (f" (max_budget={self._max_budget})" if self.auto else "")
+            setting = self.decoder.size_setting()
             raise ContextLengthError(
                 f"{setting}: a verification tree of {verify} tokens (plus a 1-token prompt and 1 new token) "
                 f"does not fit the target's KV cache (max_len={self.target.max_len}); lower the budget or "
@@ -517,14 +511,6 @@ class Engine:
                     f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + draft tree ({draft_slots}) "
                     f"= {need} tokens exceed the draft's KV cache (max_len={self.draft.max_len})")
         return max(1, cap)
-
-    def _chain(self, k: int):
-        """The chain method with ``k`` draft tokens per pass (auto_shapes="chains"), kept."""
-        if k not in self._chain_decoders:
-            # Coupled: every pass draws position t's token from (seed, t) alone, whichever mode
-            # auto picked, so a seed fixes the text.
-            self._chain_decoders[k] = METHODS["chain"](k, {"k": k, "coupled": True})
-        return self._chain_decoders[k]
 
     def _runner(self, n_tree_requests: int, budget: int):
         """The static-shape draft step for a pass of one request at ``budget`` (or None)."""
@@ -570,11 +556,8 @@ class Engine:
                     # has yet to read (a SpecExec tree just grows less near the end of it).
                     cap = min([cap] + [self.draft_region_len - r.dp - len(r.pending) + 1 for r in tree_reqs])
                 budget, depth = ctl.plan(cap, max(catch_up_lens)) if cap >= 1 else (0, 0)
-                if budget == 0:          # drafting does not pay now: decode one token, no draft call
-                    decoder = self._plain
-                elif ctl.chains:
-                    decoder = self._chain(budget)
-            if self.draft is not None and decoder is not self._plain:
+                decoder = self.decoder.auto_method(budget, ctl.chains)
+            if self.draft is not None and decoder.needs_draft:
                 bases = [r.region * self.draft_region_len for r in tree_reqs]
                 runner = self._runner(len(tree_reqs), budget) if decoder is self.decoder else None
                 drafter = Drafter(self.draft, self._dcache, tree_reqs, bases, self.draft_region_len,
@@ -622,7 +605,6 @@ class Engine:
         # Exact acceptance for each tree; every request's result is read in one sync, with the
         # budget controller's curve and the tree policy's evidence riding along.
         parts, layout, offset = [], [], 0
-        policy = getattr(decoder, "policy", None)
         evidence = []          # (request, params, evidence length)
         for r, (vt, extra) in zip(tree_reqs, grown):
             n = vt.n
@@ -646,13 +628,13 @@ class Engine:
             layout.append(n)
             # Greedy and coupled trees learn from the draws themselves (acceptance.py).
             outcome = draws if r.params.greedy or decoder.coupled else None
-            ev = policy.observations(vt, p, r.params, vt.mask[last], outcome) if policy is not None else None
+            ev = decoder.evidence(vt, p, r.params, last, outcome)
             if ev is not None:
                 evidence.append((r, r.params, int(ev.shape[0])))
                 parts.append(ev)
         n_curve = 0
         if ctx is not None and ctx.curve is not None:
-            parts.append(ctx.curve[1])
+            parts.append(to_fixed(ctx.curve[1]))
             n_curve = int(ctx.curve[1].shape[0])
         h = host(torch.cat(parts)) if parts else []
 
@@ -666,7 +648,7 @@ class Engine:
             pos += 3 + 3 * n
             k = ev_len.get(id(r), 0)
             if k and not bad:        # only finite passes teach the tree policy
-                policy.update(r.params, h[pos:pos + k])
+                decoder.learn(r.params, h[pos:pos + k])
             pos += k
             tokens, dslots, path = rest[:m + 1], rest[n:n + m + 1], rest[2 * n:2 * n + m + 1]
             base, c = r.region * self.region_len, len(r.t_pending)
@@ -724,8 +706,8 @@ class Engine:
             s.syncs += syncs[0]
             s.max_syncs_per_pass = max(s.max_syncs_per_pass, syncs[0])
             s.batch_sizes.append(n_tree_reqs)
-            if self.method == "specexec":
-                s.budgets.append(budget if decoder is not self._plain else 0)
+            if self.decoder.supports_auto:
+                s.budgets.append(budget)
             s.modes.append(decoder.name)
             r.produced += len(new)
             r.seq.extend(new)
@@ -743,7 +725,7 @@ class Engine:
         if self.auto and accepted:
             # A pass that carried a prompt (or a draft's prompt prefill) says nothing about the
             # cost of a tree: its times are left out of the fits.
-            curve_vals = [v / CURVE_SCALE for v in h[len(h) - n_curve:]] if n_curve else []
+            curve_vals = from_fixed(h[len(h) - n_curve:]) if n_curve else []
             pts = ctx.curve[0] if ctx.curve is not None else []
             # A draft catching up on tokens it skipped in plain passes is not a tree's cost either.
             catch_up = max(catch_up_lens) > self.params["max_depth"] + 2
