@@ -29,15 +29,13 @@ import torch
 from . import memory
 from ..errors import (ContextLengthError, InvalidParameterError, MemoryBudgetError, ModelLoadError,
                       NonFiniteLogitsError, SamplingParameterError, SpecExecError, VocabularyMismatchError)
-from ..model import Segment, causal_mask
 from .detok import TextTracker
-from .drafting import Drafter, runner_for
-from .methods import METHOD_PARAMS, METHODS, PassContext, method_class
-from .packet import from_fixed, to_fixed
+from .methods import METHOD_PARAMS, METHODS, method_class
+from .runner import Runner
+from .scheduler import SchedulerOutput
 from .params import check_prompt, check_request, check_token_ids
 from .request import GenerationResult, GenerationStats, Request, RequestHandle
-from .sampling import SamplingParams, process_logits
-from .tree import path_rows
+from .sampling import SamplingParams
 
 __all__ = ["Engine", "GenerationResult", "GenerationStats", "RequestHandle", "METHODS", "METHOD_PARAMS",
            "check_same_vocabulary"]
@@ -143,12 +141,11 @@ class Engine:
         # first use.
         self.region_len = target.max_len
         self.draft_region_len = self.draft.max_len if self.draft is not None else 0
-        self._pools: dict = {}
         if static_draft is None:
             static_draft = (self.draft is not None and self.draft.device.type == "cuda" and max_batch == 1
                             and type(self.draft.layer_source).__name__ == "ResidentLayers")
         self.static_draft = bool(static_draft) and method_cls.static_draft and max_batch == 1
-        self._draft_runners: dict = {}     # beams -> StaticDraftStep (None: cache too short)
+        self._runner = Runner(target, self.draft, self.decoder, max_batch, self.static_draft)
         self.budget_controller = None
         self.auto_shapes: Optional[str] = None   # budget="auto": "trees" or "chains"
         if self.auto:
@@ -315,18 +312,8 @@ class Engine:
             req = Request([int(root)], SamplingParams(float(temperature)), 0, 1 << 30, None, self.device)
             req.dp, req.pending, req.region = int(c), [int(root)], i
             reqs.append(req)
-        syncs = [0]
-
-        def host(t):
-            syncs[0] += 1
-            return t.tolist()
-
         stats = GenerationStats()
-        drafter = Drafter(self.draft, self._dcache, reqs, [i * self.draft_region_len for i in range(len(reqs))],
-                          self.draft_region_len, [stats], self._runner(len(reqs), self._max_budget))
-        ctx = PassContext(reqs, drafter, host, self.device, self._max_budget, self.params.get("max_depth", 0))
-        trees = [vt for vt, _ in self.decoder.grow(ctx)]
-        stats.syncs = syncs[0]
+        trees, stats.syncs = self._runner.grow_only(reqs, self._max_budget, self.params.get("max_depth", 0), stats)
         return trees, stats
 
     def grow_tree(self, committed: int, root: int, temperature: float = 0.0):
@@ -335,25 +322,15 @@ class Engine:
         return tree, stats
 
     @property
-    def _tcache(self):
-        """The target's KV cache holding every request's region."""
-        return self._pool(self.target)
-
-    @property
-    def _dcache(self):
-        return self._pool(self.draft) if self.draft is not None else None
-
-    def _pool(self, model):
-        if self.max_batch == 1:
-            return model.cache
-        if id(model) not in self._pools:
-            self._pools[id(model)] = model.new_cache(self.max_batch * model.max_len)
-        return self._pools[id(model)]
+    def static_draft_steps(self) -> list:
+        """The static draft steps (``draft_graph.StaticDraftStep``) made so far, one per beams
+        value used; for checking which steps ran, were captured and replayed."""
+        return self._runner.static_steps
 
     @property
     def captured_draft_graphs(self) -> int:
         """Static draft steps captured as CUDA graphs so far (one per beams value used)."""
-        return sum(1 for r in self._draft_runners.values() if r is not None and r.graph is not None)
+        return sum(1 for step in self._runner.static_steps if step.graph is not None)
 
     def pass_bytes(self, budget: Optional[int] = None, sampled: bool = True, n_requests: int = 1) -> int:
         """The working-memory estimate of one pass at ``budget`` (default: the largest)."""
@@ -512,23 +489,8 @@ class Engine:
                     f"= {need} tokens exceed the draft's KV cache (max_len={self.draft.max_len})")
         return max(1, cap)
 
-    def _runner(self, n_tree_requests: int, budget: int):
-        """The static-shape draft step for a pass of one request at ``budget`` (or None)."""
-        if not self.static_draft or n_tree_requests != 1:
-            return None
-        return lambda m: runner_for(self._draft_runners, self.draft, self.decoder.static_beams(budget, m),
-                                    self.params["max_depth"])
-
     # ------------------------------------------------------------------ one pass
     def _pass(self, reqs: list) -> None:
-        dev = self.device
-        syncs = [0]
-
-        def host(t: torch.Tensor):
-            """Every device -> host read of the pass goes through here, so syncs are counted."""
-            syncs[0] += 1
-            return t.tolist()
-
         # Which requests verify a tree this pass, and how much of a new prompt rides along.
         room = self.prefill_chunk
         tree_reqs, chunk_reqs = [], []
@@ -542,170 +504,43 @@ class Engine:
                 room = 0
         first_trees = any(r.stats.target_passes == 0 for r in tree_reqs)
         carries_prompt = any(r.t_pending for r in tree_reqs) or bool(chunk_reqs)
-
         catch_up_lens = [len(r.pending) for r in tree_reqs] or [0]
-        t0 = time.perf_counter()
-        budget, depth, ctx = self._max_budget, self.params.get("max_depth", 0), None
-        grown, drafter, decoder = [], None, self.decoder
-        if tree_reqs:
-            if self.auto:
-                cap = min(r.auto_cap for r in tree_reqs)
-                ctl = self.budget_controller
-                if ctl.chains:
-                    # A chain of k draft tokens takes k slots of the draft's cache after what it
-                    # has yet to read (a SpecExec tree just grows less near the end of it).
-                    cap = min([cap] + [self.draft_region_len - r.dp - len(r.pending) + 1 for r in tree_reqs])
-                budget, depth = ctl.plan(cap, max(catch_up_lens)) if cap >= 1 else (0, 0)
-                decoder = self.decoder.auto_method(budget, ctl.chains)
-            if self.draft is not None and decoder.needs_draft:
-                bases = [r.region * self.draft_region_len for r in tree_reqs]
-                runner = self._runner(len(tree_reqs), budget) if decoder is self.decoder else None
-                drafter = Drafter(self.draft, self._dcache, tree_reqs, bases, self.draft_region_len,
-                                  [r.stats for r in tree_reqs], runner)
-            ctx = PassContext(tree_reqs, drafter, host, dev, budget, depth, self.budget_controller)
-            grown = decoder.grow(ctx)
-        t1 = time.perf_counter()
-
-        # The target pass: prompt chunks, then each tree (behind whatever prompt still rides with it).
-        segs, toks, poss, logit_rows, row = [], [], [], [], 0
-        for r, c in chunk_reqs:
-            base = r.region * self.region_len
-            segs.append(Segment(c, base, r.tp))
-            toks.append(torch.tensor(r.t_pending[:c], device=dev))
-            poss.append(torch.arange(r.tp, r.tp + c, device=dev))
-            row += c
-        for r, (vt, _) in zip(tree_reqs, grown):
-            base, c, n = r.region * self.region_len, len(r.t_pending), vt.n
-            if c:
-                mask = torch.zeros(c + n, c + n, dtype=torch.bool, device=dev)
-                mask[:c, :c] = causal_mask(c, dev)
-                mask[c:, :c] = True
-                mask[c:, c:] = vt.mask
-                segs.append(Segment(c + n, base, r.tp, tree_mask=mask))
-                toks.append(torch.tensor(r.t_pending, device=dev))
-                poss.append(torch.arange(r.tp, r.tp + c, device=dev))
-            else:
-                segs.append(Segment(n, base, r.tp, tree_mask=vt.mask))
-            toks.append(vt.tokens)
-            poss.append(r.tp + c + vt.depths)
-            logit_rows.append(torch.arange(row + c, row + c + n, device=dev))
-            row += c + n
-        token_ids = torch.cat(toks) if len(toks) > 1 else toks[0]
-        positions = torch.cat(poss) if len(poss) > 1 else poss[0]
-        rows_t = None
-        if chunk_reqs or any(r.t_pending for r in tree_reqs):
-            rows_t = torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long, device=dev)
-        if len(segs) == 1 and segs[0].base == 0:
-            s = segs[0]
-            logits = self.target.forward(token_ids, positions, self._tcache, s.prefix_len, s.tree_mask,
-                                         logits_rows=rows_t)
-        else:
-            logits = self.target.forward_batch(token_ids, positions, self._tcache, segs, logits_rows=rows_t)
-
-        # Exact acceptance for each tree; every request's result is read in one sync, with the
-        # budget controller's curve and the tree policy's evidence riding along.
-        parts, layout, offset = [], [], 0
-        evidence = []          # (request, params, evidence length)
-        for r, (vt, extra) in zip(tree_reqs, grown):
-            n = vt.n
-            lg = logits[offset:offset + n]
-            offset += n
-            # Greedy acceptance only takes each row's argmax, which the logits give as the one-hot
-            # of process_logits does (first index on ties), so the one-hot (~0.1 ms per row of a
-            # 49k vocabulary on a CPU, and an argmax over it again) is never built.
-            p = lg if r.params.greedy else process_logits(lg, r.params)
-            noise = None
-            if r.noise is not None and extra is None:
-                # Row i draws the token at position root + depth_i + 1, with that position's noise.
-                bound = min(vt.depth_bound if vt.depth_bound is not None else n - 1, n - 1)
-                r.noise.ensure(r.root_pos + 1, bound + 1, p.shape[-1])
-                noise = r.noise.at(r.root_pos + 1, vt.depths)
-            last, bonus, draws = decoder.accept(vt, extra, p, r.gen, r.params, noise)
-            path = path_rows(vt, last, n)
-            lo, hi = torch.aminmax(lg)          # NaN propagates; one pass, no [n, V] temporary
-            bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).long()
-            parts += [bad.view(1), vt.depths[last].view(1), bonus.view(1), vt.tokens[path], vt.draft_slots[path], path]
-            layout.append(n)
-            # Greedy and coupled trees learn from the draws themselves (acceptance.py).
-            outcome = draws if r.params.greedy or decoder.coupled else None
-            ev = decoder.evidence(vt, p, r.params, last, outcome)
-            if ev is not None:
-                evidence.append((r, r.params, int(ev.shape[0])))
-                parts.append(ev)
-        n_curve = 0
-        if ctx is not None and ctx.curve is not None:
-            parts.append(to_fixed(ctx.curve[1]))
-            n_curve = int(ctx.curve[1].shape[0])
-        h = host(torch.cat(parts)) if parts else []
-
-        # Commits: every request's accepted path (and its prompt chunk, already in place) into
-        # its region, one index copy per cache.
-        t_src, t_dst, d_src, d_dst = [], [], [], []
-        results, pos = [], 0
-        ev_len = {id(r): k for r, _, k in evidence}
-        for r, n in zip(tree_reqs, layout):
-            bad, m, bonus, rest = h[pos], h[pos + 1], h[pos + 2], h[pos + 3:pos + 3 + 3 * n]
-            pos += 3 + 3 * n
-            k = ev_len.get(id(r), 0)
-            if k and not bad:        # only finite passes teach the tree policy
-                decoder.learn(r.params, h[pos:pos + k])
-            pos += k
-            tokens, dslots, path = rest[:m + 1], rest[n:n + m + 1], rest[2 * n:2 * n + m + 1]
-            base, c = r.region * self.region_len, len(r.t_pending)
-            start = base + r.tp + c
-            t_src += [start + j for j in path]
-            t_dst += list(range(start, start + m + 1))
-            results.append((r, bool(bad), tokens, dslots, bonus))
-        self._move(self._tcache, t_src, t_dst)
-        for r, c in chunk_reqs:
-            r.tp += c
-            del r.t_pending[:c]
-        for r, _, tokens, dslots, bonus in results:
-            r.tp += len(r.t_pending) + len(tokens)
-            r.t_pending = []
-            if self.draft is None:
-                r.pending = [bonus]
-                continue
-            if drafter is None:
-                # No draft call this pass: the draft's cache stays as it was and catches up on
-                # these tokens in its next call (its pending chain).
-                r.pending += tokens[1:] + [bonus]
-                continue
-            k = 0
-            while k < len(dslots) and dslots[k] >= 0:
-                k += 1
-            dbase = r.region * self.draft_region_len
-            d_src += [dbase + r.dp + s for s in dslots[:k]]
-            d_dst += list(range(dbase + r.dp, dbase + r.dp + k))
-            r.dp += k
-            r.pending = tokens[k:] + [bonus]
-        if self.draft is not None:
-            self._move(self._dcache, d_src, d_dst)
-        t2 = time.perf_counter()
+        budget, depth, decoder = self._max_budget, self.params.get("max_depth", 0), self.decoder
+        if tree_reqs and self.auto:
+            cap = min(r.auto_cap for r in tree_reqs)
+            ctl = self.budget_controller
+            if ctl.chains:
+                # A chain of k draft tokens takes k slots of the draft's cache after what it
+                # has yet to read (a SpecExec tree just grows less near the end of it).
+                cap = min([cap] + [self.draft_region_len - r.dp - len(r.pending) + 1 for r in tree_reqs])
+            budget, depth = ctl.plan(cap, max(catch_up_lens)) if cap >= 1 else (0, 0)
+            decoder = self.decoder.auto_method(budget, ctl.chains)
+        out = SchedulerOutput(tree_reqs, chunk_reqs, decoder, budget, depth, self.budget_controller, first_trees,
+                              carries_prompt, max(catch_up_lens))
+        run = self._runner.execute(out)
 
         # Bookkeeping, text, and who is done.
-        n_tree_reqs = len(tree_reqs)
-        tree_size = {id(r): vt.n for r, (vt, _) in zip(tree_reqs, grown)}
         accepted = []
         finished = []
-        for r, bad, tokens, _, bonus in results:
-            if bad:
+        for res in run.results:
+            r = res.request
+            if not res.finite:
                 finished.append((r, NonFiniteLogitsError(
                     f"the target model produced NaN/inf logits in a verification pass (method={self.method}); its "
                     f"weights or activations are not finite (a corrupt checkpoint, or an overflow in a "
                     f"low-precision dtype)")))
                 continue
             s = r.stats
-            new = tokens[1:] + [bonus]
-            accepted.append(len(tokens) - 1)
-            s.draft_seconds += t1 - t0
-            s.target_seconds += t2 - t1
+            new = res.new_tokens()
+            accepted.append(res.accepted)
+            s.draft_seconds += run.draft_seconds
+            s.target_seconds += run.target_seconds
             s.target_passes += 1
-            s.tree_tokens += tree_size[id(r)]
+            s.tree_tokens += res.tree_size
             s.tokens_per_pass_histogram[len(new)] = s.tokens_per_pass_histogram.get(len(new), 0) + 1
-            s.syncs += syncs[0]
-            s.max_syncs_per_pass = max(s.max_syncs_per_pass, syncs[0])
-            s.batch_sizes.append(n_tree_reqs)
+            s.syncs += run.syncs
+            s.max_syncs_per_pass = max(s.max_syncs_per_pass, run.syncs)
+            s.batch_sizes.append(len(tree_reqs))
             if self.decoder.supports_auto:
                 s.budgets.append(budget)
             s.modes.append(decoder.name)
@@ -721,34 +556,25 @@ class Engine:
             if r.tracker.finish_reason:
                 finished.append((r, None))
         for r, _ in chunk_reqs:
-            r.stats.prefill_seconds += t2 - t1
+            r.stats.prefill_seconds += run.target_seconds
         if self.auto and accepted:
             # A pass that carried a prompt (or a draft's prompt prefill) says nothing about the
             # cost of a tree: its times are left out of the fits.
-            curve_vals = from_fixed(h[len(h) - n_curve:]) if n_curve else []
-            pts = ctx.curve[0] if ctx.curve is not None else []
+            pts, curve_vals = run.curve if run.curve is not None else ([], [])
             # A draft catching up on tokens it skipped in plain passes is not a tree's cost either.
             catch_up = max(catch_up_lens) > self.params["max_depth"] + 2
             self.budget_controller.observe(
-                budget, sum(vt.n for vt, _ in grown), drafter.calls if drafter is not None else 0,
-                None if first_trees or catch_up else t1 - t0, None if carries_prompt else t2 - t1, pts, curve_vals,
+                budget, run.n_verified, run.draft_calls,
+                None if first_trees or catch_up else run.draft_seconds, None if carries_prompt else run.target_seconds,
+                pts, curve_vals,
                 # Per request, as the curve (its mass is averaged over the pass's trees) and the
                 # costs (a plain pass decodes the same requests) are: the mean, not the luckiest.
                 sum(accepted) / len(accepted), truncated=budget > 0 and any(r.remaining < depth for r in tree_reqs),
-                catch_up=(max(catch_up_lens), t1 - t0) if catch_up and drafter is not None else None)
+                catch_up=(max(catch_up_lens), run.draft_seconds) if catch_up and run.draft_calls else None)
         with self._cond:
             for r, err in finished:
                 self._finish(r, r.tracker.finish_reason or "error", err)
             self._cond.notify_all()
-
-    @staticmethod
-    def _move(cache, src: list, dst: list) -> None:
-        # A chain's (and a plain pass's) accepted path is already where it belongs.
-        if src == dst:
-            return
-        if src:
-            dev = cache.device
-            cache.move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
 
 
 def _is_oom(e: BaseException) -> bool:
