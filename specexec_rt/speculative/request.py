@@ -94,6 +94,7 @@ class Request:
         self.dp = 0
         self.pending: list = list(ids)
         self.produced = 0
+        self.committed: list = list(ids)           # every committed token: the prompt, then the new ones
         self.auto_cap = 0                          # budget="auto": the largest tree its caches allow
         self.submitted = time.perf_counter()
         self.on_update = None                      # callback(piece, done) from the pass thread
