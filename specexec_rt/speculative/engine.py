@@ -312,14 +312,14 @@ class Engine:
             news = sched.take_news(req)
             if news is not None:
                 return news
+            served = 0
             if self._loop.acquire(blocking=False):
                 try:
-                    if not sched.has_news(req):
-                        self._run_pass()
+                    served = 1 if sched.has_news(req) else self._run_pass()
                 finally:
                     self._loop.release()
                     sched.wake()
-            else:
+            if not served:           # another thread runs the pass (or the scheduler is paused)
                 sched.wait_for_news(req, 0.05)
 
     # ------------------------------------------------------------------ the loop

@@ -71,6 +71,7 @@ class Scheduler:
         self.free = list(range(max_batch))
         self._done_callbacks: list = []    # (on_update, last piece) of requests just finished
         self.last_finished: Optional[Request] = None
+        self._pauses = 0                   # no pass starts while any pause() is unmatched
 
     # ------------------------------------------------------------------ any thread
     def add(self, req: Request) -> None:
@@ -96,13 +97,24 @@ class Scheduler:
         with self.cond:
             return len(self.running), len(self.waiting)
 
+    def pause(self) -> None:
+        """No pass starts until the matching ``resume`` (the one in flight finishes): what a
+        server uses to hold the engine busy. Requests can still be added and cancelled."""
+        with self.cond:
+            self._pauses += 1
+
+    def resume(self) -> None:
+        with self.cond:
+            self._pauses -= 1
+            self.cond.notify_all()
+
     def wait_for_work(self, timeout: Optional[float]) -> bool:
         """Whether a pass has requests to serve, waiting up to ``timeout`` seconds (None: forever)
-        for one."""
+        for one (always False while paused)."""
         with self.cond:
-            if not (self.waiting or self.running):
+            if self._pauses or not (self.waiting or self.running):
                 self.cond.wait(timeout)
-            return bool(self.waiting or self.running)
+            return not self._pauses and bool(self.waiting or self.running)
 
     def take_news(self, req: Request) -> Optional[tuple[list, bool]]:
         """``req``'s text pieces not yet handed out and whether it is done, or None: nothing new."""
@@ -136,8 +148,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the pass thread
     def admit(self) -> list:
-        """Drop cancelled requests, admit queued ones into free regions; the running requests."""
+        """Drop cancelled requests, admit queued ones into free regions; the running requests
+        (none while paused: no pass)."""
         with self.cond:
+            if self._pauses:
+                return []
             for r in [r for r in self.running if r.cancelled]:
                 self._finish(r, "cancelled")
             while self.waiting and self.free:
