@@ -14,6 +14,7 @@ with:
 | ``q8_weight`` | the 8-bit (GGUF Q8_0) format ``Q8Weight`` for LM heads, ``q8_linear`` (native CPU kernel), its references |
 | ``argmax_cpu`` | ``argmax_rows``: greedy decoding's row-wise argmax (native CPU scan), its reference |
 | ``cpu_native`` | builds (on first use) and loads the native CPU library ``csrc/int4_cpu.c`` (+ ``q8_cpu.h``) |
+| ``triton_env`` | where the Triton launchers run: ``sm_count``, ``interpreting`` |
 
 Micro-benchmarking needs only the names below, e.g.::
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+# Module attributes on purpose: bench/host_overhead.py stands in for the interpreter check.
+from .triton_env import interpreting as _interpreting, sm_count as _sm_count
 
 __all__ = [
     "Segments",
@@ -259,23 +261,14 @@ def _choose_config(rows: int, d_pad: int, interpreted: bool) -> TileConfig:
     return TileConfig(block_m, 64, 4, 3)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _choose_splits(programs: int, n_tiles: int, device: torch.device) -> int:
     """Flash-decoding split count: fill ~2 waves of SMs, at least 2 key tiles per split."""
     if device.type != "cuda" or n_tiles < 4:
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(device)
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, programs), n_tiles // 2, 128))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -36,6 +35,8 @@ except ImportError:  # CPU-only installs without Triton still get the CPU paths
 from .int4_cpu import int4_matmul_cpu
 from .int4_plans import Int4Plan, block_k_for, default_plan, plan_for
 from .int4_weight import Int4Weight, check_matmul_inputs
+# Module attributes on purpose: bench/host_overhead.py stands in for the interpreter check.
+from .triton_env import interpreting as _interpreting, sm_count as _sm_count
 
 # Software-pipelining stages of the K loops. 1 is the safe default: LLVM crashed when
 # pipelining loops over bit-packed weights in some Triton versions.
@@ -220,13 +221,6 @@ if triton is not None:
 
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so tiny test shapes still exercise split-K
-
-
 def _split_k(n_tiles: int, k_blocks: int, sm_count: int, per_sm: int) -> int:
     """Splits of K (a power of two) so the grid has >= ``per_sm`` programs per SM, each
     with >= 2 K blocks: a memory-bound kernel needs many loads in flight per SM (Little's
@@ -236,10 +230,6 @@ def _split_k(n_tiles: int, k_blocks: int, sm_count: int, per_sm: int) -> int:
     while n_tiles * split < target and k_blocks // (split * 2) >= 2:
         split *= 2
     return split
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class _FusedLaunch(NamedTuple):

@@ -56,7 +56,7 @@ def forward_segments(model, token_ids: torch.Tensor, positions: torch.Tensor, ca
 
 def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: torch.Tensor,
                       sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                      slots: torch.Tensor, meta: ops.AttentionMeta) -> torch.Tensor:
+                      slots: torch.Tensor, meta: ops.AttentionPlan) -> torch.Tensor:
     """``x`` ``[n, hidden]`` -> ``[n, hidden]``; writes this layer's K/V for the new tokens."""
     n = x.shape[0]
     h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -194,7 +194,7 @@ class Transformer:
         return plan if plan is not None and plan.serves(rows) else None
 
     def _run(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, cache_slots: torch.Tensor,
-             meta: ops.AttentionMeta, logits_rows: Optional[torch.Tensor]) -> torch.Tensor:
+             meta: ops.AttentionPlan, logits_rows: Optional[torch.Tensor]) -> torch.Tensor:
         cos, sin = ops.rope_rows(self.cos, self.sin, positions, self.dtype)
         if meta.native_rows is not None and (cache_slots.dtype is not torch.int64 or not cache_slots.is_contiguous()):
             cache_slots = cache_slots.to(torch.int64).contiguous()

@@ -275,18 +275,3 @@ class AcceptanceModel:
             self.sums[b] = d * self.sums[b] + packet[nb + b] / FIXED_POINT
         self.passes += 1
         self._refresh()
-
-
-def path_log_accept(model: Optional[AcceptanceModel], logq: torch.Tensor) -> torch.Tensor:
-    """Child scores for the search: the model's calibrated log-acceptance, or the draft's own
-    log-probability when no model is given (today's softmax ranking)."""
-    return logq if model is None else model.log_accept(logq)
-
-
-def expected_child_mass(model: AcceptanceModel, width: int) -> float:
-    """Expected acceptance summed over an expansion's top-``width`` children (<= 1)."""
-    return min(1.0, sum(model.rank_acceptance(width)))
-
-
-def log_or_neg_inf(x: float) -> float:
-    return math.log(x) if x > 0 else float("-inf")
