@@ -2,9 +2,9 @@
 that names it (no silent coercion, no bare ValueError/TypeError/IndexError), and the engine then
 still gives exactly what a fresh engine gives.
 
-Classes (issue 13): seeds outside the generator's range or of the wrong type (4); silent
-coercions and unnamed parameters: float/bool/bytes/None token ids, ``temperature=inf``,
-``prompt=None``, ``stop=123``, ``temperature="abc"``, ``max_len="64"`` (7).
+Covered: seeds outside the generator's range or of the wrong type; silent coercions and unnamed
+parameters: float/bool/bytes/None token ids, ``temperature=inf``, ``prompt=None``, ``stop=123``,
+``temperature="abc"``, ``max_len="64"``.
 """
 from __future__ import annotations
 

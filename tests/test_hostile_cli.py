@@ -2,8 +2,8 @@
 before any model loads, the right exit code (2 known error, 1 unexpected, 130 Ctrl-C), a draft
 with a shorter context usable, and a normal run afterwards printing what a fresh engine gives.
 
-Classes (issue 13): 4 (seeds), 5 (``--draft`` loaded with the target's ``max_len``), 6
-(tracebacks, errors after loading), 7 (sampling values the API refuses).
+Covered: seeds; ``--draft`` loaded with the target's ``max_len``; tracebacks and errors after
+loading; sampling values the API refuses.
 """
 from __future__ import annotations
 

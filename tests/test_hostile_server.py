@@ -2,10 +2,10 @@
 the parameter named, nothing a client sends can hold a connection or the engine unboundedly, and
 a normal request right after still gets the target's own greedy text.
 
-Classes (issue 13): 3 (deeply nested JSON; the API key checked before the body is read), 4 (seeds
-out of range), 7 (silent coercions), 8 (slow or short bodies and heads, ``Content-Length: -1``,
-methods, disconnects, connection limit), 9 (huge text prompts refused before tokenizing, and
-tokenizing never blocks other requests).
+Covered: deeply nested JSON; the API key checked before the body is read; seeds out of range;
+silent coercions; slow or short bodies and heads, ``Content-Length: -1``, methods, disconnects,
+the connection limit; huge text prompts refused before tokenizing, and tokenizing never blocking
+other requests.
 """
 from __future__ import annotations
 
