@@ -5,7 +5,7 @@ Columns (``--methods``, default all):
 - ``calibrated``: SpecExec, best-first search ranked by the acceptance model learned online
   from verification (``tree="calibrated"``, the default policy);
 - ``softmax``: SpecExec as the paper describes it, ranked by the draft's softmax path
-  probability (``tree="softmax"``, the policy before issue 17);
+  probability (``tree="softmax"``, the policy before the calibrated search);
 - ``softmax-T<t>``: the softmax ranking at a fixed, sharper growth temperature (``--growth-temps``):
   the crude fix the calibrated search must beat;
 - ``sequoia``: Sequoia's optimal static tree for the budget from the per-rank acceptance vector

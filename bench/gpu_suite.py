@@ -1,4 +1,4 @@
-"""One command that validates and benchmarks everything on a lent GPU (issue 6).
+"""One command that validates and benchmarks everything on a lent GPU.
 
     python bench/gpu_suite.py [--dry] [--out bench/results] [--skip-tests]
                               [--sections tests,kernels,offload,e2e] [--commit HASH] [--no-flex]

@@ -1,6 +1,6 @@
 // Native copy engine and host-memory helpers for the offload LayerStreamer.
 //
-// A plain C ABI (loaded with ctypes from specexec_rt/native.py), so the library does not depend
+// A plain C ABI (loaded with ctypes from specexec_rt/offload/native.py), so the library does not depend
 // on PyTorch's C++ ABI and builds with nvcc alone. cudart is linked statically: the process may
 // then hold two runtime instances (ours and PyTorch's), which is fine because both use the
 // device's primary context, and streams/events are driver objects shared by both.

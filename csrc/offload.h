@@ -1,5 +1,5 @@
 // C ABI of libspecexec_offload (see offload.cu). Mirrored by the ctypes prototypes in
-// specexec_rt/native.py: bump SX_ABI_VERSION whenever a signature changes.
+// specexec_rt/offload/native.py: bump SX_ABI_VERSION whenever a signature changes.
 #pragma once
 
 #include <stddef.h>

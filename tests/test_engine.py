@@ -88,8 +88,8 @@ def test_committed_caches_equal_fresh_prefill(method, budget, seed, n_new, tempe
               "specexec": dict(beams_per_step=3, branch_width=3, max_depth=6)}[method]
     engine = Engine(target, draft, method=method, budget=budget, **params)
     engine.generate([2, 7, 1], max_new_tokens=n_new, temperature=temperature, seed=seed)
-    req = engine._last_request      # the finished request's committed text and cache prefixes
-    seq, tp, dp = req.seq, req.tp, req.dp
+    state = engine.last_cache_state()      # the finished request's committed text and cache prefixes
+    seq, tp, dp = state.committed, state.target_len, state.draft_len
     assert tp == len(seq) - 1 and dp <= tp
     for model, n in ((target, tp), (draft, dp)):
         fresh = model.new_cache()

@@ -60,12 +60,12 @@ def test_fixed_budget_over_memory_names_the_budget(monkeypatch):
 def test_auto_lowers_its_ceiling_to_what_fits(monkeypatch):
     target, draft = make_pair()
     probe = Engine(target, draft, method="specexec", budget="auto", max_budget=128)
-    assert probe._max_budget == 128
+    assert probe.max_budget == 128
     need = {b: probe.pass_bytes(b, sampled=False) for b in (8, 16, 32, 128)}
     assert need[8] < need[16] < need[32] <= need[128]
     set_available(monkeypatch, (need[16] + need[32]) // 2)
     eng = Engine(target, draft, method="specexec", budget="auto", max_budget=128)
-    assert eng._max_budget == 16
+    assert eng.max_budget == 16
     prompt = [5, 6, 7]
     out = eng.generate(prompt, max_new_tokens=16)
     assert out.token_ids == greedy_decode(target, prompt, 16)

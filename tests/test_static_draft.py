@@ -136,7 +136,7 @@ def test_engine_falls_back_near_the_end_of_the_cache():
                  static_draft=True)
     out = eng.generate(prompt, max_new_tokens=45)
     assert out.token_ids == greedy_decode(target, prompt, 45)
-    runner = next(iter(eng._draft_runners.values()))
+    runner = eng.static_draft_steps[0]
     assert 0 < out.stats.static_draft_calls < out.stats.draft_calls - out.stats.target_passes
     assert runner.bound == 96 - 2 - (1 + 7 * 2)
 
@@ -173,7 +173,7 @@ def test_cuda_graph_draft_is_lossless_captured_and_replayed(dtype):
     assert eng.static_draft
     out = eng.generate(prompt, max_new_tokens=48)
     assert out.token_ids == want
-    runner = next(iter(eng._draft_runners.values()))
+    runner = eng.static_draft_steps[0]
     assert runner.graph is not None and runner.verified and runner.replays > 0
     assert out.stats.static_draft_calls > 0
     # Same trees as the eager dynamic pass.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -205,33 +204,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --------------------------------------------------------------------------- attention
 
-@dataclass
-class AttentionMeta:
-    """Everything about a pass's mask that is the same for every layer, built once per forward.
+class AttentionPlan:
+    """A pass's attention, planned once per forward for one backend and run by every layer (the
+    plan/run split of FlashInfer, which ``kernels.attention.TreeAttentionLaunch`` also follows).
+    ``prepare_attention`` picks the backend; ``run(q, k, v)`` is one layer's attention.
 
     ``segments`` (``kernels.attention.Segments``) describes the pass: one segment per request,
     each with its query rows, the first cache slot of its region, its committed prefix and its
-    tree region. One request at the start of the cache is the common case (``single``)."""
+    tree region. One request at the start of the cache is the common case (``single``).
+    ``tree_mask``: bool ``[n_q, max n_tree]`` (row bits index the row's own segment). The class
+    attributes say which backend a plan is, for the transformer (``native_rows``: the CPU native
+    layer call) and for tests."""
 
-    segments: object
-    tree_mask: torch.Tensor          # bool [n_q, max n_tree] (row bits index the row's own segment)
-    packed_mask: Optional[torch.Tensor] = None   # Triton path: bit-packed tree mask
-    reference_mask: Optional[torch.Tensor] = None  # reference path, one segment: additive, GQA-folded, or None
-    reference_masks: Optional[list] = None         # reference path, several segments: one mask each
-    use_kernel: bool = False
-    # One-token chain on the kernel's devices: no mask at all, flash SDPA in the cache's dtype
-    # (prefix_attention_sdpa). Decided on the host once, so attention() never syncs to choose.
-    unmasked: bool = False
-    # The kernel's launch, planned by the first layer and run by every layer (same shapes).
-    launch: Optional[object] = None
-    # Static-shape passes (CUDA graphs): the real prefix length, int32 [1] on the device;
-    # the segment's prefix is then its upper bound and the tree region starts at the device value.
-    prefix_dev: Optional[torch.Tensor] = None
-    # CPU float32 passes with the native library: RoPE, the cache write and attention in one call
-    # per layer (``rope_attention``); each row's (base, prefix, n_tree), int32 [n_q, 3], and the
-    # tree mask made contiguous, both once per forward.
-    native_rows: Optional[torch.Tensor] = None
-    native_mask: Optional[torch.Tensor] = None
+    unmasked = False        # flash SDPA, no mask (SdpaDecodeAttention)
+    use_kernel = False      # the Triton tree kernel (TritonTreeAttention)
+    packed_mask = None
+    reference_mask = None
+    native_rows = None      # NativeCpuAttention: rope_attention's per-row plan
+
+    def __init__(self, segments, tree_mask: torch.Tensor):
+        self.segments = segments
+        self.tree_mask = tree_mask
 
     @property
     def single(self) -> bool:
@@ -250,70 +243,134 @@ class AttentionMeta:
         """Cache slots the pass reads: ``[0, n_k)``."""
         return max(b + p + t for b, p, t in zip(self.segments.base, self.segments.prefix, self.segments.n_tree))
 
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NativeCpuAttention(AttentionPlan):
+    """CPU float32 passes with the native library: RoPE, the cache write and attention in one call
+    per layer (``rope_attention``, not ``run``); each row's (base, prefix, n_tree), int32
+    ``[n_q, 3]``, and the tree mask made contiguous, both once per forward."""
+
+    def __init__(self, segments, tree_mask: torch.Tensor):
+        super().__init__(segments, tree_mask)
+        self.native_rows = attention_cpu.plan_rows(segments)
+        self.native_mask = tree_mask.contiguous()
+
+
+class SdpaDecodeAttention(AttentionPlan):
+    """One-token chain on the kernel's devices: no mask at all, flash SDPA in the cache's dtype
+    (``prefix_attention_sdpa``). Decided on the host once, so a layer never syncs to choose."""
+
+    unmasked = True
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from ..kernels import attention as ta
+
+        return ta.prefix_attention_sdpa(q, k, v)
+
+
+class TritonTreeAttention(AttentionPlan):
+    """The Triton tree kernel: the bit-packed tree mask, and the launch planned by the first layer
+    and run by every layer (same shapes). ``prefix_dev`` (static-shape passes for CUDA graphs):
+    the real prefix length, int32 ``[1]`` on the device; the segment's prefix is then its upper
+    bound and the tree region starts at the device value."""
+
+    use_kernel = True
+
+    def __init__(self, segments, tree_mask: torch.Tensor, prefix_dev: Optional[torch.Tensor]):
+        from ..kernels import attention as ta
+
+        super().__init__(segments, tree_mask)
+        self.prefix_dev = prefix_dev
+        check_empty_prefix = self.single and prefix_dev is None
+        self.packed_mask = ta.pack_tree_mask(tree_mask, self.prefix_len if check_empty_prefix else None)
+        self.launch = None
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.launch is None:
+            from ..kernels import attention as ta
+
+            if self.single:
+                self.launch = ta.TreeAttentionLaunch(q, k, v, self.packed_mask, self.prefix_len, self.n_tree,
+                                                     prefix_dev=self.prefix_dev)
+            else:
+                self.launch = ta.TreeAttentionLaunch(q, k, v, self.packed_mask, segments=self.segments)
+        return self.launch.run(q, k, v)
+
+
+class ReferenceAttention(AttentionPlan):
+    """The PyTorch reference for one request: ``reference_mask`` additive and GQA-folded, or None
+    (a one-token decode step sees every slot)."""
+
+    def __init__(self, segments, tree_mask: torch.Tensor, reference_mask: Optional[torch.Tensor]):
+        super().__init__(segments, tree_mask)
+        self.reference_mask = reference_mask
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from ..kernels import attention as ta
+
+        return ta.tree_attention_reference_prepared(q, k, v, self.reference_mask)
+
+
+class RaggedReferenceAttention(AttentionPlan):
+    """The PyTorch reference for several requests: one SDPA per segment, each with its own mask."""
+
+    def __init__(self, segments, tree_mask: torch.Tensor, reference_masks: list):
+        super().__init__(segments, tree_mask)
+        self.reference_masks = reference_masks
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from ..kernels import attention as ta
+
+        return ta.tree_attention_ragged_reference_prepared(q, k, v, self.reference_masks, self.segments)
+
 
 def prepare_attention(tree_mask: torch.Tensor, prefix_len: Optional[int], group: int, head_dim: int,
                       chain: bool = False, prefix_dev: Optional[torch.Tensor] = None, *,
-                      segments=None, native_cpu: bool = False) -> AttentionMeta:
-    """Build a pass's mask once. One request: ``tree_mask`` bool ``[n_q, n_tree]`` over the tree
+                      segments=None, native_cpu: bool = False) -> AttentionPlan:
+    """Plan a pass's attention once. One request: ``tree_mask`` bool ``[n_q, n_tree]`` over the tree
     slots after ``prefix_len`` committed ones; ``chain`` says it is the causal chain of the new
     tokens (known on the host, so a one-token decode step needs no mask at all). Several
     requests: ``segments`` (``kernels.attention.Segments``; ``prefix_len`` None) and the rows'
-    masks padded to the widest tree. ``prefix_dev``: see ``AttentionMeta``; nothing here reads
-    it on the host. ``native_cpu``: the pass is CPU float32 and may take ``rope_attention``'s
-    native call (when the library is loaded and the Triton interpreter is off)."""
+    masks padded to the widest tree. ``prefix_dev``: see ``TritonTreeAttention``; nothing here
+    reads it on the host. ``native_cpu``: the pass is CPU float32 and may take
+    ``rope_attention``'s native call (when the library is loaded and the Triton interpreter is off)."""
     from ..kernels import attention as ta
 
     if segments is None:
         segments = ta.Segments.single(tree_mask.shape[0], prefix_len, tree_mask.shape[1])
     elif prefix_len is not None or prefix_dev is not None:
         raise ValueError("with segments, the prefix lengths are the segments'")
-    meta = AttentionMeta(segments=segments, tree_mask=tree_mask, prefix_dev=prefix_dev)
-    if native_cpu and prefix_dev is None and not use_triton(tree_mask.device) and attention_cpu.serves(head_dim):
-        meta.native_rows = attention_cpu.plan_rows(segments)
-        meta.native_mask = tree_mask.contiguous()
-        return meta
-    decode = chain and meta.single and tree_mask.shape[0] == 1 and prefix_dev is None
-    if decode and use_triton(tree_mask.device):
+    dev = tree_mask.device
+    if native_cpu and prefix_dev is None and not use_triton(dev) and attention_cpu.serves(head_dim):
+        return NativeCpuAttention(segments, tree_mask)
+    single = len(segments.n_q) == 1 and segments.base[0] == 0
+    decode = chain and single and tree_mask.shape[0] == 1 and prefix_dev is None
+    if decode and use_triton(dev):
         # At n_q = 1 the tree kernel's launch cost dominates (~0.12 ms on an H100 vs
         # 0.015-0.05 ms for flash SDPA) and there is nothing to mask: go to flash SDPA.
-        meta.unmasked = True
-        return meta
+        return SdpaDecodeAttention(segments, tree_mask)
     # The kernel's tiles need head_dim >= 16; real models have 64-128.
-    meta.use_kernel = use_triton(tree_mask.device) and head_dim >= 16
-    if meta.use_kernel:
-        check_empty_prefix = meta.single and prefix_dev is None
-        meta.packed_mask = ta.pack_tree_mask(tree_mask, meta.prefix_len if check_empty_prefix else None)
-    elif prefix_dev is not None:
-        meta.reference_mask = ta.reference_mask_device_prefix(tree_mask, meta.prefix_len, prefix_dev, group)
-    elif not meta.single:
-        meta.reference_masks = ta.ragged_reference_masks(tree_mask, segments, group)
-    elif not decode:
-        meta.reference_mask = ta.reference_mask(tree_mask, meta.prefix_len, group)
-    return meta
+    if use_triton(dev) and head_dim >= 16:
+        return TritonTreeAttention(segments, tree_mask, prefix_dev)
+    if prefix_dev is not None:
+        return ReferenceAttention(segments, tree_mask,
+                                  ta.reference_mask_device_prefix(tree_mask, segments.prefix[0], prefix_dev, group))
+    if not single:
+        return RaggedReferenceAttention(segments, tree_mask, ta.ragged_reference_masks(tree_mask, segments, group))
+    return ReferenceAttention(segments, tree_mask, None if decode else ta.reference_mask(tree_mask, segments.prefix[0],
+                                                                                        group))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """Tree-masked attention: ``q`` ``[n_q, H, D]``, ``k``/``v`` ``[n_k, H_kv, D]`` (the cache's
-    first ``meta.n_k`` slots) -> ``[n_q, H, D]``."""
-    from ..kernels import attention as ta
-
-    if meta.unmasked:
-        return ta.prefix_attention_sdpa(q, k, v)
-    if meta.use_kernel:
-        if meta.launch is None:
-            if meta.single:
-                meta.launch = ta.TreeAttentionLaunch(q, k, v, meta.packed_mask, meta.prefix_len, meta.n_tree,
-                                                     prefix_dev=meta.prefix_dev)
-            else:
-                meta.launch = ta.TreeAttentionLaunch(q, k, v, meta.packed_mask, segments=meta.segments)
-        return meta.launch.run(q, k, v)
-    if meta.reference_masks is not None:
-        return ta.tree_attention_ragged_reference_prepared(q, k, v, meta.reference_masks, meta.segments)
-    return ta.tree_attention_reference_prepared(q, k, v, meta.reference_mask)
+    first ``plan.n_k`` slots) -> ``[n_q, H, D]``, by the plan's backend."""
+    return plan.run(q, k, v)
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
-                   cache_v: torch.Tensor, slots: torch.Tensor, meta: AttentionMeta, n_heads: int,
+                   cache_v: torch.Tensor, slots: torch.Tensor, meta: NativeCpuAttention, n_heads: int,
                    n_kv_heads: int, head_dim: int) -> torch.Tensor:
     """One layer's RoPE + cache write + attention as one native call, for a pass that
     ``prepare_attention`` planned for it (``meta.native_rows`` set): ``qkv`` ``[n, (H + 2 H_kv) D]``

@@ -44,9 +44,19 @@ def causal_mask(n: int, device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
 
 
+def forward_segments(model, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                     segments: Sequence[Segment], logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``model.forward_batch(...)``, through ``model.forward`` when the batch is one segment at the
+    start of the cache (the same result; ``forward`` skips assembling the ragged batch's mask)."""
+    if len(segments) == 1 and segments[0].base == 0:
+        s = segments[0]
+        return model.forward(token_ids, positions, cache, s.prefix_len, s.tree_mask, s.cache_slots, logits_rows)
+    return model.forward_batch(token_ids, positions, cache, segments, logits_rows=logits_rows)
+
+
 def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: torch.Tensor,
                       sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                      slots: torch.Tensor, meta: ops.AttentionMeta) -> torch.Tensor:
+                      slots: torch.Tensor, meta: ops.AttentionPlan) -> torch.Tensor:
     """``x`` ``[n, hidden]`` -> ``[n, hidden]``; writes this layer's K/V for the new tokens."""
     n = x.shape[0]
     h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -120,7 +130,8 @@ class Transformer:
         New token i attends to every prefix slot ``[0, prefix_len)`` and to tree slot
         ``prefix_len + j`` where ``tree_mask[i, j]``; ``tree_mask=None`` is a causal chain. Its K/V
         go to ``cache_slots`` (default: the last ``n`` slots of the tree region). See docs/DESIGN.md.
-        This is ``forward_batch`` with one segment at the start of the cache.
+        It returns what ``forward_batch`` returns for one segment at the start of the cache, by a
+        shorter host path of its own (no ragged mask to assemble); both meet in ``_run``.
 
         ``prefix_dev`` (int32 ``[1]``, static-shape passes for CUDA graphs): the real prefix
         length, on the device; ``prefix_len`` is then its upper bound, the tree region starts
@@ -194,7 +205,7 @@ class Transformer:
         return plan if plan is not None and plan.serves(rows) else None
 
     def _run(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, cache_slots: torch.Tensor,
-             meta: ops.AttentionMeta, logits_rows: Optional[torch.Tensor]) -> torch.Tensor:
+             meta: ops.AttentionPlan, logits_rows: Optional[torch.Tensor]) -> torch.Tensor:
         cos, sin = ops.rope_rows(self.cos, self.sin, positions, self.dtype)
         if meta.native_rows is not None and (cache_slots.dtype is not torch.int64 or not cache_slots.is_contiguous()):
             cache_slots = cache_slots.to(torch.int64).contiguous()

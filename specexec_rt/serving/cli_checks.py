@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from ..speculative import params
 from ..speculative.drafts import builtin_draft_group
-from ..speculative.engine import METHOD_PARAMS
+from ..speculative.methods import METHOD_PARAMS, METHODS
 from .client_limits import DEFAULT_MAX_CLIENT_PENDING_HEADS
 from .error_map import UsageError
 
@@ -123,21 +123,22 @@ def check_model_args(args) -> ModelPlan:
     check_source(args.draft, "--draft")
     device = check_device(args.device)
     method = args.method or ("specexec" if args.draft else "autoregressive")
-    if method != "autoregressive" and not args.draft:
+    spec = METHODS[method]
+    if spec.needs_draft and not args.draft:
         raise UsageError(f"--method {method} needs a draft model: add --draft default (the target re-quantized "
                          f"to int4) or --draft SOURCE, or use --method autoregressive")
-    if method == "autoregressive" and args.draft:
-        raise UsageError("--method autoregressive uses no draft model: drop --draft, or choose a speculative "
-                         "--method (specexec, specinfer, chain)")
+    if not spec.needs_draft and args.draft:
+        raise UsageError(f"--method {method} uses no draft model: drop --draft, or choose a speculative "
+                         f"--method (specexec, specinfer, chain)")
     if args.draft:
         try:
             builtin_draft_group(args.draft)
         except ValueError as e:
             raise UsageError(f"--draft: {e}") from None
-    if args.budget is not None and method == "autoregressive":
-        raise UsageError("--budget sizes draft trees: it does not apply to --method autoregressive")
-    budget = args.budget if args.budget is not None else ("auto" if method == "specexec" else 256)
-    if budget == "auto" and method != "specexec":
+    if args.budget is not None and not spec.needs_draft:
+        raise UsageError(f"--budget sizes draft trees: it does not apply to --method {method}")
+    budget = args.budget if args.budget is not None else ("auto" if spec.supports_auto else 256)
+    if budget == "auto" and not spec.supports_auto:
         raise UsageError(f"--budget auto needs --method specexec, not {method}")
     given = {name: getattr(args, name) for name in METHOD_FLAGS if getattr(args, name) is not None}
     for name in given:

@@ -11,6 +11,8 @@ import sys
 import time
 
 from ..errors import SpecExecError
+from ..speculative.methods import METHODS
+from ..speculative.tree_policy import POLICIES
 from . import cli_checks
 from .cli_checks import parse_budget, positive_float, positive_int
 from .error_map import UsageError
@@ -29,7 +31,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "layers re-quantized to int4 at the checkpoint's own 4-bit group, 32 for a GGUF "
                         "Q4_0/Q4_1/Q4_K, else 64), or 'int4:G' (groups of G = 32, 64, 128 or 256). Omit for "
                         "autoregressive decoding")
-    p.add_argument("--method", default=None, choices=["autoregressive", "chain", "specinfer", "specexec"],
+    p.add_argument("--method", default=None, choices=list(METHODS),
                    help="decoding method (default: specexec with a draft, autoregressive without)")
     p.add_argument("--budget", default=None, type=parse_budget,
                    help="draft tokens per pass: an int, or 'auto' (specexec only; sized before every pass "
@@ -37,7 +39,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beams-per-step", type=positive_int, default=None, help="specexec: nodes expanded per draft step")
     p.add_argument("--branch-width", type=positive_int, default=None, help="specexec: children per expanded node")
     p.add_argument("--max-depth", type=positive_int, default=None, help="specexec: maximum tree depth")
-    p.add_argument("--tree", default=None, choices=["calibrated", "softmax", "sequoia"],
+    p.add_argument("--tree", default=None, choices=list(POLICIES),
                    help="specexec tree policy: calibrated (default: ranked by acceptance learned from "
                         "verification), softmax (by the draft's probability), sequoia (optimal static tree)")
     p.add_argument("--k", type=positive_int, default=None, help="chain: draft tokens per pass")
@@ -85,7 +87,7 @@ def build_engine(args):
                     max_batch=getattr(args, "max_batch", 1), **plan.method_params)
     print(f"[specexec-rt] loaded {args.model}" + (f" + draft {args.draft}" if draft is not None else "")
           + f" on {target.device} in {time.perf_counter() - t0:.1f}s; method={plan.method}"
-          + (f" budget={plan.budget}" if plan.method != "autoregressive" else ""), file=sys.stderr)
+          + (f" budget={plan.budget}" if draft is not None else ""), file=sys.stderr)
     return engine
 
 

@@ -1,10 +1,12 @@
-"""The engine's own thread: it runs the engine's passes (``Engine.step``), and each request's text
-comes back through that request's callback (the server turns it into an ``asyncio.Queue`` per
-request).
+"""The engine's own thread for the server: it runs the engine's one scheduling loop
+(``Engine.step``: the scheduler admits and plans, the runner runs the pass) and adds no
+scheduling of its own. What it adds is the server's side: a bound on the engine's waiting
+queue, and events. Each request's text comes back through that request's callback (the
+server turns it into an ``asyncio.Queue`` per request).
 
-Up to ``engine.max_batch`` requests share every pass; at most ``max_queue`` more wait for a
-slot: ``submit`` raises ``QueueFull`` beyond that, at once. Requests join and leave between
-passes.
+Up to ``engine.max_batch`` requests share every pass (the engine's scheduler); at most
+``max_queue`` more wait for a slot: ``submit`` raises ``QueueFull`` beyond that, at once.
+Requests join and leave between passes.
 
 Cancellation (client gone, shutdown) frees the request's slot at the engine's next pass; a job
 cancelled while it waits never runs.
@@ -44,7 +46,7 @@ class Job:
 
 
 class EngineWorker:
-    """Runs ``engine.step()`` on one thread while there is work; jobs in FIFO order."""
+    """Runs ``engine.step()`` on one thread until shutdown; jobs in FIFO order (the engine's)."""
 
     def __init__(self, engine, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: Optional[int] = None):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -127,10 +129,11 @@ class EngineWorker:
             if used + queued >= self.max_batch + self.max_queue:
                 raise QueueFull
             self._holds += 1
-            self._cond.notify_all()
+            self.engine.scheduler.pause()
         try:
             yield
         finally:
+            self.engine.scheduler.resume()
             with self._cond:
                 self._holds -= 1
                 self._cond.notify_all()
@@ -166,13 +169,13 @@ class EngineWorker:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
+        """The engine's loop on this thread, one pass per ``step`` (each waits up to 0.1 s for
+        work, so a shutdown is seen within that), until shutdown has left no job."""
         while True:
             with self._cond:
-                while (self._holds or not self._jobs) and not (self._stopping and not self._jobs):
-                    self._cond.wait(0.1)
                 if self._stopping and not self._jobs:
                     return
-            n = self.engine.step(timeout=0.05)
+            n = self.engine.step(timeout=0.1)
             if n:
                 with self._cond:
                     self.counters["passes"] += 1

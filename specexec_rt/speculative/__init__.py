@@ -2,10 +2,15 @@
 
 | module | what |
 | --- | --- |
-| ``engine`` | ``Engine``: the generation loop (autoregressive, chain, SpecInfer, SpecExec), acceptance, commits |
+| ``engine`` | ``Engine``: the facade (generate, stream, submit, step) and the one loop |
+| ``scheduler`` | ``Scheduler``: requests, cache regions, admission, prefill chunks; ``SchedulerOutput`` per pass |
+| ``runner`` | ``Runner``: one pass on the device (grow, verify, accept, one read, commit); ``PassResult`` |
+| ``methods`` | the decoding methods (autoregressive, chain, SpecInfer, SpecExec) and their registry |
+| ``tree_policy`` | SpecExec's tree policies (calibrated, softmax, Sequoia) and their registry |
 | ``tree`` | ``DraftTree`` (best-first growth on device), ``VerifyTree``, the exact acceptance walk |
-| ``sampling`` | logits processing, seeded draws, rejection-sampling rules |
-| ``budget`` | ``budget="auto"``: the per-pass budget and depth from online cost fits |
+| ``sampling`` | logits processing, seeded draws, position noise, rejection-sampling rules |
+| ``auto``, ``budget`` | ``budget="auto"``: the per-pass plan, and the budget and depth from online cost fits |
+| ``config`` | the engine's arguments checked together; what fits the caches |
 | ``drafts`` | drafts derived from the target (``default_draft``: int4 re-quantized) |
 | ``draft_graph`` | static-shape draft steps captured as CUDA graphs |
 | ``memory`` | working-memory estimates and checks |

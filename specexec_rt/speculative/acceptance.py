@@ -46,10 +46,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from .packet import FIXED_POINT
+
 # Bin edges on the draft probability q; bin j holds Q_EDGES[j - 1] <= q < Q_EDGES[j].
 Q_EDGES = (0.005, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.96)
 N_RANK_CLASSES = 9          # ranks 1..8 each, then 9 and beyond together
-SCALE = 1e6                 # observation sums travel as int64 micro-units in the acceptance packet
 MIN_ACCEPT = 1e-6           # floor of the estimate: a node is never ranked as impossible
 GRID = 4096                 # log_accept reads the interpolant at the nearest of GRID points in q
 WARM_PASSES = 16            # passes during which every rank class's prior is refitted each pass
@@ -243,7 +244,8 @@ class AcceptanceModel:
 
     def observations(self, p: Optional[torch.Tensor], parent_rows: torch.Tensor, tokens: torch.Tensor,
                      bins: torch.Tensor, draws: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One pass's evidence, int64 ``[2 * n_bins]`` on device (counts, then sums x SCALE).
+        """One pass's evidence, int64 ``[2 * n_bins]`` on device (counts, then sums in
+        ``packet.FIXED_POINT`` units).
 
         p: float ``[n, V]`` the processed target distributions of the verified rows;
         parent_rows: int64 ``[k]`` the verified row of each proposed child's parent (-1: the
@@ -260,7 +262,7 @@ class AcceptanceModel:
         idx = torch.where(valid, bins, torch.full_like(bins, nb))
         counts = torch.zeros(nb + 1, device=bins.device).index_add_(0, idx, valid.float())
         sums = torch.zeros(nb + 1, device=bins.device).index_add_(0, idx, obs.float())
-        return torch.cat([counts[:nb], sums[:nb] * SCALE]).round().long()
+        return torch.cat([counts[:nb], sums[:nb] * FIXED_POINT]).round().long()
 
     def update(self, packet: Sequence[int]) -> None:
         """Fold in one pass's ``observations`` (read back on the host)."""
@@ -270,21 +272,6 @@ class AcceptanceModel:
         d = self.decay
         for b in range(nb):
             self.counts[b] = d * self.counts[b] + packet[b]
-            self.sums[b] = d * self.sums[b] + packet[nb + b] / SCALE
+            self.sums[b] = d * self.sums[b] + packet[nb + b] / FIXED_POINT
         self.passes += 1
         self._refresh()
-
-
-def path_log_accept(model: Optional[AcceptanceModel], logq: torch.Tensor) -> torch.Tensor:
-    """Child scores for the search: the model's calibrated log-acceptance, or the draft's own
-    log-probability when no model is given (today's softmax ranking)."""
-    return logq if model is None else model.log_accept(logq)
-
-
-def expected_child_mass(model: AcceptanceModel, width: int) -> float:
-    """Expected acceptance summed over an expansion's top-``width`` children (<= 1)."""
-    return min(1.0, sum(model.rank_acceptance(width)))
-
-
-def log_or_neg_inf(x: float) -> float:
-    return math.log(x) if x > 0 else float("-inf")

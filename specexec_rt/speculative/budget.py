@@ -22,8 +22,9 @@ Objective (docs/ALGORITHM.md, "Choosing the budget every pass"): maximise expect
   A budget measured in the window is priced at its own recent mean. Until the window has held
   two budgets far enough apart the slope is 0 (the offloaded target, where a pass costs the same
   for 1..1000 tokens, is the main case); after that, while it holds one, the last slope measured
-  (``LinearCost``); the controller starts small (16) and climbs at most 2x per pass, and a
-  growing cost (a CPU target) shows up as a slope or a measured price that pulls it back.
+  (``LinearCost``); the controller starts small (``prior_budget``: the engine gives 4 on the CPU,
+  16 elsewhere) and climbs at most 2x per pass, and a growing cost (a CPU target) shows up as a
+  slope or a measured price that pulls it back.
 
 Chains instead of trees (``chains=True``; the engine's choice on the CPU): the speculative
 candidates are draft chains of ``k = 1..max_chain`` tokens, scored as

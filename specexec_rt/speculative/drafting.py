@@ -12,11 +12,9 @@ static-shape runner (``draft_graph.StaticDraftStep``: a CUDA graph on a GPU).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from ..model import Segment
+from ..model import Segment, forward_segments
 
 
 class Drafter:
@@ -53,10 +51,7 @@ class Drafter:
         toks = torch.tensor(tokens, device=dev)
         pos = torch.cat(positions) if len(positions) > 1 else positions[0]
         rows = torch.tensor(last, device=dev)
-        if len(segs) == 1 and segs[0].base == 0:
-            logits = self.model.forward(toks, pos, self.cache, segs[0].prefix_len, logits_rows=rows)
-        else:
-            logits = self.model.forward_batch(toks, pos, self.cache, segs, logits_rows=rows)
+        logits = forward_segments(self.model, toks, pos, self.cache, segs, logits_rows=rows)
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         for r, tree in zip(self.requests, self.trees):
             r.dp += len(r.pending) - 1
@@ -100,25 +95,8 @@ class Drafter:
             positions.append(r.dp + tree.depths[nodes])
             segs.append(Segment(int(nodes.shape[0]), base, r.dp, tree_mask=tree.draft_mask(nodes),
                                 cache_slots=base + r.dp + slots))
-        if len(segs) == 1 and segs[0].base == 0:
-            s = segs[0]
-            logits = self.model.forward(tokens[0], positions[0], self.cache, s.prefix_len, tree_mask=s.tree_mask,
-                                        cache_slots=s.cache_slots)
-        else:
-            logits = self.model.forward_batch(torch.cat(tokens), torch.cat(positions), self.cache, segs)
+        if len(segs) > 1:
+            tokens, positions = [torch.cat(tokens)], [torch.cat(positions)]
+        logits = forward_segments(self.model, tokens[0], positions[0], self.cache, segs)
         self._count()
         return logits
-
-
-def runner_for(engine_runners: dict, model, beams: int, max_depth: int) -> Optional[object]:
-    """The static-shape draft step for ``beams`` nodes per step (one per beams value, kept in
-    ``engine_runners``; None when the draft's cache is too short for one)."""
-    if beams not in engine_runners:
-        from .draft_graph import StaticDraftStep
-
-        # The tree region of 16 full-beam steps (deeper passes rarely fill every step; a step
-        # past the region runs dynamically).
-        width = 1 + (min(max_depth, 16) - 1) * beams
-        fits = model.max_len >= beams + width + 1
-        engine_runners[beams] = StaticDraftStep(model, beams, width) if fits else None
-    return engine_runners[beams]

@@ -1,48 +1,50 @@
 """The speculative engine: requests in, passes run, tokens out.
 
-One pass (docs/ALGORITHM.md) serves every active request at once: the decoding method grows
-each request's draft tree (one draft call per tree level for all of them), one target forward
-verifies all trees (each request attends only to its own region of the caches), each request
-accepts exactly from its own tree, and all accepted paths are committed into both caches with
-one index copy per cache. A request that has just arrived rides in the same pass: its prompt
-(or a chunk of it, ``prefill_chunk`` tokens per pass at most) is prefilled as a causal chain
-in front of its tree instead of costing a target pass of its own. Requests join and leave
-between passes.
+``Engine`` is a thin facade over three parts, in the way vLLM v1 splits its engine:
 
-Threads: ``submit`` may be called from any thread; whichever thread waits on a handle
-(``stream``, ``result``, ``generate``) runs the next pass for every request when no other
-thread is running one, so one thread or many work the same way, without a background thread.
+- ``Scheduler`` (scheduler.py): the waiting and running requests, cache regions, admission,
+  prefill chunking and ``budget="auto"``'s choice; each pass it emits a ``SchedulerOutput``
+  (which requests, how many prompt tokens each, which method and budget), and afterwards counts
+  the results into every request's stats and text.
+- ``Runner`` (runner.py): the device side of a pass for a ``SchedulerOutput``: draft growth, one
+  target forward verifying every request's tree, exact acceptance, one host read, the commits;
+  it returns a ``PassResult`` per request.
+- the decoding methods and tree policies (methods/, tree_policy.py): one object each behind one
+  interface, found by name in one registry.
 
-Host syncs per pass: one per draft step (how many nodes each tree expands), one for the trees'
-sizes, one for every request's acceptance result together; ``GenerationStats.syncs`` counts
-them.
+One pass (docs/ALGORITHM.md) serves every running request at once, and a request that has just
+arrived rides in the same pass (its prompt, ``prefill_chunk`` tokens per pass at most, is
+prefilled in front of its tree). Requests join and leave between passes.
+
+The loop (``_run_pass``, one screen): admit, schedule, run, update, deliver. Threads: ``submit``
+may be called from any thread; whichever thread waits on a handle (``stream``, ``result``,
+``generate``) runs the next pass for every request when no other thread is running one, and a
+serving loop (serving/worker.py) runs the same loop with ``step``, so one thread or many work
+the same way, without a background thread.
 """
 from __future__ import annotations
 
-import collections
 import threading
-import time
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
 from . import memory
-from ..errors import (ContextLengthError, InvalidParameterError, MemoryBudgetError, ModelLoadError,
-                      NonFiniteLogitsError, SamplingParameterError, SpecExecError, VocabularyMismatchError)
-from ..model import Segment, causal_mask
+from ..errors import InvalidParameterError, MemoryBudgetError, ModelLoadError, SamplingParameterError
+from .auto import AutoBudget
 from .chat import check_messages, render_messages
+from .config import EngineConfig, check_same_vocabulary, request_budget_cap
 from .detok import TextTracker
-from .drafting import Drafter, runner_for
-from .methods import CURVE_SCALE, METHODS, PassContext, SpecExec
+from .methods import METHOD_PARAMS, METHODS
 from .params import batch_item, batch_seeds, check_prompt, check_prompts, check_request, check_token_ids
 from .request import GenerationResult, GenerationStats, Request, RequestHandle
-from .sampling import SamplingParams, process_logits
-from .tree import path_rows
+from .runner import Runner
+from .sampling import SamplingParams
+from .scheduler import Scheduler
 
-__all__ = ["Engine", "GenerationResult", "GenerationStats", "RequestHandle", "METHODS",
+__all__ = ["Engine", "GenerationResult", "GenerationStats", "RequestHandle", "CacheState", "METHODS", "METHOD_PARAMS",
            "check_same_vocabulary"]
-
-METHOD_PARAMS = {name: cls.param_names for name, cls in METHODS.items()}
 
 
 class Engine:
@@ -92,96 +94,25 @@ class Engine:
     def __init__(self, target, draft=None, method: str = "specexec", budget: Union[int, str] = 256,
                  tokenizer=None, static_draft: Optional[bool] = None, max_batch: int = 1,
                  prefill_chunk: int = 1024, **method_params):
-        if method not in METHODS:
-            raise ValueError(f"method={method!r}; choose one of {tuple(METHODS)}")
-        self.auto = isinstance(budget, str) and budget == "auto"
-        if isinstance(budget, str) and not self.auto:
-            raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}")
-        method_params = dict(method_params)
-        auto_shapes = method_params.pop("auto_shapes", None)
-        if auto_shapes is not None and not self.auto:
-            raise ValueError(f"auto_shapes={auto_shapes!r} needs budget='auto'")
-        if auto_shapes not in (None, "trees", "chains"):
-            raise ValueError(f"auto_shapes must be 'trees' or 'chains', got {auto_shapes!r}")
-        if self.auto:
-            if method != "specexec":
-                raise ValueError(f"budget='auto' needs method='specexec', not {method!r}")
-            max_budget = method_params.pop("max_budget", None)
-            budget = max(1, min(1024, target.max_len - 3)) if max_budget is None else max_budget
-        unknown = set(method_params) - set(METHOD_PARAMS[method])
-        if unknown:
-            raise TypeError(f"method {method!r} takes no parameter(s) {sorted(unknown)}; "
-                            f"it takes {list(METHOD_PARAMS[method]) or 'none'}")
-        if method != "autoregressive" and draft is None:
-            raise ValueError(f"method {method!r} needs a draft model (or use method='autoregressive'; "
-                             f"specexec_rt.default_draft(target) builds one from the target)")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}"
-                             if not self.auto else f"max_budget must be a positive int, got {budget!r}")
-        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.target = target
-        self.draft = draft if method != "autoregressive" else None
-        self.method = method
-        self.budget = "auto" if self.auto else budget
-        self.decoder = SpecExec(budget, method_params, self.auto, target.device) if method == "specexec" \
-            else METHODS[method](budget, method_params)
+        cfg = EngineConfig.build(target, draft, method, budget, static_draft, max_batch, prefill_chunk, method_params)
+        self.target, self.draft, self.method, self.budget, self.auto = target, cfg.draft, method, cfg.budget, cfg.auto
+        self.decoder = cfg.method
         self.params = self.decoder.params
-        self.tree_policy = getattr(self.decoder, "policy", None)   # SpecExec: tree_policy.TreePolicy
+        self.tree_policy = self.decoder.policy   # SpecExec: tree_policy.TreePolicy
         self.device = target.device
-        self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
+        self.max_batch, self.prefill_chunk, self.static_draft = max_batch, prefill_chunk, cfg.static_draft
+        self._max_budget = cfg.max_budget
         self._tokenizer = tokenizer
         self._tokenizer_error: Optional[Exception] = None
-        if self.draft is not None:
-            check_same_vocabulary(target, self.draft)
-        self._max_budget = budget       # the largest tree: the fixed budget, or auto's ceiling
-        self._check_tree_fits()
-        avail = memory.available_bytes(self.device)
-        if avail is not None:           # auto lowers its ceiling to what fits instead of raising
-            what = "one draft-and-verify pass" + (f" of {max_batch} requests" if max_batch > 1 else "")
-            self._max_budget = memory.fit_budget(target, self.draft, self.decoder, budget, self.auto, avail,
-                                                 False, what, n_requests=max_batch)
-        # Cache regions: with one, the models' own caches; with more, pools allocated once, on
-        # first use.
-        self.region_len = target.max_len
-        self.draft_region_len = self.draft.max_len if self.draft is not None else 0
-        self._pools: dict = {}
-        if static_draft is None:
-            static_draft = (self.draft is not None and self.draft.device.type == "cuda" and max_batch == 1
-                            and type(self.draft.layer_source).__name__ == "ResidentLayers")
-        self.static_draft = bool(static_draft) and method == "specexec" and max_batch == 1
-        self._draft_runners: dict = {}     # beams -> StaticDraftStep (None: cache too short)
-        self.budget_controller = None
-        self.auto_shapes: Optional[str] = None   # budget="auto": "trees" or "chains"
-        if self.auto:
-            from .budget import BudgetController
-
-            # Plain decoding (budget 0) and trees down to one node are candidates too: auto never
-            # keeps drafting when drafting does not pay on this device.
-            # On the CPU a pass's cost grows with its tree (draft steps and verification are
-            # compute-bound), so the first trees are small and grow only while they pay; an
-            # offloaded GPU pass costs the same for 1..1000 tokens, so it starts at 16.
-            prior = 4 if self.device.type == "cpu" else 16
-            self.auto_shapes = auto_shapes or ("chains" if self.device.type == "cpu" else "trees")
-            self.budget_controller = BudgetController(self._max_budget, min_budget=1, prior_budget=prior,
-                                                      max_depth=self.params["max_depth"],
-                                                      allow_autoregressive=self.draft is not None,
-                                                      chains=self.auto_shapes == "chains",
-                                                      max_chain=min(8, self.params["max_depth"]))
-        self._chain_decoders: dict = {}    # k -> Chain (auto_shapes="chains")
-        self._plain = METHODS["autoregressive"](1, {})
-        # Scheduling state. _cond guards the queue, the free regions and every request's
-        # pieces/done/error; _loop is held by the thread running a pass.
-        self._cond = threading.Condition()
-        self._loop = threading.Lock()
-        self._queue: collections.deque = collections.deque()
-        self._active: list = []
-        self._free = list(range(max_batch))
-        self._callbacks: list = []         # (on_update, last piece) of requests just finished
+        self.runner = Runner(target, self.draft, self.decoder, max_batch, self.static_draft)
+        self.region_len, self.draft_region_len = self.runner.region_len, self.runner.draft_region_len
+        auto = AutoBudget(self.decoder, cfg.max_budget, self.device, self.draft is not None, cfg.auto_shapes,
+                          self.draft_region_len) if cfg.auto else None
+        self.budget_controller = auto.controller if auto is not None else None
+        self.auto_shapes: Optional[str] = auto.shapes if auto is not None else None   # "trees" or "chains"
+        self.scheduler = Scheduler(self.decoder, max_batch, prefill_chunk, cfg.max_budget, auto)
+        self._loop = threading.Lock()      # held by the thread running a pass
         self.last_result: Optional[GenerationResult] = None
-        self._last_request: Optional[Request] = None
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -248,37 +179,25 @@ class Engine:
         ends): what a server uses to forward text without a thread per request."""
         req = self._make_request(prompt_or_ids, max_new_tokens, temperature, top_p, top_k, seed, stop)
         req.on_update = on_update
-        return self._enqueue([req])[0]
-
-    def _enqueue(self, reqs: list) -> list:
-        with self._cond:
-            self._queue.extend(reqs)
-            self._cond.notify_all()
-        return [RequestHandle(self, r) for r in reqs]
+        self.scheduler.add(req)
+        return RequestHandle(self, req)
 
     def step(self, timeout: Optional[float] = None) -> int:
         """Run one pass for every active request (admitting queued ones first); returns how many
         requests it served. With nothing to do, waits up to ``timeout`` seconds (None: forever)
         for a submission and returns 0. For serving loops; callers of ``generate``/``stream``
         never need it."""
-        with self._cond:
-            if not self._queue and not self._active:
-                self._cond.wait(timeout)
-                if not self._queue and not self._active:
-                    return 0
+        if not self.scheduler.wait_for_work(timeout):
+            return 0
         with self._loop:
-            with self._cond:
-                n = len(self._active) + min(len(self._queue), len(self._free))
-            self._run_pass()
-        with self._cond:
-            self._cond.notify_all()
+            n = self._run_pass()
+        self.scheduler.wake()
         return n
 
     @property
     def pending_requests(self) -> tuple[int, int]:
         """(requests in passes, requests queued for a cache region)."""
-        with self._cond:
-            return len(self._active), len(self._queue)
+        return self.scheduler.counts
 
     def generate(self, prompt_or_ids, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
@@ -321,7 +240,8 @@ class Engine:
         for i, (prompt, s) in enumerate(zip(prompts, batch_seeds(seed, len(prompts)))):
             with batch_item("prompts", i):
                 reqs.append(self._make_request(prompt, max_new_tokens, temperature, top_p, top_k, s, stop))
-        handles = self._enqueue(reqs)
+        self.scheduler.add(*reqs)          # together: one failing check above leaves none queued
+        handles = [RequestHandle(self, r) for r in reqs]
         try:
             return [h.result() for h in handles]
         except BaseException:
@@ -344,18 +264,8 @@ class Engine:
             req = Request([int(root)], SamplingParams(float(temperature)), 0, 1 << 30, None, self.device)
             req.dp, req.pending, req.region = int(c), [int(root)], i
             reqs.append(req)
-        syncs = [0]
-
-        def host(t):
-            syncs[0] += 1
-            return t.tolist()
-
         stats = GenerationStats()
-        drafter = Drafter(self.draft, self._dcache, reqs, [i * self.draft_region_len for i in range(len(reqs))],
-                          self.draft_region_len, [stats], self._runner(len(reqs), self._max_budget))
-        ctx = PassContext(reqs, drafter, host, self.device, self._max_budget, self.params.get("max_depth", 0))
-        trees = [vt for vt, _ in self.decoder.grow(ctx)]
-        stats.syncs = syncs[0]
+        trees, stats.syncs = self.runner.grow_only(reqs, self._max_budget, self.params.get("max_depth", 0), stats)
         return trees, stats
 
     def grow_tree(self, committed: int, root: int, temperature: float = 0.0):
@@ -364,30 +274,35 @@ class Engine:
         return tree, stats
 
     @property
-    def _tcache(self):
-        """The target's KV cache holding every request's region."""
-        return self._pool(self.target)
-
-    @property
-    def _dcache(self):
-        return self._pool(self.draft) if self.draft is not None else None
-
-    def _pool(self, model):
-        if self.max_batch == 1:
-            return model.cache
-        if id(model) not in self._pools:
-            self._pools[id(model)] = model.new_cache(self.max_batch * model.max_len)
-        return self._pools[id(model)]
+    def static_draft_steps(self) -> list:
+        """The static draft steps (``draft_graph.StaticDraftStep``) made so far, one per beams
+        value used; for checking which steps ran, were captured and replayed."""
+        return self.runner.static_steps
 
     @property
     def captured_draft_graphs(self) -> int:
         """Static draft steps captured as CUDA graphs so far (one per beams value used)."""
-        return sum(1 for r in self._draft_runners.values() if r is not None and r.graph is not None)
+        return sum(1 for step in self.runner.static_steps if step.graph is not None)
 
     def pass_bytes(self, budget: Optional[int] = None, sampled: bool = True, n_requests: int = 1) -> int:
         """The working-memory estimate of one pass at ``budget`` (default: the largest)."""
         b = self._max_budget if budget is None else budget
         return memory.pass_bytes(self.target, self.draft, self.decoder.pass_shape(b, n_requests), sampled)
+
+    @property
+    def max_budget(self) -> int:
+        """The largest tree a pass may verify: the fixed budget, or ``budget="auto"``'s ceiling
+        (``max_budget``, lowered at construction to what fits in the available memory)."""
+        return self._max_budget
+
+    def last_cache_state(self) -> Optional["CacheState"]:
+        """Introspection (tests, debugging): the committed tokens of the request that finished
+        last and how many of them each model's KV cache region holds, or None before any
+        finished. Its region keeps them until another request is admitted into it."""
+        req = self.scheduler.last_finished
+        if req is None:
+            return None
+        return CacheState(list(req.committed), req.tp, req.dp)
 
     # ------------------------------------------------------------------ requests
     def _make_request(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop) -> Request:
@@ -397,431 +312,78 @@ class Engine:
         if stops and self.tokenizer is None:
             raise self._no_tokenizer("stop strings")
         ids = self._encode(prompt)
-        cap = self._check_fits(len(ids), max_new_tokens)
+        cap = request_budget_cap(self.target, self.draft, self.decoder, self._max_budget, self.auto, len(ids),
+                                 max_new_tokens)
         cap = min(cap, memory.check_request(self.target, self.draft, self.decoder, self._max_budget, self.auto,
                                             len(ids), sampled=not params.greedy, n_requests=self.max_batch))
         tracker = TextTracker(self.tokenizer, self._eos_ids(), max_new_tokens, stops)
         req = Request(ids, params, seed, max_new_tokens, tracker, self.device)
         req.auto_cap = cap
-        req.seq = list(ids)        # committed text (introspection and tests)
         return req
 
     def _cancel(self, req: Request) -> None:
-        with self._cond:
-            if req.done:
-                return
-            req.cancelled = True
-            if req in self._queue:
-                self._queue.remove(req)
-                self._finish(req, "cancelled")
-            self._cond.notify_all()
-        self._notify()
-
-    def _notify(self) -> None:
-        """Run the done-callbacks of requests that finished, outside ``_cond``."""
-        with self._cond:
-            calls, self._callbacks = self._callbacks, []
-        for on_update, piece in calls:
-            on_update(piece, True)
+        """``RequestHandle.cancel``."""
+        self.scheduler.cancel(req)
 
     def _wait(self, req: Request) -> tuple[list, bool]:
-        """Text pieces of ``req`` not yet handed out, and whether it is done. Runs passes (for
-        every request) while this request has nothing new and no other thread runs one."""
+        """``RequestHandle``'s wait: text pieces of ``req`` not yet handed out, and whether it is
+        done. Runs passes (for every request) while this request has nothing new and no other
+        thread runs one."""
+        sched = self.scheduler
         while True:
-            with self._cond:
-                if req.pieces or req.done:
-                    pieces, req.pieces = req.pieces, []
-                    return pieces, req.done
+            news = sched.take_news(req)
+            if news is not None:
+                return news
+            served = 0
             if self._loop.acquire(blocking=False):
                 try:
-                    with self._cond:
-                        ready = bool(req.pieces) or req.done
-                    if not ready:
-                        self._run_pass()
+                    served = 1 if sched.has_news(req) else self._run_pass()
                 finally:
                     self._loop.release()
-                    with self._cond:
-                        self._cond.notify_all()
-            else:
-                with self._cond:
-                    if not (req.pieces or req.done):
-                        self._cond.wait(0.05)
+                    sched.wake()
+            if not served:           # another thread runs the pass (or the scheduler is paused)
+                sched.wait_for_news(req, 0.05)
 
-    def _finish(self, req: Request, reason: str, error: Optional[BaseException] = None) -> None:
-        """Under ``_cond``: the request is done; its region is free again."""
-        if req.done:
-            return
-        req.stats.wall_seconds = time.perf_counter() - req.submitted
-        if error is None:
-            req.stats.finish_reason = req.stats.finish_reason or reason
-            req.stats.new_tokens = len(req.tracker.token_ids)
-            req.result = GenerationResult(token_ids=list(req.tracker.token_ids), text=req.tracker.text, stats=req.stats)
-        req.error = error
-        req.done = True
-        if req.on_update is not None:
-            # The last piece (text made safe by the end) goes with the done signal, once the
-            # lock is released (_notify): a callback may take locks of its own.
-            self._callbacks.append((req.on_update, req.final_piece if error is None else ""))
-        if req in self._active:
-            self._active.remove(req)
-        if req.region is not None:
-            self._free.append(req.region)
-            self._free.sort()
-            req.region = None
-        self._last_request = req
-
-    def _admit(self) -> list:
-        """Under ``_cond``: drop cancelled requests, admit queued ones into free regions."""
-        for r in [r for r in self._active if r.cancelled]:
-            self._finish(r, "cancelled")
-        while self._queue and self._free:
-            r = self._queue.popleft()
-            r.region = self._free.pop(0)
-            self._active.append(r)
-        return list(self._active)
-
-    def _run_pass(self) -> None:
+    # ------------------------------------------------------------------ the loop
+    def _run_pass(self) -> int:
+        """One turn of the engine's loop, under ``_loop``: returns the requests it served."""
+        sched = self.scheduler
         try:
-            self._run_pass_inner()
+            reqs = sched.admit()                     # queued requests take free regions
+            if not reqs:
+                return 0
+            try:
+                out = sched.schedule(reqs)           # trees, prompt chunks, method, budget
+                run = self.runner.execute(out)       # grow, verify, accept, read, commit
+                sched.update(out, run)               # stats, text, auto's fits, finished requests
+            except BaseException as e:
+                sched.fail(reqs, self._pass_error(e))
+                if not isinstance(e, Exception):
+                    raise
+            return len(reqs)
         finally:
-            self._notify()
+            sched.deliver()                          # done-callbacks, outside the scheduler's lock
 
-    def _run_pass_inner(self) -> None:
-        with self._cond:
-            reqs = self._admit()
-        if not reqs:
-            return
-        try:
-            self._pass(reqs)
-        except BaseException as e:
-            err = e
-            if isinstance(e, RuntimeError) and _is_oom(e):
-                err = MemoryBudgetError(memory.describe_failure(self.target, self.draft, self.decoder,
-                                                                self._max_budget, e))
-                err.__cause__ = e
-            with self._cond:
-                for r in reqs:
-                    self._finish(r, "error", err)
-            if not isinstance(e, Exception):
-                raise
+    def _pass_error(self, e: BaseException) -> BaseException:
+        """What the requests of a failed pass raise: an allocation failure as MemoryBudgetError."""
+        if isinstance(e, RuntimeError) and _is_oom(e):
+            err = MemoryBudgetError(memory.describe_failure(self.target, self.draft, self.decoder,
+                                                            self._max_budget, e))
+            err.__cause__ = e
+            return err
+        return e
 
-    # ------------------------------------------------------------------ capacity
-    def _check_tree_fits(self) -> None:
-        """At construction: the largest verification pass must fit the target's cache next to the
-        shortest possible request (a 1-token prompt, 1 new token)."""
-        verify = self.decoder.verify_rows(self._max_budget)
-        if 2 + verify > self.target.max_len:
-            setting = self.decoder.settings()[0] if self.method != "specexec" else \
-                f"budget={self.budget}" + (f" (max_budget={self._max_budget})" if self.auto else "")
-            raise ContextLengthError(
-                f"{setting}: a verification tree of {verify} tokens (plus a 1-token prompt and 1 new token) "
-                f"does not fit the target's KV cache (max_len={self.target.max_len}); lower the budget or "
-                f"load the target with a larger max_len")
 
-    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> int:
-        """Raise ContextLengthError unless the request fits both caches; returns the largest
-        budget its caches allow (auto shrinks the tree to it; a fixed budget must fit whole)."""
-        verify = self.decoder.verify_rows(self._max_budget)
-        cap = self._max_budget
-        if self.auto:
-            # Shrinking the tree to what this request leaves free is auto's job; it needs 1 node.
-            cap = min(self._max_budget, self.region_len - prompt_len - max_new_tokens - 1)
-            verify = 1 + max(1, cap)
-        need = prompt_len + max_new_tokens + verify
-        if need > self.region_len:
-            raise ContextLengthError(
-                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + verification tree ({verify}) "
-                f"= {need} tokens exceed the target's KV cache (max_len={self.target.max_len}); lower "
-                f"max_new_tokens or the budget, or load the target with a larger max_len")
-        if self.draft is not None:
-            draft_slots = self.decoder.draft_slots()
-            need = prompt_len + max_new_tokens + draft_slots
-            if need > self.draft_region_len:
-                raise ContextLengthError(
-                    f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + draft tree ({draft_slots}) "
-                    f"= {need} tokens exceed the draft's KV cache (max_len={self.draft.max_len})")
-        return max(1, cap)
+@dataclass(frozen=True)
+class CacheState:
+    """``Engine.last_cache_state()``: ``committed`` token ids (prompt and new tokens), of which the
+    target's cache region holds the first ``target_len`` (all but the last, the next root) and
+    the draft's the first ``draft_len``."""
 
-    def _chain(self, k: int):
-        """The chain method with ``k`` draft tokens per pass (auto_shapes="chains"), kept."""
-        if k not in self._chain_decoders:
-            # Coupled: every pass draws position t's token from (seed, t) alone, whichever mode
-            # auto picked, so a seed fixes the text.
-            self._chain_decoders[k] = METHODS["chain"](k, {"k": k, "coupled": True})
-        return self._chain_decoders[k]
-
-    def _runner(self, n_tree_requests: int, budget: int):
-        """The static-shape draft step for a pass of one request at ``budget`` (or None)."""
-        if not self.static_draft or n_tree_requests != 1:
-            return None
-        return lambda m: runner_for(self._draft_runners, self.draft, self.decoder.static_beams(budget, m),
-                                    self.params["max_depth"])
-
-    # ------------------------------------------------------------------ one pass
-    def _pass(self, reqs: list) -> None:
-        dev = self.device
-        syncs = [0]
-
-        def host(t: torch.Tensor):
-            """Every device -> host read of the pass goes through here, so syncs are counted."""
-            syncs[0] += 1
-            return t.tolist()
-
-        # Which requests verify a tree this pass, and how much of a new prompt rides along.
-        room = self.prefill_chunk
-        tree_reqs, chunk_reqs = [], []
-        for r in reqs:
-            c = len(r.t_pending)
-            if c <= room:
-                tree_reqs.append(r)
-                room -= c
-            elif room > 0:
-                chunk_reqs.append((r, room))
-                room = 0
-        first_trees = any(r.stats.target_passes == 0 for r in tree_reqs)
-        carries_prompt = any(r.t_pending for r in tree_reqs) or bool(chunk_reqs)
-
-        catch_up_lens = [len(r.pending) for r in tree_reqs] or [0]
-        t0 = time.perf_counter()
-        budget, depth, ctx = self._max_budget, self.params.get("max_depth", 0), None
-        grown, drafter, decoder = [], None, self.decoder
-        if tree_reqs:
-            if self.auto:
-                cap = min(r.auto_cap for r in tree_reqs)
-                ctl = self.budget_controller
-                if ctl.chains:
-                    # A chain of k draft tokens takes k slots of the draft's cache after what it
-                    # has yet to read (a SpecExec tree just grows less near the end of it).
-                    cap = min([cap] + [self.draft_region_len - r.dp - len(r.pending) + 1 for r in tree_reqs])
-                budget, depth = ctl.plan(cap, max(catch_up_lens)) if cap >= 1 else (0, 0)
-                if budget == 0:          # drafting does not pay now: decode one token, no draft call
-                    decoder = self._plain
-                elif ctl.chains:
-                    decoder = self._chain(budget)
-            if self.draft is not None and decoder is not self._plain:
-                bases = [r.region * self.draft_region_len for r in tree_reqs]
-                runner = self._runner(len(tree_reqs), budget) if decoder is self.decoder else None
-                drafter = Drafter(self.draft, self._dcache, tree_reqs, bases, self.draft_region_len,
-                                  [r.stats for r in tree_reqs], runner)
-            ctx = PassContext(tree_reqs, drafter, host, dev, budget, depth, self.budget_controller)
-            grown = decoder.grow(ctx)
-        t1 = time.perf_counter()
-
-        # The target pass: prompt chunks, then each tree (behind whatever prompt still rides with it).
-        segs, toks, poss, logit_rows, row = [], [], [], [], 0
-        for r, c in chunk_reqs:
-            base = r.region * self.region_len
-            segs.append(Segment(c, base, r.tp))
-            toks.append(torch.tensor(r.t_pending[:c], device=dev))
-            poss.append(torch.arange(r.tp, r.tp + c, device=dev))
-            row += c
-        for r, (vt, _) in zip(tree_reqs, grown):
-            base, c, n = r.region * self.region_len, len(r.t_pending), vt.n
-            if c:
-                mask = torch.zeros(c + n, c + n, dtype=torch.bool, device=dev)
-                mask[:c, :c] = causal_mask(c, dev)
-                mask[c:, :c] = True
-                mask[c:, c:] = vt.mask
-                segs.append(Segment(c + n, base, r.tp, tree_mask=mask))
-                toks.append(torch.tensor(r.t_pending, device=dev))
-                poss.append(torch.arange(r.tp, r.tp + c, device=dev))
-            else:
-                segs.append(Segment(n, base, r.tp, tree_mask=vt.mask))
-            toks.append(vt.tokens)
-            poss.append(r.tp + c + vt.depths)
-            logit_rows.append(torch.arange(row + c, row + c + n, device=dev))
-            row += c + n
-        token_ids = torch.cat(toks) if len(toks) > 1 else toks[0]
-        positions = torch.cat(poss) if len(poss) > 1 else poss[0]
-        rows_t = None
-        if chunk_reqs or any(r.t_pending for r in tree_reqs):
-            rows_t = torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long, device=dev)
-        if len(segs) == 1 and segs[0].base == 0:
-            s = segs[0]
-            logits = self.target.forward(token_ids, positions, self._tcache, s.prefix_len, s.tree_mask,
-                                         logits_rows=rows_t)
-        else:
-            logits = self.target.forward_batch(token_ids, positions, self._tcache, segs, logits_rows=rows_t)
-
-        # Exact acceptance for each tree; every request's result is read in one sync, with the
-        # budget controller's curve and the tree policy's evidence riding along.
-        parts, layout, offset = [], [], 0
-        policy = getattr(decoder, "policy", None)
-        evidence = []          # (request, params, evidence length)
-        for r, (vt, extra) in zip(tree_reqs, grown):
-            n = vt.n
-            lg = logits[offset:offset + n]
-            offset += n
-            # Greedy acceptance only takes each row's argmax, which the logits give as the one-hot
-            # of process_logits does (first index on ties), so the one-hot (~0.1 ms per row of a
-            # 49k vocabulary on a CPU, and an argmax over it again) is never built.
-            p = lg if r.params.greedy else process_logits(lg, r.params)
-            noise = None
-            if r.noise is not None and extra is None:
-                # Row i draws the token at position root + depth_i + 1, with that position's noise.
-                bound = min(vt.depth_bound if vt.depth_bound is not None else n - 1, n - 1)
-                r.noise.ensure(r.root_pos + 1, bound + 1, p.shape[-1])
-                noise = r.noise.at(r.root_pos + 1, vt.depths)
-            last, bonus, draws = decoder.accept(vt, extra, p, r.gen, r.params, noise)
-            path = path_rows(vt, last, n)
-            lo, hi = torch.aminmax(lg)          # NaN propagates; one pass, no [n, V] temporary
-            bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).long()
-            parts += [bad.view(1), vt.depths[last].view(1), bonus.view(1), vt.tokens[path], vt.draft_slots[path], path]
-            layout.append(n)
-            # Greedy and coupled trees learn from the draws themselves (acceptance.py).
-            outcome = draws if r.params.greedy or decoder.coupled else None
-            ev = policy.observations(vt, p, r.params, vt.mask[last], outcome) if policy is not None else None
-            if ev is not None:
-                evidence.append((r, r.params, int(ev.shape[0])))
-                parts.append(ev)
-        n_curve = 0
-        if ctx is not None and ctx.curve is not None:
-            parts.append(ctx.curve[1])
-            n_curve = int(ctx.curve[1].shape[0])
-        h = host(torch.cat(parts)) if parts else []
-
-        # Commits: every request's accepted path (and its prompt chunk, already in place) into
-        # its region, one index copy per cache.
-        t_src, t_dst, d_src, d_dst = [], [], [], []
-        results, pos = [], 0
-        ev_len = {id(r): k for r, _, k in evidence}
-        for r, n in zip(tree_reqs, layout):
-            bad, m, bonus, rest = h[pos], h[pos + 1], h[pos + 2], h[pos + 3:pos + 3 + 3 * n]
-            pos += 3 + 3 * n
-            k = ev_len.get(id(r), 0)
-            if k and not bad:        # only finite passes teach the tree policy
-                policy.update(r.params, h[pos:pos + k])
-            pos += k
-            tokens, dslots, path = rest[:m + 1], rest[n:n + m + 1], rest[2 * n:2 * n + m + 1]
-            base, c = r.region * self.region_len, len(r.t_pending)
-            start = base + r.tp + c
-            t_src += [start + j for j in path]
-            t_dst += list(range(start, start + m + 1))
-            results.append((r, bool(bad), tokens, dslots, bonus))
-        self._move(self._tcache, t_src, t_dst)
-        for r, c in chunk_reqs:
-            r.tp += c
-            del r.t_pending[:c]
-        for r, _, tokens, dslots, bonus in results:
-            r.tp += len(r.t_pending) + len(tokens)
-            r.t_pending = []
-            if self.draft is None:
-                r.pending = [bonus]
-                continue
-            if drafter is None:
-                # No draft call this pass: the draft's cache stays as it was and catches up on
-                # these tokens in its next call (its pending chain).
-                r.pending += tokens[1:] + [bonus]
-                continue
-            k = 0
-            while k < len(dslots) and dslots[k] >= 0:
-                k += 1
-            dbase = r.region * self.draft_region_len
-            d_src += [dbase + r.dp + s for s in dslots[:k]]
-            d_dst += list(range(dbase + r.dp, dbase + r.dp + k))
-            r.dp += k
-            r.pending = tokens[k:] + [bonus]
-        if self.draft is not None:
-            self._move(self._dcache, d_src, d_dst)
-        t2 = time.perf_counter()
-
-        # Bookkeeping, text, and who is done.
-        n_tree_reqs = len(tree_reqs)
-        tree_size = {id(r): vt.n for r, (vt, _) in zip(tree_reqs, grown)}
-        accepted = []
-        finished = []
-        for r, bad, tokens, _, bonus in results:
-            if bad:
-                finished.append((r, NonFiniteLogitsError(
-                    f"the target model produced NaN/inf logits in a verification pass (method={self.method}); its "
-                    f"weights or activations are not finite (a corrupt checkpoint, or an overflow in a "
-                    f"low-precision dtype)")))
-                continue
-            s = r.stats
-            new = tokens[1:] + [bonus]
-            accepted.append(len(tokens) - 1)
-            s.draft_seconds += t1 - t0
-            s.target_seconds += t2 - t1
-            s.target_passes += 1
-            s.tree_tokens += tree_size[id(r)]
-            s.tokens_per_pass_histogram[len(new)] = s.tokens_per_pass_histogram.get(len(new), 0) + 1
-            s.syncs += syncs[0]
-            s.max_syncs_per_pass = max(s.max_syncs_per_pass, syncs[0])
-            s.batch_sizes.append(n_tree_reqs)
-            if self.method == "specexec":
-                s.budgets.append(budget if decoder is not self._plain else 0)
-            s.modes.append(decoder.name)
-            r.produced += len(new)
-            r.seq.extend(new)
-            piece = r.tracker.add(new)
-            with self._cond:
-                r.pieces.append(piece)
-            if r.tracker.finish_reason:
-                r.final_piece = piece        # delivered with the done signal
-            elif r.on_update is not None:
-                r.on_update(piece, False)
-            if r.tracker.finish_reason:
-                finished.append((r, None))
-        for r, _ in chunk_reqs:
-            r.stats.prefill_seconds += t2 - t1
-        if self.auto and accepted:
-            # A pass that carried a prompt (or a draft's prompt prefill) says nothing about the
-            # cost of a tree: its times are left out of the fits.
-            curve_vals = [v / CURVE_SCALE for v in h[len(h) - n_curve:]] if n_curve else []
-            pts = ctx.curve[0] if ctx.curve is not None else []
-            # A draft catching up on tokens it skipped in plain passes is not a tree's cost either.
-            catch_up = max(catch_up_lens) > self.params["max_depth"] + 2
-            self.budget_controller.observe(
-                budget, sum(vt.n for vt, _ in grown), drafter.calls if drafter is not None else 0,
-                None if first_trees or catch_up else t1 - t0, None if carries_prompt else t2 - t1, pts, curve_vals,
-                # Per request, as the curve (its mass is averaged over the pass's trees) and the
-                # costs (a plain pass decodes the same requests) are: the mean, not the luckiest.
-                sum(accepted) / len(accepted), truncated=budget > 0 and any(r.remaining < depth for r in tree_reqs),
-                catch_up=(max(catch_up_lens), t1 - t0) if catch_up and drafter is not None else None)
-        with self._cond:
-            for r, err in finished:
-                self._finish(r, r.tracker.finish_reason or "error", err)
-            self._cond.notify_all()
-
-    @staticmethod
-    def _move(cache, src: list, dst: list) -> None:
-        # A chain's (and a plain pass's) accepted path is already where it belongs.
-        if src == dst:
-            return
-        if src:
-            dev = cache.device
-            cache.move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
+    committed: list
+    target_len: int
+    draft_len: int
 
 
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in str(e)
-
-
-def check_same_vocabulary(target, draft, n_sample: int = 512) -> None:
-    """Raise VocabularyMismatchError unless ``draft`` and ``target`` share a vocabulary: same size
-    and, when they come from different checkpoints with tokenizers, the same token strings on an
-    evenly spaced sample of ids (the first and last ids included)."""
-    if draft.vocab_size != target.vocab_size:
-        raise VocabularyMismatchError(
-            f"draft vocabulary has {draft.vocab_size} tokens but the target's has {target.vocab_size}: "
-            f"the draft must use the target's tokenizer")
-    if torch.device(draft.device) != torch.device(target.device):
-        raise ValueError(f"draft is on {draft.device} but target on {target.device}; load both on one device")
-    ts, ds = getattr(target, "source", None), getattr(draft, "source", None)
-    if ts is None or ds is None or str(ts) == str(ds):
-        return
-    from ..loading import load_tokenizer
-
-    try:
-        tt, dt = load_tokenizer(target), load_tokenizer(draft)
-    except SpecExecError:
-        return    # no tokenizer to compare: the size check is all we can do
-    v = target.vocab_size
-    ids = sorted(set(torch.linspace(0, v - 1, min(n_sample, v)).long().tolist()))
-    a, b = tt.convert_ids_to_tokens(ids), dt.convert_ids_to_tokens(ids)
-    bad = [(i, x, y) for i, x, y in zip(ids, a, b) if x != y]
-    if bad:
-        i, x, y = bad[0]
-        raise VocabularyMismatchError(
-            f"draft and target tokenizers differ on {len(bad)} of {len(ids)} sampled ids (e.g. id {i}: "
-            f"target {x!r}, draft {y!r}); the draft must use the target's tokenizer")

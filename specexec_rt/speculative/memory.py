@@ -23,8 +23,9 @@ from ..errors import MemoryBudgetError
 
 GiB = 1 << 30
 
-# float32 bytes per [rows, vocab] element held by acceptance (engine._accept + sampling):
-# greedy: the float copy and the one-hot; sampled: temperature, top-k fill, softmax, the top-p
+# float32 bytes per [rows, vocab] element held by acceptance (Runner._accept + sampling):
+# greedy: the float copy, and a one-hot's worth kept as headroom (acceptance takes the logits'
+# argmax and builds none); sampled: temperature, top-k fill, softmax, the top-p
 # sort (values + int64 indices), cumsum, mask, renormalised probs, exponential noise, ratio.
 ACCEPT_BYTES_GREEDY = 12
 ACCEPT_BYTES_SAMPLED = 56
@@ -106,7 +107,7 @@ def draft_tree_bytes(capacity: int, expand_rows: int) -> int:
 @dataclass(frozen=True)
 class PassShape:
     """The sizes of one pass that its working memory depends on (a decoding method gives it
-    for a budget; see ``methods.py``).
+    for a budget; see ``methods/``).
 
     verify_rows: target rows one request verifies (the root included).
     draft_rows: new tokens of one draft call for one request (0: no draft).

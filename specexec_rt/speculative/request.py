@@ -71,7 +71,7 @@ class GenerationResult:
 
 class Request:
     """The engine-side state of one request (touched only by the thread running a pass, except
-    the fields guarded by the engine's condition: ``pieces``, ``done``, ``error``)."""
+    the fields guarded by the scheduler's condition: ``pieces``, ``done``, ``error``)."""
 
     def __init__(self, ids: list, params: SamplingParams, seed: Optional[int], max_new_tokens: int,
                  tracker, device):
@@ -94,11 +94,12 @@ class Request:
         self.dp = 0
         self.pending: list = list(ids)
         self.produced = 0
+        self.committed: list = list(ids)           # every committed token: the prompt, then the new ones
         self.auto_cap = 0                          # budget="auto": the largest tree its caches allow
         self.submitted = time.perf_counter()
         self.on_update = None                      # callback(piece, done) from the pass thread
         self.final_piece = ""
-        # Guarded by the engine's condition:
+        # Guarded by the scheduler's condition:
         self.pieces: list = []
         self.done = False
         self.cancelled = False

@@ -5,7 +5,8 @@ appended level by level and never moved; pruning only clears ``alive``. Because 
 created after their parents, index order is a topological order.
 
 Every shape that the host needs (number of nodes, of draft slots) is tracked on the host; the
-only host reads are the ones the caller makes explicitly (see ``Engine._host``).
+only host reads are the ones the caller makes explicitly (through the pass's counted reader,
+``runner.HostReads``).
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@
   from a per-rank acceptance vector: ``acceptance=[...]`` (e.g. measured by a calibration run)
   or, by default, the calibrated model's positional marginal, learned online.
 
-A policy only chooses which tree is verified; acceptance is the same exact walk for all of
-them, so none can change the output. Every policy records the acceptance model's evidence, so
+Each policy is a class (``POLICIES`` maps the ``tree=`` name to it; nothing else in the
+package switches on the name). A policy only chooses which tree is verified; acceptance is the
+same exact walk for all of them, so none can change the output. Every policy records the acceptance model's evidence, so
 its statistics are also available to compare against (``TreePolicy.model``).
 """
 from __future__ import annotations
@@ -25,10 +26,8 @@ import torch
 from .acceptance import AcceptanceModel
 from .sampling import SamplingParams
 
-POLICIES = ("calibrated", "softmax", "sequoia")
-# SpecExec method parameters that are not positive ints (validated here, not by the engine).
+# SpecExec method parameters that are not positive ints (validated here, not by the method).
 POLICY_PARAMS = ("tree", "growth_temperature", "acceptance")
-DEFAULT_MAX_DEPTH = {"calibrated": 32, "softmax": 16, "sequoia": 32}
 SEQUOIA_REFRESH = 0.02      # re-plan a Sequoia shape when a rank's rate moved by more than this
 # Evidence: children of every verified parent ("verified"), or of reached parents only
 # ("reached": unbiased, a tenth of the data; measured 5.26 vs 5.55 tokens/pass at budget 64).
@@ -46,30 +45,22 @@ EXPAND_FLOOR = 1e-3
 
 def set_defaults(p: dict) -> dict:
     """Fill and check SpecExec's tree-policy parameters in ``p`` (in place): ``tree``
-    ["calibrated"], ``max_depth`` [32; 16 for softmax], ``growth_temperature`` [None],
-    ``acceptance`` [None]. Raises ValueError naming the parameter."""
-    tree = p.setdefault("tree", "calibrated")
-    if tree not in POLICIES:
-        raise ValueError(f"specexec parameter tree={tree!r}; choose one of {POLICIES}")
-    p.setdefault("max_depth", DEFAULT_MAX_DEPTH[tree])
-    t = p.setdefault("growth_temperature", None)
-    if t is not None:
-        if tree != "softmax":
-            raise ValueError(f"growth_temperature applies to tree='softmax' only (got tree={tree!r})")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0) or math.isinf(t):
-            raise ValueError(f"specexec parameter growth_temperature must be a positive number, got {t!r}")
-    a = p.setdefault("acceptance", None)
-    if a is not None:
-        if tree != "sequoia":
-            raise ValueError(f"acceptance applies to tree='sequoia' only (got tree={tree!r})")
-        try:
-            vals = [float(x) for x in a]
-        except TypeError:
-            raise ValueError(f"specexec parameter acceptance must be a sequence of probabilities, got {a!r}")
-        if not vals or any(not (0.0 <= x <= 1.0) for x in vals) or sum(vals) > 1.0 + 1e-6:
-            raise ValueError("specexec parameter acceptance must be non-empty probabilities in [0, 1] "
-                             f"summing to at most 1 (distinct siblings are accepted exclusively), got {vals}")
-        p["acceptance"] = tuple(vals)
+    ["calibrated"], ``max_depth`` [the policy's ``default_max_depth``: 32; 16 for softmax],
+    and every policy's own parameters (``growth_temperature``, ``acceptance``) [None], each
+    given only to the policy that takes it. Raises ValueError naming the parameter."""
+    name = p.setdefault("tree", "calibrated")
+    if name not in POLICIES:
+        raise ValueError(f"specexec parameter tree={name!r}; choose one of {tuple(POLICIES)}")
+    chosen = POLICIES[name]
+    p.setdefault("max_depth", chosen.default_max_depth)
+    for policy in POLICIES.values():
+        for param in policy.own_params:
+            value = p.setdefault(param, None)
+            if value is None:
+                continue
+            if policy is not chosen:
+                raise ValueError(f"{param} applies to tree={policy.name!r} only (got tree={name!r})")
+            p[param] = policy.check_param(param, value)
     return p
 
 
@@ -132,24 +123,40 @@ def plan_shape(shape, width: int, device) -> ShapePlan:
 
 class TreePolicy:
     """Per-engine state of SpecExec's tree policy: one acceptance model per sampling
-    configuration, and (Sequoia) the acceptance vector and shapes in use.
+    configuration. The base class ranks the best-first search by the calibrated path
+    acceptance; subclasses change what differs (``SoftmaxPolicy``: the draft's probabilities;
+    ``SequoiaPolicy``: a static shape instead of the search). ``POLICIES`` maps each ``tree=``
+    name to its class.
 
-    name: one of POLICIES; width: ``branch_width``; growth_temperature, acceptance: see
-    ``set_defaults``."""
+    width: ``branch_width``; growth_temperature, acceptance: see ``set_defaults``."""
 
-    def __init__(self, name: str, device, width: int, growth_temperature: Optional[float] = None,
+    name = ""
+    own_params: tuple = ()          # method parameters only this policy takes
+    default_max_depth = 32
+
+    def __init__(self, device, width: int, growth_temperature: Optional[float] = None,
                  acceptance: Optional[Sequence[float]] = None):
-        if name not in POLICIES:
-            raise ValueError(f"tree={name!r}; choose one of {POLICIES}")
-        self.name = name
         self.device = torch.device(device)
         self.width = int(width)
         self.growth_temperature = growth_temperature
         self.fixed_vector = None if acceptance is None else tuple(float(x) for x in acceptance)
         self.models: dict = {}            # SamplingParams -> AcceptanceModel
         self.evidence = EVIDENCE
-        self._vectors: dict = {}          # SamplingParams -> the Sequoia vector in use
-        self._plans: dict = {}            # (vector, budget, depth) -> ShapePlan
+
+    @staticmethod
+    def check_param(name: str, value):
+        """``value`` of one of ``own_params``, checked (ValueError naming it) and normalised."""
+        return value
+
+    # ------------------------------------------------------------------ sizes
+    def static_beams(self, beams: int, m: int) -> int:
+        """Rows of the static draft step that serves a step of ``m`` nodes (``beams`` per step)."""
+        return beams
+
+    def pass_size(self, budget: int, beams: int, capacity: int) -> tuple[int, int]:
+        """(draft rows of one step, ``DraftTree`` nodes) of a pass at ``budget``, given the
+        search's ``beams`` per step and its worst-case ``capacity``."""
+        return beams, capacity
 
     # ------------------------------------------------------------------ growth
     def model(self, params: SamplingParams) -> AcceptanceModel:
@@ -159,8 +166,6 @@ class TreePolicy:
 
     def draft_temperature(self, params: SamplingParams) -> float:
         """Temperature of the draft distribution the search reads (``q``)."""
-        if self.name == "softmax" and self.growth_temperature is not None:
-            return float(self.growth_temperature)
         return params.temperature if params.temperature > 0 else 1.0
 
     def child_scores(self, logq: torch.Tensor, params: SamplingParams, coupled: bool = False
@@ -169,30 +174,125 @@ class TreePolicy:
         ``[m, w]``, from ``logq`` float ``[m, w]`` in rank order: the draft's log-probs, or for a
         ``coupled`` tree the log race keys ``log(q / E)`` (sampling.coupled_children). The
         acceptance model reads either through ``margin_feature`` (a share among the siblings),
-        so the calibrated and Sequoia policies learn what a coupled rank is worth. The softmax
-        ranking scores a coupled child by its share of the siblings' race keys (at
+        so the calibrated and Sequoia policies learn what a coupled rank is worth."""
+        return self.model(params).scores_and_features(margin_feature(logq))
+
+    def candidate_margin(self, params: SamplingParams) -> float:
+        """log of the best acceptance a child can get (<= 0): a node whose score plus this cannot
+        beat the budget-th best node has no child worth creating, so it is not expanded."""
+        return math.log(max(self.model(params).max_accept, 1e-30))
+
+    def expand_floor(self) -> float:
+        """log of the least path acceptance of a node the search expands (-inf: no floor)."""
+        return -math.inf if EXPAND_FLOOR <= 0 else math.log(EXPAND_FLOOR)
+
+    def shape_plans(self, params: Sequence[SamplingParams], budget: int, depths: Sequence[int]) -> Optional[list]:
+        """Static shapes to fill, one ``ShapePlan`` per request (request ``i``: ``params[i]``,
+        depth at most ``depths[i]``), or None: grow by the best-first search."""
+        return None
+
+    # ------------------------------------------------------------------ learning
+    def observations(self, tree, p: torch.Tensor, params: SamplingParams,
+                     reached: Optional[torch.Tensor] = None, draws: Optional[torch.Tensor] = None
+                     ) -> Optional[torch.Tensor]:
+        """The pass's evidence for the acceptance model (int64 device tensor), or None when the
+        tree carries none (other methods). ``reached``: bool ``[n]``, the rows the walk reached
+        (the accepted path and the root); with ``evidence="reached"`` only their children count.
+        ``draws``: int64 ``[n]``, the target's draw at every row when it is a function of what
+        the draft saw (greedy; coupled sampling, where the draft ranked by the same noise): each
+        child is then valued 1 if it is its parent's draw, else 0, instead of ``p``'s mass."""
+        if tree.proposed is None:
+            return None
+        rows, tokens, bins = tree.proposed
+        if self.evidence == "reached" and reached is not None:
+            rows = torch.where(reached[rows.clamp_min(0)] & (rows >= 0), rows, torch.full_like(rows, -1))
+        return self.model(params).observations(p, rows, tokens, bins, draws)
+
+    def update(self, params: SamplingParams, packet: Sequence[int]) -> None:
+        self.model(params).update(packet)
+
+
+class CalibratedPolicy(TreePolicy):
+    """The best-first search ranked by the acceptance model's calibrated path acceptance."""
+
+    name = "calibrated"
+
+
+class SoftmaxPolicy(TreePolicy):
+    """The best-first search ranked by the draft's own path probability at a fixed growth
+    temperature, expanding whatever fills the budget: the search as the paper describes it."""
+
+    name = "softmax"
+    own_params = ("growth_temperature",)
+    default_max_depth = 16
+
+    @staticmethod
+    def check_param(name: str, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or math.isinf(value):
+            raise ValueError(f"specexec parameter growth_temperature must be a positive number, got {value!r}")
+        return value
+
+    def draft_temperature(self, params: SamplingParams) -> float:
+        if self.growth_temperature is not None:
+            return float(self.growth_temperature)
+        return super().draft_temperature(params)
+
+    def child_scores(self, logq: torch.Tensor, params: SamplingParams, coupled: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft's log-probs (the bins still feed the acceptance model, for comparison). A
+        coupled child is scored by its share of the siblings' race keys (at
         ``growth_temperature``, default 1): near 1 for a clear winner of the race, which is the
         target's draw unless the target and draft disagree."""
-        scores, feats = self.model(params).scores_and_features(margin_feature(logq))
-        if self.name != "softmax":
-            return scores, feats
+        _, feats = super().child_scores(logq, params, coupled)
         if coupled:
             return torch.log_softmax(logq / (self.growth_temperature or 1.0), dim=-1), feats
         return logq, feats
 
     def candidate_margin(self, params: SamplingParams) -> float:
-        """log of the best acceptance a child can get (<= 0): a node whose score plus this cannot
-        beat the budget-th best node has no child worth creating, so it is not expanded."""
-        if self.name == "softmax":
-            return 0.0
-        return math.log(max(self.model(params).max_accept, 1e-30))
+        return 0.0
 
     def expand_floor(self) -> float:
-        """log of the least path acceptance of a node the search expands (-inf: no floor; the
-        softmax ranking expands whatever fills the budget, as the paper does)."""
-        return -math.inf if self.name == "softmax" or EXPAND_FLOOR <= 0 else math.log(EXPAND_FLOOR)
+        return -math.inf
 
-    # ------------------------------------------------------------------ Sequoia
+
+class SequoiaPolicy(TreePolicy):
+    """Sequoia's optimal static tree for the budget and depth (sequoia.py), from the per-rank
+    acceptance vector ``acceptance=[...]`` or, by default, the calibrated model's positional
+    marginal, learned online. Children are scored as the calibrated policy scores them."""
+
+    name = "sequoia"
+    own_params = ("acceptance",)
+
+    def __init__(self, device, width: int, growth_temperature: Optional[float] = None,
+                 acceptance: Optional[Sequence[float]] = None):
+        super().__init__(device, width, growth_temperature, acceptance)
+        self._vectors: dict = {}          # SamplingParams -> the Sequoia vector in use
+        self._plans: dict = {}            # (vector, budget, depth) -> ShapePlan
+
+    @staticmethod
+    def check_param(name: str, value):
+        try:
+            vals = [float(x) for x in value]
+        except TypeError:
+            raise ValueError(f"specexec parameter acceptance must be a sequence of probabilities, got {value!r}")
+        if not vals or any(not (0.0 <= x <= 1.0) for x in vals) or sum(vals) > 1.0 + 1e-6:
+            raise ValueError("specexec parameter acceptance must be non-empty probabilities in [0, 1] "
+                             f"summing to at most 1 (distinct siblings are accepted exclusively), got {vals}")
+        return tuple(vals)
+
+    def static_beams(self, beams: int, m: int) -> int:
+        """A level of ``m`` nodes padded to a power of two: levels vary and are re-planned as the
+        acceptance vector is learned, and re-planned shapes then reuse the same static steps."""
+        return 1 << max(0, m - 1).bit_length()
+
+    def pass_size(self, budget: int, beams: int, capacity: int) -> tuple[int, int]:
+        # A static shape expands each of its <= budget + 1 nodes at most once, but one level
+        # (one draft step) may hold up to budget nodes.
+        return budget, 1 + (budget + 1) * self.width
+
+    def shape_plans(self, params: Sequence[SamplingParams], budget: int, depths: Sequence[int]) -> Optional[list]:
+        return [self.sequoia_plan(p, budget, d) for p, d in zip(params, depths)]
+
     def vector(self, params: SamplingParams) -> tuple:
         """Sequoia's per-rank acceptance vector: the fixed one, else the learned marginal,
         refreshed only when a rank's rate moved by more than SEQUOIA_REFRESH (each new vector
@@ -219,22 +319,13 @@ class TreePolicy:
             self._plans[key] = plan_shape(optimal_shape(vec, n, max_depth), self.width, self.device)
         return self._plans[key]
 
-    # ------------------------------------------------------------------ learning
-    def observations(self, tree, p: torch.Tensor, params: SamplingParams,
-                     reached: Optional[torch.Tensor] = None, draws: Optional[torch.Tensor] = None
-                     ) -> Optional[torch.Tensor]:
-        """The pass's evidence for the acceptance model (int64 device tensor), or None when the
-        tree carries none (other methods). ``reached``: bool ``[n]``, the rows the walk reached
-        (the accepted path and the root); with ``evidence="reached"`` only their children count.
-        ``draws``: int64 ``[n]``, the target's draw at every row when it is a function of what
-        the draft saw (greedy; coupled sampling, where the draft ranked by the same noise): each
-        child is then valued 1 if it is its parent's draw, else 0, instead of ``p``'s mass."""
-        if tree.proposed is None:
-            return None
-        rows, tokens, bins = tree.proposed
-        if self.evidence == "reached" and reached is not None:
-            rows = torch.where(reached[rows.clamp_min(0)] & (rows >= 0), rows, torch.full_like(rows, -1))
-        return self.model(params).observations(p, rows, tokens, bins, draws)
 
-    def update(self, params: SamplingParams, packet: Sequence[int]) -> None:
-        self.model(params).update(packet)
+POLICIES = {cls.name: cls for cls in (CalibratedPolicy, SoftmaxPolicy, SequoiaPolicy)}
+
+
+def make_policy(name: str, device, width: int, growth_temperature: Optional[float] = None,
+                acceptance: Optional[Sequence[float]] = None) -> TreePolicy:
+    """The policy ``tree=name`` (one of ``POLICIES``)."""
+    if name not in POLICIES:
+        raise ValueError(f"tree={name!r}; choose one of {tuple(POLICIES)}")
+    return POLICIES[name](device, width, growth_temperature, acceptance)

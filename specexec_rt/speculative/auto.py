@@ -1,0 +1,73 @@
+"""``budget="auto"`` in one place: before every pass the scheduler asks ``AutoBudget.plan`` for the
+pass's method, budget and depth; after it, ``AutoBudget.observe`` hands the pass's costs and
+acceptance to the ``BudgetController`` (budget.py: the host arithmetic of the choice).
+
+What a pass can be: a SpecExec tree of the planned budget, a coupled chain of ``k`` draft tokens
+(``auto_shapes="chains"``), or plain decoding (budget 0: no draft call) while drafting does not
+pay; the method says which object grows each (``Method.auto_method``). The ceiling is the
+engine's ``max_budget`` after memory fitting, and per pass the smallest of the requests' own caps
+(``Request.auto_cap``: what their caches leave free).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .budget import BudgetController
+
+# auto_shapes= -> whether the speculative passes are draft chains (else SpecExec trees).
+AUTO_SHAPES = {"trees": False, "chains": True}
+
+
+class AutoBudget:
+    """The per-pass choice for an engine whose ``method`` supports auto (SpecExec).
+
+    max_budget: the largest tree; device: the target's (on the CPU a pass's cost grows with its
+    tree, so the first trees are small and chains are the default shape); drafting: whether a
+    draft model is loaded (else only plain passes); shapes: ``"trees"``, ``"chains"`` or None
+    (the device's default); draft_region_len: the draft cache slots of one request."""
+
+    def __init__(self, method, max_budget: int, device, drafting: bool, shapes: Optional[str],
+                 draft_region_len: int):
+        self.method = method
+        self.max_depth = method.params["max_depth"]
+        self.draft_region_len = draft_region_len
+        self.shapes = shapes or ("chains" if device.type == "cpu" else "trees")
+        # Plain decoding (budget 0) and trees down to one node are candidates too: auto never
+        # keeps drafting when drafting does not pay on this device. On the CPU a pass's cost
+        # grows with its tree (draft steps and verification are compute-bound), so the first
+        # trees are small and grow only while they pay; an offloaded GPU pass costs the same for
+        # 1..1000 tokens, so it starts at 16.
+        self.controller = BudgetController(max_budget, min_budget=1, prior_budget=4 if device.type == "cpu" else 16,
+                                           max_depth=self.max_depth, allow_autoregressive=drafting,
+                                           chains=AUTO_SHAPES[self.shapes], max_chain=min(8, self.max_depth))
+
+    def plan(self, reqs: list, catch_up: int) -> tuple:
+        """(method, budget, depth) of a pass verifying ``reqs``' trees; ``catch_up``: the longest
+        chain a draft must read before drafting."""
+        ctl = self.controller
+        cap = min(r.auto_cap for r in reqs)
+        if ctl.chains:
+            # A chain of k draft tokens takes k slots of the draft's cache after what it has yet
+            # to read (a SpecExec tree just grows less near the end of it).
+            cap = min([cap] + [self.draft_region_len - r.dp - len(r.pending) + 1 for r in reqs])
+        budget, depth = ctl.plan(cap, catch_up) if cap >= 1 else (0, 0)
+        return self.method.auto_method(budget, ctl.chains), budget, depth
+
+    def observe(self, out, run, accepted: list) -> None:
+        """Record the pass ``out`` (scheduler.SchedulerOutput) as ``run`` (runner.RunnerOutput)
+        measured it; ``accepted``: the draft tokens each finite request accepted. Call after the
+        requests' progress is counted (a pass cut short by the tokens left is not news)."""
+        # A pass that carried a prompt (or a draft's prompt prefill) says nothing about the cost
+        # of a tree: its times are left out of the fits. Nor does a draft catching up on tokens
+        # it skipped in plain passes.
+        catch_up = out.catch_up > self.max_depth + 2
+        points, values = run.curve if run.curve is not None else ([], [])
+        self.controller.observe(
+            out.budget, run.n_verified, run.draft_calls,
+            None if out.first_trees or catch_up else run.draft_seconds,
+            None if out.carries_prompt else run.target_seconds, points, values,
+            # Per request, as the curve (its mass is averaged over the pass's trees) and the
+            # costs (a plain pass decodes the same requests) are: the mean, not the luckiest.
+            sum(accepted) / len(accepted),
+            truncated=out.budget > 0 and any(r.remaining < out.depth for r in out.tree_requests),
+            catch_up=(out.catch_up, run.draft_seconds) if catch_up and run.draft_calls else None)
