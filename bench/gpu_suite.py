@@ -143,13 +143,16 @@ def junit_failures(xml_path: Path) -> list:
     return out
 
 
-def run_pytest(name: str, args: list, extra_env: dict, timeout_s: float, work: Path, plugin: bool) -> dict:
-    """One pytest subprocess (own process group, killed on timeout) -> result dict."""
+def run_pytest(name: str, args: list, extra_env: dict, timeout_s: float, work: Path, plugin: bool,
+               verbose: bool = False) -> dict:
+    """One pytest subprocess (own process group, killed on timeout) -> result dict.
+    ``verbose``: one line per test in the log (what ran is known even if the run is killed)."""
     xml = work / f"junit-{name}.xml"
     log = work / f"pytest-{name}.log"
     env = {k: v for k, v in os.environ.items() if k not in INTERPRETER_VARS}
     env.update(extra_env)
-    cmd = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    cmd = [sys.executable, "-m", "pytest", *args, "-v" if verbose else "-q", "-p", "no:cacheprovider",
+           f"--junitxml={xml}"]
     if plugin:
         cmd += ["-p", "suite_pytest_plugin"]
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

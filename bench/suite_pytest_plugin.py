@@ -6,12 +6,19 @@ tests included. This plugin imports the kernel modules before collection with th
 off (``@triton.jit`` picks compiled or interpreted when the module is imported), clears the
 variable again once collection is done, and writes what the kernels actually were to the JSON
 file named by ``SPECEXEC_SUITE_PLUGIN_OUT``, so the report can say "compiled" with evidence.
+With ``SPECEXEC_BLOCK_IMPORTS`` set (``gpu_machine.py``), the packages it names cannot be
+imported in the run, as on the GPU machines.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import os
+
+from gpu_machine import block_imports_from_env
+
+# A CPU dry run standing in for a GPU machine blocks the packages missing there (gpu_quick.py).
+block_imports_from_env()
 
 KERNEL_MODULES = ("specexec_rt.kernels.attention", "specexec_rt.kernels.int4_gemm")
 _state: dict = {"import_errors": {}, "interpret_set_during_collection": None}
