@@ -25,11 +25,11 @@ _state: dict = {"import_errors": {}, "interpret_set_during_collection": None}
 
 
 def _kernel_kinds() -> dict:
-    """{module.attr: innermost type name} for every Triton kernel object of the kernel modules."""
+    """{module.attr: innermost type name} for every Triton kernel object of every loaded
+    ``specexec_rt.kernels`` module (found by prefix: the kernels may move between modules)."""
     kinds = {}
-    for name in KERNEL_MODULES:
-        mod = importlib.sys.modules.get(name)
-        if mod is None:
+    for name, mod in list(importlib.sys.modules.items()):
+        if mod is None or not name.startswith("specexec_rt.kernels"):
             continue
         for attr, obj in vars(mod).items():
             inner, seen = obj, 0
