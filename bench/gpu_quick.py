@@ -44,7 +44,6 @@ it (tests/test_gpu_quick_dry.py). Exit code 0 iff every section ran ok.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -495,24 +494,8 @@ def render(report: dict) -> str:
 
 
 def write_report(report: dict, out_dir: Path, logs: list) -> list:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = gpu_suite.report_stem(report["environment"]) + "-quick"
-    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
-    js.write_text(json.dumps(report, indent=1, default=str))
-    md.write_text(render(report))
-    files = [md, js]
-    for log in logs:
-        if log.exists():
-            dst = out_dir / f"{stem}.{log.name}"
-            dst.write_bytes(log.read_bytes())
-            files.append(dst)
-    collect = os.environ.get("OUT")
-    if collect:
-        Path(collect).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            if Path(collect).resolve() != f.parent.resolve():
-                (Path(collect) / f.name).write_bytes(f.read_bytes())
-    return files
+    return gpu_suite.save_report(out_dir, gpu_suite.report_stem(report["environment"]) + "-quick", report,
+                                 render(report), logs)
 
 
 # ------------------------------------------------------------------ main

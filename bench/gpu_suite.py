@@ -407,19 +407,19 @@ def merge_sections(report: dict, files: list) -> None:
             report["sections"][name] = sec
 
 
-def write_report(report: dict, out_dir: Path, logs: list) -> list:
+def save_report(out_dir: Path, stem: str, data: dict, markdown: str, logs: list) -> list:
+    """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.<log name>`` for each existing log into
+    ``out_dir``, and copy them to ``$OUT`` when set (the device runner fetches from there)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = report_stem(report["environment"])
     md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
-    order = {n: i for i, n in enumerate(SECTIONS)}
-    report["sections"] = dict(sorted(report["sections"].items(), key=lambda kv: order.get(kv[0], 99)))
-    js.write_text(json.dumps({k: v for k, v in report.items() if k != "ran"}, indent=1, default=str))
-    md.write_text(render_markdown(report))
+    js.write_text(json.dumps(data, indent=1, default=str))
+    md.write_text(markdown)
     files = [md, js]
     for log in logs:
-        dst = out_dir / f"{stem}.{log.name}"
-        shutil.copyfile(log, dst)
-        files.append(dst)
+        if Path(log).exists():
+            dst = out_dir / f"{stem}.{Path(log).name}"
+            shutil.copyfile(log, dst)
+            files.append(dst)
     collect = os.environ.get("OUT")
     if collect:
         Path(collect).mkdir(parents=True, exist_ok=True)
@@ -427,6 +427,13 @@ def write_report(report: dict, out_dir: Path, logs: list) -> list:
             if Path(collect).resolve() != f.parent.resolve():
                 shutil.copyfile(f, Path(collect) / f.name)
     return files
+
+
+def write_report(report: dict, out_dir: Path, logs: list) -> list:
+    order = {n: i for i, n in enumerate(SECTIONS)}
+    report["sections"] = dict(sorted(report["sections"].items(), key=lambda kv: order.get(kv[0], 99)))
+    return save_report(out_dir, report_stem(report["environment"]), {k: v for k, v in report.items() if k != "ran"},
+                       render_markdown(report), logs)
 
 
 # ------------------------------------------------------------------ main

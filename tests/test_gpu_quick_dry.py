@@ -4,7 +4,6 @@ report holds targets and labelled projections; a section that crashes, hangs or 
 recorded and the others still run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,22 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from gpu_env import dry_run_env, load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "bench" / "gpu_quick.py"
 
 
 def _quick():
-    spec = importlib.util.spec_from_file_location("gpu_quick_under_test", QUICK)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)      # light: no torch or triton at module level
-    return mod
+    return load_script(QUICK, "gpu_quick_under_test")     # light: no torch or triton at module level
 
 
 @pytest.mark.slow
 def test_dry_run_every_section_ran_and_produced_rows(tmp_path):
     out, collected = tmp_path / "results", tmp_path / "collected"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPECEXEC_TRITON_INTERPRET")}
-    env["OUT"] = str(collected)
+    env = dry_run_env(collected)
     proc = subprocess.run([sys.executable, str(QUICK), "--dry", "--out", str(out), "--commit", "abc1234"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

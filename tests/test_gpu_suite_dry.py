@@ -4,14 +4,14 @@ The kernels section's benchmarks run in tests/test_gpu_quick_dry.py (the same ``
 functions), so this dry run covers the offload and e2e sections."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from gpu_env import dry_run_env, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "bench" / "gpu_suite.py"
@@ -19,17 +19,13 @@ DRY_SECTIONS = ("offload", "e2e")
 
 
 def _suite_module():
-    spec = importlib.util.spec_from_file_location("gpu_suite_under_test", SUITE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # light: no torch/triton import at module level
-    return mod
+    return load_script(SUITE, "gpu_suite_under_test")     # light: no torch or triton at module level
 
 
 @pytest.mark.slow
 def test_dry_run_writes_report_with_every_section_ok(tmp_path):
     out, collected = tmp_path / "results", tmp_path / "collected"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPECEXEC_TRITON_INTERPRET")}
-    env["OUT"] = str(collected)
+    env = dry_run_env(collected)
     proc = subprocess.run([sys.executable, str(SUITE), "--dry", "--out", str(out), "--sections", ",".join(DRY_SECTIONS)],
                           cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
