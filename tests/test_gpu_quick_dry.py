@@ -50,7 +50,8 @@ def test_dry_run_every_section_ran_and_produced_rows(tmp_path):
     assert [r["requests"] for r in next(v for k, v in e2e.items() if k.startswith("requests per pass"))] == \
         list(dry["batches"])
     steps = next(v for k, v in e2e.items() if k.startswith("one 7B-shaped"))
-    assert [r["tree_tokens"] for r in steps] == list(dry["draft_steps"]) and all(r["eager_ms"] > 0 for r in steps)
+    assert [r["tree_tokens"] for r in steps] == list(dry["draft_steps"])
+    assert all(r["eager_ms"] > 0 and r["static_eager_ms"] > 0 and r["max_logit_diff"] < 1e-3 for r in steps), steps
 
     kernels = report["sections"]["kernels"]["data"]
     assert kernels["tree_attention"] and kernels["int4_matmul"]
