@@ -127,6 +127,7 @@ class Emitter:
 
     def table(self, title: str, rows: list, columns: Optional[list] = None) -> None:
         self.sec["tables"].append(gpu_suite.table(title, rows or [], columns))
+        self.write()
 
     def write(self, final: bool = False) -> None:
         if final:
@@ -184,7 +185,7 @@ def section_correctness(cap_s: float, work: Path, dry: bool) -> dict:
     problems = []
     if run["timed_out"]:
         problems.append(f"pytest killed at its cap of {cap_s:.0f} s")
-    if run["rc"] not in (0,):
+    if run["rc"] != 0:
         problems.append(f"pytest rc={run['rc']}: {run['summary']}")
     if empty:
         problems.append(f"no CUDA test collected from {empty}")
