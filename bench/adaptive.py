@@ -12,6 +12,11 @@ with an offloaded 70B target: t_target = 1.4 s + 20 us per verified token, t_dra
 draft call (tree level) + 20 us per budget node. The same prices rate the fixed budgets (from
 their per-run counts) and feed auto's controller instead of the measured clock, so auto sees
 exactly the hardware it is rated on. Writes bench/results/adaptive-<mode>.md.
+
+Fixed budgets and auto are interleaved: prompt by prompt, every engine generates it once
+(in an order rotated by one per prompt), so a change of the machine's speed during the run
+touches every row alike. Each engine sees the prompts in the same order (auto's controller
+learns across them as it would serving them).
 """
 from __future__ import annotations
 
@@ -41,24 +46,30 @@ def offload_run_cost(stats) -> float:
             + c["draft_call"] * stats.draft_calls + c["draft_node"] * sum(stats.budgets))
 
 
-def run_config(engine, prompts, max_new_tokens, reference) -> dict:
-    """Runs every prompt; rates the run both ways (measured wall-clock and synthetic offload)."""
-    new = passes = 0
-    rate = dict(measured=0.0, offload=0.0)
-    budgets = []
+def run_interleaved(engines: dict, prompts, max_new_tokens, reference) -> dict:
+    """Every engine on every prompt, prompt by prompt (the engines' order rotated by one per
+    prompt); each run rated both ways (measured wall-clock and synthetic offload). Returns
+    {name: totals}."""
+    tot = {name: dict(new=0, passes=0, seconds=dict(measured=0.0, offload=0.0), budgets=[]) for name in engines}
+    names = list(engines)
     for i, ids in enumerate(prompts):
-        t0 = time.perf_counter()
-        res = engine.generate(ids, max_new_tokens=max_new_tokens)
-        wall = time.perf_counter() - t0
-        if res.token_ids != reference[i]:
-            raise AssertionError(f"budget {engine.budget}: greedy output differs from the target's")
-        s = res.stats
-        new += s.new_tokens
-        passes += s.target_passes
-        rate["measured"] += wall
-        rate["offload"] += offload_run_cost(s)
-        budgets += s.budgets
-    return dict(tokens_per_pass=new / passes, seconds=rate, budgets=budgets, passes=passes, new=new)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            res = engines[name].generate(ids, max_new_tokens=max_new_tokens)
+            wall = time.perf_counter() - t0
+            if res.token_ids != reference[i]:
+                raise AssertionError(f"{name}: greedy output differs from the target's")
+            s, t = res.stats, tot[name]
+            t["new"] += s.new_tokens
+            t["passes"] += s.target_passes
+            t["seconds"]["measured"] += wall
+            t["seconds"]["offload"] += offload_run_cost(s)
+            t["budgets"] += s.budgets
+        print(f"prompt {i}: " + ", ".join(f"{n} {tot[n]['new'] / tot[n]['passes']:.2f} tok/pass" for n in names),
+              flush=True)
+    for t in tot.values():
+        t["tokens_per_pass"] = t["new"] / t["passes"]
+    return tot
 
 
 def write_table(mode, rows, args, n_threads) -> str:
@@ -72,14 +83,14 @@ def write_table(mode, rows, args, n_threads) -> str:
     cost = ("measured wall-clock on this CPU" if mode == "measured" else
             f"synthetic offload costs: target {OFFLOAD['target_pass']} s/pass + {OFFLOAD['target_token'] * 1e6:.0f} "
             f"us/token, draft {OFFLOAD['draft_call'] * 1e3:.0f} ms/level + {OFFLOAD['draft_node'] * 1e6:.0f} us/node")
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"adaptive-{mode}.md")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"adaptive-{mode}.md")
     with open(path, "w") as f:
         f.write(f"# budget=auto vs fixed budgets ({mode})\n\n")
         f.write(f"SmolLM2-135M-Instruct target, default draft, greedy, {args.prompts} prompts x "
                 f"{args.max_new_tokens} new tokens, {platform.machine()} CPU ({n_threads} threads); "
                 f"costs: {cost}. Every output equals the target's greedy text. The auto row's controller "
-                f"saw the same costs it is rated on.\n\n")
+                f"saw the same costs it is rated on. Fixed budgets and auto ran interleaved, prompt by prompt.\n\n")
         f.write("| budget | tokens/pass | tokens/s | seconds | budgets chosen (budget x passes) |\n"
                 "|---|---|---|---|---|\n")
         for name, x in rows:
@@ -108,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--out-dir", default=RESULTS, help="where adaptive-<mode>.md goes (default bench/results)")
     args = ap.parse_args(argv)
     import torch
 
@@ -127,17 +139,17 @@ def main(argv=None) -> int:
     reference = [ar.generate(ids, max_new_tokens=args.max_new_tokens).token_ids for ids in prompts]
     Engine(target, draft, budget=8, tokenizer=tok).generate(prompts[0], max_new_tokens=8)   # warm-up
 
-    fixed_rows = []
-    for b in budgets:
-        r = run_config(Engine(target, draft, budget=b, tokenizer=tok), prompts, args.max_new_tokens, reference)
-        fixed_rows.append((str(b), r))
-        print(f"budget {b:5d}: {r['tokens_per_pass']:.2f} tok/pass, {r['seconds']}", flush=True)
+    engines = {str(b): Engine(target, draft, budget=b, tokenizer=tok) for b in budgets}
     for mode in modes:
         # Trees against fixed tree budgets (on a CPU target auto's default is chains).
         auto = Engine(target, draft, budget="auto", tokenizer=tok, max_budget=max(budgets), auto_shapes="trees")
         if mode == "offload":
             auto.budget_controller.cost_model = offload_pass_cost
-        r = run_config(auto, prompts, args.max_new_tokens, reference)
+        engines[f"auto ({mode})"] = auto
+    tot = run_interleaved(engines, prompts, args.max_new_tokens, reference)
+    fixed_rows = [(str(b), tot[str(b)]) for b in budgets]   # shared by the two ratings
+    for mode in modes:
+        r = tot[f"auto ({mode})"]
         print(f"auto ({mode}): {r['tokens_per_pass']:.2f} tok/pass, {r['seconds']}, budgets {r['budgets']}",
               flush=True)
         write_table(mode, fixed_rows + [("auto", r)], args, torch.get_num_threads())

@@ -5,8 +5,9 @@ For each method (autoregressive, SpecExec at a fixed budget, SpecExec with budge
 each number of concurrent requests B, one engine with ``max_batch=B`` serves B chat prompts
 (greedy, ``--new`` tokens each) submitted together. Rows report the aggregate tokens/s (all
 tokens / wall time), the median per-request tokens/s (its tokens / its time from submit to
-finish), tokens per pass per request, the mean requests per pass, and the ratio to the same
-method at B = 1. Rounds are interleaved (every configuration once per round) and the medians
+finish), tokens per pass per request, the mean requests per pass, and the ratio to the same method at
+B = 1 on the SAME B prompts: the ``max_batch=1`` engine serving them one after another, timed
+in the same round. Rounds are interleaved (every configuration once per round) and the medians
 over rounds are reported. Every output is checked against the request's solo greedy output.
 
 A CPU pass is compute-bound once it carries enough tokens, so batching pays less here than on
@@ -47,10 +48,14 @@ def configs(args) -> list:
             ("specexec auto", dict(method="specexec", budget="auto"))]
 
 
-def run_one(engine, prompts: list, n_new: int) -> dict:
+def run_one(engine, prompts: list, n_new: int, one_at_a_time: bool = False) -> dict:
+    """Serve ``prompts`` together (submitted at once) or one after another."""
     t0 = time.perf_counter()
-    handles = [engine.submit(p, n_new) for p in prompts]
-    results = [h.result() for h in handles]
+    if one_at_a_time:
+        results = [engine.generate(p, n_new) for p in prompts]
+    else:
+        handles = [engine.submit(p, n_new) for p in prompts]
+        results = [h.result() for h in handles]
     wall = time.perf_counter() - t0
     tokens = sum(len(r.token_ids) for r in results)
     return dict(results=results, wall=wall, aggregate=tokens / wall,
@@ -85,21 +90,27 @@ def main() -> int:
     solo = [solo_engine.generate(p, args.new).token_ids for p in prompts[:max(batches)]]
     engines = {}
     for name, kw in configs(args):
-        for b in batches:
+        for b in sorted(set(batches) | {1}):       # max_batch=1: every row's baseline
             engines[(name, b)] = Engine(target, None if kw["method"] == "autoregressive" else draft,
                                         max_batch=b, tokenizer=tok, **kw)
     for eng in engines.values():   # warm-up (and auto's first cost fits)
         run_one(eng, prompts[:1], 8)
-    samples: dict = {key: [] for key in engines}
+    # (method, B) serves B prompts together; (method, B, "one at a time") the same B prompts on
+    # the method's max_batch=1 engine, one after another: the "vs B=1" baseline of that row.
+    runs = {key: (eng, False) for key, eng in engines.items() if key[1] in batches}
+    runs.update({(name, b, "one at a time"): (engines[(name, 1)], True) for name, _ in configs(args)
+                 for b in batches if b > 1})
+    samples: dict = {key: [] for key in runs}
     for rnd in range(args.rounds):
-        for key, eng in engines.items():
+        for key, (eng, sequential) in runs.items():
             b = key[1]
-            res = run_one(eng, prompts[:b], args.new)
+            res = run_one(eng, prompts[:b], args.new, one_at_a_time=sequential)
             for r, want in zip(res["results"], solo):
                 if r.token_ids != want:
                     raise AssertionError(f"{key}: a batched request's output differs from its solo output")
             samples[key].append(res)
-            print(f"round {rnd} {key[0]:>16} B={b}: {res['aggregate']:.1f} tok/s aggregate", file=sys.stderr, flush=True)
+            print(f"round {rnd} {key[0]:>16} B={b}{' one at a time' if sequential else ''}: "
+                  f"{res['aggregate']:.1f} tok/s aggregate", file=sys.stderr, flush=True)
 
     def med(key, field):
         return statistics.median(s[field] for s in samples[key])
@@ -114,16 +125,18 @@ def main() -> int:
              "",
              f"{datetime.date.today()}, commit {commit}, {cpu}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}; greedy, {args.new} new tokens per request, chat prompts, medians of "
-             f"{args.rounds} interleaved rounds; every batched output equal to its solo output.",
+             f"{args.rounds} interleaved rounds; every batched output equal to its solo output. vs B=1: the "
+             "aggregate over the same B prompts served one at a time by the method's max_batch=1 engine, in the "
+             "same rounds.",
              "",
-             "| method | concurrent requests | aggregate tok/s | vs B=1 | per-request tok/s (median) | "
+             "| method | concurrent requests | aggregate tok/s | vs B=1 (same prompts) | per-request tok/s (median) | "
              "tokens/pass per request | requests per pass | weight GB/s (aggregate passes) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, _ in configs(args):
-        base = med((name, batches[0]), "aggregate")
         for b in batches:
             key = (name, b)
             agg = med(key, "aggregate")
+            base = med((name, b, "one at a time") if b > 1 else key, "aggregate")
             tpp = med(key, "tokens_per_pass")
             rpp = med(key, "requests_per_pass")
             # Weight bytes read per second: one read of the target's weights per pass.

@@ -275,8 +275,10 @@ def _bench_dry_shape(ta, n_q, prefix_len, gen) -> dict:
                 graph_ours_vs_flash=None, max_err=max_err)
 
 
-def run(dry: bool, flex: bool = True) -> list[dict]:
-    """All benchmark rows (dicts). dry: tiny CPU shapes through the interpreter."""
+def run(dry: bool, flex: bool = True, models=None, n_qs=None, prefixes=None) -> list[dict]:
+    """Benchmark rows (dicts). dry: tiny CPU shapes through the interpreter. ``models``
+    (names of ``MODELS``), ``n_qs`` and ``prefixes`` pick a subset of the CUDA shapes (default
+    all)."""
     ta = _kernel_module(dry)
     gen = torch.Generator().manual_seed(0)
     if dry:
@@ -284,9 +286,10 @@ def run(dry: bool, flex: bool = True) -> list[dict]:
     if not torch.cuda.is_available():
         raise RuntimeError("the full benchmark needs CUDA (use --dry on the CPU)")
     rows = []
-    for model, (n_heads, n_kv, d) in MODELS.items():
-        for prefix_len in PREFIX:
-            for n_q in N_Q:
+    for model in models or MODELS:
+        n_heads, n_kv, d = MODELS[model]
+        for prefix_len in prefixes or PREFIX:
+            for n_q in n_qs or N_Q:
                 rows.append(_bench_cuda_shape(ta, model, n_heads, n_kv, d, n_q, prefix_len, flex, gen))
                 print_row(rows[-1])
     return rows

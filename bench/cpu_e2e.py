@@ -16,9 +16,14 @@ Rows (tokens/s of generated tokens, prompt prefill included, as a user sees it):
   bench uses ``--llama-python`` (or ``$SPECEXEC_LLAMA_PYTHON``, or ``.llama-venv/bin/python``)
   and says so when none is found.
 
-Every one of our outputs is checked against our autoregressive output (lossless; sampled too:
-every pass draws position t's token from the seed and t alone); HF's and llama.cpp's outputs are
-compared and mismatches counted, not failed (different kernels, llama.cpp different weights).
+Every engine gets the same prompt token ids (llama.cpp too: its worker evaluates ids, it does not
+tokenize the chat text) and generates exactly as many new tokens as our autoregressive
+decoding did for that prompt and seed (``--new``, or fewer where it stopped at EOS): HF is held
+to that count with ``min_new_tokens``, llama.cpp's token loop stops there, ours stop at the same
+EOS when their text is the same. Every one of our outputs is checked against our autoregressive
+output (lossless; sampled too: every pass draws position t's token from the seed and t alone);
+HF's and llama.cpp's outputs are compared with it and mismatches counted and shown (the first
+differing token, decoded), not failed (different kernels; llama.cpp different weights).
 Sampled, the rows ``specexec b=B, uncoupled`` (trees grown from the draft's probabilities
 alone) and ``chain k=K, rejection sampling`` (drafts drawn independently, verified by
 rejection sampling: another text from the same distribution) show what coupling buys.
@@ -48,7 +53,9 @@ QUESTIONS = [
     "Give me three tips for a good night's sleep.",
 ]
 
-# Runs inside the llama-cpp-python virtualenv: JSON lines in (prompt, n), JSON lines out.
+# Runs inside the llama-cpp-python virtualenv: JSON lines in (prompt token ids, n), JSON lines
+# out (the n generated token ids). The token loop evaluates our ids and stops after exactly n
+# tokens (EOS does not stop it: the count is the one our autoregressive decoding produced).
 LLAMA_WORKER = r"""
 import json, sys, time
 from llama_cpp import Llama
@@ -56,13 +63,21 @@ llm = Llama(model_path=sys.argv[1], n_ctx=1024, n_threads=int(sys.argv[2]), verb
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
-    t0 = time.perf_counter()
     t = req.get("temperature", 0.0)
-    sampled = dict(temperature=t, top_p=req["top_p"], top_k=0, seed=req["seed"]) if t > 0 else dict(temperature=0.0, top_k=1)
-    out = llm.create_completion(req["prompt"], max_tokens=req["n"], **sampled)
+    if t > 0:
+        llm.set_seed(req["seed"])
+        sampling = dict(temp=t, top_p=req["top_p"], top_k=0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
+    else:
+        sampling = dict(temp=0.0, top_k=1, top_p=1.0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
+    out = []
+    t0 = time.perf_counter()
+    if req["n"] > 0:
+        for tok in llm.generate(req["ids"], reset=True, **sampling):
+            out.append(int(tok))
+            if len(out) == req["n"]:
+                break
     dt = time.perf_counter() - t0
-    print(json.dumps({"seconds": dt, "tokens": out["usage"]["completion_tokens"],
-                      "text": out["choices"][0]["text"]}), flush=True)
+    print(json.dumps({"seconds": dt, "ids": out}), flush=True)
 """
 
 
@@ -82,8 +97,8 @@ class LlamaWorker:
                                      stdout=subprocess.PIPE, text=True)
         json.loads(self.proc.stdout.readline())
 
-    def run(self, prompt: str, n: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "n": n, "temperature": temperature, "top_p": top_p,
+    def run(self, ids: list, n: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
+        self.proc.stdin.write(json.dumps({"ids": list(ids), "n": n, "temperature": temperature, "top_p": top_p,
                                           "seed": seed}) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
@@ -153,10 +168,11 @@ def main() -> int:
             ours[f"ours chain k={k}, rejection sampling"] = Engine(target, draft, method="chain", budget=k,
                                                                    coupled=False, tokenizer=tok)
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
+    # Every runner: (prompt index, seed, new tokens) -> (token ids, seconds, stats or None).
     for name, eng in ours.items():
-        def run_ours(i, seed, eng=eng):
+        def run_ours(i, seed, n, eng=eng):
             t0 = time.perf_counter()
-            res = eng.generate(prompt_ids[i], args.new, seed=seed, **sampling)
+            res = eng.generate(prompt_ids[i], n, seed=seed, **sampling)
             return res.token_ids, time.perf_counter() - t0, res.stats
         runners[name] = run_ours
 
@@ -170,7 +186,7 @@ def main() -> int:
             {torch.nn.Linear}, dtype=torch.qint8)
         eos = tok.eos_token_id
 
-        def hf_run(i, seed, **kw):
+        def hf_run(i, seed, n, **kw):
             ids = torch.tensor([prompt_ids[i]])
             if sampled:
                 torch.manual_seed(seed)
@@ -179,60 +195,77 @@ def main() -> int:
                 kw.update(do_sample=False)
             with torch.no_grad():
                 t0 = time.perf_counter()
-                out = hf.generate(ids, max_new_tokens=args.new, pad_token_id=eos, **kw)
+                # Exactly n tokens: n is where our text stopped (EOS or --new); HF wanting EOS
+                # earlier means its text already differs from ours.
+                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, pad_token_id=eos, **kw)
                 dt = time.perf_counter() - t0
             return out[0, ids.shape[1]:].tolist(), dt, None
 
         runners["HF generate"] = hf_run
-        runners["HF prompt lookup"] = lambda i, seed: hf_run(i, seed, prompt_lookup_num_tokens=10)
-        runners["HF assisted (int8 assistant)"] = lambda i, seed: hf_run(i, seed, assistant_model=assistant)
+        runners["HF prompt lookup"] = lambda i, seed, n: hf_run(i, seed, n, prompt_lookup_num_tokens=10)
+        runners["HF assisted (int8 assistant)"] = lambda i, seed, n: hf_run(i, seed, n, assistant_model=assistant)
 
     llama = None
     lp = llama_python(args.llama_python)
     if lp:
         llama = LlamaWorker(lp, gguf, threads)
 
-        def llama_run(i, seed):
-            r = llama.run(prompts[i], args.new, args.temperature, args.top_p, seed)
-            return r["tokens"], r["seconds"], r["text"]
+        def llama_run(i, seed, n):
+            r = llama.run(prompt_ids[i], n, args.temperature, args.top_p, seed)
+            return r["ids"], r["seconds"], None
         runners["llama.cpp (llama-cpp-python)"] = llama_run
     else:
         print("[cpu_e2e] llama-cpp-python not found (pass --llama-python or set SPECEXEC_LLAMA_PYTHON); "
               "llama.cpp rows skipped", file=sys.stderr)
 
-    for fn in runners.values():     # warm-up
-        fn(0, 0)
-    samples = {name: [[] for _ in prompts] for name in runners}
-    outputs: dict = {}
-    for rnd in range(args.rounds):
-        for i in range(len(prompts)):
+    ref = "ours autoregressive"       # first runner: its output fixes every other runner's count
+    assert next(iter(runners)) == ref
+
+    def one_round(seed_of, indices=range(len(prompts))):
+        """Every runner on these prompts; the reference first, the others held to its count."""
+        got = {}
+        for i in indices:
+            ref_out = runners[ref](i, seed_of(i), args.new)
+            got[(ref, i)] = ref_out
             for name, fn in runners.items():
-                out, dt, extra = fn(i, 1000 * rnd + i)
-                n = out if isinstance(out, int) else len(out)
-                samples[name][i].append((n / dt, extra))
-                if not isinstance(out, int):
-                    outputs[(name, i)] = out
+                if name != ref:
+                    got[(name, i)] = fn(i, seed_of(i), len(ref_out[0]))
+        return got
+
+    one_round(lambda i: 0, [0])      # warm-up
+    samples = {name: [[] for _ in prompts] for name in runners}
+    outputs: dict = {}          # (engine, prompt) -> (reference ids, ids): the last round's
+    for rnd in range(args.rounds):
+        got = one_round(lambda i: 1000 * rnd + i)
+        for (name, i), (out, dt, extra) in got.items():
+            samples[name][i].append((len(out) / dt, extra, len(out)))
+            outputs[(name, i)] = (got[(ref, i)][0], list(out))
+        for i in range(len(prompts)):
             print(f"[cpu_e2e] round {rnd} prompt {i}: " + ", ".join(
                 f"{k} {samples[k][i][-1][0]:.1f}" for k in runners), file=sys.stderr, flush=True)
     if llama:
         llama.close()
 
-    ref = "ours autoregressive"
-    rows = []
+    rows, differences = [], []
     for name in runners:
         per_prompt = [statistics.median(s[0] for s in samples[name][i]) for i in range(len(prompts))]
         ratios = [per_prompt[i] / statistics.median(s[0] for s in samples[ref][i]) for i in range(len(prompts))]
-        mismatches = sum(1 for i in range(len(prompts)) if (name, i) in outputs and (ref, i) in outputs
-                         and outputs[(name, i)] != outputs[(ref, i)])
+        differs = [i for i in range(len(prompts)) if outputs[(name, i)][0] != outputs[(name, i)][1]]
+        for i in differs:
+            want, out = outputs[(name, i)]
+            k = next((j for j, (a, b) in enumerate(zip(want, out)) if a != b), min(len(want), len(out)))
+            differences.append(f"- {name}, prompt {i}: first difference at new token {k} of {len(want)}: ours "
+                               f"{tok.decode(want[k:k + 8])!r}..., this engine {tok.decode(out[k:k + 8])!r}...")
         stats = [s[1] for i in range(len(prompts)) for s in samples[name][i] if hasattr(s[1], "tokens_per_pass")]
         tpp = statistics.median(s.tokens_per_pass for s in stats) if stats else None
         rows.append(dict(name=name, tok_s=statistics.median(per_prompt), per_prompt=per_prompt,
                          vs_ours_ar=statistics.median(ratios), min_vs_ours_ar=min(ratios), tokens_per_pass=tpp,
-                         greedy_mismatches=mismatches))
+                         new_tokens="/".join(str(samples[name][i][-1][2]) for i in range(len(prompts))),
+                         mismatches=len(differs)))
         # Every walk-verified engine (plain, coupled chains, SpecExec trees, auto) gives our
         # autoregressive text, sampled too (the seed fixes it); rejection sampling draws another
         # text from the same distribution.
-        if name.startswith("ours") and mismatches and "int4 target" not in name and "rejection" not in name:
+        if name.startswith("ours") and differs and "int4 target" not in name and "rejection" not in name:
             raise AssertionError(f"{name}: output differs from our autoregressive output")
     # Roofline: weight bytes read per token by our float32 autoregressive decoding, as stored
     # (float32 layers; the LM head as loaded: the GGUF's Q8_0 kept 8-bit on the CPU).
@@ -251,13 +284,18 @@ def main() -> int:
              f"{args.new} new tokens, {len(prompts)} chat prompts, medians of {args.rounds} interleaved "
              f"rounds (per prompt, then the median over prompts). Roofline: our float32 autoregressive decoding reads "
              f"{fp32_bytes / 1e6:.0f} MB of weights per token (float32 layers, the Q8_0 LM head as stored); the GB/s "
-             "column is tokens/s times that (an equivalent for the other rows, not their own traffic)." + ("" if lp else " llama.cpp: not installed, skipped."),
+             "column is tokens/s times that (an equivalent for the other rows, not their own traffic). Every engine got "
+             "the same prompt token ids and generated the new-token count of our autoregressive output for the prompt "
+             "and seed (last round's counts per prompt shown)." + ("" if lp else " llama.cpp: not installed, skipped."),
              "", "| engine | tok/s | vs ours autoregressive (median / worst prompt) | tokens per pass | "
-             f"weight GB/s equivalent | {'output' if sampled else 'greedy output'} differs from ours (prompts) |", "|---|---:|---:|---:|---:|---:|"]
+             f"weight GB/s equivalent | new tokens per prompt | {'output' if sampled else 'greedy output'} differs from "
+             "ours autoregressive (prompts) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tpp = f"{r['tokens_per_pass']:.2f}" if r["tokens_per_pass"] else ""
         lines.append(f"| {r['name']} | {r['tok_s']:.1f} | {r['vs_ours_ar']:.2f}x / {r['min_vs_ours_ar']:.2f}x | {tpp} | "
-                     f"{r['tok_s'] * fp32_bytes / 1e9:.1f} | {r['greedy_mismatches']} |")
+                     f"{r['tok_s'] * fp32_bytes / 1e9:.1f} | {r['new_tokens']} | {r['mismatches']} |")
+    if differences:
+        lines += ["", "Outputs that differ from ours autoregressive (last round):", ""] + differences
     text = "\n".join(lines) + "\n"
     print(text)
     stem = ROOT / "bench" / "results" / f"{datetime.date.today()}-cpu-e2e"

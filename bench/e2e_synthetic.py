@@ -61,6 +61,9 @@ from specexec_rt.model import Transformer  # noqa: E402
 from specexec_rt.offload import LayerStreamer, layout_layer, plan_residency  # noqa: E402
 from specexec_rt.model.weights import LayerWeights, ModelWeights, weights_nbytes  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from projection import measured_tokens_per_pass  # noqa: E402  (bench/projection.py)
+
 GROUP = 128
 PREFIX = 512
 BUDGETS = (64, 256, 1024, 2048)
@@ -68,9 +71,6 @@ BUDGETS = (64, 256, 1024, 2048)
 BATCHES = (1, 2, 4, 8)
 DRY_BATCHES = (1, 2)
 BATCH_BUDGET = 256
-# Tokens per pass per request assumed by the batched rows' projection (random weights accept
-# nothing): what SpecExec reached on SmolLM2-135M with its int4 draft (bench/results/acceptance.md).
-ASSUMED_TOKENS_PER_PASS = {8: 2.91, 16: 3.20, 32: 3.37, 64: 3.76, 128: 4.27, 256: 4.92, 512: 5.33, 1024: 5.33}
 DRY_BUDGETS = (8, 32)
 DRY_PREFIX = 24
 
@@ -302,12 +302,14 @@ def batched_rows(target, draft, prefix: int, batches, budget: int, beams: Option
                  max_depth: int, floor: Optional[float], device, reps: int, gen, tree_gen, dry: bool) -> list:
     """B requests per pass: the draft trees of all B grown together by the engine
     (``Engine.grow_trees``, one draft call per level), and one target ``forward_batch`` over the B
-    trees, each request in its own region of a pooled cache. The aggregate tokens/s is projected
-    from ``ASSUMED_TOKENS_PER_PASS`` (random weights accept nothing)."""
+    trees, each request in its own region of a pooled cache. The aggregate tokens/s is a
+    PROJECTION (random weights accept nothing): our greedy tokens per pass on the SmolLM2 pair
+    at this budget, read from the committed acceptance result that ``tpp_label`` names, over
+    the measured pass (None where no acceptance result exists)."""
     from specexec_rt.model import Segment
 
-    tpp = ASSUMED_TOKENS_PER_PASS.get(budget, ASSUMED_TOKENS_PER_PASS[min(ASSUMED_TOKENS_PER_PASS,
-                                                                           key=lambda b: abs(b - budget))])
+    measured = measured_tokens_per_pass(budget)
+    tpp = measured.tokens_per_pass if measured else None
     region = prefix + budget + 8
     rows = []
     for b in batches:
@@ -323,16 +325,18 @@ def batched_rows(target, draft, prefix: int, batches, budget: int, beams: Option
         ids, pos = torch.cat(ids), torch.cat(pos)
         t_s, _, _ = timed(lambda: target.forward_batch(ids, pos, pool, segs), device, reps)
         pool = eng = None     # free both pools before the next B allocates its own
-        agg = b * tpp / (d_s + t_s)
+        agg = b * tpp / (d_s + t_s) if tpp else None
         rows.append(dict(requests=b, budget_per_request=budget, draft_s=d_s, draft_calls=stats.draft_calls,
                          tree_nodes=sum(t.n for t in trees), target_s=t_s, floor_s=floor,
                          target_over_floor=t_s / floor if floor else None, pass_s=d_s + t_s,
-                         assumed_tokens_per_pass=tpp, projected_aggregate_tok_s=agg))
-        rows[-1]["aggregate_vs_one"] = agg / rows[0]["projected_aggregate_tok_s"]
+                         pass_vs_one=(d_s + t_s) / rows[0]["pass_s"] if rows else 1.0,
+                         target_vs_one=t_s / rows[0]["target_s"] if rows else 1.0,
+                         smollm2_tokens_per_pass=tpp, projected_aggregate_tok_s=agg,
+                         tpp_label=measured.label if measured else "no acceptance result found"))
         print(f"batched B={b}: draft {d_s:.4f} s ({stats.draft_calls} calls), target {t_s:.4f} s"
               + (f" ({t_s / floor:.3f}x floor)" if floor else "")
-              + f", projected {agg:.2f} tok/s ({rows[-1]['aggregate_vs_one']:.2f}x one request)",
-              file=sys.stderr, flush=True)
+              + f", pass {rows[-1]['pass_vs_one']:.2f}x one request's"
+              + (f", projection {agg:.2f} tok/s" if agg else ""), file=sys.stderr, flush=True)
     return rows
 
 
@@ -555,6 +559,9 @@ def run(dry: bool = False, budgets=None, reps: Optional[int] = None, resident: s
                   f"target {t_s:.4f} s, target/floor {row['target_over_floor'] or float('nan'):.3f}",
                   file=sys.stderr, flush=True)
         if batches:
+            out["notes"].append("batched rows: projected_aggregate_tok_s is a PROJECTION, requests x our greedy "
+                                "tokens per pass on the SmolLM2 pair (tpp_label names the acceptance result) / "
+                                "the measured pass")
             out["batched"] = batched_rows(target, draft, prefix, batches, batch_budget or budgets[0],
                                           beams_per_step, branch_width, max_depth, floor, device, reps, gen,
                                           tree_gen, dry)

@@ -6,6 +6,8 @@ tests included. This plugin imports the kernel modules before collection with th
 off (``@triton.jit`` picks compiled or interpreted when the module is imported), clears the
 variable again once collection is done, and writes what the kernels actually were to the JSON
 file named by ``SPECEXEC_SUITE_PLUGIN_OUT``, so the report can say "compiled" with evidence.
+With ``SPECEXEC_BLOCK_IMPORTS`` set (``gpu_machine.py``), the packages it names cannot be
+imported in the run, as on the GPU machines.
 """
 from __future__ import annotations
 
@@ -13,16 +15,21 @@ import importlib
 import json
 import os
 
+from gpu_machine import block_imports_from_env
+
+# A CPU dry run standing in for a GPU machine blocks the packages missing there (gpu_quick.py).
+block_imports_from_env()
+
 KERNEL_MODULES = ("specexec_rt.kernels.attention.triton_kernels", "specexec_rt.kernels.int4.triton_kernels")
 _state: dict = {"import_errors": {}, "interpret_set_during_collection": None}
 
 
 def _kernel_kinds() -> dict:
-    """{module.attr: innermost type name} for every Triton kernel object of the kernel modules."""
+    """{module.attr: innermost type name} for every Triton kernel object of every loaded
+    ``specexec_rt.kernels`` module (found by prefix: the kernels may move between modules)."""
     kinds = {}
-    for name in KERNEL_MODULES:
-        mod = importlib.sys.modules.get(name)
-        if mod is None:
+    for name, mod in list(importlib.sys.modules.items()):
+        if mod is None or not name.startswith("specexec_rt.kernels"):
             continue
         for attr, obj in vars(mod).items():
             inner, seen = obj, 0

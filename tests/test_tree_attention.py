@@ -590,6 +590,27 @@ def test_ragged_kernel_split_k_merges_every_segment(splits):
     torch.testing.assert_close(tree_attention_ragged(q, k, v, mask, segs, num_splits=splits), ref, **FP32_TOL)
 
 
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_seg,group,d,splits", [(1, 8, 128, None), (4, 8, 128, None), (4, 4, 64, 3), (5, 1, 128, 2)])
+def test_cuda_ragged_kernel_matches_reference(dtype, n_seg, group, d, splits):
+    """The batched engine's verification attention, compiled: each request's tree attends to
+    its own region of one cache (strided K, split-K merged per segment)."""
+    from specexec_rt.kernels.attention import tree_attention_ragged, tree_attention_ragged_reference
+
+    n_kv = 2 if group < 8 else 1
+    q, k, v, mask, segs = _ragged_case(n_seg, n_kv * group, n_kv, d, seed=n_seg * 31 + group + d)
+    full = torch.randn(k.shape[0], n_kv + 1, d, generator=torch.Generator().manual_seed(d)).to("cuda", dtype)
+    full[:, :n_kv] = k.to("cuda", dtype)
+    kd = full[:, :n_kv]                                      # strided on the device too
+    qd, vd = q.to("cuda", dtype), v.to("cuda", dtype)
+    ref = tree_attention_ragged_reference(qd.float().cpu(), kd.float().cpu(), vd.float().cpu(), mask, segs)
+    out = torch.full(qd.shape, float("nan"), dtype=dtype, device="cuda")
+    got = tree_attention_ragged(qd, kd, vd, mask.cuda(), segs, out=out, num_splits=splits)
+    assert_close(got.float().cpu(), ref, **CUDA_TOL[dtype], what=f"{n_seg} segments {dtype}")
+
+
 def test_ragged_segments_are_checked():
     from specexec_rt.kernels.attention import Segments, tree_attention_ragged
 
