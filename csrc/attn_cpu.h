@@ -19,17 +19,18 @@
  * q = round_half_even(x * (1 / scale)), a non-finite row stored as zeros with a NaN scale.
  *
  * How the keys are read (long contexts): the keys of a segment are cut into chunks of
- * ATTN_CHUNK. A unit of work is (segment, KV head, block of rows, chunk): it loads the chunk's K
- * and V once, converted to float32 in a thread-local buffer, and runs every query of the block
- * that reads that KV head (each row's GQA group of heads) against it; so a pass reads each key
- * of the prefix once per KV head and row block, not once per row and query head, and a decode
- * step spreads one request's keys over every thread. Each (query, chunk) leaves a partial softmax
+ * ATTN_CHUNK. A unit of work is (segment, block of rows, chunk): it streams the chunk's cache rows
+ * (every KV head: contiguous memory) once, converted to float32 into a thread-local buffer, and
+ * runs every query head of every row of the block against it; so a pass reads each key of the
+ * prefix once per row block, not once per row and query head, and a decode step spreads one
+ * request's keys over every thread. Each (query, chunk) leaves a partial softmax
  * (max, sum, unnormalised sum of p V); the partials are merged in chunk order afterwards.
  *
  * Fixed arithmetic: RoPE as x * cos + rotate_half(x) * sin with separate multiplies and an add
- * (-ffp-contract=off), the same bits as the PyTorch reference; dot products in 8 lanes (lane =
- * element index % 8) summed as q8_hsum8; within a chunk the softmax over the visible keys in key
- * order (exp_fixed); the merge in chunk order. A query's result therefore depends only on the
+ * (-ffp-contract=off), the same bits as the PyTorch reference; dot products and P V in explicit
+ * fused multiply-adds, in 8 lanes (lane = element index % 8) summed in a fixed tree (below);
+ * within a chunk the softmax over the visible keys in key order (exp_fixed); the merge in chunk
+ * order. A query's result therefore depends only on the
  * keys it sees and their positions (not on the other rows of the call, masked keys, the thread
  * count or the ISA path). A row that sees no key gets zeros.
  */
@@ -44,10 +45,9 @@
 /* The partials of one wave of rows are at most this many bytes; larger passes (long prefills)
  * run in several waves, each reading the keys again. */
 #define ATTN_PARTIAL_BYTES ((int64_t)8 << 20)
-/* Keys ahead that the loads prefetch: one KV head of a cache row is 128-256 bytes of a strided
- * stream the hardware prefetchers followed poorly (a draft decode step at an 800-token prefix
- * 13.2 -> 11.5 ms with it, 2-core EPYC). */
-#define ATTN_PF_KEYS 8
+/* Cache rows ahead that the loads prefetch (a row: every KV head of one slot, 384 bytes of
+ * float16 for SmolLM2). */
+#define ATTN_PF_ROWS 4
 
 enum { SXC_KV_F32 = 0, SXC_KV_F16 = 1, SXC_KV_BF16 = 2, SXC_KV_I8 = 3 };
 
@@ -123,79 +123,88 @@ typedef struct {
     int type;
 } kvsrc_t;
 
-/* n consecutive rows (cache slots row0.., KV head g) of K or V into buf [n, d] as float32. */
-static void kv_load_scalar(const void *src, const float *sc, int type, int64_t row0, int n, int hkv, int g, int d,
+/* n consecutive cache rows (slots row0 ..) of K or V, every KV head, into buf as float32:
+ * head g's row t at buf + (g * ATTN_CHUNK + t) * d. The rows are read in order, whole (all heads),
+ * so the loads stream through memory. */
+static void kv_load_scalar(const void *src, const float *sc, int type, int64_t row0, int n, int hkv, int d,
                            float *buf) {
-    const int64_t stride = (int64_t)hkv * d;
-    for (int t = 0; t < n; t++) {
-        const int64_t e = (row0 + t) * stride + (int64_t)g * d;
-        float *o = buf + (int64_t)t * d;
-        if (type == SXC_KV_F32) {
-            memcpy(o, (const float *)src + e, sizeof(float) * (size_t)d);
-        } else if (type == SXC_KV_F16) {
-            for (int i = 0; i < d; i++) o[i] = half_to_float(((const uint16_t *)src)[e + i]);
-        } else if (type == SXC_KV_BF16) {
-            for (int i = 0; i < d; i++) o[i] = bf16_to_f32(((const uint16_t *)src)[e + i]);
-        } else {
-            const float s = sc[(row0 + t) * hkv + g];
-            for (int i = 0; i < d; i++) o[i] = (float)((const int8_t *)src)[e + i] * s;
+    for (int t = 0; t < n; t++)
+        for (int g = 0; g < hkv; g++) {
+            const int64_t e = ((row0 + t) * hkv + g) * d;
+            float *o = buf + ((int64_t)g * ATTN_CHUNK + t) * d;
+            if (type == SXC_KV_F32) {
+                memcpy(o, (const float *)src + e, sizeof(float) * (size_t)d);
+            } else if (type == SXC_KV_F16) {
+                for (int i = 0; i < d; i++) o[i] = half_to_float(((const uint16_t *)src)[e + i]);
+            } else if (type == SXC_KV_BF16) {
+                for (int i = 0; i < d; i++) o[i] = bf16_to_f32(((const uint16_t *)src)[e + i]);
+            } else {
+                const float s = sc[(row0 + t) * hkv + g];
+                for (int i = 0; i < d; i++) o[i] = (float)((const int8_t *)src)[e + i] * s;
+            }
         }
-    }
 }
 
 #if SXC_X86
 /* d % 8 == 0; the same values as kv_load_scalar (every conversion is exact but int8's one
  * multiply, which both do once). */
-T_AVX2 static void kv_load_avx2(const void *src, const float *sc, int type, int64_t row0, int n, int hkv, int g,
-                                int d, float *buf) {
-    const int64_t stride = (int64_t)hkv * d;
-    const int esz = kv_elem_size(type);
+T_AVX2 static void kv_load_avx2(const void *src, const float *sc, int type, int64_t row0, int n, int hkv, int d,
+                                float *buf) {
+    const int64_t row_bytes = (int64_t)hkv * d * kv_elem_size(type);
     for (int t = 0; t < n; t++) {
-        const int64_t e = (row0 + t) * stride + (int64_t)g * d;
-        if (t + ATTN_PF_KEYS < n) {
-            const char *pf = (const char *)src + (e + ATTN_PF_KEYS * stride) * esz;
-            for (int o = 0; o < d * esz; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+        if (t + ATTN_PF_ROWS < n) {
+            const char *pf = (const char *)src + (row0 + t + ATTN_PF_ROWS) * row_bytes;
+            for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
         }
-        float *o = buf + (int64_t)t * d;
-        if (type == SXC_KV_F32) {
-            const float *s = (const float *)src + e;
-            for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_loadu_ps(s + i));
-        } else if (type == SXC_KV_F16) {
-            const uint16_t *s = (const uint16_t *)src + e;
-            for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
-        } else if (type == SXC_KV_BF16) {
-            const uint16_t *s = (const uint16_t *)src + e;
-            for (int i = 0; i < d; i += 8) {
-                const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
-                _mm256_storeu_ps(o + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-            }
-        } else {
-            const int8_t *s = (const int8_t *)src + e;
-            const __m256 sv = _mm256_set1_ps(sc[(row0 + t) * hkv + g]);
-            for (int i = 0; i < d; i += 8) {
-                const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s + i)));
-                _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), sv));
+        for (int g = 0; g < hkv; g++) {
+            const int64_t e = ((row0 + t) * hkv + g) * d;
+            float *o = buf + ((int64_t)g * ATTN_CHUNK + t) * d;
+            if (type == SXC_KV_F32) {
+                const float *s = (const float *)src + e;
+                for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_loadu_ps(s + i));
+            } else if (type == SXC_KV_F16) {
+                const uint16_t *s = (const uint16_t *)src + e;
+                for (int i = 0; i < d; i += 8)
+                    _mm256_storeu_ps(o + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+            } else if (type == SXC_KV_BF16) {
+                const uint16_t *s = (const uint16_t *)src + e;
+                for (int i = 0; i < d; i += 8) {
+                    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
+                    _mm256_storeu_ps(o + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+                }
+            } else {
+                const int8_t *s = (const int8_t *)src + e;
+                const __m256 sv = _mm256_set1_ps(sc[(row0 + t) * hkv + g]);
+                for (int i = 0; i < d; i += 8) {
+                    const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s + i)));
+                    _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), sv));
+                }
             }
         }
     }
 }
 #endif
 
-static void kv_load(const kvsrc_t *kv, int which_v, int64_t row0, int n, int hkv, int g, int d, float *buf, int vec) {
+static void kv_load(const kvsrc_t *kv, int which_v, int64_t row0, int n, int hkv, int d, float *buf, int vec) {
     const void *src = which_v ? kv->v : kv->k;
     const float *sc = which_v ? kv->vs : kv->ks;
 #if SXC_X86
     if (vec) {
-        kv_load_avx2(src, sc, kv->type, row0, n, hkv, g, d, buf);
+        kv_load_avx2(src, sc, kv->type, row0, n, hkv, d, buf);
         return;
     }
 #else
     (void)vec;
 #endif
-    kv_load_scalar(src, sc, kv->type, row0, n, hkv, g, d, buf);
+    kv_load_scalar(src, sc, kv->type, row0, n, hkv, d, buf);
 }
 
-/* ------------------------------------------------------------------ scores and P V */
+/* ------------------------------------------------------------------ scores and P V
+ * In fused multiply-adds: every path (fmaf in the scalar one, vfmadd in AVX2) rounds once per
+ * product-and-add, so the paths agree bit for bit, and the vector loops do half the arithmetic
+ * instructions of a separate multiply and add. A score: lane l (l = element index % 8) sums its
+ * elements in order, then the lanes as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). P V:
+ * o = fma(p_t, v_t, o) over the visible keys in order, from 0. */
 
 INLINE void attn_rope(const float *x, const float *c, const float *s, int d, float *y) {
     const int half = d / 2;
@@ -203,128 +212,143 @@ INLINE void attn_rope(const float *x, const float *c, const float *s, int d, flo
     for (int j = half; j < d; j++) y[j] = x[j] * c[j] + x[j - half] * s[j];
 }
 
+INLINE float attn_hsum8(const float *l) {
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
 static float attn_dot_scalar(const float *a, const float *b, int d) {
     float acc[8] = {0};
-    for (int i = 0; i < d; i++) acc[i % 8] = acc[i % 8] + a[i] * b[i];
-    return q8_hsum8(acc);
+    for (int i = 0; i < d; i++) acc[i % 8] = fmaf(a[i], b[i], acc[i % 8]);
+    return attn_hsum8(acc);
 }
-
-#if SXC_X86
-T_AVX2 static float attn_dot_avx2(const float *a, const float *b, int d) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < d; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-    return q8_hsum_avx2(acc);
-}
-
-/* Scores of two queries (two heads of one row: they see the same keys) against the keys
- * kb + idx[t] * d, four keys per sweep: 8 independent add chains, each key loaded once for both.
- * Each score is attn_dot_avx2's, times scale. */
-T_AVX2 static void attn_scores2_avx2(const float *q0, const float *q1, const float *kb, const int32_t *idx, int n,
-                                     int d, float scale, float *s0, float *s1) {
-    int t = 0;
-    for (; t + 4 <= n; t += 4) {
-        const float *k0 = kb + (int64_t)idx[t] * d, *k1 = kb + (int64_t)idx[t + 1] * d;
-        const float *k2 = kb + (int64_t)idx[t + 2] * d, *k3 = kb + (int64_t)idx[t + 3] * d;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        for (int i = 0; i < d; i += 8) {
-            const __m256 x = _mm256_loadu_ps(q0 + i), y = _mm256_loadu_ps(q1 + i);
-            __m256 kv = _mm256_loadu_ps(k0 + i);
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(x, kv));
-            b0 = _mm256_add_ps(b0, _mm256_mul_ps(y, kv));
-            kv = _mm256_loadu_ps(k1 + i);
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(x, kv));
-            b1 = _mm256_add_ps(b1, _mm256_mul_ps(y, kv));
-            kv = _mm256_loadu_ps(k2 + i);
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(x, kv));
-            b2 = _mm256_add_ps(b2, _mm256_mul_ps(y, kv));
-            kv = _mm256_loadu_ps(k3 + i);
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(x, kv));
-            b3 = _mm256_add_ps(b3, _mm256_mul_ps(y, kv));
-        }
-        s0[t] = q8_hsum_avx2(a0) * scale;
-        s0[t + 1] = q8_hsum_avx2(a1) * scale;
-        s0[t + 2] = q8_hsum_avx2(a2) * scale;
-        s0[t + 3] = q8_hsum_avx2(a3) * scale;
-        s1[t] = q8_hsum_avx2(b0) * scale;
-        s1[t + 1] = q8_hsum_avx2(b1) * scale;
-        s1[t + 2] = q8_hsum_avx2(b2) * scale;
-        s1[t + 3] = q8_hsum_avx2(b3) * scale;
-    }
-    for (; t < n; t++) {
-        s0[t] = attn_dot_avx2(q0, kb + (int64_t)idx[t] * d, d) * scale;
-        s1[t] = attn_dot_avx2(q1, kb + (int64_t)idx[t] * d, d) * scale;
-    }
-}
-
-/* The same for one query (four keys per sweep). */
-T_AVX2 static void attn_scores1_avx2(const float *q, const float *kb, const int32_t *idx, int n, int d, float scale,
-                                     float *s) {
-    int t = 0;
-    for (; t + 4 <= n; t += 4) {
-        const float *k0 = kb + (int64_t)idx[t] * d, *k1 = kb + (int64_t)idx[t + 1] * d;
-        const float *k2 = kb + (int64_t)idx[t + 2] * d, *k3 = kb + (int64_t)idx[t + 3] * d;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int i = 0; i < d; i += 8) {
-            const __m256 x = _mm256_loadu_ps(q + i);
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(x, _mm256_loadu_ps(k0 + i)));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(x, _mm256_loadu_ps(k1 + i)));
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(x, _mm256_loadu_ps(k2 + i)));
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(x, _mm256_loadu_ps(k3 + i)));
-        }
-        s[t] = q8_hsum_avx2(a0) * scale;
-        s[t + 1] = q8_hsum_avx2(a1) * scale;
-        s[t + 2] = q8_hsum_avx2(a2) * scale;
-        s[t + 3] = q8_hsum_avx2(a3) * scale;
-    }
-    for (; t < n; t++) s[t] = attn_dot_avx2(q, kb + (int64_t)idx[t] * d, d) * scale;
-}
-
-/* o0 = sum_t p0[t] V[idx[t]], o1 likewise (o = o + p v in key order, from o = 0), 8 columns at
- * a time: each V row loaded once for both queries. */
-T_AVX2 static void attn_pv_avx2(int nq, const float *p0, const float *p1, const float *vb, const int32_t *idx,
-                                int n, int d, float *o0, float *o1) {
-    int i = 0;
-    for (; i + 16 <= d; i += 16) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-        for (int t = 0; t < n; t++) {
-            const float *v = vb + (int64_t)idx[t] * d + i;
-            const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-            const __m256 x = _mm256_set1_ps(p0[t]);
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(x, v0));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(x, v1));
-            if (nq == 2) {
-                const __m256 y = _mm256_set1_ps(p1[t]);
-                b0 = _mm256_add_ps(b0, _mm256_mul_ps(y, v0));
-                b1 = _mm256_add_ps(b1, _mm256_mul_ps(y, v1));
-            }
-        }
-        _mm256_storeu_ps(o0 + i, a0);
-        _mm256_storeu_ps(o0 + i + 8, a1);
-        if (nq == 2) {
-            _mm256_storeu_ps(o1 + i, b0);
-            _mm256_storeu_ps(o1 + i + 8, b1);
-        }
-    }
-    for (; i < d; i += 8) {
-        __m256 a = _mm256_setzero_ps(), b = a;
-        for (int t = 0; t < n; t++) {
-            const __m256 v = _mm256_loadu_ps(vb + (int64_t)idx[t] * d + i);
-            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(p0[t]), v));
-            if (nq == 2) b = _mm256_add_ps(b, _mm256_mul_ps(_mm256_set1_ps(p1[t]), v));
-        }
-        _mm256_storeu_ps(o0 + i, a);
-        if (nq == 2) _mm256_storeu_ps(o1 + i, b);
-    }
-}
-#endif
 
 static void attn_pv_scalar(const float *p, const float *vb, const int32_t *idx, int n, int d, float *o) {
     for (int i = 0; i < d; i++) o[i] = 0.0f;
     for (int t = 0; t < n; t++) {
         const float *v = vb + (int64_t)idx[t] * d;
-        for (int i = 0; i < d; i++) o[i] = o[i] + p[t] * v[i];
+        for (int i = 0; i < d; i++) o[i] = fmaf(p[t], v[i], o[i]);
     }
 }
+
+#if SXC_X86
+T_AVX2 INLINE float attn_hsum_avx2(__m256 a) {
+    float l[8];
+    _mm256_storeu_ps(l, a);
+    return attn_hsum8(l);
+}
+
+/* d % 8 == 0. */
+T_AVX2 static float attn_dot_avx2(const float *a, const float *b, int d) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return attn_hsum_avx2(acc);
+}
+
+/* Scores of query q against the keys kb + idx[t] * d, eight keys per sweep: eight independent
+ * chains, then the eight lane sums at once (hadd tree in attn_hsum8's order), times scale. */
+T_AVX2 static void attn_scores_avx2(const float *q, const float *kb, const int32_t *idx, int n, int d, float scale,
+                                    float *s) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const float *k[8];
+        for (int j = 0; j < 8; j++) k[j] = kb + (int64_t)idx[t + j] * d;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int i = 0; i < d; i += 8) {
+            const __m256 x = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[0] + i), a0);
+            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[1] + i), a1);
+            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[2] + i), a2);
+            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[3] + i), a3);
+            a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[4] + i), a4);
+            a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[5] + i), a5);
+            a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[6] + i), a6);
+            a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[7] + i), a7);
+        }
+        /* hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7] */
+        const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+        const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+        _mm256_storeu_ps(s + t, _mm256_mul_ps(r, sc));
+    }
+    for (; t < n; t++) s[t] = attn_dot_avx2(q, kb + (int64_t)idx[t] * d, d) * scale;
+}
+
+/* o_w = sum_t p_w[t] V[idx[t]] for NQ <= 3 queries (heads of one KV group: the same keys), 16
+ * columns at a time (2 * NQ accumulators stay in registers), each V row loaded once for all of
+ * them. d % 8 == 0. */
+#define ATTN_PV_AVX2(NQ)                                                                                      \
+    T_AVX2 static void attn_pv##NQ##_avx2(const float *const *p, const float *vb, const int32_t *idx, int n,   \
+                                          int d, float *const *o) {                                         \
+        int i = 0;                                                                                          \
+        for (; i + 16 <= d; i += 16) {                                                                      \
+            __m256 a[NQ][2];                                                                                \
+            for (int w = 0; w < NQ; w++) a[w][0] = a[w][1] = _mm256_setzero_ps();                           \
+            for (int t = 0; t < n; t++) {                                                                   \
+                const float *v = vb + (int64_t)idx[t] * d + i;                                              \
+                const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);                          \
+                for (int w = 0; w < NQ; w++) {                                                              \
+                    const __m256 x = _mm256_broadcast_ss(p[w] + t);                                         \
+                    a[w][0] = _mm256_fmadd_ps(x, v0, a[w][0]);                                              \
+                    a[w][1] = _mm256_fmadd_ps(x, v1, a[w][1]);                                              \
+                }                                                                                           \
+            }                                                                                               \
+            for (int w = 0; w < NQ; w++) {                                                                  \
+                _mm256_storeu_ps(o[w] + i, a[w][0]);                                                        \
+                _mm256_storeu_ps(o[w] + i + 8, a[w][1]);                                                    \
+            }                                                                                               \
+        }                                                                                                   \
+        for (; i < d; i += 8) {                                                                             \
+            __m256 a[NQ];                                                                                   \
+            for (int w = 0; w < NQ; w++) a[w] = _mm256_setzero_ps();                                        \
+            for (int t = 0; t < n; t++) {                                                                   \
+                const __m256 v = _mm256_loadu_ps(vb + (int64_t)idx[t] * d + i);                             \
+                for (int w = 0; w < NQ; w++) a[w] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[w] + t), v, a[w]); \
+            }                                                                                               \
+            for (int w = 0; w < NQ; w++) _mm256_storeu_ps(o[w] + i, a[w]);                                  \
+        }                                                                                                   \
+    }
+ATTN_PV_AVX2(1)
+ATTN_PV_AVX2(2)
+ATTN_PV_AVX2(3)
+
+T_AVX2 static void attn_pv_avx2(int nq, const float *const *p, const float *vb, const int32_t *idx, int n, int d,
+                                float *const *o) {
+    if (nq == 3)
+        attn_pv3_avx2(p, vb, idx, n, d, o);
+    else if (nq == 2)
+        attn_pv2_avx2(p, vb, idx, n, d, o);
+    else
+        attn_pv1_avx2(p, vb, idx, n, d, o);
+}
+
+/* The largest of s[0 .. n) (max is exact: any order gives it). */
+T_AVX2 static float attn_max_avx2(const float *s, int n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+    float l[8];
+    _mm256_storeu_ps(l, m);
+    float mx = l[0];
+    for (int j = 1; j < 8; j++) mx = l[j] > mx ? l[j] : mx;
+    for (; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    return mx;
+}
+
+/* s[t] = exp(s[t] - mx) for t < n rounded down to 8, summed into lanes[t % 8]; returns that count. */
+T_AVX2 static int attn_exp_sum_avx2(float *s, int n, float mx, float *lanes) {
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp_fixed_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    _mm256_storeu_ps(lanes, acc);
+    return t;
+}
+#endif
 
 /* ------------------------------------------------------------------ one pass */
 
@@ -347,14 +371,37 @@ typedef struct {
 #define ATTN_PART(c, i, hh, ch) \
     ((c)->part + ((((int64_t)(i) - (c)->prow0) * (c)->h + (hh)) * (c)->maxc + (ch)) * ((c)->d + 2))
 
-/* Unit: rows [r0, r1) of segment s, KV head g, chunk ch. kbuf/vbuf [ATTN_CHUNK, d], sc [2 ATTN_CHUNK],
- * idx [ATTN_CHUNK]: the thread's scratch. */
-static void attn_unit(const attnctx_t *c, const attnseg_t *s, int g, int r0, int r1, int ch, float *kbuf,
-                      float *vbuf, float *sc, int32_t *idx) {
+/* The chunk's softmax over one query's visible scores s[0 .. n): p[0] = their max, s[t] =
+ * exp(s[t] - max), p[1] = their sum, in 8 lanes (t % 8) summed as attn_hsum8. */
+static void attn_softmax(float *s, int n, int vec, float *p) {
+    float lanes[8] = {0};
+    float mx = -INFINITY;
+    int t = 0;
+#if SXC_X86
+    if (vec) {
+        mx = attn_max_avx2(s, n);
+        t = attn_exp_sum_avx2(s, n, mx, lanes);
+    } else
+#else
+    (void)vec;
+#endif
+        for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    for (; t < n; t++) {
+        s[t] = exp_fixed(s[t] - mx);
+        lanes[t % 8] = lanes[t % 8] + s[t];
+    }
+    p[0] = mx;
+    p[1] = attn_hsum8(lanes);
+}
+
+/* Unit: rows [r0, r1) of segment s, chunk ch, every KV head. kbuf/vbuf [hkv, ATTN_CHUNK, d],
+ * sc [3 ATTN_CHUNK], idx [ATTN_CHUNK]: the thread's scratch. */
+static void attn_unit(const attnctx_t *c, const attnseg_t *s, int r0, int r1, int ch, float *kbuf, float *vbuf,
+                      float *sc, int32_t *idx) {
     const int d = c->d, n_keys = s->prefix + s->n_tree;
     const int j0 = ch * ATTN_CHUNK, nk = (n_keys - j0 < ATTN_CHUNK ? n_keys - j0 : ATTN_CHUNK);
-    kv_load(&c->kv, 0, (int64_t)s->base + j0, nk, c->hkv, g, d, kbuf, c->vec);
-    kv_load(&c->kv, 1, (int64_t)s->base + j0, nk, c->hkv, g, d, vbuf, c->vec);
+    kv_load(&c->kv, 0, (int64_t)s->base + j0, nk, c->hkv, d, kbuf, c->vec);
+    kv_load(&c->kv, 1, (int64_t)s->base + j0, nk, c->hkv, d, vbuf, c->vec);
     const int all_prefix = j0 + nk <= s->prefix;
     if (all_prefix)
         for (int t = 0; t < nk; t++) idx[t] = t;
@@ -368,48 +415,42 @@ static void attn_unit(const attnctx_t *c, const attnseg_t *s, int g, int r0, int
                 if (j < s->prefix || mrow[j - s->prefix]) idx[n++] = t;
             }
         }
-        for (int e = 0; e < c->grp;) {
-            const int hh = g * c->grp + e, pair = e + 1 < c->grp && c->vec;
-            float *pa = ATTN_PART(c, i, hh, ch), *pb = pair ? ATTN_PART(c, i, hh + 1, ch) : NULL;
-            const float *qa = c->q + ((int64_t)i * c->h + hh) * d;
-            if (n == 0) { /* this chunk holds no key the row sees */
-                for (int w = 0; w < (pair ? 2 : 1); w++) {
-                    float *p = w ? pb : pa;
+        /* The heads of each KV group, up to 3 at a time: their P V reads each V row once. */
+        for (int hh = 0; hh < c->h;) {
+            const int g = hh / c->grp, nq = (g + 1) * c->grp - hh < 3 ? (g + 1) * c->grp - hh : 3;
+            const float *kb = kbuf + (int64_t)g * ATTN_CHUNK * d, *vb = vbuf + (int64_t)g * ATTN_CHUNK * d;
+            float *part[3], *prob[3], *acc[3];
+            for (int w = 0; w < nq; w++) {
+                part[w] = ATTN_PART(c, i, hh + w, ch);
+                prob[w] = sc + w * ATTN_CHUNK;
+                acc[w] = part[w] + 2;
+            }
+            for (int w = 0; w < nq; w++) {
+                const float *q = c->q + ((int64_t)i * c->h + hh + w) * d;
+                float *p = part[w], *s_ = prob[w];
+                if (n == 0) { /* this chunk holds no key the row sees */
                     p[0] = -INFINITY;
                     p[1] = 0.0f;
-                    memset(p + 2, 0, sizeof(float) * (size_t)d);
+                    memset(acc[w], 0, sizeof(float) * (size_t)d);
+                    continue;
                 }
-                e += pair ? 2 : 1;
-                continue;
-            }
-            float *sa = sc, *sb = sc + ATTN_CHUNK;
 #if SXC_X86
-            if (pair)
-                attn_scores2_avx2(qa, qa + d, kbuf, idx, n, d, c->scale, sa, sb);
-            else if (c->vec)
-                attn_scores1_avx2(qa, kbuf, idx, n, d, c->scale, sa);
-            else
+                if (c->vec)
+                    attn_scores_avx2(q, kb, idx, n, d, c->scale, s_);
+                else
 #endif
-                for (int t = 0; t < n; t++) sa[t] = attn_dot_scalar(qa, kbuf + (int64_t)idx[t] * d, d) * c->scale;
-            for (int w = 0; w < (pair ? 2 : 1); w++) {
-                float *s_ = w ? sb : sa, *p = w ? pb : pa;
-                float mx = -INFINITY;
-                for (int t = 0; t < n; t++)
-                    if (s_[t] > mx) mx = s_[t];
-                for (int t = 0; t < n; t++) s_[t] = s_[t] - mx;
-                exp_many(s_, n, s_, c->vec);
-                float sum = 0.0f;
-                for (int t = 0; t < n; t++) sum += s_[t];
-                p[0] = mx;
-                p[1] = sum;
+                    for (int t = 0; t < n; t++) s_[t] = attn_dot_scalar(q, kb + (int64_t)idx[t] * d, d) * c->scale;
+                attn_softmax(s_, n, c->vec, p);
             }
+            if (n > 0) {
 #if SXC_X86
-            if (c->vec)
-                attn_pv_avx2(pair ? 2 : 1, sa, sb, vbuf, idx, n, d, pa + 2, pair ? pb + 2 : NULL);
-            else
+                if (c->vec)
+                    attn_pv_avx2(nq, (const float *const *)prob, vb, idx, n, d, acc);
+                else
 #endif
-                attn_pv_scalar(sa, vbuf, idx, n, d, pa + 2);
-            e += pair ? 2 : 1;
+                    for (int w = 0; w < nq; w++) attn_pv_scalar(prob[w], vb, idx, n, d, acc[w]);
+            }
+            hh += nq;
         }
     }
 }
@@ -521,7 +562,7 @@ int sxc_rope_attention(const float *qkv, int64_t m, int64_t ldq, int32_t h, int3
             const int64_t a = s->row0 > w0 ? s->row0 : w0, b = s->row0 + s->rows < w1 ? s->row0 + s->rows : w1;
             s->unit0 = units;
             if (b > a) {
-                units += (int64_t)hkv * ((b - a + ATTN_ROW_BLOCK - 1) / ATTN_ROW_BLOCK) * s->chunks;
+                units += (b - a + ATTN_ROW_BLOCK - 1) / ATTN_ROW_BLOCK * s->chunks;
                 work += (b - a) * (int64_t)h * (s->prefix + s->n_tree) * d;
             }
         }
@@ -533,7 +574,7 @@ int sxc_rope_attention(const float *qkv, int64_t m, int64_t ldq, int32_t h, int3
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
         {
-            float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * ATTN_CHUNK * d + 3 * ATTN_CHUNK));
+            float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * hkv * ATTN_CHUNK * d + 4 * ATTN_CHUNK));
             if (!scratch) {
 #ifdef _OPENMP
 #pragma omp atomic write
@@ -552,11 +593,11 @@ int sxc_rope_attention(const float *qkv, int64_t m, int64_t ldq, int32_t h, int3
                 const attnseg_t *s = segs + si;
                 const int64_t a = s->row0 > w0 ? s->row0 : w0, b = s->row0 + s->rows < w1 ? s->row0 + s->rows : w1;
                 const int64_t v = u - s->unit0;
-                const int ch = (int)(v % s->chunks), g = (int)(v / s->chunks % hkv);
-                const int64_t r0 = a + v / s->chunks / hkv * ATTN_ROW_BLOCK;
+                const int ch = (int)(v % s->chunks);
+                const int64_t r0 = a + v / s->chunks * ATTN_ROW_BLOCK;
                 const int64_t r1 = r0 + ATTN_ROW_BLOCK < b ? r0 + ATTN_ROW_BLOCK : b;
-                float *kbuf = scratch, *vbuf = kbuf + ATTN_CHUNK * d, *sc = vbuf + ATTN_CHUNK * d;
-                attn_unit(&c, s, g, (int)r0, (int)r1, ch, kbuf, vbuf, sc, (int32_t *)(sc + 2 * ATTN_CHUNK));
+                float *kbuf = scratch, *vbuf = kbuf + (int64_t)hkv * ATTN_CHUNK * d, *sc = vbuf + (int64_t)hkv * ATTN_CHUNK * d;
+                attn_unit(&c, s, (int)r0, (int)r1, ch, kbuf, vbuf, sc, (int32_t *)(sc + 3 * ATTN_CHUNK));
             }
             /* (the loop's implied barrier: every partial is written) */
 #ifdef _OPENMP
