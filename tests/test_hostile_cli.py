@@ -132,6 +132,8 @@ ARGPARSE_ERRORS = [
     (["--k", "0"], "--k"),
     (["--gpu-memory-gb", "nan"], "--gpu-memory-gb"),
     (["--temperature", "hot"], "--temperature"),
+    (["--kv-dtype", "fp8"], "--kv-dtype"),
+    (["--kv-dtype", ""], "--kv-dtype"),
 ]
 
 
@@ -169,6 +171,17 @@ def test_port_in_use_fails_before_loading(dirs, no_loading, capsys):
 def test_max_len_beyond_the_context_is_named(dirs, capsys):
     rc, out, err = run_main([a.replace("TARGET", dirs["target"]) for a in GEN] + ["--max-len", "100000"], capsys)
     assert rc == 2 and "--max-len" in err and "256" in err
+
+
+def test_kv_dtype_and_offload_kv_flags_keep_the_targets_text(dirs, capsys):
+    """--kv-dtype int8 with the target's KV streamed from host memory (--offload-kv) and a draft:
+    the text is the greedy text of a target with that cache."""
+    base = [a.replace("TARGET", dirs["target"]) for a in GEN] + ["--max-new-tokens", "10", "--device", "cpu"]
+    rc, out, err = run_main(base + ["--kv-dtype", "int8", "--offload-kv", "--draft", "default", "--budget", "4"], capsys)
+    assert rc == 0, err
+    engine = Engine(load_model(dirs["target"], device="cpu", kv_dtype="int8"), None, method="autoregressive",
+                    tokenizer=tiny_tokenizer(96))
+    assert out.strip() == engine.generate(PROMPT, max_new_tokens=10).text.strip()
 
 
 def test_draft_with_a_shorter_context(dirs, capsys):

@@ -11,6 +11,7 @@ import sys
 import time
 
 from ..errors import SpecExecError
+from ..model.kv_cache import KV_DTYPE_CHOICES
 from ..speculative.methods import METHODS
 from ..speculative.tree_policy import POLICIES
 from . import cli_checks
@@ -50,11 +51,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="the target's KV cache length (default: min(context, 4096)); the draft gets the same, "
                         "or its own context if shorter")
+    p.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPE_CHOICES),
+                   help="how the KV caches store K and V: auto (float16 for a float32 model on the CPU, the model's "
+                        "dtype for a half one), float32, float16, bfloat16, or int8 (per token and head scales); "
+                        "the output stays the target's, whose own numbers move slightly below float32")
     p.add_argument("--quantize", default="auto", choices=["auto", "none", "int4"],
                    help="auto keeps 4-bit checkpoints 4-bit on CUDA; int4 also quantizes dense ones")
     p.add_argument("--offload", action="store_true", help="stream the target's layers from pinned host RAM")
     p.add_argument("--gpu-memory-gb", type=positive_float, default=None,
                    help="GPU memory the offloaded target may use")
+    p.add_argument("--offload-kv", action="store_true", default=None,
+                   help="keep the target's KV cache in pinned host memory, streamed per layer with its weights "
+                        "(default with --offload: when the KV at --max-len does not fit the GPU budget)")
 
 
 def build_engine(args):
@@ -74,7 +82,8 @@ def build_engine(args):
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     t0 = time.perf_counter()
     target = _load(load_model, target_src, "--max-len", device=plan.device, dtype=dtype, max_len=args.max_len,
-                   quantize=args.quantize, offload=args.offload, gpu_memory_gb=args.gpu_memory_gb)
+                   quantize=args.quantize, offload=args.offload, gpu_memory_gb=args.gpu_memory_gb,
+                   kv_dtype=args.kv_dtype, offload_kv=args.offload_kv)
     draft = None
     if builtin:
         draft = builtin_draft(target, args.draft)
@@ -82,7 +91,7 @@ def build_engine(args):
         # The target's max_len or the draft's own context if shorter: a draft with a shorter
         # context still loads, and the engine's context and vocabulary checks decide what fits.
         draft = _load(load_model, draft_src, "--draft", device=target.device, dtype=target.dtype,
-                      max_len_cap=target.max_len, quantize=args.quantize)
+                      max_len_cap=target.max_len, quantize=args.quantize, kv_dtype=target.kv_dtype)
     engine = Engine(target, draft, method=plan.method, budget=plan.budget,
                     max_batch=getattr(args, "max_batch", 1), **plan.method_params)
     print(f"[specexec-rt] loaded {args.model}" + (f" + draft {args.draft}" if draft is not None else "")

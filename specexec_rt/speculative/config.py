@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 
 from . import memory
-from ..errors import ContextLengthError, SpecExecError, VocabularyMismatchError
+from ..errors import ContextLengthError, MemoryBudgetError, SpecExecError, VocabularyMismatchError
 from .auto import AUTO_SHAPES
 from .methods import METHOD_PARAMS, Method, method_class
 
@@ -80,7 +80,14 @@ class EngineConfig:
         check_tree_fits(target, decoder, budget)
         max_budget = budget
         avail = memory.available_bytes(target.device)
-        if avail is not None:           # auto lowers its ceiling to what fits instead of raising
+        if avail is not None:
+            # The KV caches come first (allocated on the first pass, at max_len per request slot);
+            # the passes' working memory must fit beside them.
+            kv = memory.engine_kv_bytes(target, draft, max_batch)
+            if kv > avail:
+                raise MemoryBudgetError(memory.describe_kv(target, draft, max_batch, kv, avail))
+            avail -= kv
+            # auto lowers its ceiling to what fits instead of raising
             what = "one draft-and-verify pass" + (f" of {max_batch} requests" if max_batch > 1 else "")
             max_budget = memory.fit_budget(target, draft, decoder, budget, auto, avail, False, what,
                                            n_requests=max_batch)

@@ -31,7 +31,8 @@ def _build(target: Transformer, keep: list, layers: list, max_len: Optional[int]
     w = target.weights
     weights = ModelWeights(embed=w.embed, final_norm=w.final_norm,
                            lm_head=w.lm_head if lm_head is None else lm_head, layers=layers)
-    draft = Transformer(cfg, weights, max_len or target.max_len, target.device, target.dtype)
+    draft = Transformer(cfg, weights, max_len or target.max_len, target.device, target.dtype,
+                        kv_dtype=target.kv_dtype)
     draft.source = target.source        # same tokenizer
     return draft
 
