@@ -86,10 +86,16 @@ class Transformer:
 
     ``weights.layers`` are served through ``layer_source`` (resident by default, or an offload
     ``LayerStreamer``); everything else is resident on ``device``.
+
+    ``kv_layers``: the cache layer each of this model's layers reads and writes (None: layer i
+    uses cache layer i). A draft that reads its target's cache is made of some of the target's
+    layers and uses the target's cache layers of the layers it kept. ``own_cache=False``: the
+    model allocates no KV cache (``cache`` is None); every forward is given one.
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, max_len: int,
-                 device: torch.device, dtype: torch.dtype, layer_source=None):
+                 device: torch.device, dtype: torch.dtype, layer_source=None,
+                 kv_layers: Optional[Sequence[int]] = None, own_cache: bool = True):
         self.config = config
         self.weights = weights
         self.device = torch.device(device)
@@ -98,7 +104,15 @@ class Transformer:
         self.layer_source = layer_source if layer_source is not None else ResidentLayers(weights.layers)
         self.cos, self.sin = ops.rope_tables(config.head_dim, config.rope_theta, config.rope_scaling,
                                              self.max_len, self.device)
-        self.cache = self.new_cache()
+        if kv_layers is not None:
+            kv_layers = tuple(int(i) for i in kv_layers)
+            if len(kv_layers) != config.n_layers or min(kv_layers) < 0:
+                raise ValueError(f"kv_layers must name one cache layer for each of the {config.n_layers} layers, "
+                                 f"got {list(kv_layers)}")
+            if kv_layers == tuple(range(config.n_layers)):
+                kv_layers = None
+        self.kv_layers = kv_layers
+        self.cache = self.new_cache() if own_cache else None
         self.source = None          # where the weights came from (path), set by the loader
         self.quantization = None    # None or "int4"
         # The group size of the checkpoint's 4-bit matrices when it had some (GGUF Q4_*: 32),
@@ -117,8 +131,10 @@ class Transformer:
         return not self.config.is_moe
 
     def new_cache(self, max_len: Optional[int] = None) -> KVCache:
+        """A cache this model can run on: one layer per cache layer it uses (``kv_layers``)."""
         c = self.config
-        return KVCache(c.n_layers, max_len or self.max_len, c.n_kv_heads, c.head_dim, self.dtype, self.device)
+        n_layers = c.n_layers if self.kv_layers is None else max(self.kv_layers) + 1
+        return KVCache(n_layers, max_len or self.max_len, c.n_kv_heads, c.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, prefix_len: int,
@@ -138,6 +154,8 @@ class Transformer:
         at the device value, and ``tree_mask`` and ``cache_slots`` are required. Nothing in the
         pass then depends on the prefix length on the host.
         """
+        if cache is None:
+            raise ValueError("no KV cache given (a model built with own_cache=False has none of its own)")
         n = int(token_ids.shape[0])
         chain = tree_mask is None
         if prefix_dev is not None and (chain or cache_slots is None):
@@ -210,13 +228,17 @@ class Transformer:
         if meta.native_rows is not None and (cache_slots.dtype is not torch.int64 or not cache_slots.is_contiguous()):
             cache_slots = cache_slots.to(torch.int64).contiguous()
         x = self.weights.embed[token_ids].to(self.dtype)
-        plan = self._native_layers(int(token_ids.shape[0])) if meta.native_rows is not None else None
+        # The one-call layer stack walks the cache's layers in order: a model on other cache
+        # layers (kv_layers) runs layer by layer.
+        native = meta.native_rows is not None and self.kv_layers is None
+        plan = self._native_layers(int(token_ids.shape[0])) if native else None
         if plan is not None:  # every layer in one native call (same calls as transformer_block)
             c = self.config
             x = plan.run(x.contiguous(), cos, sin, cache.k, cache.v, cache_slots, meta.native_rows, meta.native_mask,
                          c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps)
         else:
-            for i, layer in enumerate(self.layer_source.iter_layers()):
+            cache_layers = self.kv_layers or range(self.config.n_layers)
+            for i, layer in zip(cache_layers, self.layer_source.iter_layers()):
                 x = transformer_block(x, layer, self.config, cos, sin, cache.k[i], cache.v[i], cache_slots, meta)
         if logits_rows is not None:
             x = x[logits_rows]

@@ -77,6 +77,7 @@ class EngineConfig:
         decoder = method_cls(budget, method_params, auto, target.device)
         if draft is not None:
             check_same_vocabulary(target, draft)
+            check_draft_cache(target, draft)
         check_tree_fits(target, decoder, budget)
         max_budget = budget
         avail = memory.available_bytes(target.device)
@@ -127,6 +128,15 @@ def request_budget_cap(target, draft, method: Method, max_budget: int, auto: boo
                 f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + draft tree ({draft_slots}) "
                 f"= {need} tokens exceed the draft's KV cache (max_len={draft.max_len})")
     return max(1, cap)
+
+
+def check_draft_cache(target, draft) -> None:
+    """A draft built to read a target's KV cache (drafts.py, ``share_cache``) runs only beside
+    that target: another model's cache holds another model's keys and values."""
+    source = getattr(draft, "kv_source", None)
+    if source is not None and source is not target:
+        raise ValueError("the draft reads the KV cache of the model it was derived from, which is not this "
+                         "engine's target; derive it from this target, or build it with share_cache=False")
 
 
 def check_same_vocabulary(target, draft, n_sample: int = 512) -> None:

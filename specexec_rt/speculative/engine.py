@@ -317,7 +317,7 @@ class Engine:
         cap = min(cap, memory.check_request(self.target, self.draft, self.decoder, self._max_budget, self.auto,
                                             len(ids), sampled=not params.greedy, n_requests=self.max_batch))
         tracker = TextTracker(self.tokenizer, self._eos_ids(), max_new_tokens, stops)
-        req = Request(ids, params, seed, max_new_tokens, tracker, self.device)
+        req = Request(ids, params, seed, max_new_tokens, tracker, self.device, self.runner.shares_cache)
         req.auto_cap = cap
         return req
 

@@ -197,7 +197,8 @@ class Scheduler:
                     f"low-precision dtype)")))
                 continue
             new = res.new_tokens()
-            accepted.append(res.accepted)
+            if res.grown:     # a root verified alone (its draft not ready) says nothing about the trees
+                accepted.append(res.accepted)
             self._count(r.stats, out, run, res.tree_size, len(new))
             r.produced += len(new)
             r.committed.extend(new)
