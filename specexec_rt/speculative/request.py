@@ -99,6 +99,7 @@ class Request:
         self.pending: list = list(ids[-1:]) if draft_reads_target else list(ids)
         self.produced = 0
         self.committed: list = list(ids)           # every committed token: the prompt, then the new ones
+        self.lookup = None                         # prompt lookup: the n-gram index of committed (ngram.py)
         self.auto_cap = 0                          # budget="auto": the largest tree its caches allow
         self.submitted = time.perf_counter()
         self.on_update = None                      # callback(piece, done) from the pass thread

@@ -203,8 +203,8 @@ class Runner:
 
     def _grow(self, out, ready: list, reads: HostReads) -> tuple:
         """The pass's trees, in ``out.tree_requests``' order: the method grows those whose draft
-        is ready (``ready[i]``), the others verify their root alone. Returns ``(grown, drafter
-        or None, the growth's PassContext or None)``."""
+        is ready (``ready[i]``); the others get what it grows without a draft (prompt lookup), or
+        their root alone. Returns ``(grown, drafter or None, the growth's PassContext or None)``."""
         reqs = out.tree_requests
         growing = [r for r, ok in zip(reqs, ready) if ok]
         drafter, ctx, grown = None, None, []
@@ -214,9 +214,13 @@ class Runner:
             grown = out.method.grow(ctx)
         if len(growing) == len(reqs):
             return grown, drafter, ctx
-        roots = iter(Autoregressive.root_trees([r for r, ok in zip(reqs, ready) if not ok], self.device))
+        waiting = [r for r, ok in zip(reqs, ready) if not ok]
+        if out.method.grows_without_draft:
+            rest = iter(out.method.grow(PassContext(waiting, None, reads, self.device, out.budget, out.depth)))
+        else:
+            rest = iter(Autoregressive.root_trees(waiting, self.device))
         trees = iter(grown)
-        return [next(trees) if ok else next(roots) for ok in ready], drafter, ctx
+        return [next(trees) if ok else next(rest) for ok in ready], drafter, ctx
 
     def _verify(self, out, grown: list) -> torch.Tensor:
         """The target pass: prompt chunks, then each tree (behind whatever prompt still rides
