@@ -154,10 +154,12 @@ def draft_agreement(target, tok, prompts) -> list:
 
     n = target.config.n_layers
     candidates = {
-        "int4 (all layers, group 64)": lambda: int4_draft(target),
-        f"layers {default_keep(n)}": lambda: layer_dropped_draft(target, default_keep(n)),
-        "every other layer + last": lambda: layer_dropped_draft(target, list(range(0, n, 2)) + [n - 1]),
-        "first 2/3 + last 2": lambda: layer_dropped_draft(target, list(range(2 * n // 3)) + [n - 2, n - 1]),
+        "int4 (all layers, group 64)": lambda: int4_draft(target, share_cache=False),
+        f"layers {default_keep(n)}": lambda: layer_dropped_draft(target, default_keep(n), share_cache=False),
+        "every other layer + last": lambda: layer_dropped_draft(target, list(range(0, n, 2)) + [n - 1],
+                                                                  share_cache=False),
+        "first 2/3 + last 2": lambda: layer_dropped_draft(target, list(range(2 * n // 3)) + [n - 2, n - 1],
+                                                            share_cache=False),
     }
     refs = [target.forward(torch.tensor(p), torch.arange(len(p)), target.cache, 0) for p in prompts]
     out = []

@@ -382,7 +382,7 @@ def test_builtin_drafts_by_name():
     ids, pos = torch.tensor([3, 17, 5, 60]), torch.arange(4)
     named, direct = builtin_draft(target, "int4:32"), int4_draft(target, group_size=32)
     assert named.weights.layers[0].wqkv.group_size == 32
-    assert torch.equal(named.forward(ids, pos, named.cache, 0), direct.forward(ids, pos, direct.cache, 0))
+    assert torch.equal(named.forward(ids, pos, named.new_cache(), 0), direct.forward(ids, pos, direct.new_cache(), 0))
     with pytest.raises(UnsupportedModelError, match=r"int4:64.*\[64, 96\]"):
         builtin_draft(target, "int4:64")          # the 96-wide MLP
     with pytest.raises(ValueError, match="no built-in draft"):

@@ -110,6 +110,9 @@ BEFORE_LOADING = [
     (["--draft", "/nonexistent/draft"], "not found"),       # the draft source fails before the target loads
     (["--draft", "int4:33"], "--draft"),                      # a built-in draft's group size, checked first
     (["--draft", "int4:sixty"], "--draft"),
+    (["--draft", "ngram", "--method", "chain"], "--method specexec"),   # the lookup grows SpecExec trees
+    (["--ngram"], "--draft ngram"),                                     # lookup candidates need a draft's trees
+    (["--draft", "default", "--method", "chain", "--ngram"], "--ngram"),
 ]
 
 
@@ -238,6 +241,12 @@ def test_normal_run_after_bad_ones(dirs, capsys):
                                "--k", "3"], capsys)
     assert rc == 0, err
     assert "draft int4:32" in err and out.strip() == greedy_words(dirs["target"], 9)
+    # Prompt lookup alone, and merged into the default draft's trees: the same exact text.
+    for extra in (["--draft", "ngram"], ["--draft", "default", "--ngram", "--budget", "8"]):
+        rc, out, err = run_main([a.replace("TARGET", dirs["target"]) for a in GEN]
+                                + ["--device", "cpu", "--max-new-tokens", "9", *extra], capsys)
+        assert rc == 0, err
+        assert "method=specexec" in err and out.strip() == greedy_words(dirs["target"], 9)
 
 
 # ------------------------------------------------------------------ whole processes

@@ -86,10 +86,16 @@ class Transformer:
 
     ``weights.layers`` are served through ``layer_source`` (resident by default, or an offload
     ``LayerStreamer``); everything else is resident on ``device``.
+
+    ``kv_layers``: the cache layer each of this model's layers reads and writes (None: layer i
+    uses cache layer i). A draft that reads its target's cache is made of some of the target's
+    layers and uses the target's cache layers of the layers it kept. ``own_cache=False``: the
+    model allocates no KV cache (``cache`` is None); every forward is given one.
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, max_len: int,
-                 device: torch.device, dtype: torch.dtype, layer_source=None, kv_dtype=None, cache_factory=None):
+                 device: torch.device, dtype: torch.dtype, layer_source=None, kv_dtype=None, cache_factory=None,
+                 kv_layers: Optional[Sequence[int]] = None, own_cache: bool = True):
         self.config = config
         self.weights = weights
         self.device = torch.device(device)
@@ -104,6 +110,15 @@ class Transformer:
         self.layer_source = layer_source if layer_source is not None else ResidentLayers(weights.layers)
         self.cos, self.sin = ops.rope_tables(config.head_dim, config.rope_theta, config.rope_scaling,
                                              self.max_len, self.device)
+        if kv_layers is not None:
+            kv_layers = tuple(int(i) for i in kv_layers)
+            if len(kv_layers) != config.n_layers or min(kv_layers) < 0:
+                raise ValueError(f"kv_layers must name one cache layer for each of the {config.n_layers} layers, "
+                                 f"got {list(kv_layers)}")
+            if kv_layers == tuple(range(config.n_layers)):
+                kv_layers = None
+        self.kv_layers = kv_layers
+        self.own_cache = own_cache
         self._cache: Optional[KVCache] = None
         self.source = None          # where the weights came from (path), set by the loader
         self.quantization = None    # None or "int4"
@@ -123,10 +138,11 @@ class Transformer:
         return not self.config.is_moe
 
     @property
-    def cache(self) -> KVCache:
+    def cache(self) -> Optional[KVCache]:
         """The model's own KV cache of ``max_len`` slots, allocated on first use: an engine that
-        serves several requests keeps them in a pool of its own (``Runner``) and never needs it."""
-        if self._cache is None:
+        serves several requests keeps them in a pool of its own (``Runner``) and never needs it.
+        None for a model built with ``own_cache=False`` (a draft that reads its target's cache)."""
+        if self._cache is None and self.own_cache:
             self._cache = self.new_cache()
         return self._cache
 
@@ -136,8 +152,8 @@ class Transformer:
 
     @property
     def cache_allocated(self) -> bool:
-        """Whether ``cache`` exists yet (the memory planner counts it until it does)."""
-        return self._cache is not None
+        """Whether ``cache`` exists yet or never will (the memory planner counts it until it does)."""
+        return self._cache is not None or not self.own_cache
 
     @property
     def cache_dtype_name(self) -> str:
@@ -151,11 +167,13 @@ class Transformer:
 
     def new_cache(self, max_len: Optional[int] = None, kv_dtype=None) -> KVCache:
         """A KV cache of ``max_len`` slots (default the model's) in ``kv_dtype`` (default the model's;
-        e.g. float32 for a parity check against another implementation's float32 cache)."""
+        e.g. float32 for a parity check against another implementation's float32 cache), with one
+        layer per cache layer this model uses (``kv_layers``)."""
         c = self.config
+        n_layers = c.n_layers if self.kv_layers is None else max(self.kv_layers) + 1
         make = self.cache_factory or KVCache
         kv_dtype = self.kv_dtype if kv_dtype is None else resolve_kv_dtype(kv_dtype, self.dtype, self.device)
-        return make(c.n_layers, max_len or self.max_len, c.n_kv_heads, c.head_dim, self.dtype, self.device,
+        return make(n_layers, max_len or self.max_len, c.n_kv_heads, c.head_dim, self.dtype, self.device,
                     kv_dtype=kv_dtype)
 
     @torch.inference_mode()
@@ -176,6 +194,8 @@ class Transformer:
         at the device value, and ``tree_mask`` and ``cache_slots`` are required. Nothing in the
         pass then depends on the prefix length on the host.
         """
+        if cache is None:
+            raise ValueError("no KV cache given (a model built with own_cache=False has none of its own)")
         n = int(token_ids.shape[0])
         chain = tree_mask is None
         if prefix_dev is not None and (chain or cache_slots is None):
@@ -254,8 +274,10 @@ class Transformer:
         if meta.native_rows is not None and (cache_slots.dtype is not torch.int64 or not cache_slots.is_contiguous()):
             cache_slots = cache_slots.to(torch.int64).contiguous()
         x = self.weights.embed[token_ids].to(self.dtype)
-        plan = self._native_layers(int(token_ids.shape[0])) if meta.native_rows is not None and cache.resident \
-            else None
+        # The one-call layer stack walks the cache's layers in order: a model on other cache
+        # layers (kv_layers) runs layer by layer, as a pass over a streamed cache does.
+        native = meta.native_rows is not None and cache.resident and self.kv_layers is None
+        plan = self._native_layers(int(token_ids.shape[0])) if native else None
         if plan is not None:  # every layer in one native call (same calls as transformer_block)
             c = self.config
             x = plan.run(x.contiguous(), cos, sin, cache.k, cache.v, cache_slots, meta.native_rows, meta.native_mask,
@@ -267,7 +289,8 @@ class Transformer:
                 spans = ([(b, b + p + t) for b, p, t in zip(seg.base, seg.prefix, seg.n_tree)],
                          [(b + p, b + p + t) for b, p, t in zip(seg.base, seg.prefix, seg.n_tree)])
             cache.begin_pass(*spans)
-            for i, layer in enumerate(self.layer_source.iter_layers()):
+            cache_layers = self.kv_layers or range(self.config.n_layers)
+            for i, layer in zip(cache_layers, self.layer_source.iter_layers()):
                 x = transformer_block(x, layer, self.config, cos, sin, cache.layer(i), cache_slots, meta)
                 cache.layer_done(i)
         if logits_rows is not None:

@@ -146,10 +146,11 @@ def kv_bytes(model, slots: int) -> int:
 def engine_kv_bytes(target, draft, max_batch: int) -> int:
     """Device bytes of the KV caches an engine of ``max_batch`` request slots has yet to allocate:
     with one slot the models' own caches (``max_len`` each) unless already allocated, with more a
-    pool of ``max_batch`` regions per model (``Runner``)."""
+    pool of ``max_batch`` regions per model (``Runner``). A draft that reads the target's cache
+    (``own_cache=False``) has none."""
     total = 0
     for model in (target, draft):
-        if model is None:
+        if model is None or not model.own_cache:
             continue
         if max_batch == 1:
             total += 0 if model.cache_allocated else kv_bytes(model, model.max_len)
@@ -161,7 +162,7 @@ def engine_kv_bytes(target, draft, max_batch: int) -> int:
 def describe_kv(target, draft, max_batch: int, need: int, avail: int) -> str:
     """The error for KV caches that do not fit, with what each model's takes and the settings to lower."""
     parts = [f"target max_len={target.max_len} kv_dtype={target.cache_dtype_name}"]
-    if draft is not None:
+    if draft is not None and draft.own_cache:
         parts.append(f"draft max_len={draft.max_len} kv_dtype={draft.cache_dtype_name}")
     return (f"the KV caches of max_batch={max_batch} requests ({'; '.join(parts)}) need {_gib(need)} on "
             f"{target.device} but {_gib(avail)} is available; lower max_batch or max_len, use kv_dtype='int8', "
