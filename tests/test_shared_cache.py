@@ -159,6 +159,48 @@ def test_shared_draft_greedy_equals_the_target(target, expected, kind, name, max
         assert sum(r.stats.new_tokens for r in results) > 1.5 * sum(r.stats.target_passes for r in results)
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_a_shared_draft_reads_the_cache_in_the_targets_kv_dtype(kv_dtype, max_batch):
+    """The draft attends to and writes its tree into the target's cache in whatever storage dtype
+    the target keeps it (int8 with its scales): the engine's one cache is the target's, in its
+    dtype, the draft's trees are accepted as deeply as with float16 (so it reads the keys right),
+    and the output is the target's own greedy text (computed on a cache of the same dtype)."""
+    target = build_tiny_model(vocab_size=32, n_layers=3, max_len=128, kv_dtype=kv_dtype, **WIDTHS)
+    draft = default_draft(target)
+    assert draft.cache is None and draft.kv_dtype == target.kv_dtype
+    engine = Engine(target, draft, method="specexec", budget=12, max_depth=6, max_batch=max_batch, prefill_chunk=5)
+    results = [h.result() for h in [engine.submit(p, n) for p, n in zip(PROMPTS, NEW)]]
+    assert [r.token_ids for r in results] == [greedy_decode(target, p, n) for p, n in zip(PROMPTS, NEW)]
+    cache = engine.runner.target_cache
+    assert engine.runner.draft_cache is cache and cache.k.dtype == target.kv_dtype
+    assert (cache.k_scale is not None) == (kv_dtype == "int8")
+    # A draft reading garbage keys would be accepted ~never; the int4 copy of the target nearly always.
+    assert sum(r.stats.new_tokens for r in results) > 1.5 * sum(r.stats.target_passes for r in results)
+
+
+def test_offload_kv_gives_derived_drafts_a_resident_cache_of_their_own():
+    """A target whose KV lives in host memory: a derived draft keeps a resident cache of its own by
+    default (reading the host cache per draft step would stream the prefix every step), asking
+    for the shared cache is a clear error, and the output is still the target's own."""
+    from specexec_rt.offload import StreamedKVCache, streamed_cache_factory
+
+    ref = build_tiny_model(vocab_size=32, n_layers=3, max_len=128, kv_dtype="int8", **WIDTHS)
+    target = Transformer(ref.config, ref.weights, 128, ref.device, ref.dtype, kv_dtype="int8",
+                         cache_factory=streamed_cache_factory())
+    for make in (default_draft, lambda t, **kw: layer_dropped_draft(t, [0, 2], **kw)):
+        draft = make(target)
+        assert draft.kv_source is None and draft.own_cache and not draft.kv_offload
+        with pytest.raises(ValueError, match="share_cache=True.*offload_kv"):
+            make(target, share_cache=True)
+    draft = default_draft(target)
+    engine = Engine(target, draft, method="specexec", budget=8, max_depth=4)
+    assert not engine.runner.shares_cache and isinstance(engine.runner.target_cache, StreamedKVCache)
+    assert engine.runner.draft_cache.resident and engine.runner.draft_cache.kv_dtype is torch.int8
+    for p, n in zip(PROMPTS[:3], NEW[:3]):
+        assert engine.generate(p, n).token_ids == greedy_decode(ref, p, n)
+
+
 def test_a_shared_draft_is_refused_beside_another_target(target):
     other = tiny_target(seed=1)
     with pytest.raises(ValueError, match="derived from"):
