@@ -80,7 +80,9 @@ def agreement(target, tok, n_new: int, depths=(1, 2, 4, 8)) -> dict:
         n, p = len(seq), len(ids)
         cache = target.new_cache(n + k)
         ref = target.forward(torch.tensor(seq), torch.arange(n), cache, 0).argmax(-1)   # ref[t]: token t + 1
-        saved_k, saved_v = cache.k.clone(), cache.v.clone()
+        # K, V and int8's scales: the draft's chain overwrites slots [t, t + m) of each.
+        tensors = [x for x in (cache.k, cache.v, cache.k_scale, cache.v_scale) if x is not None]
+        saved = [x.clone() for x in tensors]
         mine = own.forward(torch.tensor(seq), torch.arange(n), own.new_cache(n), 0).argmax(-1)
         hits["own cache"] += int((mine[p - 1:n - 1] == ref[p - 1:n - 1]).sum())
         counts["own cache"] += n - p
@@ -95,7 +97,8 @@ def agreement(target, tok, n_new: int, depths=(1, 2, 4, 8)) -> dict:
                     key = f"target's cache, depth {d}"
                     hits[key] += int(got[d - 1] == ref[t + d - 1])
                     counts[key] += 1
-            cache.k[:, t:t + m], cache.v[:, t:t + m] = saved_k[:, t:t + m], saved_v[:, t:t + m]
+            for x, keep in zip(tensors, saved):
+                x[:, t:t + m] = keep[:, t:t + m]
         print(f"[agreement] {text[:40]!r}: {n - p} tokens", file=sys.stderr, flush=True)
     # A depth deeper than every continuation (a short --new) has no positions: NaN.
     return {key: (hits[key] / counts[key] if counts[key] else float("nan"), counts[key]) for key in hits}
