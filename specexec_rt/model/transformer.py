@@ -290,7 +290,9 @@ class Transformer:
                          [(b + p, b + p + t) for b, p, t in zip(seg.base, seg.prefix, seg.n_tree)])
             cache.begin_pass(*spans)
             cache_layers = self.kv_layers or range(self.config.n_layers)
-            for i, layer in zip(cache_layers, self.layer_source.iter_layers()):
+            # The layer source first: zip then runs its generator to the end, where a streamer
+            # prefetches the next pass's first layers.
+            for layer, i in zip(self.layer_source.iter_layers(), cache_layers):
                 x = transformer_block(x, layer, self.config, cos, sin, cache.layer(i), cache_slots, meta)
                 cache.layer_done(i)
         if logits_rows is not None:
