@@ -17,6 +17,7 @@ from specexec_rt.speculative.sampling import SamplingParams, process_logits
 from specexec_rt.speculative.tree import DraftTree
 from test_engine import _walk_follows_draft, make_pair
 from test_sampling import chi2_pvalue
+from test_shared_cache import token_pair_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,14 +189,7 @@ def exact_first_two(target, params: SamplingParams) -> torch.Tensor:
 
 
 def first_two_counts(engine, params: SamplingParams, concurrent: int = 1) -> torch.Tensor:
-    counts = torch.zeros(VOCAB ** 2, dtype=torch.long)
-    for start in range(0, N_RUNS, concurrent):
-        hs = [engine.submit(PROMPT, 2, temperature=params.temperature, top_p=params.top_p, seed=seed)
-              for seed in range(start, min(N_RUNS, start + concurrent))]
-        for h in hs:
-            ids = h.result().token_ids
-            counts[ids[0] * VOCAB + ids[1]] += 1
-    return counts
+    return token_pair_counts(engine, PROMPT, 0, VOCAB, N_RUNS, params, concurrent)
 
 
 SAMPLED = {

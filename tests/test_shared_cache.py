@@ -238,18 +238,24 @@ def exact_second_third(target: Transformer, params: SamplingParams) -> torch.Ten
     return (p1[:, None, None] * p2[:, :, None] * p3).sum(0).reshape(-1).double()
 
 
-def second_third_counts(engine: Engine, params: SamplingParams, concurrent: int = 1) -> torch.Tensor:
-    """Tokens 2 and 3 of N_RUNS seeded requests (the first pass verifies the root alone: a shared
-    draft waits for the prompt to be in the target's cache; tokens 2 and 3 come from drafted
-    trees), ``concurrent`` of them sharing each pass."""
-    counts = torch.zeros(VOCAB ** 2, dtype=torch.long)
-    for start in range(0, N_RUNS, concurrent):
-        hs = [engine.submit(PROMPT, 3, temperature=params.temperature, top_p=params.top_p, seed=seed)
-              for seed in range(start, min(N_RUNS, start + concurrent))]
+def token_pair_counts(engine: Engine, prompt: list, first: int, vocab: int, n_runs: int, params: SamplingParams,
+                      concurrent: int = 1) -> torch.Tensor:
+    """Counts ``[vocab * vocab]`` of new tokens ``first`` and ``first + 1`` over ``n_runs`` seeded
+    requests, ``concurrent`` of them sharing each pass."""
+    counts = torch.zeros(vocab ** 2, dtype=torch.long)
+    for start in range(0, n_runs, concurrent):
+        hs = [engine.submit(prompt, first + 2, temperature=params.temperature, top_p=params.top_p, seed=seed)
+              for seed in range(start, min(n_runs, start + concurrent))]
         for h in hs:
             ids = h.result().token_ids
-            counts[ids[1] * VOCAB + ids[2]] += 1
+            counts[ids[first] * vocab + ids[first + 1]] += 1
     return counts
+
+
+def second_third_counts(engine: Engine, params: SamplingParams, concurrent: int = 1) -> torch.Tensor:
+    """Tokens 2 and 3 (the first pass verifies the root alone: a shared draft waits for the prompt
+    to be in the target's cache; tokens 2 and 3 come from drafted trees)."""
+    return token_pair_counts(engine, PROMPT, 1, VOCAB, N_RUNS, params, concurrent)
 
 
 SAMPLED = {
