@@ -376,7 +376,7 @@ def main(argv=None) -> None:
     target = load_model("smollm2-135m", device="cpu", max_len=max_len)
     drafts = {"default": lambda: default_draft(target),
               # The target's own layers and weights with a cache of its own: always right (greedy).
-              "identical": lambda: layer_dropped_draft(target, range(target.config.n_layers))}
+              "identical": lambda: layer_dropped_draft(target, range(target.config.n_layers), share_cache=False)}
     tok = load_tokenizer(target)
     prompts = [prompt_ids(tok, p) for p in texts[:args.prompts]]
     warmup = [prompt_ids(tok, p) for p in texts[len(texts) - args.warmup:]] if args.warmup else []
