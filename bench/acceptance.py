@@ -154,10 +154,12 @@ def draft_agreement(target, tok, prompts) -> list:
 
     n = target.config.n_layers
     candidates = {
-        "int4 (all layers, group 64)": lambda: int4_draft(target),
-        f"layers {default_keep(n)}": lambda: layer_dropped_draft(target, default_keep(n)),
-        "every other layer + last": lambda: layer_dropped_draft(target, list(range(0, n, 2)) + [n - 1]),
-        "first 2/3 + last 2": lambda: layer_dropped_draft(target, list(range(2 * n // 3)) + [n - 2, n - 1]),
+        "int4 (all layers, group 64)": lambda: int4_draft(target, share_cache=False),
+        f"layers {default_keep(n)}": lambda: layer_dropped_draft(target, default_keep(n), share_cache=False),
+        "every other layer + last": lambda: layer_dropped_draft(target, list(range(0, n, 2)) + [n - 1],
+                                                                  share_cache=False),
+        "first 2/3 + last 2": lambda: layer_dropped_draft(target, list(range(2 * n // 3)) + [n - 2, n - 1],
+                                                            share_cache=False),
     }
     refs = [target.forward(torch.tensor(p), torch.arange(len(p)), target.cache, 0) for p in prompts]
     out = []
@@ -374,7 +376,7 @@ def main(argv=None) -> None:
     target = load_model("smollm2-135m", device="cpu", max_len=max_len)
     drafts = {"default": lambda: default_draft(target),
               # The target's own layers and weights with a cache of its own: always right (greedy).
-              "identical": lambda: layer_dropped_draft(target, range(target.config.n_layers))}
+              "identical": lambda: layer_dropped_draft(target, range(target.config.n_layers), share_cache=False)}
     tok = load_tokenizer(target)
     prompts = [prompt_ids(tok, p) for p in texts[:args.prompts]]
     warmup = [prompt_ids(tok, p) for p in texts[len(texts) - args.warmup:]] if args.warmup else []

@@ -216,10 +216,11 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
 
     target = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=512)
     target4 = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=512, quantize="int4")
-    draft = default_draft(target)
+    draft = default_draft(target, share_cache=False)
     models = {"target fp32": target, "target int4": target4, "default draft (g32 + target's Q8_0 head)": draft,
-              "draft g64 (int4 LM head)": int4_draft(target, group_size=64, lm_head_int4=True),
-              "draft g64 (target's Q8_0 LM head)": int4_draft(target, group_size=64, lm_head_int4=False)}
+              "draft g64 (int4 LM head)": int4_draft(target, group_size=64, lm_head_int4=True, share_cache=False),
+              "draft g64 (target's Q8_0 LM head)": int4_draft(target, group_size=64, lm_head_int4=False,
+                                                               share_cache=False)}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (prompt_len,), generator=g)
     for mdl in models.values():
@@ -230,7 +231,7 @@ def model_steps(repeats: int, prompt_len: int = 64) -> dict:
     try:
         plain = {"target int4, plain layout": load_model("smollm2-135m", device="cpu", dtype=torch.float32,
                                                           max_len=512, quantize="int4"),
-                 "default draft (g32 + target's Q8_0 head), plain layout": default_draft(target)}
+                 "default draft (g32 + target's Q8_0 head), plain layout": default_draft(target, share_cache=False)}
         for mdl in plain.values():
             mdl.prefill(prompt)
     finally:
@@ -362,19 +363,21 @@ def agreement(n_new: int = 128) -> list:
 
     target = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_len=512)
     tok = load_tokenizer(target)
-    head32 = int4_draft(target, group_size=64, lm_head_int4=True)
+    head32 = int4_draft(target, group_size=64, lm_head_int4=True, share_cache=False)
     head32.weights.lm_head = quantize_int4(target.weights.lm_head.dequantize(torch.float32), 32)
-    dense_head = int4_draft(target, group_size=64, lm_head_int4=False)
-    default = default_draft(target)
+    dense_head = int4_draft(target, group_size=64, lm_head_int4=False, share_cache=False)
+    default = default_draft(target, share_cache=False)
+    # Each draft runs standalone here, on a cache of its own (share_cache=False).
     # (draft, int4 compute dtype): None = the native kernel (int8 activations), float32 = the
     # aten op in fp32 (the int4 weights applied exactly), isolating the activation quantization.
     # Group 64 re-quantizes the GGUF's 32-wide Q4_1 blocks; group 32 (the default) reproduces them.
     drafts = {"g64 layers, int4 LM head g64 (the default before 2026-12-01)":
-              (int4_draft(target, group_size=64, lm_head_int4=True), None),
+              (int4_draft(target, group_size=64, lm_head_int4=True, share_cache=False), None),
               "g64 layers, int4 LM head g32": (head32, None),
               "g64 layers, target's LM head (Q8_0, fp32 act.)": (dense_head, None),
               "g64 layers exact (fp32 activations), target's LM head": (dense_head, torch.float32),
-              "g32 layers, int4 LM head g64": (int4_draft(target, group_size=32, lm_head_int4=True), None),
+              "g32 layers, int4 LM head g64": (int4_draft(target, group_size=32, lm_head_int4=True,
+                                                          share_cache=False), None),
               "g32 layers, target's LM head (the default)": (default, None),
               "g32 layers exact (fp32 activations), target's LM head": (default, torch.float32)}
     seqs = []

@@ -54,13 +54,16 @@ static int mat_linear(const sxc_mat *w, const float *x, int64_t m, int64_t ldx, 
 }
 
 /* x [m, hidden] float32 (updated in place) through n_layers layers. cache_k / cache_v:
- * [n_layers, max_len, hkv, d]; the other attention arguments as sxc_rope_attention's. */
+ * [n_layers, max_len, hkv, d] in kv_type, k_scale / v_scale [n_layers, max_len, hkv] (int8); the
+ * other attention arguments as sxc_rope_attention's. */
 int sxc_forward_layers(const sxc_layer *layers, int32_t n_layers, float *x, int64_t m, int32_t hidden, int32_t h,
                        int32_t hkv, int32_t d, int32_t inter, float eps, const float *cos, const float *sin,
-                       float *cache_k, float *cache_v, int64_t max_len, const int64_t *slots, const int32_t *rows,
-                       const uint8_t *mask, int32_t width, float scale, int threads, int isa) {
+                       void *cache_k, void *cache_v, float *k_scale, float *v_scale, int32_t kv_type,
+                       int64_t max_len, const int64_t *slots, const int32_t *rows, const uint8_t *mask, int32_t width,
+                       float scale, int threads, int isa) {
     if (!layers || n_layers < 0 || !x || m < 0 || hidden <= 0 || h <= 0 || hkv <= 0 || d <= 0 || inter <= 0 ||
-        max_len <= 0)
+        max_len <= 0 || kv_type < SXC_KV_F32 || kv_type > SXC_KV_I8 ||
+        (kv_type == SXC_KV_I8 && (!k_scale || !v_scale)))
         return SXC_EARG;
     const int32_t nqkv = (h + 2 * hkv) * d;
     for (int32_t l = 0; l < n_layers; l++) {
@@ -75,15 +78,16 @@ int sxc_forward_layers(const sxc_layer *layers, int32_t n_layers, float *x, int6
     float *buf = (float *)malloc(sizeof(float) * (size_t)m * per_row);
     if (!buf) return SXC_ENOMEM;
     float *qkv = buf, *attn = qkv + (size_t)m * nqkv, *gu = attn + (size_t)m * h * d, *xb = gu + (size_t)m * 2 * inter;
-    const int64_t layer_stride = max_len * hkv * d;
+    const int64_t layer_bytes = max_len * hkv * d * kv_elem_size(kv_type), scale_stride = max_len * hkv;
     int rc = SXC_OK;
     for (int32_t l = 0; l < n_layers && rc == SXC_OK; l++) {
         const sxc_layer *L = layers + l;
         rc = mat_linear(&L->wqkv, x, m, hidden, qkv, NULL, L->bqkv, L->attn_norm, eps, SXC_ACT_NONE, threads, isa);
         if (rc == SXC_OK)
-            rc = sxc_rope_attention(qkv, m, nqkv, h, hkv, d, cos, sin, cache_k + l * layer_stride,
-                                    cache_v + l * layer_stride, max_len, slots, rows, mask, width, scale, attn,
-                                    threads, isa);
+            rc = sxc_rope_attention(qkv, m, nqkv, h, hkv, d, cos, sin, (char *)cache_k + l * layer_bytes,
+                                    (char *)cache_v + l * layer_bytes, k_scale ? k_scale + l * scale_stride : NULL,
+                                    v_scale ? v_scale + l * scale_stride : NULL, kv_type, max_len, slots, rows, mask,
+                                    width, scale, attn, threads, isa);
         if (rc == SXC_OK)
             rc = mat_linear(&L->wo, attn, m, (int64_t)h * d, xb, x, L->bo, NULL, 0.0f, SXC_ACT_NONE, threads, isa);
         if (rc == SXC_OK)

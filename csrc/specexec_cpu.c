@@ -8,7 +8,8 @@
  *   int4_cpu.h    4-bit weight-only matmul (kernels/int4), with int4_cpu_avx512.h
  *   q8_cpu.h      Q8_0 weight matmul for LM heads (kernels/q8)
  *   f32_cpu.h     float32 matmul of a few rows (kernels/dense)
- *   attn_cpu.h    RoPE + KV-cache write + tree-masked attention (kernels/attention)
+ *   attn_cpu.h    RoPE + KV-cache write (float32/float16/bfloat16/int8) + tree-masked attention
+ *                 (kernels/attention)
  *   layers_cpu.h  every transformer layer of a pass in one call (kernels/layers)
  *   argmax_cpu.h  row-wise argmax (kernels/argmax)
  *
@@ -53,7 +54,7 @@ static inline __m512 sxc_emulated_cvtepi32_ps(__m512i a) { /* missing from SIMDe
 #define _mm512_cvtepi32_ps sxc_emulated_cvtepi32_ps
 #endif
 
-#define SXC_ABI_VERSION 8
+#define SXC_ABI_VERSION 9
 
 /* ISA levels, lowest first (the Python side's names: scalar, avx2, avx512, avx512vnni). */
 enum { SXC_SCALAR = 0, SXC_AVX2 = 1, SXC_AVX512 = 2, SXC_AVX512VNNI = 3 };

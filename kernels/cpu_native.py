@@ -35,7 +35,7 @@ ENTRY = "specexec_cpu.c"  # the library; it includes the rest
 SOURCES = (ENTRY, "cpu_common.h", "int4_cpu.h", "int4_cpu_avx512.h", "q8_cpu.h", "f32_cpu.h", "attn_cpu.h",
            "layers_cpu.h", "argmax_cpu.h")
 LIB_NAME = "libspecexec_cpu.so"
-ABI_VERSION = 8  # csrc/specexec_cpu.c SXC_ABI_VERSION
+ABI_VERSION = 9  # csrc/specexec_cpu.c SXC_ABI_VERSION
 ABI = ("sxc_abi_version", ABI_VERSION)
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")  # the library's levels 0..3
 ACT_NONE, ACT_SWIGLU = 0, 1  # the library's prologue activations

@@ -82,10 +82,12 @@ def random_weights(cfg: ModelConfig, seed: int = 0, scale: float = 0.2) -> Model
     return ModelWeights(embed=embed, final_norm=norm(), lm_head=lm_head, layers=layers)
 
 
-def build_tiny_model(model_type: str = "llama", seed: int = 0, max_len: int = 256, **overrides) -> Transformer:
-    """A tiny random float32 model on the CPU, built without any checkpoint."""
+def build_tiny_model(model_type: str = "llama", seed: int = 0, max_len: int = 256, kv_dtype=None,
+                     **overrides) -> Transformer:
+    """A tiny random float32 model on the CPU, built without any checkpoint (``kv_dtype``: the
+    cache's storage dtype, default the runtime's)."""
     cfg = tiny_config(model_type, **overrides)
-    return Transformer(cfg, random_weights(cfg, seed), max_len, torch.device("cpu"), torch.float32)
+    return Transformer(cfg, random_weights(cfg, seed), max_len, torch.device("cpu"), torch.float32, kv_dtype=kv_dtype)
 
 
 def greedy_decode(model: Transformer, ids: list, n: int) -> list:
@@ -115,7 +117,7 @@ def one_thread():
 
 @pytest.fixture
 def tiny_model():
-    """Factory: ``tiny_model(model_type="llama", seed=0, max_len=256, **config_overrides)``."""
+    """Factory: ``tiny_model(model_type="llama", seed=0, max_len=256, kv_dtype=None, **config_overrides)``."""
     return build_tiny_model
 
 

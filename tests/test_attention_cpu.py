@@ -145,8 +145,7 @@ def _passes(model, monkeypatch, native: bool):
     from specexec_rt.model.transformer import Segment
 
     monkeypatch.setenv("SPECEXEC_NATIVE_LAYERS", "1" if native else "0")
-    model.cache.k.zero_()
-    model.cache.v.zero_()
+    model.cache = model.new_cache()  # zeros, in the model's kv_dtype
     ids = torch.arange(3, 23)
     out = [model.prefill(ids)]
     out.append(model.forward(ids[:1], torch.tensor([20]), model.cache, 20))
@@ -155,20 +154,25 @@ def _passes(model, monkeypatch, native: bool):
         out.append(model.forward(ids[:n], 21 + mask.sum(1) - 1, model.cache, 21, tree_mask=mask))
     segs = [Segment(n_new=2, base=0, prefix_len=21), Segment(n_new=3, base=32, prefix_len=4)]
     out.append(model.forward_batch(ids[:5], torch.tensor([21, 22, 4, 5, 6]), model.cache, segs))
-    return out + [model.cache.k.clone(), model.cache.v.clone()]
+    c = model.cache
+    return out + [t.clone() for t in (c.k, c.v, c.k_scale, c.v_scale) if t is not None]
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8], ids=str)
 @pytest.mark.parametrize("quantize", [False, True])
-def test_native_layers_equal_the_per_op_path(tiny, quantize, monkeypatch):
+def test_native_layers_equal_the_per_op_path(tiny, quantize, kv_dtype, monkeypatch):
     _native_or_skip()
     from specexec_rt.speculative.drafts import int4_draft
 
+    monkeypatch.setattr(tiny, "kv_dtype", kv_dtype)
     model = int4_draft(tiny, group_size=32) if quantize else tiny
+    assert model.kv_dtype is kv_dtype
     assert model._native_layers(1) is not None
     assert model._native_layers(dense_cpu.MAX_ROWS) is not None
     assert (model._native_layers(dense_cpu.MAX_ROWS + 1) is not None) == quantize  # float32: BLAS above
     want = _passes(model, monkeypatch, native=False)
     got = _passes(model, monkeypatch, native=True)
+    assert len(got) == len(want) == 5 + (4 if kv_dtype is torch.int8 else 2)
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), i
 
@@ -203,3 +207,130 @@ def test_the_native_exp_is_within_an_ulp_and_the_same_on_every_isa():
         got = exp_native(special, isa=isa)
         assert got[0].isnan() and got[1] == float("inf") and got[2] == 0 and got[3] == float("inf")
         assert got[4] == 0 and got[5] == 1 and got[6] == 1
+
+
+# --------------------------------------------------------------------------- KV storage dtypes
+#
+# The native call stores the new K/V in the cache's dtype with ``kv.encode``'s bits and reads each
+# chunk of keys converted to float32, as the reference decodes them: so against the reference on
+# the same cache the float32 tolerance holds. What a storage dtype loses against a float32 cache
+# (same queries): float16 5e-3, bfloat16 3e-2, int8 5e-2 (absolute and relative, outputs of scale
+# ~1, random K/V).
+KV_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+STORED_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float16: dict(atol=5e-3, rtol=5e-3),
+              torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.int8: dict(atol=5e-2, rtol=5e-2)}
+
+
+def _cache_of(ck, cv, kv_dtype):
+    """A cache of ``kv_dtype`` holding ``ck``/``cv``: (k, v, k_scale, v_scale)."""
+    from specexec_rt.kernels.attention import encode
+
+    (kd, ks), (vd, vs) = encode(ck, kv_dtype), encode(cv, kv_dtype)
+    return kd.contiguous(), vd.contiguous(), ks, vs
+
+
+def _run_dtype(h, hkv, d, segs, kv_dtype, seed=0, max_len=None, **kw):
+    """The native call and the reference on the same ``kv_dtype`` cache, and the reference on the
+    float32 cache: (native out, reference out, float32 out, native cache, reference cache)."""
+    max_len = max_len or max(b + p + n for n, b, p in segs) + 8
+    qkv, cos, sin, ck, cv, slots, mask, segments = _problem(h, hkv, d, segs, seed, max_len=max_len)
+    a, b = list(_cache_of(ck, cv, kv_dtype)), [None if t is None else t.clone() for t in _cache_of(ck, cv, kv_dtype)]
+    got = rope_attention_cpu(qkv, cos, sin, a[0], a[1], slots, mask, segments, h, hkv, k_scale=a[2], v_scale=a[3], **kw)
+    want = rope_attention_reference(qkv, cos, sin, b[0], b[1], slots, mask, segments, h, hkv, k_scale=b[2],
+                                    v_scale=b[3])
+    exact = rope_attention_reference(qkv, cos, sin, ck.clone(), cv.clone(), slots, mask, segments, h, hkv)
+    return got, want, exact, a, b
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
+@pytest.mark.parametrize("h,hkv,d", [(9, 3, 64), (4, 2, 16), (3, 1, 6)])
+@pytest.mark.parametrize("segs", [[(1, 0, 700)], [(17, 0, 300)], [(3, 0, 10), (1, 30, 250), (6, 300, 0)]],
+                         ids=["decode-700", "tree-17-over-300", "ragged"])
+def test_every_kv_dtype_matches_the_reference(kv_dtype, h, hkv, d, segs):
+    """Prefixes over several 128-key chunks, trees, several segments, GQA, head sizes on and off
+    the 8-lane path: the stored entries bit for bit, the output within float32 tolerance of the
+    reference on the same cache and within the dtype's tolerance of a float32 cache."""
+    _native_or_skip()
+    got, want, exact, a, b = _run_dtype(h, hkv, d, segs, kv_dtype, seed=h * d + len(segs))
+    for x, y in zip(a, b):
+        assert (x is None and y is None) or torch.equal(x, y)
+    torch.testing.assert_close(got, want, **STORED_TOL[torch.float32])
+    torch.testing.assert_close(got, exact, **STORED_TOL[kv_dtype])
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
+def test_every_kv_dtype_gives_the_same_bits_on_every_isa_thread_count_and_alone(kv_dtype):
+    """Several chunks (a 300-key prefix) split over threads: the chunk partials and their merge
+    have a fixed order, so no path, thread count or neighbouring row changes a bit."""
+    _native_or_skip()
+    h, hkv, d = 8, 2, 64
+    qkv, cos, sin, ck, cv, slots, mask, segments = _problem(h, hkv, d, [(9, 0, 300)], seed=3, max_len=320)
+
+    def run(rows=slice(None), segs=segments, cache=None, **kw):
+        c = cache if cache is not None else [None if t is None else t.clone() for t in _cache_of(ck, cv, kv_dtype)]
+        return rope_attention_cpu(qkv[rows], cos[rows], sin[rows], c[0], c[1], slots[rows], mask[rows], segs, h, hkv,
+                                  k_scale=c[2], v_scale=c[3], **kw), c
+
+    want, cache = run(isa="scalar", threads=1)
+    for isa in cpu_native.supported_isas():
+        for threads in (1, 2, 3):
+            assert torch.equal(run(isa=isa, threads=threads)[0], want), (isa, threads)
+    alone, _ = run(slice(8, None), Segments((1,), (0,), (300,), (9,)), cache=cache, threads=2)
+    assert torch.equal(alone, want[8:])
+
+
+def test_long_passes_run_in_waves_with_the_same_bits():
+    """A pass whose chunk partials exceed the kernel's 8 MB bound (here 192 rows x 8 heads x 19
+    chunks) runs in waves of rows, each reading the keys again: same bits as the rows alone."""
+    _native_or_skip()
+    h, hkv, d = 8, 2, 64
+    qkv, cos, sin, ck, cv, slots, mask, segments = _problem(h, hkv, d, [(192, 0, 2200)], seed=8, max_len=2400)
+    k, v, ks, vs = _cache_of(ck, cv, torch.float16)
+    got = rope_attention_cpu(qkv, cos, sin, k, v, slots, mask, segments, h, hkv, threads=2)
+    want = rope_attention_reference(qkv, cos, sin, *_cache_of(ck, cv, torch.float16)[:2], slots, mask, segments, h, hkv)
+    torch.testing.assert_close(got, want, **STORED_TOL[torch.float32])
+    for i in (0, 100, 191):  # each row alone, over the cache the whole pass left
+        alone = rope_attention_cpu(qkv[i:i + 1], cos[i:i + 1], sin[i:i + 1], k, v, slots[i:i + 1], mask[i:i + 1],
+                                   Segments((1,), (0,), (2200,), (192,)), h, hkv, threads=1)
+        assert torch.equal(alone, got[i:i + 1]), i
+
+
+def test_kv_stores_round_and_clamp_as_torch_does():
+    """Values float16 rounds to inf or to subnormals, bfloat16 ties, int8 rows with a zero, a tiny
+    and a non-finite value: the native store equals ``kv.encode`` bit for bit (NaN scales both)."""
+    _native_or_skip()
+    h, hkv, d = 2, 1, 16
+    qkv, cos, sin, ck, cv, slots, mask, segments = _problem(h, hkv, d, [(4, 0, 2)], seed=2, max_len=8)
+    cos, sin = torch.ones_like(cos), torch.zeros_like(sin)  # RoPE is the identity: K stored as given
+    special = torch.tensor([65504.0, 65519.0, 65520.0, 1e5, -7e4, 6e-8, 2.9e-8, 1e-6, 3e-5, 1.0009765625,
+                            1.00390625 + 2 ** -9, -0.0, 1e-40, 3.0, -2.5, 0.5])
+    qkv[0, h * d:(h + 1) * d] = special
+    qkv[1, h * d:(h + 1) * d] = 0.0
+    qkv[2, h * d:(h + 1) * d] = torch.linspace(-1e-30, 1e-30, d)
+    qkv[3, h * d:(h + 1) * d] = float("inf")
+    qkv[3, (h + 1) * d] = float("nan")
+    for kv_dtype in KV_DTYPES:
+        a = list(_cache_of(ck, cv, kv_dtype))
+        rope_attention_cpu(qkv, cos, sin, a[0], a[1], slots, mask, segments, h, hkv, k_scale=a[2], v_scale=a[3])
+        b = list(_cache_of(ck, cv, kv_dtype))
+        rope_attention_reference(qkv, cos, sin, b[0], b[1], slots, mask, segments, h, hkv, k_scale=b[2], v_scale=b[3])
+        for x, y in zip(a, b):
+            assert (x is None and y is None) or torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)), kv_dtype
+        if kv_dtype is torch.int8:
+            assert a[2][slots[3]].isnan().all() and (a[0][slots[3]] == 0).all()     # inf row: NaN scale, zeros
+            assert (a[2][slots[1]] == 0).all() and (a[0][slots[1]] == 0).all()      # zero row: scale 0
+
+
+def test_a_bad_kv_cache_is_refused():
+    _native_or_skip()
+    h, hkv, d = 4, 2, 16
+    qkv, cos, sin, ck, cv, slots, mask, segments = _problem(h, hkv, d, [(3, 0, 5)], seed=1, max_len=16)
+    k, v, ks, vs = _cache_of(ck, cv, torch.int8)
+    with pytest.raises(ValueError, match="k_scale and v_scale"):
+        rope_attention_cpu(qkv, cos, sin, k, v, slots, mask, segments, h, hkv)
+    with pytest.raises(ValueError, match="k_scale must be"):
+        rope_attention_cpu(qkv, cos, sin, k, v, slots, mask, segments, h, hkv, k_scale=ks[:3], v_scale=vs)
+    with pytest.raises(ValueError, match="one KV storage dtype"):
+        rope_attention_cpu(qkv, cos, sin, k, v.half(), slots, mask, segments, h, hkv, k_scale=ks, v_scale=vs)
+    with pytest.raises(ValueError, match="one KV storage dtype"):
+        rope_attention_cpu(qkv, cos, sin, ck.double(), cv.double(), slots, mask, segments, h, hkv)

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import build_tiny_model
-from specexec_rt.speculative.budget import BudgetController, LinearCost, candidate_budgets
+from specexec_rt.speculative.budget import BudgetController, LinearCost, candidate_budgets, context_bucket
 from specexec_rt.speculative.engine import Engine
 from specexec_rt.errors import ContextLengthError
 from tiny_tokenizer import tiny_tokenizer
@@ -120,7 +120,68 @@ def test_cost_model_override_replaces_measured_times():
     assert seen == [(16, 17, 3)] and ctrl.target_cost(16) == 1.0 and ctrl.draft_cost(16) == 0.0
 
 
+def _alternating_contexts(aware: bool, passes: int = 80) -> dict:
+    """Requests of 100 and 3000 prefix tokens take turns (4 passes each). Every draft row and
+    every verified row reads its prefix, so both costs per row grow with the context. Returns the
+    budgets chosen at each context."""
+    def cost(b, context):
+        per_row = 1 + context / 500
+        return 0.0004 * b * per_row, 0.05 + 0.0004 * b * per_row
+
+    def e_of(size):
+        return 1.2 * math.log2(1 + size)
+
+    ctrl = BudgetController(256)
+    chosen = {100: [], 3000: []}
+    for i in range(passes):
+        context = 100 if (i // 4) % 2 == 0 else 3000
+        if aware:
+            ctrl.at_context(context)
+        b, depth = ctrl.plan(256)
+        chosen[context].append(b)
+        pts = ctrl.eval_points(b, 8 * b)
+        ctrl.observe(b, b + 1, depth, *cost(b, context), pts, [e_of(p) for p in pts], round(e_of(b)))
+    return chosen
+
+
+def test_trees_are_sized_for_the_context_at_hand():
+    """The best tree under these costs is 16 nodes at 100 tokens of context and 4 at 3000. Costs
+    kept per context bucket find both, each request at its own context; one set of fits for both
+    (a controller never told the context) prices the short requests' trees at the long ones'
+    costs and keeps them small too."""
+    aware, blind = _alternating_contexts(True), _alternating_contexts(False)
+    assert aware[3000][-8:] == [4] * 8, aware
+    assert max(aware[100][-8:]) == 16 and aware[100][-8:].count(16) >= 6, aware
+    assert max(blind[100][-8:]) < 16, blind
+    assert context_bucket(100) == 0 < context_bucket(200) < context_bucket(1500) < context_bucket(3000)
+
+
+def test_a_new_context_borrows_the_nearest_measured_costs():
+    ctrl = BudgetController(64)
+    for context, t in ((100, 0.1), (3000, 0.5)):
+        ctrl.at_context(context)
+        for _ in range(3):
+            ctrl.observe(8, 9, 2, 0.01, t, [4, 8], [1.0, 1.5], 1)
+    ctrl.at_context(2500)                       # not measured yet: the nearest measured bucket (3000)
+    assert ctrl.target_cost(8) == pytest.approx(0.5)
+    ctrl.at_context(120)
+    assert ctrl.target_cost(8) == pytest.approx(0.1)
+    seen = []
+    ctrl.cost_model = lambda b, n, calls, context: seen.append(context) or (0.0, 1.0)
+    ctrl.observe(8, 9, 2, 99.0, 99.0, [4, 8], [1.0, 1.5], 1)
+    assert seen == [120]
+
+
 # ============================================================================ through the engine
+def test_the_engine_plans_each_pass_at_its_requests_context(models):
+    """A short request and a long one: auto's costs are recorded in each one's context bucket."""
+    target, draft = models
+    engine = Engine(target, draft, budget="auto", max_budget=8, auto_shapes="trees")
+    engine.generate([5, 9, 2, 7], max_new_tokens=12)
+    engine.generate([(3 * i) % 60 + 1 for i in range(150)], max_new_tokens=12)
+    assert engine.budget_controller.measured_buckets == [0, context_bucket(155)]
+
+
 @pytest.fixture(scope="module")
 def models():
     return build_tiny_model(seed=0, max_len=MAX_LEN), build_tiny_model(seed=1, max_len=MAX_LEN)

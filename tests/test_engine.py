@@ -94,8 +94,11 @@ def test_committed_caches_equal_fresh_prefill(method, budget, seed, n_new, tempe
     for model, n in ((target, tp), (draft, dp)):
         fresh = model.new_cache()
         model.forward(torch.tensor(seq[:n]), torch.arange(n), fresh, 0)
-        torch.testing.assert_close(model.cache.k[:, :n], fresh.k[:, :n], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(model.cache.v[:, :n], fresh.v[:, :n], atol=1e-4, rtol=1e-4)
+        # A tree pass and a prefill compute K/V with float32 rounding apart; a half-precision
+        # cache may then store them one rounding step (2^-10 relative for float16) apart.
+        tol = dict(atol=1e-4, rtol=1e-4) if fresh.kv_dtype is torch.float32 else dict(atol=1e-4, rtol=2e-3)
+        torch.testing.assert_close(model.cache.k[:, :n].float(), fresh.k[:, :n].float(), **tol)
+        torch.testing.assert_close(model.cache.v[:, :n].float(), fresh.v[:, :n].float(), **tol)
 
 
 # ---------------------------------------------------------------------- sampling losslessness
@@ -379,7 +382,7 @@ def test_builtin_drafts_by_name():
     ids, pos = torch.tensor([3, 17, 5, 60]), torch.arange(4)
     named, direct = builtin_draft(target, "int4:32"), int4_draft(target, group_size=32)
     assert named.weights.layers[0].wqkv.group_size == 32
-    assert torch.equal(named.forward(ids, pos, named.cache, 0), direct.forward(ids, pos, direct.cache, 0))
+    assert torch.equal(named.forward(ids, pos, named.new_cache(), 0), direct.forward(ids, pos, direct.new_cache(), 0))
     with pytest.raises(UnsupportedModelError, match=r"int4:64.*\[64, 96\]"):
         builtin_draft(target, "int4:64")          # the 96-wide MLP
     with pytest.raises(ValueError, match="no built-in draft"):

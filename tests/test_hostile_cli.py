@@ -110,6 +110,9 @@ BEFORE_LOADING = [
     (["--draft", "/nonexistent/draft"], "not found"),       # the draft source fails before the target loads
     (["--draft", "int4:33"], "--draft"),                      # a built-in draft's group size, checked first
     (["--draft", "int4:sixty"], "--draft"),
+    (["--draft", "ngram", "--method", "chain"], "--method specexec"),   # the lookup grows SpecExec trees
+    (["--ngram"], "--draft ngram"),                                     # lookup candidates need a draft's trees
+    (["--draft", "default", "--method", "chain", "--ngram"], "--ngram"),
 ]
 
 
@@ -132,6 +135,8 @@ ARGPARSE_ERRORS = [
     (["--k", "0"], "--k"),
     (["--gpu-memory-gb", "nan"], "--gpu-memory-gb"),
     (["--temperature", "hot"], "--temperature"),
+    (["--kv-dtype", "fp8"], "--kv-dtype"),
+    (["--kv-dtype", ""], "--kv-dtype"),
 ]
 
 
@@ -169,6 +174,17 @@ def test_port_in_use_fails_before_loading(dirs, no_loading, capsys):
 def test_max_len_beyond_the_context_is_named(dirs, capsys):
     rc, out, err = run_main([a.replace("TARGET", dirs["target"]) for a in GEN] + ["--max-len", "100000"], capsys)
     assert rc == 2 and "--max-len" in err and "256" in err
+
+
+def test_kv_dtype_and_offload_kv_flags_keep_the_targets_text(dirs, capsys):
+    """--kv-dtype int8 with the target's KV streamed from host memory (--offload-kv) and a draft:
+    the text is the greedy text of a target with that cache."""
+    base = [a.replace("TARGET", dirs["target"]) for a in GEN] + ["--max-new-tokens", "10", "--device", "cpu"]
+    rc, out, err = run_main(base + ["--kv-dtype", "int8", "--offload-kv", "--draft", "default", "--budget", "4"], capsys)
+    assert rc == 0, err
+    engine = Engine(load_model(dirs["target"], device="cpu", kv_dtype="int8"), None, method="autoregressive",
+                    tokenizer=tiny_tokenizer(96))
+    assert out.strip() == engine.generate(PROMPT, max_new_tokens=10).text.strip()
 
 
 def test_draft_with_a_shorter_context(dirs, capsys):
@@ -225,6 +241,12 @@ def test_normal_run_after_bad_ones(dirs, capsys):
                                "--k", "3"], capsys)
     assert rc == 0, err
     assert "draft int4:32" in err and out.strip() == greedy_words(dirs["target"], 9)
+    # Prompt lookup alone, and merged into the default draft's trees: the same exact text.
+    for extra in (["--draft", "ngram"], ["--draft", "default", "--ngram", "--budget", "8"]):
+        rc, out, err = run_main([a.replace("TARGET", dirs["target"]) for a in GEN]
+                                + ["--device", "cpu", "--max-new-tokens", "9", *extra], capsys)
+        assert rc == 0, err
+        assert "method=specexec" in err and out.strip() == greedy_words(dirs["target"], 9)
 
 
 # ------------------------------------------------------------------ whole processes

@@ -47,7 +47,8 @@ def test_absurd_tree_is_refused_before_anything_allocates(monkeypatch):
 def test_fixed_budget_over_memory_names_the_budget(monkeypatch):
     target, draft = make_pair()
     small = Engine(target, draft, method="specexec", budget=16)
-    fits_16 = small.pass_bytes(sampled=False)
+    # The KV caches are counted first (allocated on the first pass), the passes beside them.
+    fits_16 = small.pass_bytes(sampled=False) + memory.engine_kv_bytes(target, draft, 1)
     set_available(monkeypatch, fits_16)
     with pytest.raises(MemoryBudgetError, match="budget=128"):
         Engine(target, draft, method="specexec", budget=128)

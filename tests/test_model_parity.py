@@ -43,7 +43,7 @@ def path_of(parents, i):
 def pair(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     hf = make_hf_model(request.param, directory)
-    ours = load_model(directory, device="cpu", dtype=torch.float32, max_len=128)
+    ours = load_model(directory, device="cpu", dtype=torch.float32, max_len=128, kv_dtype="float32")
     return hf, ours
 
 

@@ -180,7 +180,10 @@ def test_layer_subset_draft_keeps_each_layers_kind(moe_target):
     draft = int4_draft(moe_target, keep=[1, 2], group_size=32)
     assert draft.config.n_layers == 2 and draft.config.moe_layers == (1,)
     assert draft.weights.layers[0].moe is None and draft.weights.layers[1].moe is not None
-    draft.forward(torch.tensor(PROMPT), torch.arange(5), draft.cache, 0)
+    draft.forward(torch.tensor(PROMPT), torch.arange(5), draft.new_cache(), 0)
+    # It reads the target's cache layers 1 and 2 (drafts.py, share_cache): still exact.
+    res = Engine(moe_target, draft, method="specexec", budget=8).generate(PROMPT, max_new_tokens=16)
+    assert res.token_ids == greedy_decode(moe_target, PROMPT, 16)
 
 
 def test_a_dense_draft_of_the_same_vocabulary(moe_target):

@@ -16,7 +16,7 @@ NEEDS_INTERPRETER = True
 
 def test_int4_moe_through_the_triton_kernels_matches_the_cpu_path(monkeypatch):
     target = build_tiny_model("qwen3_moe", seed=2, vocab_size=48, head_dim=16, hidden_size=64, max_len=64)
-    model = int4_draft(target, group_size=32, lm_head_int4=False)
+    model = int4_draft(target, group_size=32, lm_head_int4=False, share_cache=False)
     assert all(isinstance(m, Int4Weight) for m in model.weights.layers[0].moe.gate_up)
     ids = torch.tensor([3, 9, 1, 17, 4, 22])
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)

@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from specexec_rt.kernels.attention import (  # noqa: E402
+    KVView,
     TileConfig,
     pack_tree_mask,
     prefix_attention_sdpa,
@@ -285,7 +286,7 @@ def test_one_token_chain_takes_the_sdpa_path_when_the_kernel_is_on(monkeypatch, 
     assert meta.packed_mask is None and meta.reference_mask is None
     monkeypatch.setattr(ta, "tree_attention_packed", _kernel_forbidden)
     monkeypatch.setattr(ta, "tree_attention_reference_prepared", _kernel_forbidden)
-    got = ops.attention(q, k, v, meta)
+    got = ops.attention(q, KVView(k, v), meta)
     assert got.dtype == dtype
     assert_close(got, ref, **HALF_TOL[dtype], what="ops.attention")
 
@@ -317,7 +318,8 @@ def test_model_decode_with_kernel_on_matches_the_cpu_path(monkeypatch, tiny_mode
             logits.append(model.forward(tok, torch.tensor([pos]), model.cache, pos)[0])
         return torch.stack(logits)
 
-    want = run(tiny_model(head_dim=16))  # head_dim >= 16: the kernel's minimum
+    # head_dim >= 16: the kernel's minimum; a float32 cache, which flash SDPA reads as it is.
+    want = run(tiny_model(head_dim=16, kv_dtype=torch.float32))
     calls = []
 
     def counted(q, k, v, scale=None):
@@ -326,9 +328,15 @@ def test_model_decode_with_kernel_on_matches_the_cpu_path(monkeypatch, tiny_mode
 
     monkeypatch.setattr(ops, "use_triton", lambda device: True)
     monkeypatch.setattr(ta, "prefix_attention_sdpa", counted)
-    got = run(tiny_model(head_dim=16))
+    got = run(tiny_model(head_dim=16, kv_dtype=torch.float32))
     assert calls == [n_k for n_k in (7, 8, 9, 10) for _ in range(2)]  # 4 decode steps x 2 layers
     assert_close(got, want, **FP32_TOL, what="logits")
+    # A cache in another dtype than the queries' (float16 here) sends decode steps to the tree
+    # kernel, which converts K/V as it reads them; flash SDPA would need a converted copy.
+    calls.clear()
+    half = run(tiny_model(head_dim=16, kv_dtype=torch.float16))
+    assert calls == []
+    assert_close(half, want, atol=2e-2, rtol=2e-2, what="float16-cache logits")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -496,7 +504,7 @@ def test_cuda_decode_sdpa_path_matches_reference(monkeypatch, dtype, n_k, n_head
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    got = ops.attention(q, k, v, meta)
+    got = ops.attention(q, KVView(k, v), meta)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert got.dtype == dtype
@@ -620,3 +628,91 @@ def test_ragged_segments_are_checked():
     bad = Segments(segs.n_q, (segs.base[0], k.shape[0] - 1), segs.prefix, segs.n_tree)
     with pytest.raises(ValueError, match="exceed"):
         tree_attention_ragged(q, k, v, mask, bad)
+
+
+# ----------------------------------------------------------------------------- KV storage dtypes
+#
+# The kernel reads K/V in the cache's storage dtype (kernels/attention/kv.py) and converts each
+# tile to q's dtype. Against the reference on the same stored values (decoded alike), the float32
+# tolerance holds; against a float32 cache (what the storage loses), per dtype:
+KV_STORED_TOL = {torch.float32: FP32_TOL, torch.float16: dict(atol=5e-3, rtol=5e-3),
+                 torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.int8: dict(atol=5e-2, rtol=5e-2)}
+
+
+def _stored(k, v, kv_dtype):
+    """k, v as a cache of ``kv_dtype`` stores them: (k, v, k_scale, v_scale)."""
+    from specexec_rt.kernels.attention import encode
+
+    (kd, ks), (vd, vs) = encode(k, kv_dtype), encode(v, kv_dtype)
+    return kd, vd, ks, vs
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8], ids=str)
+@pytest.mark.parametrize("case", [(1, 1, 300, 2, 3, 64, None), (20, 45, 150, 1, 4, 64, 2), (33, 33, 0, 2, 2, 32, None)],
+                         ids=lambda c: "nq{}-T{}-P{}".format(*c[:3]))
+def test_kernel_reads_every_kv_dtype(kv_dtype, case):
+    n_q, n_tree, prefix_len, n_kv, group, d, splits = case
+    gen = torch.Generator().manual_seed(n_q * 31 + prefix_len + d)
+    mask = random_tree_mask(n_tree, n_q, gen)
+    q, k, v = make_qkv(n_q, prefix_len + n_tree, n_kv * group, n_kv, d, gen)
+    kd, vd, ks, vs = _stored(k, v, kv_dtype)
+    got = tree_attention(q, kd, vd, mask, prefix_len, num_splits=splits, k_scale=ks, v_scale=vs)
+    ref = tree_attention_reference(q, kd, vd, mask, prefix_len, k_scale=ks, v_scale=vs)
+    assert_close(got, ref, **FP32_TOL, what=f"kernel vs reference, {kv_dtype} cache")
+    exact = tree_attention_reference(q, k, v, mask, prefix_len)
+    assert_close(got, exact, **KV_STORED_TOL[kv_dtype], what=f"{kv_dtype} cache vs float32 cache")
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.int8], ids=str)
+def test_ragged_kernel_reads_every_kv_dtype(kv_dtype):
+    from specexec_rt.kernels.attention import tree_attention_ragged, tree_attention_ragged_reference
+
+    q, k, v, mask, segs = _ragged_case(3, 8, 2, 64, seed=21)
+    kd, vd, ks, vs = _stored(k.contiguous(), v, kv_dtype)
+    ref = tree_attention_ragged_reference(q, kd, vd, mask, segs, k_scale=ks, v_scale=vs)
+    got = tree_attention_ragged(q, kd, vd, mask, segs, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(got, ref, **FP32_TOL)
+    exact = tree_attention_ragged_reference(q, k, v, mask, segs)
+    assert_close(got, exact, **KV_STORED_TOL[kv_dtype], what=f"ragged {kv_dtype} cache vs float32 cache")
+
+
+def test_int8_kv_needs_its_scales_and_only_int8_takes_them():
+    from specexec_rt.kernels.attention import quantize_int8
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, mask = _small(gen, prefix_len=5)
+    (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
+    for fn in (tree_attention, tree_attention_reference):
+        with pytest.raises(TypeError, match="k_scale and v_scale"):
+            fn(q, kq, vq, mask, 5)
+        with pytest.raises(TypeError, match="only int8"):
+            fn(q, k, v, mask, 5, k_scale=ks, v_scale=vs)
+        with pytest.raises(ValueError, match="k_scale must be float32"):
+            fn(q, kq, vq, mask, 5, k_scale=ks[:-1], v_scale=vs)
+        with pytest.raises(TypeError, match="dtypes differ"):
+            fn(q, kq, v, mask, 5, k_scale=ks, v_scale=vs)
+
+
+@cuda
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16, torch.int8], ids=str)
+def test_cuda_kernel_reads_every_kv_dtype(kv_dtype):
+    """fp16 queries against each storage dtype on the GPU (ragged and single), and the decode plan:
+    flash SDPA only for a cache in q's own dtype, the kernel otherwise."""
+    from specexec_rt.kernels.attention import tree_attention_ragged, tree_attention_ragged_reference
+    from specexec_rt.model import causal_mask, ops
+
+    gen = torch.Generator().manual_seed(17)
+    mask = random_tree_mask(40, 24, gen, device="cuda")
+    q, k, v = make_qkv(24, 1040, 16, 4, 128, gen, dtype=torch.float16, device="cuda")
+    kd, vd, ks, vs = _stored(k, v, kv_dtype)
+    got = tree_attention(q, kd, vd, mask, 1000, k_scale=ks, v_scale=vs)
+    ref = tree_attention_reference(q, kd, vd, mask, 1000, k_scale=ks, v_scale=vs)
+    assert_close(got.float(), ref.float(), **CUDA_TOL[torch.float16], what=f"cuda {kv_dtype}")
+    qr, kr, vr, maskr, segs = _ragged_case(3, 8, 2, 64, seed=2)
+    kd, vd, ks, vs = _stored(kr.contiguous().cuda(), vr.cuda(), kv_dtype)
+    got = tree_attention_ragged(qr.half().cuda(), kd, vd, maskr.cuda(), segs, k_scale=ks, v_scale=vs)
+    ref = tree_attention_ragged_reference(qr.half().cuda(), kd, vd, maskr.cuda(), segs, k_scale=ks, v_scale=vs)
+    assert_close(got.float(), ref.float(), **CUDA_TOL[torch.float16], what=f"cuda ragged {kv_dtype}")
+    plan = ops.prepare_attention(causal_mask(1, "cuda"), 100, 4, 128, chain=True, kv_dtype=kv_dtype,
+                                 q_dtype=torch.float16)
+    assert plan.unmasked == (kv_dtype is torch.float16) and plan.use_kernel == (kv_dtype is not torch.float16)

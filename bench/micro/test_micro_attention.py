@@ -3,7 +3,8 @@ over the same keys (what flash attention costs with nothing to mask).
 
 CPU: one layer of SmolLM2-135M (9 query heads, 3 KV heads, head dim 64) through the native call
 with RoPE and the cache write: a decode step (1 row, 512 keys) and a draft tree level (32 rows
-over a 256-token prefix and a 32-node tree).
+over a 256-token prefix and a 32-node tree); at long context (4096 keys) a decode step and a
+17-row tree with the cache in float32, float16 and int8, cold, bound by the bytes of K/V read.
 CUDA: a Llama-2-70B layer (64 / 8 heads, dim 128, fp16) through the planned Triton launch: a
 verification tree (256 rows over a 2048-token prefix and the 256-node tree) and a short query
 set over a long prefix (16 rows, 4096 + 16 keys).
@@ -73,6 +74,52 @@ def test_rope_attention_cpu(benchmark, impl, case):
     if impl == "ours":
         want = rope_attention_reference(qkv, cos, sin, cache_k.clone(), cache_v.clone(), slots, mask, segments, h, hkv)
         torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-4)
+
+
+LONG_KEYS = 4096
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("rows", [1, 17])
+def test_rope_attention_cpu_long_context(benchmark, kv_dtype, rows):
+    """A SmolLM2 layer after a 4096-token prompt: a decode step (1 row) and a budget-16 tree (17
+    rows), the cache in each storage dtype, cold (a rotation of copies past the last-level cache,
+    as the layers of a step are). Bound by the K/V bytes it must read in that dtype (``GB/s``)."""
+    if cpu_native.library() is None:
+        pytest.skip("the native CPU library is unavailable (see the logged reason)")
+    from micro_common import cold_copies, rotating
+    from specexec_rt.kernels.attention import KV_DTYPES, encode
+
+    dtype = KV_DTYPES[kv_dtype]
+    h, hkv, d = CPU_H, CPU_HKV, CPU_D
+    g = torch.Generator().manual_seed(rows)
+    prefix, max_len = LONG_KEYS - rows, LONG_KEYS + 8
+    qkv = torch.randn(rows, (h + 2 * hkv) * d, generator=g)
+    pos = torch.arange(prefix, LONG_KEYS, dtype=torch.float32)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    ang = torch.cat([pos[:, None] * inv[None, :]] * 2, dim=-1)
+    cos, sin = ang.cos(), ang.sin()
+    (k, ks), (v, vs) = encode(torch.randn(max_len, hkv, d, generator=g), dtype), \
+        encode(torch.randn(max_len, hkv, d, generator=g), dtype)
+    per_key = 2 * hkv * (d * k.element_size() + (4 if ks is not None else 0))
+    cache = (k, v, ks, vs)
+    caches = cold_copies(benchmark, cache, lambda c: tuple(None if t is None else t.clone() for t in c),
+                         max_len * per_key)
+    slots = torch.arange(prefix, LONG_KEYS)
+    mask = _tree_mask(rows, g)
+    segments = Segments.single(rows, prefix, rows)
+
+    def call(c):
+        return rope_attention_cpu(qkv, cos, sin, c[0], c[1], slots, mask, segments, h, hkv, k_scale=c[2],
+                                  v_scale=c[3])
+
+    got = run_case(benchmark, rotating(call, caches), group=f"rope-attention cpu long n_q={rows} n_k={LONG_KEYS}",
+                   impl="ours", shape=dict(n_q=rows, n_k=LONG_KEYS, heads=h, kv_heads=hkv, head_dim=d, kv_dtype=kv_dtype),
+                   nbytes=LONG_KEYS * per_key, flops=_attention_flops(rows, LONG_KEYS, h, d),
+                   bound="memory" if rows == 1 else "compute", copies=len(caches))
+    want = rope_attention_reference(qkv, cos, sin, *(None if t is None else t.clone() for t in cache[:2]), slots,
+                                    mask, segments, h, hkv, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda

@@ -8,6 +8,9 @@ does all of it for every pass shape the runtime makes (a decode step, a draft tr
 verification tree, several requests' segments in one pass): each row sees the committed slots
 of its segment and the tree slots its mask row allows. A row's result depends only on the keys
 it sees, in a fixed order, so it is the same whether the row is computed alone or with others.
+The cache may be float32, float16, bfloat16 or int8 (``kv.py``): the kernel stores the new K/V
+in that format and reads each chunk of keys once per KV head, converted to float32, for every
+query of the pass that sees it (``csrc/attn_cpu.h``).
 
 Plan once per forward (``plan_rows``), run per layer (``run_rope_attention``). The reference is
 ``reference.rope_attention_reference``.
@@ -22,15 +25,17 @@ import torch
 
 from .. import cpu_native
 from .inputs import Segments
+from .kv import KV_DTYPES, NATIVE_CODES
 
 MAX_HEAD_DIM = 256  # csrc/attn_cpu.h SXC_ATTN_MAX_D
 
 cpu_native.declare({
     "sxc_rope_attention": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                                           ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float,
-                                          ctypes.c_void_p, ctypes.c_int, ctypes.c_int]),
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p,
+                                          ctypes.c_int, ctypes.c_int]),
 })
 
 
@@ -62,23 +67,29 @@ def exp_native(x: torch.Tensor, isa: Optional[str] = None) -> torch.Tensor:
     return y
 
 
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
 def run_rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                        cache_v: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
                        n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
-                       isa_level: Optional[int] = None, threads: Optional[int] = None) -> torch.Tensor:
+                       isa_level: Optional[int] = None, threads: Optional[int] = None,
+                       k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The native call without checks (the hot path of ``model/ops.py``): ``qkv`` float32
     ``[n, (n_heads + 2 n_kv_heads) head_dim]`` with unit column stride; ``cos``/``sin`` float32
     contiguous ``[n, head_dim]`` (any shape with those elements); ``cache_k``/``cache_v``
-    contiguous float32 ``[max_len, n_kv_heads, head_dim]``; ``slots`` int64 ``[n]``; ``rows``
-    int32 ``[n, 3]`` (``plan_rows``); ``mask`` bool ``[n, width]``, all contiguous.
+    contiguous ``[max_len, n_kv_heads, head_dim]`` in a ``kv.KV_DTYPES`` storage dtype, with
+    contiguous float32 ``k_scale``/``v_scale`` ``[max_len, n_kv_heads]`` for int8; ``slots`` int64
+    ``[n]``; ``rows`` int32 ``[n, 3]`` (``plan_rows``); ``mask`` bool ``[n, width]``, all contiguous.
     Returns ``[n, n_heads * head_dim]``."""
     lib = cpu_native.library()
     n = qkv.shape[0]
     out = torch.empty(n, n_heads * head_dim)
     rc = lib.sxc_rope_attention(qkv.data_ptr(), n, qkv.stride(0), n_heads, n_kv_heads, head_dim, cos.data_ptr(),
-                                sin.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cache_k.shape[0],
-                                slots.data_ptr(), rows.data_ptr(), mask.data_ptr(), mask.shape[1], scale,
-                                out.data_ptr(), threads or torch.get_num_threads(),
+                                sin.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), _ptr(k_scale), _ptr(v_scale),
+                                NATIVE_CODES[cache_k.dtype], cache_k.shape[0], slots.data_ptr(), rows.data_ptr(),
+                                mask.data_ptr(), mask.shape[1], scale, out.data_ptr(), threads or torch.get_num_threads(),
                                 cpu_native.isa() if isa_level is None else isa_level)
     if rc != 0:
         raise RuntimeError(f"sxc_rope_attention failed: {cpu_native.ERRORS.get(rc, rc)} (a cache slot or a "
@@ -86,7 +97,7 @@ def run_rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return out
 
 
-def _check(qkv, cos, sin, cache_k, cache_v, slots, tree_mask, segments, n_heads, n_kv_heads):
+def _check(qkv, cos, sin, cache_k, cache_v, slots, tree_mask, segments, n_heads, n_kv_heads, k_scale, v_scale):
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
         raise ValueError(f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}")
     if cache_k.dim() != 3 or cache_k.shape != cache_v.shape or cache_k.shape[1] != n_kv_heads:
@@ -100,11 +111,20 @@ def _check(qkv, cos, sin, cache_k, cache_v, slots, tree_mask, segments, n_heads,
     for name, t in (("cos", cos), ("sin", sin)):
         if t.numel() != n * d:
             raise ValueError(f"{name} must hold [{n}, {d}] (one row per new token), got {list(t.shape)}")
-    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("cache_k", cache_k), ("cache_v", cache_v)):
+    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin)):
         if t.dtype != torch.float32 or not t.is_cpu:
             raise ValueError(f"{name} must be a CPU float32 tensor, got {t.dtype} on {t.device}")
+    if cache_k.dtype not in NATIVE_CODES or cache_v.dtype != cache_k.dtype or not (cache_k.is_cpu and cache_v.is_cpu):
+        raise ValueError(f"cache_k and cache_v must be CPU tensors of one KV storage dtype "
+                         f"({', '.join(KV_DTYPES)}), got {cache_k.dtype} and {cache_v.dtype}")
     if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
         raise ValueError("cache_k and cache_v must be contiguous (the kernel writes them in place)")
+    if (cache_k.dtype is torch.int8) != (k_scale is not None and v_scale is not None):
+        raise ValueError("k_scale and v_scale go with an int8 cache, and only with one")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != tuple(cache_k.shape[:2])
+                              or not t.is_contiguous() or not t.is_cpu):
+            raise ValueError(f"{name} must be a contiguous CPU float32 [{cache_k.shape[0]}, {n_kv_heads}] tensor")
     if tuple(slots.shape) != (n,):
         raise ValueError(f"slots must be [{n}], got {list(slots.shape)}")
     if segments.total_q != n:
@@ -118,13 +138,15 @@ def _check(qkv, cos, sin, cache_k, cache_v, slots, tree_mask, segments, n_heads,
 def rope_attention_cpu(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                        cache_v: torch.Tensor, slots: torch.Tensor, tree_mask: torch.Tensor, segments: Segments,
                        n_heads: int, n_kv_heads: int, scale: Optional[float] = None, isa: Optional[str] = None,
-                       threads: Optional[int] = None) -> torch.Tensor:
+                       threads: Optional[int] = None, *, k_scale: Optional[torch.Tensor] = None,
+                       v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Write RoPE'd K and V of the new tokens to ``slots`` of the cache, then attend.
 
     ``qkv`` float32 ``[n, (n_heads + 2 n_kv_heads) head_dim]`` (q heads, k heads, v heads of
     each new token, before RoPE); ``cos``/``sin`` ``[n, head_dim]`` (the tables' rows at the
-    tokens' positions, rotate-half layout); ``cache_k``/``cache_v`` float32
-    ``[max_len, n_kv_heads, head_dim]``, written in place; ``slots`` ``[n]``; ``segments`` and
+    tokens' positions, rotate-half layout); ``cache_k``/``cache_v`` ``[max_len, n_kv_heads, head_dim]``
+    in a storage dtype of ``kv.KV_DTYPES`` (int8 with float32 ``k_scale``/``v_scale``
+    ``[max_len, n_kv_heads]``), written in place (``kv.encode``'s bits); ``slots`` ``[n]``; ``segments`` and
     ``tree_mask`` as for ``tree_attention_ragged`` (row ``i`` of segment
     ``s`` sees slots ``base + j`` for ``j < prefix`` and tree slot ``t`` where
     ``tree_mask[i, t]``). Returns float32 ``[n, n_heads * head_dim]``. ``isa`` and ``threads``
@@ -132,7 +154,7 @@ def rope_attention_cpu(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     library."""
     if cpu_native.library() is None:
         raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
-    _check(qkv, cos, sin, cache_k, cache_v, slots, tree_mask, segments, n_heads, n_kv_heads)
+    _check(qkv, cos, sin, cache_k, cache_v, slots, tree_mask, segments, n_heads, n_kv_heads, k_scale, v_scale)
     level = cpu_native.isa_level(isa)
     d = cache_k.shape[2]
     if qkv.stride(1) != 1:
@@ -140,4 +162,5 @@ def rope_attention_cpu(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     return run_rope_attention(qkv, cos.contiguous(), sin.contiguous(), cache_k, cache_v,
                               slots.to(torch.int64).contiguous(), plan_rows(segments),
-                              tree_mask.to(torch.bool).contiguous(), n_heads, n_kv_heads, d, scale, level, threads)
+                              tree_mask.to(torch.bool).contiguous(), n_heads, n_kv_heads, d, scale, level, threads,
+                              k_scale, v_scale)

@@ -48,8 +48,17 @@ class Segments(NamedTuple):
                 raise ValueError(f"segment {i}: keys [{b}, {b + p + t}) exceed the {n_keys} cache rows")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int) -> None:
-    """Shape/dtype/device checks shared by the kernel and the reference (host-only, no sync)."""
+# The dtypes queries come in; K/V may also be in any KV storage dtype (kv.KV_DTYPES).
+Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
+              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """Shape/dtype/device checks shared by the kernel and the reference (host-only, no sync).
+    K and V share a dtype: q's, or a KV storage dtype (``kv.KV_DTYPES``) read by converting;
+    int8 ones come with float32 ``k_scale``/``v_scale`` ``[n_k, n_kv_heads]``."""
+    from .kv import KV_DTYPES
+
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -59,8 +68,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"head_dim differs: q has {q.shape[2]}, k/v have {k.shape[2]}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.dtype != v.dtype or (q.dtype != k.dtype and not (q.dtype in Q_DTYPES and k.dtype in KV_DTYPES.values())):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype} (k and v share one dtype: q's, "
+                        f"or a KV storage dtype ({', '.join(KV_DTYPES)}) with q in {[str(d) for d in Q_DTYPES]})")
+    if (k.dtype is torch.int8) != (k_scale is not None and v_scale is not None):
+        raise TypeError(f"an int8 k/v needs k_scale and v_scale, and only int8 takes them (k is {k.dtype}, "
+                        f"scales {'given' if k_scale is not None or v_scale is not None else 'missing'})")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != tuple(k.shape[:2]) or t.device != k.device):
+            raise ValueError(f"{name} must be float32 {list(k.shape[:2])} on {k.device}, got {t.dtype} "
+                             f"{list(t.shape)} on {t.device}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     n_heads, n_kv = q.shape[1], k.shape[1]

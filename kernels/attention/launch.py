@@ -12,7 +12,9 @@ the split-K buffers: once per forward) and ``run`` (per layer); ``tree_attention
 in ``reference``.
 
 Shapes: ``q [n_q, n_heads, D]``; ``k, v [n_k, n_kv_heads, D]`` (any strides, e.g. slices of a
-``[max_len, n_kv_heads, D]`` cache); ``tree_mask`` bool ``[n_q, n_k - prefix_len]``.
+``[max_len, n_kv_heads, D]`` cache) in q's dtype or a KV storage dtype (``kv.py``: float16,
+bfloat16, float32, or int8 with ``k_scale``/``v_scale`` ``[n_k, n_kv_heads]``); ``tree_mask`` bool
+``[n_q, n_k - prefix_len]``.
 
 The runtime sends one-token decode steps, whose mask is empty, to ``prefix_attention_sdpa``
 (flash SDPA) instead: at n_q = 1 this kernel's launch cost exceeds flash SDPA's whole time.
@@ -93,8 +95,8 @@ def _bit_weights(device: torch.device) -> torch.Tensor:
     return torch.tensor([1 << b for b in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
 
 
-def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree):
-    check_qkv(q, k, v, prefix_len)
+def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, k_scale=None, v_scale=None):
+    check_qkv(q, k, v, prefix_len, k_scale, v_scale)
     if q.device.type == "cuda":
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"the CUDA kernel takes float16/bfloat16, got {q.dtype} "
@@ -124,8 +126,8 @@ def _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree):
         raise ValueError(f"packed_mask is on {packed_mask.device}, q on {q.device}")
 
 
-def _check_ragged_inputs(q, k, v, packed_mask, segments: "Segments") -> None:
-    check_qkv(q, k, v, 0)
+def _check_ragged_inputs(q, k, v, packed_mask, segments: "Segments", k_scale=None, v_scale=None) -> None:
+    check_qkv(q, k, v, 0, k_scale, v_scale)
     if q.device.type == "cuda":
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"the CUDA kernel takes float16/bfloat16, got {q.dtype}")
@@ -172,20 +174,23 @@ class TreeAttentionLaunch:
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed_mask: torch.Tensor,
                  prefix_len: int | None = None, n_tree: int | None = None, scale: float | None = None, *,
                  segments: Segments | None = None, num_splits: int | None = None, config: TileConfig | None = None,
-                 validate: bool = False, prefix_dev: torch.Tensor | None = None):
+                 validate: bool = False, prefix_dev: torch.Tensor | None = None,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
         """``prefix_dev`` (int32 ``[1]`` on q's device, one segment only): the real prefix
         length, read by the kernel on the device, so the launch does not depend on it (CUDA
         graphs); then ``prefix_len`` is its upper bound (k/v hold ``prefix_len + n_tree`` keys)
-        and the tree region starts at the device value. The caller keeps the value <= the bound."""
+        and the tree region starts at the device value. The caller keeps the value <= the bound.
+        K/V may be in any KV storage dtype (``kv.py``), int8 with ``k_scale``/``v_scale``
+        ``[n_k, n_kv_heads]`` (float32); the kernel converts them to q's dtype tile by tile."""
         if segments is None:
             if prefix_len is None or n_tree is None:
                 raise TypeError("TreeAttentionLaunch needs prefix_len and n_tree, or segments=")
-            _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree)
+            _check_kernel_inputs(q, k, v, packed_mask, prefix_len, n_tree, k_scale, v_scale)
             segments = Segments.single(q.shape[0], prefix_len, n_tree)
         else:
             if prefix_len is not None or n_tree is not None or prefix_dev is not None:
                 raise TypeError("with segments=, pass no prefix_len, n_tree or prefix_dev")
-            _check_ragged_inputs(q, k, v, packed_mask, segments)
+            _check_ragged_inputs(q, k, v, packed_mask, segments, k_scale, v_scale)
         if prefix_dev is not None:
             if (not isinstance(prefix_dev, torch.Tensor) or prefix_dev.dtype != torch.int32
                     or prefix_dev.numel() != 1 or prefix_dev.device != q.device):
@@ -202,7 +207,7 @@ class TreeAttentionLaunch:
                         raise ValueError("prefix_len == 0 and some tree_mask row sees no key")
         n_q, n_heads, d = q.shape
         n_kv = k.shape[1]
-        self.q_shape, self.k_shape, self.dtype = q.shape, k.shape, q.dtype
+        self.q_shape, self.k_shape, self.dtype, self.kv_dtype = q.shape, k.shape, q.dtype, k.dtype
         self.packed_mask, self.segments = packed_mask, segments
         self.n_q, self.n_heads, self.n_kv = n_q, n_heads, n_kv
         self.group = n_heads // n_kv
@@ -254,11 +259,18 @@ class TreeAttentionLaunch:
         return self.segments.n_tree[0]
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention for one layer's q ``[n_q, n_heads, D]`` and k, v (the planned shapes)."""
-        if q.shape != self.q_shape or k.shape != self.k_shape or v.shape != self.k_shape or q.dtype != self.dtype:
-            raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} {q.dtype} differ from "
-                             f"the planned q {tuple(self.q_shape)}, k/v {tuple(self.k_shape)} {self.dtype}")
+            out: torch.Tensor | None = None, *, k_scale: torch.Tensor | None = None,
+            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention for one layer's q ``[n_q, n_heads, D]`` and k, v (the planned shapes and
+        dtypes; int8 k/v with this layer's ``k_scale``/``v_scale``)."""
+        if q.shape != self.q_shape or k.shape != self.k_shape or v.shape != self.k_shape or q.dtype != self.dtype \
+                or k.dtype != self.kv_dtype or v.dtype != self.kv_dtype:
+            raise ValueError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)} {k.dtype} differ "
+                             f"from the planned q {tuple(self.q_shape)} {self.dtype}, k/v {tuple(self.k_shape)} "
+                             f"{self.kv_dtype}")
+        scaled = k.dtype is torch.int8
+        if scaled and (k_scale is None or v_scale is None):
+            raise ValueError("an int8 k/v needs this layer's k_scale and v_scale")
         if out is None:
             out = torch.empty(self.q_shape, dtype=self.dtype, device=q.device)
         elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
@@ -268,13 +280,17 @@ class TreeAttentionLaunch:
         cfg, split = self.cfg, self.splits > 1
         pm = self.packed_mask
         part_m, part_l, part_acc = (self.part_m, self.part_l, self.part_acc) if split else (out, out, out)
+        # Without scales the kernel never reads KS/VS (SCALED is a constexpr): k stands in.
+        ks, vs = (k_scale, v_scale) if scaled else (k, v)
+        ks_strides = (k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1)) if scaled \
+            else (0, 0, 0, 0)
         triton_kernels._tree_attn_fwd[(self.programs, self.n_kv, self.splits)](
-            q, k, v, pm, out, part_m, part_l, part_acc,
+            q, k, v, ks, vs, pm, out, part_m, part_l, part_acc,
             self.seg_q, self.seg_base, self.seg_prefix, self.seg_tree, self.prog_seg, self.prog_block,
             self.n_q, self.n_heads, self.splits, self.scale * triton_kernels.LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pm.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *ks_strides, *out.stride(), *pm.stride(),
             GROUP=self.group, HEAD_DIM=self.d, D_PAD=self.d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SPLIT=split, SCALED=scaled, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if split:
             triton_kernels._tree_attn_merge[(self.n_q * self.n_heads,)](
@@ -297,6 +313,8 @@ def tree_attention_packed(
     num_splits: int | None = None,
     config: TileConfig | None = None,
     validate: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tree-masked attention with a mask from :func:`pack_tree_mask`.
 
@@ -311,8 +329,8 @@ def tree_attention_packed(
     :class:`TreeAttentionLaunch` and ``run`` it per layer (what the runtime does).
     """
     launch = TreeAttentionLaunch(q, k, v, packed_mask, prefix_len, n_tree, scale, num_splits=num_splits,
-                                 config=config, validate=validate)
-    return launch.run(q, k, v, out)
+                                 config=config, validate=validate, k_scale=k_scale, v_scale=v_scale)
+    return launch.run(q, k, v, out, k_scale=k_scale, v_scale=v_scale)
 
 
 def tree_attention(
@@ -326,6 +344,8 @@ def tree_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: TileConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tree-masked attention (Triton): pack the mask, then :func:`tree_attention_packed`.
 
@@ -334,12 +354,12 @@ def tree_attention(
     rejected by the packing step, which syncs once; per-layer callers should pack once and
     call :func:`tree_attention_packed`.
     """
-    check_qkv(q, k, v, prefix_len)
+    check_qkv(q, k, v, prefix_len, k_scale, v_scale)
     n_tree = k.shape[0] - prefix_len
     check_tree_mask(tree_mask, q.shape[0], n_tree, q.device)
     packed = pack_tree_mask(tree_mask, prefix_len)
-    return tree_attention_packed(q, k, v, packed, prefix_len, n_tree, scale,
-                                 out=out, num_splits=num_splits, config=config)
+    return tree_attention_packed(q, k, v, packed, prefix_len, n_tree, scale, out=out, num_splits=num_splits,
+                                 config=config, k_scale=k_scale, v_scale=v_scale)
 
 
 def tree_attention_ragged(
@@ -353,6 +373,8 @@ def tree_attention_ragged(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: TileConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tree-masked attention for a ragged batch of requests in one launch (Triton).
 
@@ -365,5 +387,5 @@ def tree_attention_ragged(
     if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.bool or tree_mask.dim() != 2:
         raise TypeError("tree_mask must be a 2-D bool tensor [sum n_q, max n_tree]")
     launch = TreeAttentionLaunch(q, k, v, pack_tree_mask(tree_mask), scale=scale, segments=segments,
-                                 num_splits=num_splits, config=config)
-    return launch.run(q, k, v, out)
+                                 num_splits=num_splits, config=config, k_scale=k_scale, v_scale=v_scale)
+    return launch.run(q, k, v, out, k_scale=k_scale, v_scale=v_scale)

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .inputs import Segments, check_qkv, check_rows_visible, check_tree_mask
+from .kv import KVView
 
 
 def reference_mask(tree_mask: torch.Tensor | None, prefix_len: int, group: int,
@@ -104,13 +105,17 @@ def tree_attention_reference(
     scale: float | None = None,
     *,
     validate: bool = True,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PyTorch tree attention in float32 (the oracle of the kernel tests); same contract.
+    """PyTorch tree attention in float32 (the oracle of the kernel tests); same contract, K/V in
+    any KV storage dtype (decoded first: ``kv.decode``).
 
     ``reference_mask`` + ``tree_attention_reference_prepared``, with the inputs checked.
     ``validate`` rejects fully masked rows when prefix_len == 0 (a sync on CUDA).
     """
-    check_qkv(q, k, v, prefix_len)
+    check_qkv(q, k, v, prefix_len, k_scale, v_scale)
+    k, v = KVView(k, v, k_scale, v_scale).values(torch.float32)
     n_q, n_heads, _ = q.shape
     n_k, n_kv, _ = k.shape
     check_tree_mask(tree_mask, n_q, n_k - prefix_len, q.device)
@@ -146,10 +151,13 @@ def tree_attention_ragged_reference_prepared(q: torch.Tensor, k: torch.Tensor, v
 
 
 def tree_attention_ragged_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
-                                    segments: Segments, scale: float | None = None) -> torch.Tensor:
+                                    segments: Segments, scale: float | None = None, *,
+                                    k_scale: torch.Tensor | None = None,
+                                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch oracle of :func:`tree_attention_ragged`: each segment through
     :func:`tree_attention_reference` on its own slice of the cache. Same contract."""
-    check_qkv(q, k, v, 0)
+    check_qkv(q, k, v, 0, k_scale, v_scale)
+    k, v = KVView(k, v, k_scale, v_scale).values(torch.float32)
     segments.check(q.shape[0], k.shape[0])
     if tree_mask.shape[0] != q.shape[0] or tree_mask.shape[1] < segments.max_tree:
         raise ValueError(f"tree_mask shape {tuple(tree_mask.shape)} must be [{q.shape[0]}, >= {segments.max_tree}]")
@@ -164,15 +172,18 @@ def tree_attention_ragged_reference(q: torch.Tensor, k: torch.Tensor, v: torch.T
 def rope_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                              cache_v: torch.Tensor, slots: torch.Tensor, tree_mask: torch.Tensor,
                              segments: Segments, n_heads: int, n_kv_heads: int,
-                             scale: Optional[float] = None) -> torch.Tensor:
-    """``rope_attention_cpu`` in PyTorch ops (same contract; writes the cache the same way)."""
+                             scale: Optional[float] = None, *, k_scale: Optional[torch.Tensor] = None,
+                             v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``rope_attention_cpu`` in PyTorch ops (same contract; writes the cache the same way, in its
+    storage dtype: ``kv.encode``)."""
     d = cache_k.shape[2]
     n = qkv.shape[0]
     c, s = cos.reshape(n, 1, d), sin.reshape(n, 1, d)
     qk = qkv[:, :(n_heads + n_kv_heads) * d].reshape(n, n_heads + n_kv_heads, d)
     half = d // 2
     qk = qk * c + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * s
-    cache_k.index_copy_(0, slots, qk[:, n_heads:])
-    cache_v.index_copy_(0, slots, qkv[:, (n_heads + n_kv_heads) * d:].reshape(n, n_kv_heads, d))
-    out = tree_attention_ragged_reference(qk[:, :n_heads], cache_k, cache_v, tree_mask, segments, scale)
+    cache = KVView(cache_k, cache_v, k_scale, v_scale)
+    cache.write(slots, qk[:, n_heads:], qkv[:, (n_heads + n_kv_heads) * d:].reshape(n, n_kv_heads, d))
+    k, v = cache.values(torch.float32)
+    out = tree_attention_ragged_reference(qk[:, :n_heads], k, v, tree_mask, segments, scale)
     return out.reshape(n, n_heads * d)

@@ -40,7 +40,10 @@ def _softmax_step(q, k, v, visible, acc, m_i, l_i, qk_scale, MASKED: tl.constexp
 
 
 @triton.jit
-def _load_kv(k_ptrs, v_ptrs, key_ok, d_ok, BOUND: tl.constexpr, EVEN_D: tl.constexpr):
+def _load_kv(k_ptrs, v_ptrs, ks_ptrs, vs_ptrs, key_ok, d_ok, q_dtype: tl.constexpr, BOUND: tl.constexpr,
+             EVEN_D: tl.constexpr, SCALED: tl.constexpr):
+    """A K/V tile in the cache's storage dtype, as ``q_dtype`` values for the dots: int8 rows
+    (``SCALED``) dequantized with their per-row scales (``kv.decode``), other dtypes converted."""
     if BOUND:
         if EVEN_D:
             k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
@@ -55,17 +58,27 @@ def _load_kv(k_ptrs, v_ptrs, key_ok, d_ok, BOUND: tl.constexpr, EVEN_D: tl.const
         else:
             k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    return k, v
+    if SCALED:
+        # Keys past the bound get scale 0: their (zero) rows stay finite.
+        if BOUND:
+            ks = tl.load(ks_ptrs, mask=key_ok, other=0.0)
+            vs = tl.load(vs_ptrs, mask=key_ok, other=0.0)
+        else:
+            ks = tl.load(ks_ptrs)
+            vs = tl.load(vs_ptrs)
+        k = k.to(tl.float32) * ks[:, None]
+        v = v.to(tl.float32) * vs[:, None]
+    return k.to(q_dtype), v.to(q_dtype)
 
 
 @triton.jit
 def _tree_attn_fwd(
-    Q, K, V, PM, Out, PartM, PartL, PartAcc,
+    Q, K, V, KS, VS, PM, Out, PartM, PartL, PartAcc,
     SegQ, SegBase, SegPrefix, SegTree, ProgSeg, ProgBlock,
     n_q, n_heads, n_splits, qk_scale,
-    sq_n, sq_h, sq_d, sk_n, sk_h, sk_d, sv_n, sv_h, sv_d, so_n, so_h, so_d, spm_q, spm_w,
+    sq_n, sq_h, sq_d, sk_n, sk_h, sk_d, sv_n, sv_h, sv_d, sks_n, sks_h, svs_n, svs_h, so_n, so_h, so_d, spm_q, spm_w,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SCALED: tl.constexpr,
 ):
     """Grid: (programs, n_kv_heads, n_splits), a program being one ``BLOCK_M`` block of one
     segment's rows (``ProgSeg``/``ProgBlock``, planned on the host).
@@ -74,7 +87,10 @@ def _tree_attn_fwd(
     ``[SegQ[s], SegQ[s + 1])``, sees the ``SegPrefix[s]`` committed keys starting at cache row
     ``SegBase[s]`` without a mask, and the ``SegTree[s]`` tree keys right after them through
     its rows' mask bits. Every per-segment value is read on the device, so one launch (or CUDA
-    graph) serves any prefix length."""
+    graph) serves any prefix length.
+
+    K and V are read in the cache's storage dtype and converted to q's tile by tile; int8 ones
+    (``SCALED``) with their float32 scales ``KS``/``VS`` ``[keys, heads]`` (``kv.py``)."""
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     WORDS: tl.constexpr = BLOCK_N // 32
     pid = tl.program_id(0)
@@ -99,7 +115,10 @@ def _tree_attn_fwd(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + base * sk_n + kvh * sk_h + offs_d[None, :] * sk_d
     v_base = V + base * sv_n + kvh * sv_h + offs_d[None, :] * sv_d
+    ks_base = KS + base * sks_n + kvh * sks_h
+    vs_base = VS + base * svs_n + kvh * svs_h
     pm_rows = PM + qi * spm_q
+    q_dtype: tl.constexpr = Q.dtype.element_ty
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -117,7 +136,8 @@ def _tree_attn_fwd(
     for t in range(t_lo, tl.minimum(t_hi, n_pre_full)):
         offs_n = t * BLOCK_N + arange_n
         k, v = _load_kv(k_base + offs_n[:, None] * sk_n, v_base + offs_n[:, None] * sv_n,
-                        offs_n < prefix_len, d_ok, False, EVEN_D)
+                        ks_base + offs_n * sks_n, vs_base + offs_n * svs_n,
+                        offs_n < prefix_len, d_ok, q_dtype, False, EVEN_D, SCALED)
         acc, m_i, l_i = _softmax_step(q, k, v, None, acc, m_i, l_i, qk_scale, False)
 
     # The prefix tail tile (0 or 1 iteration): keys past prefix_len belong to the tree part.
@@ -125,7 +145,8 @@ def _tree_attn_fwd(
         offs_n = t * BLOCK_N + arange_n
         key_ok = offs_n < prefix_len
         k, v = _load_kv(k_base + offs_n[:, None] * sk_n, v_base + offs_n[:, None] * sv_n,
-                        key_ok, d_ok, True, EVEN_D)
+                        ks_base + offs_n * sks_n, vs_base + offs_n * svs_n,
+                        key_ok, d_ok, q_dtype, True, EVEN_D, SCALED)
         acc, m_i, l_i = _softmax_step(q, k, v, key_ok[None, :], acc, m_i, l_i, qk_scale, True)
 
     # Range of mask words any row of this block has a bit in; tree tiles outside it are
@@ -149,7 +170,8 @@ def _tree_attn_fwd(
         offs_n = prefix_len + j0 + arange_n
         key_ok = j0 + arange_n < n_tree
         k, v = _load_kv(k_base + offs_n[:, None] * sk_n, v_base + offs_n[:, None] * sv_n,
-                        key_ok, d_ok, True, EVEN_D)
+                        ks_base + offs_n * sks_n, vs_base + offs_n * svs_n,
+                        key_ok, d_ok, q_dtype, True, EVEN_D, SCALED)
         widx = j0 // 32 + tl.arange(0, WORDS)
         words = tl.load(pm_rows[:, None] + widx[None, :] * spm_w,
                         mask=row_ok[:, None] & (widx < n_words)[None, :], other=0)

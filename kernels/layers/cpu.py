@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import cpu_native
+from ..attention.kv import NATIVE_CODES
 from ..dense import cpu as dense_cpu
 from ..int4.cpu import SxcWeight, native_active, native_weight
 from ..int4.weight import Int4Weight
@@ -64,9 +65,10 @@ cpu_native.declare({
     "sxc_forward_layers": (ctypes.c_int, [ctypes.POINTER(SxcLayer), ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64,
                                           ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
                                           ctypes.c_int32, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
-                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float,
-                                          ctypes.c_int, ctypes.c_int]),
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_void_p, ctypes.c_int32, ctypes.c_float, ctypes.c_int,
+                                          ctypes.c_int]),
 })
 
 
@@ -142,17 +144,21 @@ class NativeLayers:
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
             cache_v: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
             n_heads: int, n_kv_heads: int, head_dim: int, intermediate: int, eps: float,
-            threads: Optional[int] = None, isa_level: Optional[int] = None) -> torch.Tensor:
+            threads: Optional[int] = None, isa_level: Optional[int] = None,
+            k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x`` float32 ``[n, hidden]`` (a new tensor, updated in place and returned) through
-        every layer; ``cache_k``/``cache_v`` contiguous float32 ``[n_layers, max_len, H_kv, D]``;
-        the rest as ``attention.cpu.run_rope_attention`` (softmax scale ``1 / sqrt(head_dim)``)."""
+        every layer; ``cache_k``/``cache_v`` contiguous ``[n_layers, max_len, H_kv, D]`` in a KV
+        storage dtype (``attention.kv``; int8 with ``k_scale``/``v_scale`` ``[n_layers, max_len,
+        H_kv]``); the rest as ``attention.cpu.run_rope_attention`` (softmax scale
+        ``1 / sqrt(head_dim)``)."""
         lib = cpu_native.library()
         n, hidden = x.shape
         rc = lib.sxc_forward_layers(self.structs, len(self.layers), x.data_ptr(), n, hidden, n_heads, n_kv_heads,
                                     head_dim, intermediate, eps, cos.data_ptr(), sin.data_ptr(), cache_k.data_ptr(),
-                                    cache_v.data_ptr(), cache_k.shape[1], slots.data_ptr(), rows.data_ptr(),
-                                    mask.data_ptr(), mask.shape[1], 1.0 / math.sqrt(head_dim),
-                                    threads or torch.get_num_threads(),
+                                    cache_v.data_ptr(), None if k_scale is None else k_scale.data_ptr(),
+                                    None if v_scale is None else v_scale.data_ptr(), NATIVE_CODES[cache_k.dtype],
+                                    cache_k.shape[1], slots.data_ptr(), rows.data_ptr(), mask.data_ptr(), mask.shape[1],
+                                    1.0 / math.sqrt(head_dim), threads or torch.get_num_threads(),
                                     cpu_native.isa() if isa_level is None else isa_level)
         if rc != 0:
             raise RuntimeError(f"sxc_forward_layers failed: {cpu_native.ERRORS.get(rc, rc)} (a cache slot or a "

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..errors import ModelLoadError
+from ..model.kv_cache import KV_STREAM_SLOTS, kv_bytes_per_slot, resolve_kv_dtype
 from ..model.transformer import Transformer
 from .assemble import assemble_weights
 from .sources import ALIASES, Source, resolve_source
@@ -39,7 +40,8 @@ def _keeps_q8_head(device: torch.device, dtype: torch.dtype) -> bool:
 
 def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len: Optional[int] = None,
                quantize: str = "auto", offload: bool = False, gpu_memory_gb: Optional[float] = None,
-               offload_reserve_gb: float = 2.0, max_len_cap: int = 4096) -> Transformer:
+               offload_reserve_gb: float = 2.0, max_len_cap: int = 4096, kv_dtype=None,
+               offload_kv: Optional[bool] = None) -> Transformer:
     """Load a model for inference.
 
     source: an HF model directory, a ``.gguf`` file, an HF cache entry, or an alias
@@ -56,6 +58,17 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
         activations are quantized to int8 as its layers' are; see ``kernels/q8/weight.py``).
     offload: keep transformer layers in pinned host memory and stream them to the GPU each pass
         (``gpu_memory_gb`` caps what stays resident; see docs/OFFLOAD.md).
+    kv_dtype: how the KV cache stores K and V: ``"float32"``, ``"float16"``, ``"bfloat16"``,
+        ``"int8"`` (per token and KV head scales) or a torch dtype of these; default (``None`` or
+        ``"auto"``) half precision wherever the attention kernels read it in place (float16 for a
+        float32 model on the CPU with the native library, the model's dtype for a half model; see
+        ``model.kv_cache.resolve_kv_dtype``). The output stays the target's own whatever the
+        draft's cache holds; the target's own numbers move slightly with a lower precision cache
+        (README, "KV cache precision").
+    offload_kv: keep the KV cache in (pinned) host memory and stream each layer's part of it to
+        the device with that layer (``offload.StreamedKVCache``). Default (None): with
+        ``offload``, when the KV at ``max_len`` does not fit in the budget beside the streaming
+        slots and ``offload_reserve_gb``; never without ``offload``. True / False force it.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}; choose one of {QUANTIZE_CHOICES}")
@@ -63,6 +76,9 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but no CUDA device is available")
     dtype = dtype or default_dtype(device)
+    kv_dtype = resolve_kv_dtype(kv_dtype, dtype, device)  # checked before anything loads
+    if offload_kv is not None and not isinstance(offload_kv, bool):
+        raise ValueError(f"offload_kv must be True, False or None (decide from the memory budget), got {offload_kv!r}")
     src = resolve_source(source)
     if quantize == "auto":
         quantize = "keep" if device.type == "cuda" else "none"
@@ -85,21 +101,53 @@ def load_model(source, device=None, dtype: Optional[torch.dtype] = None, max_len
     max_len = resolve_max_len(cfg, max_len, max_len_cap)
     weights = assemble_weights(cfg, get_matrix, get_vector, dtype, quantize, layer_device, device,
                                desc=f"loading {src.path.name}")
-    layer_source = None
-    if offload:
-        from ..offload import make_layer_source
-
-        # The reserve covers what is allocated after this point (the KV cache) plus the draft and
-        # the activations of the largest tree, which the caller bounds with offload_reserve_gb.
-        cache_bytes = 2 * cfg.n_layers * max_len * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
-        layer_source = make_layer_source(
-            weights.layers, device, offload=True, gpu_memory_gb=gpu_memory_gb,
-            reserve_bytes=cache_bytes + int(offload_reserve_gb * 2**30), consume=True)
-    model = Transformer(cfg, weights, max_len, device, dtype, layer_source=layer_source)
+    layer_source, cache_factory = _placement(cfg, weights, device, max_len, kv_dtype, offload, offload_kv,
+                                             gpu_memory_gb, offload_reserve_gb)
+    model = Transformer(cfg, weights, max_len, device, dtype, layer_source=layer_source, kv_dtype=kv_dtype,
+                        cache_factory=cache_factory)
     model.source = src
     model.quantization = "int4" if quantize in ("int4", "keep") else None
     model.source_int4_group = source_int4_group
     return model
+
+
+def _placement(cfg, weights, device: torch.device, max_len: int, kv_dtype: torch.dtype, offload: bool,
+               offload_kv: Optional[bool], gpu_memory_gb: Optional[float], offload_reserve_gb: float):
+    """Where the layers and the KV cache live: (layer source or None for resident layers, cache
+    factory or None for a resident cache). See ``load_model``'s ``offload`` and ``offload_kv``."""
+    layer_source = None
+    cache_bytes = max_len * kv_bytes_per_slot(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
+    if offload:
+        from ..offload import make_layer_source
+
+        reserve = int(offload_reserve_gb * 2**30)
+        if offload_kv is None:
+            offload_kv = kv_exceeds_budget(weights.layers, device, gpu_memory_gb, cache_bytes, reserve)
+        # The reserve covers what is allocated after this point (the KV cache, or its streaming
+        # slots when it lives on the host) plus the draft and the activations of the largest tree,
+        # which the caller bounds with offload_reserve_gb.
+        kv_device = cache_bytes * KV_STREAM_SLOTS // cfg.n_layers if offload_kv else cache_bytes
+        layer_source = make_layer_source(weights.layers, device, offload=True, gpu_memory_gb=gpu_memory_gb,
+                                         reserve_bytes=kv_device + reserve, consume=True)
+    if not offload_kv:
+        return layer_source, None
+    from ..offload import streamed_cache_factory
+
+    log.info("offload_kv: the KV cache (%.2f GiB at max_len=%d, %s) lives in host memory, streamed per layer",
+             cache_bytes / 2**30, max_len, kv_dtype)
+    return layer_source, streamed_cache_factory()
+
+
+def kv_exceeds_budget(layers: list, device: torch.device, gpu_memory_gb: Optional[float], cache_bytes: int,
+                      reserve: int) -> bool:
+    """Whether an offloaded model's KV at its ``max_len`` (``cache_bytes``) leaves no room for the
+    layer streamer's slots and the reserve in the memory budget (``gpu_memory_gb``, or the free
+    device memory): then it lives in host memory (``offload_kv``)."""
+    from ..offload.streamer import budget_bytes_for, layout_layer
+
+    sizes = [layout_layer(layer)[1] for layer in layers]
+    slots = min(KV_STREAM_SLOTS, len(sizes)) * max(sizes, default=0)
+    return cache_bytes + slots + reserve > budget_bytes_for(device, gpu_memory_gb)
 
 
 def context_limit(cfg) -> int:

@@ -243,7 +243,9 @@ class AttentionPlan:
         """Cache slots the pass reads: ``[0, n_k)``."""
         return max(b + p + t for b, p, t in zip(self.segments.base, self.segments.prefix, self.segments.n_tree))
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def run(self, q: torch.Tensor, kv) -> torch.Tensor:
+        """One layer: ``q`` ``[n_q, H, D]`` against ``kv`` (``kernels.attention.KVView``: the
+        cache's first ``n_k`` slots in its storage dtype) -> ``[n_q, H, D]``."""
         raise NotImplementedError
 
 
@@ -259,15 +261,16 @@ class NativeCpuAttention(AttentionPlan):
 
 
 class SdpaDecodeAttention(AttentionPlan):
-    """One-token chain on the kernel's devices: no mask at all, flash SDPA in the cache's dtype
-    (``prefix_attention_sdpa``). Decided on the host once, so a layer never syncs to choose."""
+    """One-token chain on the kernel's devices whose cache holds q's own dtype: no mask at all,
+    flash SDPA straight on the cache (``prefix_attention_sdpa``). Decided on the host once, so a
+    layer never syncs to choose."""
 
     unmasked = True
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def run(self, q: torch.Tensor, kv) -> torch.Tensor:
         from ..kernels import attention as ta
 
-        return ta.prefix_attention_sdpa(q, k, v)
+        return ta.prefix_attention_sdpa(q, kv.k, kv.v)
 
 
 class TritonTreeAttention(AttentionPlan):
@@ -287,16 +290,18 @@ class TritonTreeAttention(AttentionPlan):
         self.packed_mask = ta.pack_tree_mask(tree_mask, self.prefix_len if check_empty_prefix else None)
         self.launch = None
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def run(self, q: torch.Tensor, kv) -> torch.Tensor:
         if self.launch is None:
             from ..kernels import attention as ta
 
             if self.single:
-                self.launch = ta.TreeAttentionLaunch(q, k, v, self.packed_mask, self.prefix_len, self.n_tree,
-                                                     prefix_dev=self.prefix_dev)
+                self.launch = ta.TreeAttentionLaunch(q, kv.k, kv.v, self.packed_mask, self.prefix_len, self.n_tree,
+                                                     prefix_dev=self.prefix_dev, k_scale=kv.k_scale,
+                                                     v_scale=kv.v_scale)
             else:
-                self.launch = ta.TreeAttentionLaunch(q, k, v, self.packed_mask, segments=self.segments)
-        return self.launch.run(q, k, v)
+                self.launch = ta.TreeAttentionLaunch(q, kv.k, kv.v, self.packed_mask, segments=self.segments,
+                                                     k_scale=kv.k_scale, v_scale=kv.v_scale)
+        return self.launch.run(q, kv.k, kv.v, k_scale=kv.k_scale, v_scale=kv.v_scale)
 
 
 class ReferenceAttention(AttentionPlan):
@@ -307,9 +312,10 @@ class ReferenceAttention(AttentionPlan):
         super().__init__(segments, tree_mask)
         self.reference_mask = reference_mask
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def run(self, q: torch.Tensor, kv) -> torch.Tensor:
         from ..kernels import attention as ta
 
+        k, v = kv.values(torch.float32)
         return ta.tree_attention_reference_prepared(q, k, v, self.reference_mask)
 
 
@@ -320,22 +326,27 @@ class RaggedReferenceAttention(AttentionPlan):
         super().__init__(segments, tree_mask)
         self.reference_masks = reference_masks
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def run(self, q: torch.Tensor, kv) -> torch.Tensor:
         from ..kernels import attention as ta
 
+        k, v = kv.values(torch.float32)
         return ta.tree_attention_ragged_reference_prepared(q, k, v, self.reference_masks, self.segments)
 
 
 def prepare_attention(tree_mask: torch.Tensor, prefix_len: Optional[int], group: int, head_dim: int,
                       chain: bool = False, prefix_dev: Optional[torch.Tensor] = None, *,
-                      segments=None, native_cpu: bool = False) -> AttentionPlan:
+                      segments=None, native_cpu: bool = False, kv_dtype: Optional[torch.dtype] = None,
+                      q_dtype: Optional[torch.dtype] = None) -> AttentionPlan:
     """Plan a pass's attention once. One request: ``tree_mask`` bool ``[n_q, n_tree]`` over the tree
     slots after ``prefix_len`` committed ones; ``chain`` says it is the causal chain of the new
     tokens (known on the host, so a one-token decode step needs no mask at all). Several
     requests: ``segments`` (``kernels.attention.Segments``; ``prefix_len`` None) and the rows'
     masks padded to the widest tree. ``prefix_dev``: see ``TritonTreeAttention``; nothing here
     reads it on the host. ``native_cpu``: the pass is CPU float32 and may take
-    ``rope_attention``'s native call (when the library is loaded and the Triton interpreter is off)."""
+    ``rope_attention``'s native call (when the library is loaded and the Triton interpreter is off).
+    ``kv_dtype``/``q_dtype``: the cache's storage dtype and the queries' (None: the same); flash
+    SDPA serves a decode step only when they are equal (it reads the cache as it is), else the
+    tree kernel, which reads every storage dtype, does."""
     from ..kernels import attention as ta
 
     if segments is None:
@@ -347,7 +358,7 @@ def prepare_attention(tree_mask: torch.Tensor, prefix_len: Optional[int], group:
         return NativeCpuAttention(segments, tree_mask)
     single = len(segments.n_q) == 1 and segments.base[0] == 0
     decode = chain and single and tree_mask.shape[0] == 1 and prefix_dev is None
-    if decode and use_triton(dev):
+    if decode and use_triton(dev) and kv_dtype == q_dtype:
         # At n_q = 1 the tree kernel's launch cost dominates (~0.12 ms on an H100 vs
         # 0.015-0.05 ms for flash SDPA) and there is nothing to mask: go to flash SDPA.
         return SdpaDecodeAttention(segments, tree_mask)
@@ -363,18 +374,19 @@ def prepare_attention(tree_mask: torch.Tensor, prefix_len: Optional[int], group:
                                                                                         group))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """Tree-masked attention: ``q`` ``[n_q, H, D]``, ``k``/``v`` ``[n_k, H_kv, D]`` (the cache's
-    first ``plan.n_k`` slots) -> ``[n_q, H, D]``, by the plan's backend."""
-    return plan.run(q, k, v)
+def attention(q: torch.Tensor, kv, plan: AttentionPlan) -> torch.Tensor:
+    """Tree-masked attention: ``q`` ``[n_q, H, D]`` against ``kv`` (``kernels.attention.KVView``,
+    K/V ``[n_k, H_kv, D]``: the cache's first ``plan.n_k`` slots) -> ``[n_q, H, D]``, by the plan's
+    backend."""
+    return plan.run(q, kv)
 
 
-def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
-                   cache_v: torch.Tensor, slots: torch.Tensor, meta: NativeCpuAttention, n_heads: int,
-                   n_kv_heads: int, head_dim: int) -> torch.Tensor:
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, slots: torch.Tensor,
+                   meta: NativeCpuAttention, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
     """One layer's RoPE + cache write + attention as one native call, for a pass that
     ``prepare_attention`` planned for it (``meta.native_rows`` set): ``qkv`` ``[n, (H + 2 H_kv) D]``
-    -> ``[n, H * D]``; ``cos``/``sin`` from :func:`rope_rows`, ``slots`` int64 contiguous."""
-    return attention_cpu.run_rope_attention(qkv, cos, sin, cache_k, cache_v, slots, meta.native_rows,
+    -> ``[n, H * D]``; ``cos``/``sin`` from :func:`rope_rows`, ``kv`` the layer's whole cache
+    (``KVView``, contiguous), ``slots`` int64 contiguous."""
+    return attention_cpu.run_rope_attention(qkv, cos, sin, kv.k, kv.v, slots, meta.native_rows,
                                             meta.native_mask, n_heads, n_kv_heads, head_dim,
-                                            1.0 / math.sqrt(head_dim))
+                                            1.0 / math.sqrt(head_dim), k_scale=kv.k_scale, v_scale=kv.v_scale)

@@ -13,7 +13,8 @@ import torch
 from ..kernels.layers import NativeLayers
 from . import moe, ops
 from .config import ModelConfig
-from .kv_cache import KVCache
+from ..kernels.attention.kv import KVView, kv_dtype_name
+from .kv_cache import KVCache, resolve_kv_dtype
 from .weights import LayerWeights, ModelWeights, ResidentLayers
 
 
@@ -55,24 +56,23 @@ def forward_segments(model, token_ids: torch.Tensor, positions: torch.Tensor, ca
 
 
 def transformer_block(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, cos: torch.Tensor,
-                      sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                      slots: torch.Tensor, meta: ops.AttentionPlan) -> torch.Tensor:
-    """``x`` ``[n, hidden]`` -> ``[n, hidden]``; writes this layer's K/V for the new tokens."""
+                      sin: torch.Tensor, kv: KVView, slots: torch.Tensor, meta: ops.AttentionPlan) -> torch.Tensor:
+    """``x`` ``[n, hidden]`` -> ``[n, hidden]``; writes this layer's K/V for the new tokens into
+    ``kv`` (the layer's cache, ``KVCache.layer``)."""
     n = x.shape[0]
     h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     qkv = ops.norm_linear(x, w.attn_norm, cfg.rms_norm_eps, w.wqkv, w.bqkv)
     if w.q_norm is not None:  # Qwen3: each q and k head RMS-normalised before RoPE
         qkv = ops.qk_norm(qkv, w.q_norm, w.k_norm, h, hkv, d, cfg.rms_norm_eps)
     if meta.native_rows is not None:  # CPU float32: RoPE, cache write and attention in one call
-        attn = ops.rope_attention(qkv, cos, sin, cache_k, cache_v, slots, meta, h, hkv, d)
+        attn = ops.rope_attention(qkv, cos, sin, kv, slots, meta, h, hkv, d)
     else:
         # q and k heads rotate together: one RoPE call instead of two (decode is op-bound on CPU).
         qk = ops.apply_rope(qkv[:, :(h + hkv) * d].view(n, h + hkv, d), cos, sin)
         q, k = qk[:, :h], qk[:, h:]
         v = qkv[:, (h + hkv) * d:]
-        cache_k.index_copy_(0, slots, k)
-        cache_v.index_copy_(0, slots, v.view(n, hkv, d))
-        attn = ops.attention(q, cache_k[:meta.n_k], cache_v[:meta.n_k], meta).reshape(n, h * d)
+        kv.write(slots, k, v.view(n, hkv, d))
+        attn = ops.attention(q, kv.first(meta.n_k), meta).reshape(n, h * d)
     x = ops.linear(attn, w.wo, w.bo, residual=x)
     if w.moe is not None:
         return moe.moe_mlp(x, w, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.rms_norm_eps)
@@ -86,19 +86,40 @@ class Transformer:
 
     ``weights.layers`` are served through ``layer_source`` (resident by default, or an offload
     ``LayerStreamer``); everything else is resident on ``device``.
+
+    ``kv_layers``: the cache layer each of this model's layers reads and writes (None: layer i
+    uses cache layer i). A draft that reads its target's cache is made of some of the target's
+    layers and uses the target's cache layers of the layers it kept. ``own_cache=False``: the
+    model allocates no KV cache (``cache`` is None); every forward is given one.
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, max_len: int,
-                 device: torch.device, dtype: torch.dtype, layer_source=None):
+                 device: torch.device, dtype: torch.dtype, layer_source=None, kv_dtype=None, cache_factory=None,
+                 kv_layers: Optional[Sequence[int]] = None, own_cache: bool = True):
         self.config = config
         self.weights = weights
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_len = int(max_len)
+        # The KV caches' storage dtype (kv_cache.resolve_kv_dtype: half precision where the
+        # attention kernels read it; float32 is always available).
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, dtype, self.device)
+        # Makes the KV caches (KVCache's arguments); None: resident ones. The loader passes
+        # offload.streamed_cache_factory() for a target whose KV lives in host memory (offload_kv).
+        self.cache_factory = cache_factory
         self.layer_source = layer_source if layer_source is not None else ResidentLayers(weights.layers)
         self.cos, self.sin = ops.rope_tables(config.head_dim, config.rope_theta, config.rope_scaling,
                                              self.max_len, self.device)
-        self.cache = self.new_cache()
+        if kv_layers is not None:
+            kv_layers = tuple(int(i) for i in kv_layers)
+            if len(kv_layers) != config.n_layers or min(kv_layers) < 0:
+                raise ValueError(f"kv_layers must name one cache layer for each of the {config.n_layers} layers, "
+                                 f"got {list(kv_layers)}")
+            if kv_layers == tuple(range(config.n_layers)):
+                kv_layers = None
+        self.kv_layers = kv_layers
+        self.own_cache = own_cache
+        self._cache: Optional[KVCache] = None
         self.source = None          # where the weights came from (path), set by the loader
         self.quantization = None    # None or "int4"
         # The group size of the checkpoint's 4-bit matrices when it had some (GGUF Q4_*: 32),
@@ -116,9 +137,44 @@ class Transformer:
         which read each expert's row count on the host (``moe.py``)."""
         return not self.config.is_moe
 
-    def new_cache(self, max_len: Optional[int] = None) -> KVCache:
+    @property
+    def cache(self) -> Optional[KVCache]:
+        """The model's own KV cache of ``max_len`` slots, allocated on first use: an engine that
+        serves several requests keeps them in a pool of its own (``Runner``) and never needs it.
+        None for a model built with ``own_cache=False`` (a draft that reads its target's cache)."""
+        if self._cache is None and self.own_cache:
+            self._cache = self.new_cache()
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: KVCache) -> None:
+        self._cache = cache
+
+    @property
+    def cache_allocated(self) -> bool:
+        """Whether ``cache`` exists yet or never will (the memory planner counts it until it does)."""
+        return self._cache is not None or not self.own_cache
+
+    @property
+    def cache_dtype_name(self) -> str:
+        """``kv_dtype`` by name (``"float16"``), for messages and stats."""
+        return kv_dtype_name(self.kv_dtype)
+
+    @property
+    def kv_offload(self) -> bool:
+        """Whether this model's KV caches live in host memory, streamed per layer (``offload_kv``)."""
+        return self.cache_factory is not None
+
+    def new_cache(self, max_len: Optional[int] = None, kv_dtype=None) -> KVCache:
+        """A KV cache of ``max_len`` slots (default the model's) in ``kv_dtype`` (default the model's;
+        e.g. float32 for a parity check against another implementation's float32 cache), with one
+        layer per cache layer this model uses (``kv_layers``)."""
         c = self.config
-        return KVCache(c.n_layers, max_len or self.max_len, c.n_kv_heads, c.head_dim, self.dtype, self.device)
+        n_layers = c.n_layers if self.kv_layers is None else max(self.kv_layers) + 1
+        make = self.cache_factory or KVCache
+        kv_dtype = self.kv_dtype if kv_dtype is None else resolve_kv_dtype(kv_dtype, self.dtype, self.device)
+        return make(n_layers, max_len or self.max_len, c.n_kv_heads, c.head_dim, self.dtype, self.device,
+                    kv_dtype=kv_dtype)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, prefix_len: int,
@@ -138,6 +194,8 @@ class Transformer:
         at the device value, and ``tree_mask`` and ``cache_slots`` are required. Nothing in the
         pass then depends on the prefix length on the host.
         """
+        if cache is None:
+            raise ValueError("no KV cache given (a model built with own_cache=False has none of its own)")
         n = int(token_ids.shape[0])
         chain = tree_mask is None
         if prefix_dev is not None and (chain or cache_slots is None):
@@ -153,8 +211,12 @@ class Transformer:
             cache_slots = torch.arange(prefix_len + n_tree - n, prefix_len + n_tree, device=self.device)
         c = self.config
         meta = ops.prepare_attention(tree_mask, prefix_len, c.n_heads // c.n_kv_heads, c.head_dim, chain,
-                                     prefix_dev=prefix_dev, native_cpu=self._native_cpu(cache))
-        return self._run(token_ids, positions, cache, cache_slots, meta, logits_rows)
+                                     prefix_dev=prefix_dev, native_cpu=self._native_cpu(cache),
+                                     kv_dtype=cache.kv_dtype, q_dtype=self.dtype)
+        # With the prefix on the device the tree region may start anywhere below the bound (and a
+        # static step's scratch slots lie at the cache's end): a streamed cache moves it all.
+        spans = ([(0, cache.max_len)], [(0, cache.max_len)]) if prefix_dev is not None else None
+        return self._run(token_ids, positions, cache, cache_slots, meta, logits_rows, spans)
 
     @torch.inference_mode()
     def forward_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -184,12 +246,13 @@ class Transformer:
                         tuple(s.prefix_len for s in segments), tuple(s.n_tree for s in segments))
         c = self.config
         meta = ops.prepare_attention(mask, None, c.n_heads // c.n_kv_heads, c.head_dim, segments=segs,
-                                     native_cpu=self._native_cpu(cache))
+                                     native_cpu=self._native_cpu(cache), kv_dtype=cache.kv_dtype, q_dtype=self.dtype)
         return self._run(token_ids, positions, cache, torch.cat(slots), meta, logits_rows)
 
     def _native_cpu(self, cache: KVCache) -> bool:
-        """Whether a pass may take the native CPU attention (float32 on the CPU, contiguous cache)."""
-        return (self.device.type == "cpu" and self.dtype is torch.float32 and cache.k.dtype is torch.float32
+        """Whether a pass may take the native CPU attention (float32 on the CPU, a contiguous CPU
+        cache of any KV storage dtype; a streamed cache's slots are)."""
+        return (self.device.type == "cpu" and self.dtype is torch.float32 and cache.k.is_cpu
                 and cache.k.is_contiguous() and cache.v.is_contiguous())
 
     def _native_layers(self, rows: int) -> Optional[NativeLayers]:
@@ -205,19 +268,33 @@ class Transformer:
         return plan if plan is not None and plan.serves(rows) else None
 
     def _run(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, cache_slots: torch.Tensor,
-             meta: ops.AttentionPlan, logits_rows: Optional[torch.Tensor]) -> torch.Tensor:
+             meta: ops.AttentionPlan, logits_rows: Optional[torch.Tensor], spans: Optional[list] = None
+             ) -> torch.Tensor:
         cos, sin = ops.rope_rows(self.cos, self.sin, positions, self.dtype)
         if meta.native_rows is not None and (cache_slots.dtype is not torch.int64 or not cache_slots.is_contiguous()):
             cache_slots = cache_slots.to(torch.int64).contiguous()
         x = self.weights.embed[token_ids].to(self.dtype)
-        plan = self._native_layers(int(token_ids.shape[0])) if meta.native_rows is not None else None
+        # The one-call layer stack walks the cache's layers in order: a model on other cache
+        # layers (kv_layers) runs layer by layer, as a pass over a streamed cache does.
+        native = meta.native_rows is not None and cache.resident and self.kv_layers is None
+        plan = self._native_layers(int(token_ids.shape[0])) if native else None
         if plan is not None:  # every layer in one native call (same calls as transformer_block)
             c = self.config
             x = plan.run(x.contiguous(), cos, sin, cache.k, cache.v, cache_slots, meta.native_rows, meta.native_mask,
-                         c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps)
+                         c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps,
+                         k_scale=cache.k_scale, v_scale=cache.v_scale)
         else:
-            for i, layer in enumerate(self.layer_source.iter_layers()):
-                x = transformer_block(x, layer, self.config, cos, sin, cache.k[i], cache.v[i], cache_slots, meta)
+            if spans is None:  # what each segment reads (its region's keys) and writes (its tree region)
+                seg = meta.segments
+                spans = ([(b, b + p + t) for b, p, t in zip(seg.base, seg.prefix, seg.n_tree)],
+                         [(b + p, b + p + t) for b, p, t in zip(seg.base, seg.prefix, seg.n_tree)])
+            cache.begin_pass(*spans)
+            cache_layers = self.kv_layers or range(self.config.n_layers)
+            # The layer source first: zip then runs its generator to the end, where a streamer
+            # prefetches the next pass's first layers.
+            for layer, i in zip(self.layer_source.iter_layers(), cache_layers):
+                x = transformer_block(x, layer, self.config, cos, sin, cache.layer(i), cache_slots, meta)
+                cache.layer_done(i)
         if logits_rows is not None:
             x = x[logits_rows]
         return ops.norm_linear(x, self.weights.final_norm, self.config.rms_norm_eps, self.weights.lm_head).float()

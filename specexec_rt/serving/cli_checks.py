@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..speculative import params
+from ..speculative.config import LOOKUP_DRAFT
 from ..speculative.drafts import builtin_draft_group
 from ..speculative.methods import METHOD_PARAMS, METHODS
 from .client_limits import DEFAULT_MAX_CLIENT_PENDING_HEADS
@@ -22,7 +23,7 @@ from .error_map import UsageError
 
 # flag -> Engine parameter, for the method parameters
 METHOD_FLAGS = {"beams_per_step": "--beams-per-step", "branch_width": "--branch-width", "max_depth": "--max-depth",
-                "tree": "--tree", "k": "--k", "n": "--n", "depth": "--depth"}
+                "tree": "--tree", "k": "--k", "n": "--n", "depth": "--depth", "ngram": "--ngram"}
 SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
                   "top_k": "--top-k", "seed": "--seed", "stop": "--stop"}
 
@@ -135,6 +136,12 @@ def check_model_args(args) -> ModelPlan:
             builtin_draft_group(args.draft)
         except ValueError as e:
             raise UsageError(f"--draft: {e}") from None
+    if args.draft == LOOKUP_DRAFT and "ngram" not in METHOD_PARAMS[method]:
+        raise UsageError(f"--draft {LOOKUP_DRAFT} (prompt lookup) grows SpecExec trees: use --method specexec, "
+                         f"not {method}")
+    if getattr(args, "ngram", None) and not args.draft:
+        raise UsageError(f"--ngram adds prompt-lookup candidates to a draft model's trees: add --draft (e.g. "
+                         f"--draft default), or use --draft {LOOKUP_DRAFT} for the lookup alone")
     if args.budget is not None and not spec.needs_draft:
         raise UsageError(f"--budget sizes draft trees: it does not apply to --method {method}")
     budget = args.budget if args.budget is not None else ("auto" if spec.supports_auto else 256)

@@ -56,6 +56,24 @@ GRID = 4096                 # log_accept reads the interpolant at the nearest of
 WARM_PASSES = 16            # passes during which every rank class's prior is refitted each pass
 
 
+def bin_observations(p: Optional[torch.Tensor], parent_rows: torch.Tensor, tokens: torch.Tensor, bins: torch.Tensor,
+                     draws: Optional[torch.Tensor], n_bins: int) -> torch.Tensor:
+    """Per bin ``0 .. n_bins - 1``: how many proposed children (``bins`` int64 ``[k]``; others
+    ignored) had a verified parent (``parent_rows`` >= 0) and how many of them verification
+    accepted, int64 ``[2 * n_bins]`` on the device (counts, then sums in ``FIXED_POINT`` units):
+    each child is worth 1 if it is its parent's draw (``draws`` given), else ``p_parent(c)``."""
+    nb = n_bins
+    valid = (parent_rows >= 0) & (bins >= 0) & (bins < nb)
+    if draws is not None:
+        obs = (draws[parent_rows.clamp_min(0)] == tokens) & valid
+    else:
+        obs = p[parent_rows.clamp_min(0), tokens] * valid
+    idx = torch.where(valid, bins, torch.full_like(bins, nb))
+    counts = torch.zeros(nb + 1, device=bins.device).index_add_(0, idx, valid.float())
+    sums = torch.zeros(nb + 1, device=bins.device).index_add_(0, idx, obs.float())
+    return torch.cat([counts[:nb], sums[:nb] * FIXED_POINT]).round().long()
+
+
 def _centres() -> list:
     edges = (0.0,) + Q_EDGES + (1.0,)
     return [0.5 * (lo + hi) for lo, hi in zip(edges[:-1], edges[1:])]
@@ -253,16 +271,7 @@ class AcceptanceModel:
         target's draw at each row, when acceptance is that 0/1 outcome rather than ``p``'s mass
         (greedy, and coupled sampling, where the draft's ranking saw the draw's noise and ``p``'s
         mass is no longer the chance of acceptance); ``p`` is then unused."""
-        nb = self.n_bins
-        valid = (parent_rows >= 0) & (bins >= 0) & (bins < nb)
-        if draws is not None:
-            obs = (draws[parent_rows.clamp_min(0)] == tokens) & valid
-        else:
-            obs = p[parent_rows.clamp_min(0), tokens] * valid
-        idx = torch.where(valid, bins, torch.full_like(bins, nb))
-        counts = torch.zeros(nb + 1, device=bins.device).index_add_(0, idx, valid.float())
-        sums = torch.zeros(nb + 1, device=bins.device).index_add_(0, idx, obs.float())
-        return torch.cat([counts[:nb], sums[:nb] * FIXED_POINT]).round().long()
+        return bin_observations(p, parent_rows, tokens, bins, draws, self.n_bins)
 
     def update(self, packet: Sequence[int]) -> None:
         """Fold in one pass's ``observations`` (read back on the host)."""

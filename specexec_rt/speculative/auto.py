@@ -41,10 +41,12 @@ class AutoBudget:
                                            max_depth=self.max_depth, allow_autoregressive=drafting,
                                            chains=AUTO_SHAPES[self.shapes], max_chain=min(8, self.max_depth))
 
-    def plan(self, reqs: list, catch_up: int) -> tuple:
+    def plan(self, reqs: list, catch_up: int, context: int = 0) -> tuple:
         """(method, budget, depth) of a pass verifying ``reqs``' trees; ``catch_up``: the longest
-        chain a draft must read before drafting."""
+        chain a draft must read before drafting; ``context``: their mean prefix length (the
+        costs are those of that context: budget.py)."""
         ctl = self.controller
+        ctl.at_context(context)
         cap = min(r.auto_cap for r in reqs)
         if ctl.chains:
             # A chain of k draft tokens takes k slots of the draft's cache after what it has yet
@@ -62,6 +64,7 @@ class AutoBudget:
         # it skipped in plain passes.
         catch_up = out.catch_up > self.max_depth + 2
         points, values = run.curve if run.curve is not None else ([], [])
+        self.controller.at_context(out.context)
         self.controller.observe(
             out.budget, run.n_verified, run.draft_calls,
             None if out.first_trees or catch_up else run.draft_seconds,

@@ -38,13 +38,35 @@ same fit as for trees (``k + 1`` rows). On a CPU both a draft call and a verific
 grow with their rows, and a chain's calls are one row each: there chains of 2-3 beat every tree
 (bench/results/, docs/DESIGN.md).
 
+Context length: what a draft call and a verification cost depends on how long the text already
+is (every row attends to the whole prefix; at ~1500 tokens SmolLM2's float32 KV is as many bytes
+as its int4 draft's weights), so the cost fits are kept per context bucket (half-octaves of the
+prefix length: ``context_bucket``), and a pass is planned with the fits of the context at hand
+(``at_context``). A bucket not measured yet borrows the nearest measured bucket's fits until its
+own window holds ``MIN_OWN_PASSES`` passes. The acceptance side (calibration, depth mass, chain
+acceptance) is shared by all contexts.
+
 Everything here is host arithmetic on a handful of numbers per pass.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections import deque
 from typing import Callable, Optional, Sequence
+
+
+# Context buckets: below CONTEXT_BASE tokens one bucket, then one per factor of sqrt(2).
+CONTEXT_BASE = 128
+MIN_OWN_PASSES = 2         # a bucket's own fits decide once its target fit holds this many passes
+
+
+def context_bucket(tokens: int) -> int:
+    """The cost bucket of a context of ``tokens`` prefix tokens: 0 below ``CONTEXT_BASE``, then
+    half-octaves (128-180 -> 1, 181-255 -> 2, 256-361 -> 3, ..., 1448-2047 -> 8)."""
+    if tokens < CONTEXT_BASE:
+        return 0
+    return 1 + int(2 * math.log2(tokens / CONTEXT_BASE))
 
 
 def candidate_budgets(max_budget: int, min_budget: int = 4) -> list:
@@ -117,13 +139,26 @@ class LinearCost:
         return max([a + c * b] + [sum(v) / len(v) for v in means.values()])
 
 
+class PassCosts:
+    """What passes cost at one context bucket: the draft's and the target's ``LinearCost`` fits
+    and the EWMAs of seconds per draft call, per emitted token and per chain draft call."""
+
+    def __init__(self, window: int):
+        self.draft_cost = LinearCost(window)
+        self.target_cost = LinearCost(window)
+        self.call_seconds: Optional[float] = None
+        self.token_seconds: Optional[float] = None
+        self.chain_call_seconds: Optional[float] = None
+
+
 class BudgetController:
     """Chooses ``(budget, max_depth)`` per pass; learns from ``observe`` after each pass.
 
     max_budget: the largest tree (capped further per request by the caches).
     prior_budget: the first pass's budget. max_depth: the depth cap.
     cost_model: optional ``f(budget, n_verified, draft_calls) -> (draft_s, target_s)`` that
-    replaces measured times (simulating other hardware with real acceptance: bench/adaptive.py).
+    replaces measured times (simulating other hardware with real acceptance: bench/adaptive.py);
+    it may take a fourth argument, the pass's context length (``at_context``).
     allow_autoregressive: budget 0 (plain decoding, no draft call) is a candidate too, priced at
     the measured cost of a one-token target pass; while it wins, a speculative pass is still
     tried every ``probe_every`` passes (doubling while the probes keep losing, up to
@@ -152,8 +187,9 @@ class BudgetController:
         self.decay = calibration_decay
         self.max_step = max_step
         self.cost_model = cost_model
-        self.draft_cost = LinearCost(window)
-        self.target_cost = LinearCost(window)
+        self.window = window
+        self._costs: dict = {}                   # context bucket -> PassCosts
+        self.context = 0                         # the prefix length of the pass at hand (at_context)
         self.curve: Optional[dict] = None       # size -> predicted E[accepted] of the last tree
         self.curve_n = 0                         # non-root nodes the last tree created
         self._acc = 1.0                          # EWMA of accepted tokens (prior: calibrated)
@@ -170,8 +206,6 @@ class BudgetController:
         self.catch_up_seconds: Optional[float] = None  # EWMA of draft seconds per catch-up token
         self.depth_mass: Optional[list] = None   # expected accepted tokens per depth, last tree
         self.last_depth = self.max_depth         # the depth cap the last tree was grown with
-        self.call_seconds: Optional[float] = None      # EWMA of seconds per draft call
-        self.token_seconds: Optional[float] = None     # EWMA of pass seconds per emitted token
         # Chains (see the module docstring): the mode of the last plan ("plain", "chain", "tree").
         self.chains = bool(chains)
         self.max_chain = max(1, int(max_chain))
@@ -179,8 +213,62 @@ class BudgetController:
         self.chain_decay = chain_decay
         self._chain_hits = 2.0 * prior_accept    # decayed accepted draft tokens (prior: 2 tries)
         self._chain_tries = 2.0                  # decayed draft tokens tried
-        self.chain_call_seconds: Optional[float] = None  # EWMA of seconds per chain draft call
         self.mode = "chain" if self.chains else "tree"
+
+    # ------------------------------------------------------------------ costs per context
+    def at_context(self, tokens: int) -> None:
+        """Plan and observe the next passes at a context of ``tokens`` prefix tokens (the mean
+        over the pass's requests): their costs are read from and written to that bucket."""
+        self.context = max(0, int(tokens))
+
+    @property
+    def own_costs(self) -> PassCosts:
+        """The current context bucket's own costs (what ``observe`` records)."""
+        b = context_bucket(self.context)
+        if b not in self._costs:
+            self._costs[b] = PassCosts(self.window)
+        return self._costs[b]
+
+    @property
+    def costs(self) -> PassCosts:
+        """The costs decisions read: the current bucket's, or while it has fewer than
+        ``MIN_OWN_PASSES`` measured passes the nearest bucket's that has more."""
+        b = context_bucket(self.context)
+        own = self._costs.get(b)
+        if own is not None and len(own.target_cost) >= MIN_OWN_PASSES:
+            return own
+        measured = [k for k, c in self._costs.items() if len(c.target_cost) >= MIN_OWN_PASSES]
+        if not measured:
+            return own if own is not None else self.own_costs
+        return self._costs[min(measured, key=lambda k: (abs(k - b), -k))]
+
+    @property
+    def measured_buckets(self) -> list:
+        """The context buckets whose costs have been observed, ascending."""
+        return sorted(k for k, c in self._costs.items() if len(c.target_cost))
+
+    @property
+    def draft_cost(self) -> LinearCost:
+        return self.costs.draft_cost
+
+    @property
+    def target_cost(self) -> LinearCost:
+        return self.costs.target_cost
+
+    @property
+    def call_seconds(self) -> Optional[float]:
+        """EWMA of seconds per draft call (at this context)."""
+        return self.costs.call_seconds
+
+    @property
+    def token_seconds(self) -> Optional[float]:
+        """EWMA of pass seconds per emitted token (at this context)."""
+        return self.costs.token_seconds
+
+    @property
+    def chain_call_seconds(self) -> Optional[float]:
+        """EWMA of seconds per chain draft call (at this context)."""
+        return self.costs.chain_call_seconds
 
     def _ewma(self, old: Optional[float], new: float) -> float:
         return new if old is None else old + self.decay * (new - old)
@@ -310,6 +398,16 @@ class BudgetController:
             d = math.ceil(1.5 * max(self.recent_accepted)) + 2
         return max(1, min(self.max_depth, b, max(4, d)))
 
+    def _model_costs(self, budget: int, n_verified: int, draft_calls: int) -> tuple:
+        """``cost_model``'s times for a pass, with the context when it takes a fourth argument."""
+        try:
+            takes_context = len(inspect.signature(self.cost_model).parameters) >= 4
+        except (TypeError, ValueError):      # a callable without a signature: the three arguments
+            takes_context = False
+        if takes_context:
+            return self.cost_model(budget, n_verified, draft_calls, self.context)
+        return self.cost_model(budget, n_verified, draft_calls)
+
     def observe(self, budget: int, n_verified: int, draft_calls: int, draft_seconds: Optional[float],
                 target_seconds: Optional[float], points: Sequence[int], values: Sequence[float], accepted: float,
                 truncated: bool = False, catch_up: Optional[tuple] = None) -> None:
@@ -326,10 +424,11 @@ class BudgetController:
         if truncated:
             return
         if self.cost_model is not None:
-            draft_seconds, target_seconds = self.cost_model(budget, n_verified, draft_calls)
+            draft_seconds, target_seconds = self._model_costs(budget, n_verified, draft_calls)
+        own = self.own_costs
         if budget == 0:       # a plain decoding pass: only the target's one-token cost is news
             if target_seconds is not None:
-                self.target_cost.add(0, target_seconds)
+                own.target_cost.add(0, target_seconds)
                 self._ar_seconds += target_seconds
             return
         if self.chains:       # a chain of `budget` draft tokens, `accepted` of them accepted
@@ -338,19 +437,18 @@ class BudgetController:
             self._chain_hits = d * self._chain_hits + hit
             self._chain_tries = d * self._chain_tries + hit + (1.0 if hit < budget else 0.0)
             if draft_seconds is not None and draft_calls > 0:
-                self.chain_call_seconds = self._ewma(self.chain_call_seconds, draft_seconds / draft_calls)
+                own.chain_call_seconds = self._ewma(own.chain_call_seconds, draft_seconds / draft_calls)
             if target_seconds is not None:
-                self.target_cost.add(budget, target_seconds)
+                own.target_cost.add(budget, target_seconds)
             return
         if draft_seconds is not None:
-            self.draft_cost.add(budget, draft_seconds)
+            own.draft_cost.add(budget, draft_seconds)
             if draft_calls > 0:
-                self.call_seconds = self._ewma(self.call_seconds, draft_seconds / draft_calls)
+                own.call_seconds = self._ewma(own.call_seconds, draft_seconds / draft_calls)
             if target_seconds is not None:
-                self.token_seconds = self._ewma(self.token_seconds,
-                                                (draft_seconds + target_seconds) / (1 + accepted))
+                own.token_seconds = self._ewma(own.token_seconds, (draft_seconds + target_seconds) / (1 + accepted))
         if target_seconds is not None:
-            self.target_cost.add(budget, target_seconds)
+            own.target_cost.add(budget, target_seconds)
         values = list(values)
         if len(values) > len(points):
             self.depth_mass = values[len(points):]

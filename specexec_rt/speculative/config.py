@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 
 from . import memory
-from ..errors import ContextLengthError, SpecExecError, VocabularyMismatchError
+from ..errors import ContextLengthError, MemoryBudgetError, SpecExecError, VocabularyMismatchError
 from .auto import AUTO_SHAPES
 from .methods import METHOD_PARAMS, Method, method_class
 
@@ -50,11 +50,18 @@ class EngineConfig:
         if isinstance(budget, str) and not auto:
             raise ValueError(f"budget must be a positive int or 'auto', got {budget!r}")
         method_params = dict(method_params)
+        draft, lookup_alone = lookup_draft(draft, method, method_params)
         auto_shapes = method_params.pop("auto_shapes", None)
         if auto_shapes is not None and not auto:
             raise ValueError(f"auto_shapes={auto_shapes!r} needs budget='auto'")
         if auto_shapes is not None and auto_shapes not in AUTO_SHAPES:
             raise ValueError(f"auto_shapes must be 'trees' or 'chains', got {auto_shapes!r}")
+        if auto and method_params.get("ngram"):
+            # Lookup candidates are grafted into searched trees: auto sizes trees, not chains.
+            if AUTO_SHAPES.get(auto_shapes, False):
+                raise ValueError("auto_shapes='chains' cannot take prompt-lookup candidates (ngram=True): they are "
+                                 "grafted into SpecExec trees; use auto_shapes='trees'")
+            auto_shapes = "trees"
         if auto:
             if not method_cls.supports_auto:
                 raise ValueError(f"budget='auto' needs method='specexec', not {method!r}")
@@ -64,7 +71,7 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"method {method!r} takes no parameter(s) {sorted(unknown)}; "
                             f"it takes {list(METHOD_PARAMS[method]) or 'none'}")
-        if method_cls.needs_draft and draft is None:
+        if method_cls.needs_draft and draft is None and not lookup_alone:
             raise ValueError(f"method {method!r} needs a draft model (or use method='autoregressive'; "
                              f"specexec_rt.default_draft(target) builds one from the target)")
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
@@ -77,10 +84,18 @@ class EngineConfig:
         decoder = method_cls(budget, method_params, auto, target.device)
         if draft is not None:
             check_same_vocabulary(target, draft)
+            check_draft_cache(target, draft)
         check_tree_fits(target, decoder, budget)
         max_budget = budget
         avail = memory.available_bytes(target.device)
-        if avail is not None:           # auto lowers its ceiling to what fits instead of raising
+        if avail is not None:
+            # The KV caches come first (allocated on the first pass, at max_len per request slot);
+            # the passes' working memory must fit beside them.
+            kv = memory.engine_kv_bytes(target, draft, max_batch)
+            if kv > avail:
+                raise MemoryBudgetError(memory.describe_kv(target, draft, max_batch, kv, avail))
+            avail -= kv
+            # auto lowers its ceiling to what fits instead of raising
             what = "one draft-and-verify pass" + (f" of {max_batch} requests" if max_batch > 1 else "")
             max_budget = memory.fit_budget(target, draft, decoder, budget, auto, avail, False, what,
                                            n_requests=max_batch)
@@ -89,6 +104,28 @@ class EngineConfig:
                             and type(draft.layer_source).__name__ == "ResidentLayers")
         return cls(decoder, draft, auto, "auto" if auto else budget, max_budget, max_batch, prefill_chunk,
                    bool(static_draft) and method_cls.static_draft and max_batch == 1, auto_shapes)
+
+
+# ``Engine(target, draft=LOOKUP_DRAFT)``: prompt-lookup candidates alone, no draft model (ngram.py).
+LOOKUP_DRAFT = "ngram"
+
+
+def lookup_draft(draft, method: str, method_params: dict) -> tuple:
+    """``(draft model or None, whether the draft is the prompt lookup alone)``. ``draft="ngram"``
+    means SpecExec trees of prompt-lookup candidates: it sets ``ngram=True`` in
+    ``method_params`` (in place). ValueError for another string, or another method."""
+    if not isinstance(draft, str):
+        return draft, False
+    if draft != LOOKUP_DRAFT:
+        raise ValueError(f"draft must be a model, or {LOOKUP_DRAFT!r} for prompt-lookup candidates alone; got "
+                         f"{draft!r} (load a checkpoint with load_model, or use default_draft(target))")
+    if "ngram" not in METHOD_PARAMS[method]:
+        raise ValueError(f"draft={LOOKUP_DRAFT!r} grows SpecExec trees from prompt-lookup candidates: use "
+                         f"method='specexec', not {method!r}")
+    if method_params.setdefault("ngram", True) is not True:
+        raise ValueError(f"draft={LOOKUP_DRAFT!r} is the prompt lookup alone: ngram="
+                         f"{method_params['ngram']!r} contradicts it")
+    return None, True
 
 
 def check_tree_fits(target, method: Method, max_budget: int) -> None:
@@ -127,6 +164,15 @@ def request_budget_cap(target, draft, method: Method, max_budget: int, auto: boo
                 f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + draft tree ({draft_slots}) "
                 f"= {need} tokens exceed the draft's KV cache (max_len={draft.max_len})")
     return max(1, cap)
+
+
+def check_draft_cache(target, draft) -> None:
+    """A draft built to read a target's KV cache (drafts.py, ``share_cache``) runs only beside
+    that target: another model's cache holds another model's keys and values."""
+    source = getattr(draft, "kv_source", None)
+    if source is not None and source is not target:
+        raise ValueError("the draft reads the KV cache of the model it was derived from, which is not this "
+                         "engine's target; derive it from this target, or build it with share_cache=False")
 
 
 def check_same_vocabulary(target, draft, n_sample: int = 512) -> None:

@@ -30,13 +30,15 @@ import torch
 
 
 class StaticDraftStep:
-    """Runs ``model.forward`` for up to ``beams`` draft nodes with static shapes."""
+    """Runs ``model.forward`` for up to ``beams`` draft nodes with static shapes, on ``cache``
+    (default the model's own; a draft that reads the target's cache is given the target's)."""
 
-    def __init__(self, model, beams: int, width: int, capture: Optional[bool] = None):
+    def __init__(self, model, beams: int, width: int, capture: Optional[bool] = None, cache=None):
         self.model = model
+        self.cache = model.cache if cache is None else cache
         self.beams, self.width = int(beams), int(width)
         dev = model.device
-        self.bound = model.max_len - self.beams - self.width   # the largest prefix served
+        self.bound = self.cache.max_len - self.beams - self.width   # the largest prefix served
         if self.bound < 0:
             raise ValueError(f"a static draft step needs max_len >= beams + width ({self.beams} + {self.width})")
         self.tokens = torch.zeros(self.beams, dtype=torch.long, device=dev)
@@ -44,7 +46,7 @@ class StaticDraftStep:
         self.slots = torch.zeros(self.beams, dtype=torch.long, device=dev)
         self.mask = torch.zeros(self.beams, self.width, dtype=torch.bool, device=dev)
         self.prefix = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.scratch = torch.arange(model.max_len - self.beams, model.max_len, device=dev)
+        self.scratch = torch.arange(self.cache.max_len - self.beams, self.cache.max_len, device=dev)
         # A model whose forward reads the device on the host (mixture-of-experts layers) cannot be
         # captured: its static steps run eagerly.
         self.capture = (dev.type == "cuda" and getattr(model, "capturable", True)) if capture is None \
@@ -61,7 +63,7 @@ class StaticDraftStep:
         return prefix_len <= self.bound and tree_slots <= self.width
 
     def _forward(self) -> torch.Tensor:
-        return self.model.forward(self.tokens, self.positions, self.model.cache, self.bound,
+        return self.model.forward(self.tokens, self.positions, self.cache, self.bound,
                                   tree_mask=self.mask, cache_slots=self.slots, prefix_dev=self.prefix)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

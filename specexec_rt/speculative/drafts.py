@@ -1,7 +1,19 @@
 """Drafts derived from the target itself (no second checkpoint needed).
 
+Each has the target's architecture and widths, so by default (``share_cache=None``: whenever the
+target's KV cache is resident) it reads the target's KV cache instead of keeping one of its own,
+in the target's ``kv_dtype``: its layers attend to the target's committed
+K/V of the prefix (a layer-dropped draft, to those of the layers it kept), and only its tree
+lives in the cache's scratch slots past the prefix (which the verification pass then overwrites).
+Such a draft has no prefix KV, no prompt prefill and no catch-up after a pass (the runner:
+``Runner.shares_cache``). The output is exact either way (the draft only shapes the tree);
+``share_cache=False`` gives the draft a cache of its own, as a draft from another checkpoint has.
+A target whose KV lives in host memory (``offload_kv``) gets a draft with a resident cache of its
+own: every draft step would otherwise stream the prefix's K/V from the host; ``share_cache=True``
+with such a target is a ValueError.
+
 - ``layer_dropped_draft``: the target with only some transformer layers, sharing the target's
-  tensors (no extra weight memory; its own small KV cache).
+  tensors (no extra weight memory).
 - ``int4_draft``: the target's layers (optionally a subset) quantized to 4 bits (a quarter of
   the bytes to read per pass: the cheap draft on a memory-bound GPU).
 - ``default_draft``: the choice measured best by ``bench/acceptance.py --drafts`` (int4, at the
@@ -26,14 +38,38 @@ def _resident_layers(target: Transformer) -> list:
     return [move_layer(layer, target.device) for layer in target.weights.layers]
 
 
-def _build(target: Transformer, keep: list, layers: list, max_len: Optional[int], lm_head=None) -> Transformer:
+def _build(target: Transformer, keep: list, layers: list, max_len: Optional[int], share_cache: Optional[bool],
+           lm_head=None) -> Transformer:
     cfg = target.config.keep_layers(keep)
     w = target.weights
     weights = ModelWeights(embed=w.embed, final_norm=w.final_norm,
                            lm_head=w.lm_head if lm_head is None else lm_head, layers=layers)
-    draft = Transformer(cfg, weights, max_len or target.max_len, target.device, target.dtype)
+    if share_cache is None:
+        share_cache = not target.kv_offload
+    if share_cache:
+        if target.kv_offload:
+            # Every draft step would stream each kept layer's prefix K/V from host memory (and a
+            # captured static step cannot copy from the host): the draft keeps its own cache.
+            raise ValueError("share_cache=True: the target's KV cache lives in host memory (offload_kv), which a "
+                             "draft cannot read per step; leave share_cache unset (or False) for a draft with a "
+                             "resident cache of its own")
+        if max_len is not None and max_len != target.max_len:
+            raise ValueError(f"max_len={max_len}: a draft that reads the target's KV cache has the target's length "
+                             f"({target.max_len}); pass share_cache=False for a cache of its own")
+        draft = Transformer(cfg, weights, target.max_len, target.device, target.dtype, kv_dtype=target.kv_dtype,
+                            kv_layers=keep, own_cache=False)
+    else:
+        draft = Transformer(cfg, weights, max_len or target.max_len, target.device, target.dtype,
+                            kv_dtype=target.kv_dtype)
+    # The model whose cache the draft reads (Engine checks it is the engine's target).
+    draft.kv_source = target if share_cache else None
     draft.source = target.source        # same tokenizer
     return draft
+
+
+def reads_target_cache(draft, target) -> bool:
+    """Whether ``draft`` attends to ``target``'s KV cache (built from it with ``share_cache``)."""
+    return draft is not None and getattr(draft, "kv_source", None) is target
 
 
 def check_keep(target: Transformer, keep: Sequence[int]) -> list:
@@ -44,17 +80,21 @@ def check_keep(target: Transformer, keep: Sequence[int]) -> list:
     return keep
 
 
-def layer_dropped_draft(target: Transformer, keep: Sequence[int], max_len: Optional[int] = None) -> Transformer:
-    """The target restricted to layers ``keep`` (sorted), sharing the target's weights."""
+def layer_dropped_draft(target: Transformer, keep: Sequence[int], max_len: Optional[int] = None,
+                        share_cache: Optional[bool] = None) -> Transformer:
+    """The target restricted to layers ``keep`` (sorted), sharing the target's weights (and, with
+    ``share_cache``, the K/V of those layers in the target's cache)."""
     keep = check_keep(target, keep)
     layers = target.weights.layers if target.layer_source.__class__.__name__ == "ResidentLayers" \
         else _resident_layers(target)
-    return _build(target, keep, [layers[i] for i in keep], max_len)
+    return _build(target, keep, [layers[i] for i in keep], max_len, share_cache)
 
 
 def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_size: int = 64,
-               max_len: Optional[int] = None, lm_head_int4: Optional[bool] = None) -> Transformer:
-    """The target's layers ``keep`` (default all) with every matrix quantized to 4 bits.
+               max_len: Optional[int] = None, lm_head_int4: Optional[bool] = None,
+               share_cache: Optional[bool] = None) -> Transformer:
+    """The target's layers ``keep`` (default all) with every matrix quantized to 4 bits
+    (``share_cache``: see the module docstring).
 
     ``lm_head_int4``: also quantize the draft's own LM head (the embedding stays shared).
     Default: on the CPU when the target's head is dense. A float32 head costs ~11 ms per row
@@ -92,7 +132,7 @@ def int4_draft(target: Transformer, keep: Optional[Sequence[int]] = None, group_
             ffn_norm=vec(lw.ffn_norm), w_gate_up=None if moe else q(lw.w_gate_up), w_down=None if moe else q(lw.w_down),
             q_norm=vec(lw.q_norm), k_norm=vec(lw.k_norm), moe=moe))
     lm_head = q(target.weights.lm_head) if lm_head_int4 else None
-    draft = _build(target, keep, layers, max_len, lm_head)
+    draft = _build(target, keep, layers, max_len, share_cache, lm_head)
     draft.quantization = "int4"
     return draft
 
@@ -103,8 +143,10 @@ def default_keep(n_layers: int) -> list:
     return sorted(set(range(k)) | ({n_layers - 2, n_layers - 1} & set(range(n_layers))))
 
 
-def default_draft(target: Transformer, max_len: Optional[int] = None) -> Transformer:
-    """The demo's draft: the target's own weights re-quantized to 4 bits.
+def default_draft(target: Transformer, max_len: Optional[int] = None,
+                  share_cache: Optional[bool] = None) -> Transformer:
+    """The demo's draft: the target's own weights re-quantized to 4 bits, reading the target's KV
+    cache (``share_cache``: see the module docstring).
 
     The group size is the checkpoint's own 4-bit group when it had one (``source_int4_group``:
     32 for GGUF Q4_0/Q4_1/Q4_K, GPTQ/AWQ's ``group_size``), else 64. A target dequantized from
@@ -119,8 +161,9 @@ def default_draft(target: Transformer, max_len: Optional[int] = None) -> Transfo
     """
     dense = all(isinstance(m, torch.Tensor) for lw in target.weights.layers for m in layer_matrices(lw))
     if dense:
-        return int4_draft(target, group_size=int4_group_size(target, target.source_int4_group or 64), max_len=max_len)
-    return layer_dropped_draft(target, default_keep(target.config.n_layers), max_len)
+        return int4_draft(target, group_size=int4_group_size(target, target.source_int4_group or 64), max_len=max_len,
+                          share_cache=share_cache)
+    return layer_dropped_draft(target, default_keep(target.config.n_layers), max_len, share_cache)
 
 
 def matrix_widths(target: Transformer) -> list:
@@ -165,7 +208,8 @@ def builtin_draft_group(spec: str) -> Optional[int]:
     return int(text)
 
 
-def builtin_draft(target: Transformer, spec: str, max_len: Optional[int] = None) -> Transformer:
+def builtin_draft(target: Transformer, spec: str, max_len: Optional[int] = None,
+                  share_cache: Optional[bool] = None) -> Transformer:
     """The draft ``spec`` names: ``default`` (``default_draft``) or ``int4:G``, the target's layers
     re-quantized to 4 bits in groups of G (``default`` already picks the checkpoint's own group;
     ``int4:G`` overrides it, e.g. to compare group sizes)."""
@@ -175,10 +219,10 @@ def builtin_draft(target: Transformer, spec: str, max_len: Optional[int] = None)
     if group is None:
         raise ValueError(f"{spec!r} names no built-in draft (default, or int4:G with G in {BUILTIN_GROUPS})")
     if group == 0:
-        return default_draft(target, max_len)
+        return default_draft(target, max_len, share_cache)
     widths = matrix_widths(target)
     if any(k % group for k in widths):
         raise UnsupportedModelError(target.config.model_type,
                                     f"draft {spec!r}: group size {group} must divide every matrix width "
                                     f"(this model's: {widths}); pick a smaller one")
-    return int4_draft(target, group_size=group, max_len=max_len)
+    return int4_draft(target, group_size=group, max_len=max_len, share_cache=share_cache)

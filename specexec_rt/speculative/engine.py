@@ -106,7 +106,8 @@ class Engine:
         self._tokenizer_error: Optional[Exception] = None
         self.runner = Runner(target, self.draft, self.decoder, max_batch, self.static_draft)
         self.region_len, self.draft_region_len = self.runner.region_len, self.runner.draft_region_len
-        auto = AutoBudget(self.decoder, cfg.max_budget, self.device, self.draft is not None, cfg.auto_shapes,
+        drafting = self.draft is not None or self.decoder.grows_without_draft
+        auto = AutoBudget(self.decoder, cfg.max_budget, self.device, drafting, cfg.auto_shapes,
                           self.draft_region_len) if cfg.auto else None
         self.budget_controller = auto.controller if auto is not None else None
         self.auto_shapes: Optional[str] = auto.shapes if auto is not None else None   # "trees" or "chains"
@@ -317,7 +318,7 @@ class Engine:
         cap = min(cap, memory.check_request(self.target, self.draft, self.decoder, self._max_budget, self.auto,
                                             len(ids), sampled=not params.greedy, n_requests=self.max_batch))
         tracker = TextTracker(self.tokenizer, self._eos_ids(), max_new_tokens, stops)
-        req = Request(ids, params, seed, max_new_tokens, tracker, self.device)
+        req = Request(ids, params, seed, max_new_tokens, tracker, self.device, self.runner.shares_cache)
         req.auto_cap = cap
         return req
 

@@ -128,6 +128,47 @@ class PassShape:
     noise_rows: int = 0
 
 
+def kv_bytes(model, slots: int) -> int:
+    """Device bytes of a KV cache of ``slots`` slots for ``model``, in its ``kv_dtype`` (int8's
+    scales included). A model whose KV lives in host memory (``kv_offload``) holds only its
+    streaming slots on the device: ``n_slots`` layers' worth."""
+    from ..model.kv_cache import kv_bytes_per_slot
+
+    c = model.config
+    per_slot = kv_bytes_per_slot(c.n_layers, c.n_kv_heads, c.head_dim, model.kv_dtype)
+    if getattr(model, "kv_offload", False):
+        from ..model.kv_cache import KV_STREAM_SLOTS
+
+        return int(slots * per_slot // c.n_layers * min(KV_STREAM_SLOTS, c.n_layers))
+    return int(slots * per_slot)
+
+
+def engine_kv_bytes(target, draft, max_batch: int) -> int:
+    """Device bytes of the KV caches an engine of ``max_batch`` request slots has yet to allocate:
+    with one slot the models' own caches (``max_len`` each) unless already allocated, with more a
+    pool of ``max_batch`` regions per model (``Runner``). A draft that reads the target's cache
+    (``own_cache=False``) has none."""
+    total = 0
+    for model in (target, draft):
+        if model is None or not model.own_cache:
+            continue
+        if max_batch == 1:
+            total += 0 if model.cache_allocated else kv_bytes(model, model.max_len)
+        else:
+            total += kv_bytes(model, max_batch * model.max_len)
+    return total
+
+
+def describe_kv(target, draft, max_batch: int, need: int, avail: int) -> str:
+    """The error for KV caches that do not fit, with what each model's takes and the settings to lower."""
+    parts = [f"target max_len={target.max_len} kv_dtype={target.cache_dtype_name}"]
+    if draft is not None and draft.own_cache:
+        parts.append(f"draft max_len={draft.max_len} kv_dtype={draft.cache_dtype_name}")
+    return (f"the KV caches of max_batch={max_batch} requests ({'; '.join(parts)}) need {_gib(need)} on "
+            f"{target.device} but {_gib(avail)} is available; lower max_batch or max_len, use kv_dtype='int8', "
+            f"or keep the target's KV in host memory (offload_kv=True)")
+
+
 def pass_bytes(target, draft, shape: PassShape, sampled: bool = True) -> int:
     """Peak transient bytes of one draft-then-verify pass of this ``shape`` against full KV
     caches. ``sampled`` counts top-p/top-k sampling's temporaries (greedy needs fewer)."""

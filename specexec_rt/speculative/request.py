@@ -12,6 +12,9 @@ Cache bookkeeping of a request (host ints, no device reads), relative to its reg
   pass); the root (the last committed token) is fed in the next verification pass.
 - draft: slots ``[0, dp)`` hold committed tokens; ``pending`` (the rest, ending with the root)
   is fed as a causal chain in the first draft call of the next pass.
+- a draft that reads the target's cache (``draft_reads_target``): its prefix is the target's,
+  so ``dp == tp`` and ``pending == [root]`` after every pass; it drafts only once the whole
+  prompt is in the target cache (``t_pending`` empty): a request's first tree is its root alone.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ class Request:
     the fields guarded by the scheduler's condition: ``pieces``, ``done``, ``error``)."""
 
     def __init__(self, ids: list, params: SamplingParams, seed: Optional[int], max_new_tokens: int,
-                 tracker, device):
+                 tracker, device, draft_reads_target: bool = False):
         self.ids = ids
         self.params = params
         self.max_new_tokens = max_new_tokens
@@ -92,9 +95,11 @@ class Request:
         self.tp = 0
         self.t_pending: list = list(ids[:-1])
         self.dp = 0
-        self.pending: list = list(ids)
+        self.draft_reads_target = draft_reads_target
+        self.pending: list = list(ids[-1:]) if draft_reads_target else list(ids)
         self.produced = 0
         self.committed: list = list(ids)           # every committed token: the prompt, then the new ones
+        self.lookup = None                         # prompt lookup: the n-gram index of committed (ngram.py)
         self.auto_cap = 0                          # budget="auto": the largest tree its caches allow
         self.submitted = time.perf_counter()
         self.on_update = None                      # callback(piece, done) from the pass thread
@@ -115,6 +120,12 @@ class Request:
         """Absolute position of the root (the last committed token): what the target cache
         holds, plus the committed tokens it has yet to read before the root."""
         return self.tp + len(self.t_pending)
+
+    @property
+    def draft_ready(self) -> bool:
+        """Whether the draft can grow this request's tree now: a draft that reads the target's
+        cache needs the whole prompt in it (its own cache catches up on any tokens instead)."""
+        return not (self.draft_reads_target and self.t_pending)
 
     @property
     def remaining(self) -> int:

@@ -15,6 +15,12 @@ pass's timings and sync count. The runner owns the device side: the KV caches (o
 ``max_len`` slots per request slot), the static draft steps, and each request's cache
 bookkeeping (``tp``, ``t_pending``, ``dp``, ``pending``: request.py).
 
+A draft derived from the target (drafts.py, ``share_cache``) has no cache: the runner hands it
+the target's, whose regions it reads (the committed prefix) and whose scratch slots past the
+prefix hold its tree until the verification overwrites them (``shares_cache``). Nothing of the
+draft's is committed, and a request whose prompt is not in the target cache yet verifies its
+root alone (``Request.draft_ready``).
+
 Host syncs per pass: one per draft step of a best-first search (how many nodes it expands),
 one for the trees' sizes, one for the packet; ``RunnerOutput.syncs`` counts them.
 """
@@ -28,7 +34,8 @@ import torch
 
 from ..model import Segment, causal_mask, forward_segments
 from .drafting import Drafter
-from .methods import Method, PassContext
+from .drafts import reads_target_cache
+from .methods import Autoregressive, Method, PassContext
 from .packet import Packet, from_fixed, to_fixed
 from .request import Request
 from .sampling import process_logits
@@ -52,13 +59,15 @@ class PassResult:
 
     tokens: the accepted path's tokens, the root first (``accepted`` draft tokens follow it);
     bonus: the target's draw where the walk stopped; finite: False when the target's logits of
-    the request's tree were NaN or inf (the request fails); tree_size: rows verified."""
+    the request's tree were NaN or inf (the request fails); tree_size: rows verified; grown:
+    False when the pass's method grew no tree for it (its draft was not ready: the root alone)."""
 
     request: Request
     tokens: list
     bonus: int
     finite: bool
     tree_size: int
+    grown: bool = True
 
     @property
     def accepted(self) -> int:
@@ -97,7 +106,9 @@ class Runner:
         self.max_batch = max_batch
         self.static_draft = static_draft
         self.region_len = target.max_len
-        self.draft_region_len = draft.max_len if draft is not None else 0
+        # A draft derived from the target reads the target's cache (its regions, its scratch).
+        self.shares_cache = reads_target_cache(draft, target)
+        self.draft_region_len = 0 if draft is None else self.region_len if self.shares_cache else draft.max_len
         self._pools: dict = {}
         self._static_steps: dict = {}     # beams -> StaticDraftStep (None: the cache is too short)
 
@@ -109,7 +120,11 @@ class Runner:
 
     @property
     def draft_cache(self):
-        return self._pool(self.draft) if self.draft is not None else None
+        """The cache the draft runs on: its own (regions of ``draft_region_len`` slots), or the
+        target's when it reads the target's cache."""
+        if self.draft is None:
+            return None
+        return self.target_cache if self.shares_cache else self._pool(self.draft)
 
     def _pool(self, model):
         # One slot: the model's own cache; more: a pool of max_batch regions, allocated once.
@@ -148,7 +163,8 @@ class Runner:
             # past the region runs dynamically).
             width = 1 + (min(self.method.params["max_depth"], 16) - 1) * beams
             fits = self.draft.max_len >= beams + width + 1
-            self._static_steps[beams] = StaticDraftStep(self.draft, beams, width) if fits else None
+            self._static_steps[beams] = StaticDraftStep(self.draft, beams, width, cache=self.draft_cache) \
+                if fits else None
         return self._static_steps[beams]
 
     # ------------------------------------------------------------------ growth
@@ -171,23 +187,40 @@ class Runner:
         """Run the pass ``out`` (scheduler.SchedulerOutput) and commit it."""
         reads = HostReads()
         t0 = time.perf_counter()
-        reqs = out.tree_requests
-        grown, drafter, ctx = [], None, None
-        if reqs:
-            drafter = self._drafter(reqs, out.method, out.budget, [r.stats for r in reqs])
-            ctx = PassContext(reqs, drafter, reads, self.device, out.budget, out.depth, out.controller)
-            grown = out.method.grow(ctx)
+        ready = [r.draft_ready for r in out.tree_requests]
+        grown, drafter, ctx = self._grow(out, ready, reads)
         t1 = time.perf_counter()
         logits = self._verify(out, grown)
         packet = Packet()
         accepted = self._accept(out, grown, logits, packet)
         curve_at = packet.add(to_fixed(ctx.curve[1])) if ctx is not None and ctx.curve is not None else None
         h = packet.read(reads)
-        results = self._commit(out, grown, accepted, h, drafter is not None)
+        results = self._commit(out, grown, ready, accepted, h, drafter is not None)
         t2 = time.perf_counter()
         return RunnerOutput(results, t1 - t0, t2 - t1, reads.count, drafter.calls if drafter is not None else 0,
                             sum(res.tree_size for res in results),
                             (ctx.curve[0], from_fixed(h[curve_at])) if curve_at is not None else None)
+
+    def _grow(self, out, ready: list, reads: HostReads) -> tuple:
+        """The pass's trees, in ``out.tree_requests``' order: the method grows those whose draft
+        is ready (``ready[i]``); the others get what it grows without a draft (prompt lookup), or
+        their root alone. Returns ``(grown, drafter or None, the growth's PassContext or None)``."""
+        reqs = out.tree_requests
+        growing = [r for r, ok in zip(reqs, ready) if ok]
+        drafter, ctx, grown = None, None, []
+        if growing:
+            drafter = self._drafter(growing, out.method, out.budget, [r.stats for r in growing])
+            ctx = PassContext(growing, drafter, reads, self.device, out.budget, out.depth, out.controller)
+            grown = out.method.grow(ctx)
+        if len(growing) == len(reqs):
+            return grown, drafter, ctx
+        waiting = [r for r, ok in zip(reqs, ready) if not ok]
+        if out.method.grows_without_draft:
+            rest = iter(out.method.grow(PassContext(waiting, None, reads, self.device, out.budget, out.depth)))
+        else:
+            rest = iter(Autoregressive.root_trees(waiting, self.device))
+        trees = iter(grown)
+        return [next(trees) if ok else next(rest) for ok in ready], drafter, ctx
 
     def _verify(self, out, grown: list) -> torch.Tensor:
         """The target pass: prompt chunks, then each tree (behind whatever prompt still rides
@@ -251,12 +284,12 @@ class Runner:
             where.append((path_at, packet.add(ev) if ev is not None else None))
         return where
 
-    def _commit(self, out, grown: list, accepted: list, h: list, drafted: bool) -> list:
+    def _commit(self, out, grown: list, ready: list, accepted: list, h: list, drafted: bool) -> list:
         """Read each request's result out of ``h``, let the method learn from its evidence, and
         commit every accepted path (and prompt chunk, already in place) into its region: one
         index copy per cache. Returns the ``PassResult``s."""
         t_src, t_dst, results, draft_paths = [], [], [], []
-        for r, (vt, _), (path_at, ev_at) in zip(out.tree_requests, grown, accepted):
+        for r, (vt, _), ok, (path_at, ev_at) in zip(out.tree_requests, grown, ready, accepted):
             n, row = vt.n, h[path_at]
             bad, m, bonus, rest = row[0], row[1], row[2], row[3:]
             if ev_at is not None and not bad:    # only finite passes teach the method
@@ -265,12 +298,14 @@ class Runner:
             start = r.region * self.region_len + r.tp + len(r.t_pending)
             t_src += [start + j for j in path]
             t_dst += list(range(start, start + m + 1))
-            results.append(PassResult(r, tokens, bonus, not bad, n))
+            results.append(PassResult(r, tokens, bonus, not bad, n, ok))
             draft_paths.append(dslots)
         self._move(self.target_cache, t_src, t_dst)
         for r, c in out.prefill_chunks:
             r.tp += c
             del r.t_pending[:c]
+            if self.shares_cache:
+                r.dp = r.tp
         d_src, d_dst = [], []
         for res, dslots in zip(results, draft_paths):
             r, tokens, bonus = res.request, res.tokens, res.bonus
@@ -278,6 +313,10 @@ class Runner:
             r.t_pending = []
             if self.draft is None:
                 r.pending = [bonus]
+                continue
+            if self.shares_cache:
+                # The draft's prefix is the target's: nothing to commit, nothing to catch up on.
+                r.dp, r.pending = r.tp, [bonus]
                 continue
             if not drafted:
                 # No draft call this pass: the draft's cache stays as it was and catches up on

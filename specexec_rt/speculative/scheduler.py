@@ -43,7 +43,8 @@ class SchedulerOutput:
     curve for it), else None. The rest is what auto's cost fits need to know about the pass:
     first_trees (a request's first tree: its draft time includes the prompt's prefill),
     carries_prompt (the target pass carries prompt tokens), catch_up (the longest chain a
-    draft reads before drafting)."""
+    draft reads before drafting), context (the tree requests' mean prefix length: what each
+    row of the pass attends to)."""
 
     tree_requests: list
     prefill_chunks: list
@@ -54,6 +55,7 @@ class SchedulerOutput:
     first_trees: bool = False
     carries_prompt: bool = False
     catch_up: int = 0
+    context: int = 0
 
 
 class Scheduler:
@@ -176,13 +178,15 @@ class Scheduler:
                 chunks.append((r, room))
                 room = 0
         catch_up = max([len(r.pending) for r in trees] or [0])
+        context = sum(r.root_pos for r in trees) // len(trees) if trees else 0
         method, budget, depth = self.method, self.max_budget, self.method.params.get("max_depth", 0)
         if trees and self.auto is not None:
-            method, budget, depth = self.auto.plan(trees, catch_up)
+            method, budget, depth = self.auto.plan(trees, catch_up, context)
         return SchedulerOutput(trees, chunks, method, budget, depth,
                                controller=self.auto.controller if self.auto is not None else None,
                                first_trees=any(r.stats.target_passes == 0 for r in trees),
-                               carries_prompt=any(r.t_pending for r in trees) or bool(chunks), catch_up=catch_up)
+                               carries_prompt=any(r.t_pending for r in trees) or bool(chunks), catch_up=catch_up,
+                               context=context)
 
     def update(self, out: SchedulerOutput, run) -> None:
         """Count the pass ``run`` (runner.RunnerOutput) into every request's stats and text, feed
@@ -197,7 +201,8 @@ class Scheduler:
                     f"low-precision dtype)")))
                 continue
             new = res.new_tokens()
-            accepted.append(res.accepted)
+            if res.grown:     # a root verified alone (its draft not ready) says nothing about the trees
+                accepted.append(res.accepted)
             self._count(r.stats, out, run, res.tree_size, len(new))
             r.produced += len(new)
             r.committed.extend(new)

@@ -54,6 +54,11 @@ class DraftTree:
     log-acceptance), alive / expanded bool ``[C]``, draft_slot int64 ``[C]`` (-1 = no draft
     K/V), features int64 ``[C]`` (the acceptance model's bin of the node, -1 = none),
     anc bool ``[C, C]`` (``anc[i, j]``: j is i or an ancestor of i).
+
+    Besides the draft model's children, a tree can take candidates from elsewhere (``graft``: a
+    prompt-lookup trie, ngram.py). A grafted node is expanded by the draft only once its parent
+    was (so every expanded node has the draft's K/V of all its ancestors), and a child the draft
+    proposes again under the same parent is merged with the grafted one (``add_children``).
     """
 
     # Storage starts at this many nodes and doubles on demand up to ``capacity``: a pass rarely
@@ -71,7 +76,8 @@ class DraftTree:
         self.anc[0, 0] = True
         self.n_nodes = 1            # host: nodes ever created
         self.n_draft_slots = 0      # host: draft tree-region slots used
-        self.levels = 0             # host: add_children calls, a bound on the depth
+        self.levels = 0             # host: a bound on the depth (add_children calls, grafted depths)
+        self._grafted = None        # (parents, tokens, node ids) of grafted nodes, int64 [G] each
 
     def _allocate(self, c: int) -> None:
         """(Re)allocate storage for ``c`` nodes, keeping what the first ``n_nodes`` hold."""
@@ -125,10 +131,9 @@ class DraftTree:
         Returns the new node indices ``[m * w]``."""
         m, w = tokens.shape
         k = m * w
-        if self.n_nodes + k > self.capacity:
-            raise RuntimeError(f"DraftTree capacity {self.capacity} exceeded ({self.n_nodes} + {k} nodes)")
-        if self.n_nodes + k > self.allocated:
-            self._allocate(min(self.capacity, max(2 * self.allocated, self.n_nodes + k)))
+        self._reserve(k)
+        if self._grafted is not None:
+            logq = self._merge_twins(parents, tokens, logq)
         # The new nodes are the next k indices: slices, not index tensors (each indexed write is
         # a scatter; this runs once per tree level, on a CPU a tenth of a millisecond per op).
         a, b = self.n_nodes, self.n_nodes + k
@@ -150,6 +155,61 @@ class DraftTree:
         self.n_nodes += k
         self.levels += 1
         return new
+
+    def _reserve(self, k: int) -> None:
+        if self.n_nodes + k > self.capacity:
+            raise RuntimeError(f"DraftTree capacity {self.capacity} exceeded ({self.n_nodes} + {k} nodes)")
+        if self.n_nodes + k > self.allocated:
+            self._allocate(min(self.capacity, max(2 * self.allocated, self.n_nodes + k)))
+
+    def _merge_twins(self, parents: torch.Tensor, tokens: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        """Children ``[m, w]`` of ``parents`` that a graft already holds (same parent, same token)
+        are not created again (their ``logq`` becomes -inf: created dead, still proposed
+        evidence); the grafted twin keeps the better of the two path scores. Device ops only."""
+        m, w = tokens.shape
+        gp, gt, gid = self._grafted
+        twin_of = (parents.view(m, 1, 1) == gp) & (tokens.view(m, w, 1) == gt)      # [m, w, G]
+        twin = twin_of.any(-1)
+        ids = gid[twin_of.to(torch.int8).argmax(-1)]
+        lq = logq.float()
+        path = self.scores[parents].view(m, 1) + torch.where(torch.isnan(lq), torch.full_like(lq, NEG_INF), lq)
+        self.scores.scatter_reduce_(0, ids.reshape(-1), torch.where(twin, path, torch.full_like(path, NEG_INF))
+                                    .reshape(-1), "amax")
+        return torch.where(twin, torch.full_like(lq, NEG_INF), lq)
+
+    def graft(self, parent: int, cand) -> None:
+        """Append a trie of candidates under node ``parent``: ``cand`` (``ngram.Candidates``)
+        holds host lists, parents before children: ``parents`` (index among the trie's nodes,
+        -1 for ``parent``), ``tokens``, ``logq`` (log-score given the parent, never above 0) and
+        ``bins`` (features). The whole trie is a handful of device ops, however deep."""
+        k = len(cand.tokens)
+        if k == 0:
+            return
+        self._reserve(k)
+        dev, a, b = self.device, self.n_nodes, self.n_nodes + k
+        depth, score, block = [], [], torch.zeros(k, k, dtype=torch.bool)
+        for i, p in enumerate(cand.parents):
+            depth.append(1 if p < 0 else depth[p] + 1)
+            score.append(cand.logq[i] + (0.0 if p < 0 else score[p]))
+            if p >= 0:
+                block[i] = block[p]
+            block[i, i] = True
+        glob = torch.tensor([parent if p < 0 else a + p for p in cand.parents], device=dev)
+        toks = torch.tensor(cand.tokens, device=dev)
+        self.tokens[a:b] = toks
+        self.parents[a:b] = glob
+        self.features[a:b] = torch.tensor(cand.bins, device=dev)
+        self.depths[a:b] = self.depths[parent] + torch.tensor(depth, device=dev)
+        sc = self.scores[parent] + torch.tensor(score, dtype=torch.float32, device=dev)
+        self.scores[a:b] = sc
+        self.alive[a:b] = self.alive[parent] & (sc > NEG_INF)
+        self.anc[a:b, :a] = self.anc[parent, :a]
+        self.anc[a:b, a:b] = block.to(dev)
+        ids = torch.arange(a, b, device=dev)
+        new = (glob, toks, ids)
+        self._grafted = new if self._grafted is None else tuple(torch.cat(p) for p in zip(self._grafted, new))
+        self.n_nodes = b
+        self.levels += max(depth)
 
     def prune(self, budget: int) -> torch.Tensor:
         """Keep the root and the ``budget`` best other nodes by score (see ``prune_forest``).
@@ -181,6 +241,8 @@ class DraftTree:
         scoring above ``threshold``), -inf elsewhere: float ``[n_nodes]``."""
         n = self.n_nodes
         ok = self.alive[:n] & ~self.expanded[:n] & (self.depths[:n] < max_depth) & (self.scores[:n] > threshold)
+        if self._grafted is not None:      # a grafted node waits for its parent's expansion
+            ok &= self.expanded[self.parents[:n].clamp_min(0)]
         return torch.where(ok, self.scores[:n], torch.full_like(self.scores[:n], NEG_INF))
 
     # ------------------------------------------------------------------ verification

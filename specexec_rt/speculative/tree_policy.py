@@ -186,6 +186,8 @@ class TreePolicy:
         """log of the least path acceptance of a node the search expands (-inf: no floor)."""
         return -math.inf if EXPAND_FLOOR <= 0 else math.log(EXPAND_FLOOR)
 
+    static_shapes = False     # grows static shapes (shape_plans) instead of searching
+
     def shape_plans(self, params: Sequence[SamplingParams], budget: int, depths: Sequence[int]) -> Optional[list]:
         """Static shapes to fill, one ``ShapePlan`` per request (request ``i``: ``params[i]``,
         depth at most ``depths[i]``), or None: grow by the best-first search."""
@@ -262,6 +264,7 @@ class SequoiaPolicy(TreePolicy):
 
     name = "sequoia"
     own_params = ("acceptance",)
+    static_shapes = True
 
     def __init__(self, device, width: int, growth_temperature: Optional[float] = None,
                  acceptance: Optional[Sequence[float]] = None):

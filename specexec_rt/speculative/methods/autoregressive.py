@@ -23,4 +23,9 @@ class Autoregressive(Method):
         return PassShape(1, n_requests=n_requests, noise_rows=noise_ring_rows(1))
 
     def grow(self, ctx: PassContext) -> list:
-        return [(ChainTree(1, ctx.device, r.root).compact(), None) for r in ctx.requests]
+        return self.root_trees(ctx.requests, ctx.device)
+
+    @staticmethod
+    def root_trees(requests: list, device) -> list:
+        """``(VerifyTree, None)`` of each request's root alone."""
+        return [(ChainTree(1, device, r.root).compact(), None) for r in requests]

@@ -72,6 +72,12 @@ class Method:
             raise ValueError(f"{self.name} parameter coupled must be True or False, got {self.params['coupled']!r}")
 
     @property
+    def grows_without_draft(self) -> bool:
+        """Whether ``grow`` can make trees with no draft call (``ctx.drafter`` None): SpecExec's
+        prompt lookup. Otherwise a request whose draft is not ready verifies its root alone."""
+        return False
+
+    @property
     def coupled(self) -> bool:
         """Sampled drafts are coupled to the target's draws (the draft ranks candidates by
         ``q / E`` with the request's position noise ``E``; see ``sampling.coupled_children``)."""

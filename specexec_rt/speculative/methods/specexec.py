@@ -2,6 +2,12 @@
 search over all requests of the pass so the budget goes where acceptance is likely. Which tree
 the budget buys is the tree policy's (tree_policy.py); ``budget="auto"`` sizes every pass and may
 switch it to a coupled chain or to plain decoding (``auto_method``).
+
+With ``ngram=True`` every tree also starts from the request's prompt-lookup trie (ngram.py),
+grafted under the root: the draft model's search then competes with it for the same budget
+(the lookup's nodes raise the bar a draft node must clear, and the draft expands a lookup node
+only when it ranks among the best), and without a draft model (``draft="ngram"``) the trie
+pruned to the budget is the tree.
 """
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import torch
 
 from .. import sampling
 from .. import tree_policy
+from ..ngram import LOOKUP_PARAMS, PromptLookup, lookup_settings
 from ..memory import PassShape
 from ..sampling import noise_ring_rows, process_logits
 from ..tree import NEG_INF, DraftTree, prune_forest
@@ -27,8 +34,9 @@ class SpecExec(Method):
     always), so the budget goes to the requests whose drafts are most likely to be accepted."""
 
     name = "specexec"
-    param_names = ("beams_per_step", "branch_width", "max_depth", "coupled") + tree_policy.POLICY_PARAMS
-    other_params = tree_policy.POLICY_PARAMS + ("coupled",)
+    param_names = ("beams_per_step", "branch_width", "max_depth", "coupled") + tree_policy.POLICY_PARAMS \
+        + LOOKUP_PARAMS
+    other_params = tree_policy.POLICY_PARAMS + ("coupled", "ngram")
 
     supports_auto = True
     static_draft = True
@@ -39,6 +47,10 @@ class SpecExec(Method):
         p = self.params
         self.policy = tree_policy.make_policy(p["tree"], device, p["branch_width"], p["growth_temperature"],
                                               p["acceptance"])
+        self.lookup = PromptLookup(self._lookup) if self._lookup is not None else None
+        if self.lookup is not None and self.policy.static_shapes:
+            raise ValueError(f"ngram=True grafts lookup candidates into a searched tree: use tree='calibrated' or "
+                             f"'softmax', not {p['tree']!r} (a static shape)")
         self._plain = Autoregressive(1, {})
         self._chains: dict = {}           # k -> Chain (auto's chain passes)
 
@@ -46,7 +58,12 @@ class SpecExec(Method):
         p.setdefault("beams_per_step", min(budget, 32))
         p.setdefault("branch_width", 8)
         p.setdefault("coupled", True)
+        self._lookup = lookup_settings(p)       # ngram, ngram_min, ngram_max, ngram_tokens
         return tree_policy.set_defaults(p)     # tree, max_depth, growth_temperature, acceptance
+
+    @property
+    def grows_without_draft(self) -> bool:
+        return self.lookup is not None
 
     def beams(self, budget: int) -> int:
         """Nodes expanded per draft step at this budget (auto follows the budget)."""
@@ -83,6 +100,7 @@ class SpecExec(Method):
         p = self.params
         beams = self.beams(budget)
         beams, capacity = self.policy.pass_size(budget, beams, 1 + p["max_depth"] * beams * p["branch_width"])
+        capacity += self.lookup.settings.max_nodes if self.lookup is not None else 0
         return PassShape(1 + budget, beams, capacity, n_requests=n_requests, coupled=self.coupled,
                          noise_rows=noise_ring_rows(p["max_depth"] + 1))
 
@@ -108,7 +126,10 @@ class SpecExec(Method):
         if plans is not None:
             trees = [DraftTree(pl.capacity, dev, r.root) for r, pl in zip(reqs, plans)]
         else:
-            trees = [DraftTree(1 + d * beams * width, dev, r.root) for r, d in zip(reqs, depth_cap)]
+            trees = self._trees(reqs, [1 + d * beams * width if drafter is not None else 1 for d in depth_cap], dev)
+        if drafter is None:          # prompt lookup alone: each trie, pruned to the budget, is the tree
+            prune_forest(trees, budget)
+            return self._compact(ctx, trees)
         drafter.trees = trees
         coupled = [self.coupled and not r.params.greedy for r in reqs]
         temps = [policy.draft_temperature(r.params) for r in reqs]
@@ -163,6 +184,24 @@ class SpecExec(Method):
         else:
             threshold = expand([(i, zero) for i in range(len(reqs))], root_logits)
             self._grow_best_first(ctx, trees, depth_cap, beams, expand, threshold)
+        return self._compact(ctx, trees)
+
+    def _trees(self, reqs: list, capacities: list, dev) -> list:
+        """Each request's DraftTree with room for ``capacities[i]`` draft nodes, its prompt-lookup
+        trie grafted under the root when the lookup is on (ngram.py)."""
+        if self.lookup is None:
+            return [DraftTree(c, dev, r.root) for r, c in zip(reqs, capacities)]
+        trees = []
+        for r, c in zip(reqs, capacities):
+            cand = self.lookup.propose(r, r.remaining)
+            tree = DraftTree(c + len(cand), dev, r.root)
+            tree.graft(0, cand)
+            trees.append(tree)
+        return trees
+
+    def _compact(self, ctx: PassContext, trees: list) -> list:
+        """Each tree's alive nodes as its VerifyTree; auto's prediction curve of the trees."""
+        dev = ctx.device
         # One read for every tree's size: then each tree's alive nodes without another sync.
         alive = [t.alive[:t.n_nodes] for t in trees]
         counts = ctx.host(torch.stack([a.sum() for a in alive]))
@@ -173,6 +212,22 @@ class SpecExec(Method):
             nodes = torch.argsort((~a).to(torch.int8), stable=True)[:c]   # alive first, in index order
             out.append((t.compact(nodes), None))
         return out
+
+    def evidence(self, tree, p, params, last, draws):
+        """The tree policy's evidence, then the prompt lookup's (``learn`` splits them)."""
+        ev = super().evidence(tree, p, params, last, draws)
+        if self.lookup is None or tree.proposed is None:
+            return ev
+        lk = self.lookup.observations(tree, p, draws)
+        return lk if ev is None else torch.cat([ev, lk])
+
+    def learn(self, params, evidence: list) -> None:
+        if self.lookup is None:
+            return super().learn(params, evidence)
+        k = self.lookup.packet_size
+        if len(evidence) > k:
+            super().learn(params, evidence[:-k])
+        self.lookup.update(params, evidence[-k:])
 
     def _grow_best_first(self, ctx: PassContext, trees: list, depth_cap: list, beams: int, expand,
                          threshold: torch.Tensor) -> None:
@@ -247,7 +302,7 @@ class SpecExec(Method):
         b = len(trees)
         scores = torch.cat([t.scores[1:t.n_nodes] for t in trees]) if b > 1 else trees[0].scores[1:trees[0].n_nodes]
         n = int(scores.shape[0]) // b
-        pts = controller.eval_points(budget, n)
+        pts = controller.eval_points(budget, n) if n else []    # no candidates (a lookup that found none)
         if not pts:
             return None
         prob = scores.exp()

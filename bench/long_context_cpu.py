@@ -1,0 +1,109 @@
+"""Decode speed after a long prompt against after a short one, on the CPU: SmolLM2-135M, greedy,
+per KV cache dtype, side by side in one process (rounds interleaved, medians).
+
+Rows: plain decoding of the float32 target, plain decoding of the target kept 4-bit
+(``quantize="int4"``), and ``budget="auto"`` with the default draft, each with each ``--kv-dtypes``.
+Prompts: the short one is a summarisation instruction alone; the long one is the same instruction
+after the first ``--long`` tokens of docs/DESIGN.md (a document to summarise).
+
+Decode speed excludes the prompt: a request of 1 new token and one of ``--new + 1`` run on the
+same engine, and the difference of their wall times is the decode time of the extra tokens
+(``new tokens / that time``). "kept" is the long prompt's decode speed over the short prompt's.
+The targets this is run against: the int4 target keeps >= 0.65 and plain float32 decoding >= 0.85
+after ~1500 prompt tokens (main before the float16 cache: 0.33 and 0.67-0.75), and ``auto`` >=
+1.5x plain decoding at the long context. Run it on a quiet machine: the numbers are wall time.
+
+    python bench/long_context_cpu.py [--long 1500] [--new 64] [--rounds 3] [--kv-dtypes float32,float16,int8]
+        [--rows plain,int4,auto] [--threads N] [--out-md FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTRUCTION = "Summarize the text above in three sentences."
+
+
+def build(row: str, kv_dtype: str, max_len: int):
+    from specexec_rt import load_model
+    from specexec_rt.speculative.drafts import default_draft
+    from specexec_rt.speculative.engine import Engine
+
+    if row == "int4":
+        target = load_model("smollm2-135m", device="cpu", quantize="int4", max_len=max_len, kv_dtype=kv_dtype)
+        return Engine(target, None, method="autoregressive")
+    target = load_model("smollm2-135m", device="cpu", max_len=max_len, kv_dtype=kv_dtype)
+    if row == "plain":
+        return Engine(target, None, method="autoregressive")
+    return Engine(target, default_draft(target), method="specexec", budget="auto")
+
+
+def decode_rate(engine, ids: list, new: int) -> tuple[float, int]:
+    """(new tokens per second past the first, tokens past the first); NaN when the difference of
+    the two wall times is not positive (noise larger than the decode time: raise ``new``)."""
+    t0 = time.perf_counter()
+    engine.generate(ids, max_new_tokens=1)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = engine.generate(ids, max_new_tokens=new + 1)
+    whole = time.perf_counter() - t0
+    extra = len(res.token_ids) - 1
+    return (extra / (whole - first) if whole > first else float("nan")), extra
+
+
+def main(argv=None) -> int:
+    from specexec_rt import load_tokenizer
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--long", type=int, default=1500, help="tokens of docs/DESIGN.md before the instruction")
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--kv-dtypes", default="float32,float16,int8")
+    p.add_argument("--rows", default="plain,int4,auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-md", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tok = load_tokenizer("smollm2-135m")
+    instr = tok("\n\n" + INSTRUCTION).input_ids
+    doc = tok((ROOT / "docs/DESIGN.md").read_text()).input_ids[:a.long]
+    prompts = {"short": instr[1:], "long": doc + instr}
+    max_len = len(prompts["long"]) + a.new + 1100   # room for auto's largest trees
+    engines = {(row, kv): build(row, kv, max_len) for row in a.rows.split(",") for kv in a.kv_dtypes.split(",")}
+    # Warm-up at both lengths: libraries, packing, the caches allocated on first use, and auto's
+    # first fits per context bucket all land here, not in the first long round.
+    for eng in engines.values():
+        for ids in prompts.values():
+            decode_rate(eng, ids, 8)
+    rates: dict = {(key, which): [] for key in engines for which in prompts}
+    for _ in range(a.rounds):
+        for key, eng in engines.items():
+            for which, ids in prompts.items():
+                rates[(key, which)].append(decode_rate(eng, ids, a.new)[0])
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    lines = [f"# Decode speed after a {len(prompts['long'])}-token prompt vs a {len(prompts['short'])}-token one "
+             f"({datetime.date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, {a.rounds} rounds, "
+             f"{a.new} tokens)", "",
+             "| row | kv_dtype | short tok/s | long tok/s | kept | long / plain same kv |",
+             "|---|---|---:|---:|---:|---:|"]
+    for (row, kv) in engines:
+        s, lg = med[((row, kv), "short")], med[((row, kv), "long")]
+        plain = med.get((("plain", kv), "long"))
+        vs = f"{lg / plain:.2f}x" if plain else ""
+        lines.append(f"| {row} | {kv} | {s:.1f} | {lg:.1f} | {lg / s:.2f} | {vs} |")
+    print("\n".join(lines))
+    if a.out_md:
+        Path(a.out_md).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
