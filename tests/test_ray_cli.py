@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -65,13 +66,32 @@ def still_running(processes: list) -> list:
     return alive
 
 
+def cmdline(p) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def replica_processes_of(pid: int, want: int, timeout: float = 120.0) -> list:
+    """The server's process tree once ``want`` of its processes are Serve replicas (Ray renames a
+    worker to ray::ServeReplica:... when the actor starts, which on a loaded machine can trail the
+    deployment's health check), or as it is at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        processes = psutil.Process(pid).children(recursive=True)
+        if sum("ServeReplica" in cmdline(p) for p in processes) >= want or time.monotonic() > deadline:
+            return processes
+        time.sleep(0.2)
+
+
 def test_two_replicas_on_the_servers_address_then_sigterm_leaves_nothing_behind():
     served = Served("--replicas", "2", "--model", "smollm2-135m", "--max-len", "256", "--device", "cpu",
                     "--max-batch", "1", "--max-queue", "0", "--api-key", KEY)
     try:
         assert served.ready.wait(TIMEOUT) and served.proc.poll() is None, "".join(served.lines)
-        ray_processes = psutil.Process(served.proc.pid).children(recursive=True)
-        assert sum("ServeReplica" in " ".join(p.cmdline()) for p in ray_processes) == 2
+        ray_processes = replica_processes_of(served.proc.pid, want=2)
+        assert sum("ServeReplica" in cmdline(p) for p in ray_processes) == 2, [cmdline(p) for p in ray_processes]
 
         with pytest.raises(openai.AuthenticationError):
             served.client(key="wrong").models.list()
