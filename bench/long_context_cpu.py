@@ -88,10 +88,14 @@ def main(argv=None) -> int:
         for key, eng in engines.items():
             for which, ids in prompts.items():
                 rates[(key, which)].append(decode_rate(eng, ids, a.new)[0])
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    # A round whose two requests' wall times do not differ positively gives NaN; statistics.median
+    # does not order NaN, so the median is over the rounds that measured something.
+    med = {k: statistics.median([r for r in v if r == r] or [float("nan")]) for k, v in rates.items()}
+    dropped = sum(r != r for v in rates.values() for r in v)
     lines = [f"# Decode speed after a {len(prompts['long'])}-token prompt vs a {len(prompts['short'])}-token one "
              f"({datetime.date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, {a.rounds} rounds, "
              f"{a.new} tokens)", "",
+             f"Rounds without a measurement (NaN, left out of the medians): {dropped} of {len(rates) * a.rounds}.", "",
              "| row | kv_dtype | short tok/s | long tok/s | kept | long / plain same kv |",
              "|---|---|---:|---:|---:|---:|"]
     for (row, kv) in engines:
