@@ -11,7 +11,8 @@ its kernel(s), its native CPU entry (with the ctypes signature beside it), its P
 | ``argmax`` | ``argmax_rows``: greedy decoding's row-wise argmax (native CPU scan), reference |
 | ``layers`` | ``NativeLayers``: every transformer layer of a CPU float32 pass in one native call |
 
-Shared by the ops: ``device_info`` (SM count, Triton's interpreter switch) and ``cpu_native``
+Shared by the ops: ``device_info`` (SM count, Triton's interpreter switch), ``linear_checks``
+(the input checks of the fused native linears) and ``cpu_native``
 (builds on first use and loads the native CPU library ``csrc/specexec_cpu.c``; each op declares
 its functions with ``cpu_native.declare``).
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .. import cpu_native
+from ..linear_checks import check_linear_inputs
 
 # Rows up to which ops.py takes the native kernel (above: the transposed BLAS GEMM, which reuses
 # each weight across rows better past ~24 on a 2-core EPYC, see docs/DESIGN.md; 24 covers the
@@ -72,16 +73,7 @@ def f32_linear_native(x: torch.Tensor, w: torch.Tensor, residual: Optional[torch
                          f"got {w.dtype} {list(w.shape)} on {w.device}")
     n, k = w.shape
     width = 2 * k if swiglu else k
-    if x.dim() != 2 or x.shape[1] != width or x.dtype != torch.float32 or not x.is_cpu:
-        raise ValueError(f"f32_linear_native: x must be a CPU float32 [M, {width}] tensor, got {x.dtype} "
-                         f"{list(x.shape)} on {x.device}")
-    m = x.shape[0]
-    if residual is not None and (tuple(residual.shape) != (m, n) or residual.dtype != torch.float32):
-        raise ValueError(f"f32_linear_native: residual must be float32 [{m}, {n}], got {residual.dtype} "
-                         f"{list(residual.shape)}")
-    if norm is not None and (tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float32):
-        raise ValueError(f"f32_linear_native: norm weight must be float32 [{k}], got {norm[0].dtype} "
-                         f"{list(norm[0].shape)}")
+    check_linear_inputs("f32_linear_native", x, width, n, k, residual, norm)
     level = cpu_native.isa_level(isa)
     if x.stride(1) != 1:
         x = x.contiguous()

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .. import cpu_native
+from ..linear_checks import check_linear_inputs
 from .reference import int4_matmul_reference
 from .weight import PACK, Int4Weight, check_matmul_inputs
 
@@ -103,16 +104,7 @@ def int4_linear_native(x: torch.Tensor, w: Int4Weight, residual: Optional[torch.
         raise RuntimeError(f"native CPU library unavailable: {cpu_native.unavailable_reason()}")
     k, n = w.in_features, w.out_features
     width = 2 * k if swiglu else k
-    if x.dim() != 2 or x.shape[1] != width or x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"int4_linear_native: x must be a CPU float32 [M, {width}] tensor, got "
-                         f"{x.dtype} {list(x.shape)} on {x.device}")
-    m = x.shape[0]
-    if residual is not None and (residual.shape != (m, n) or residual.dtype != torch.float32):
-        raise ValueError(f"int4_linear_native: residual must be float32 [{m}, {n}], got "
-                         f"{residual.dtype} {list(residual.shape)}")
-    if norm is not None and (norm[0].shape != (k,) or norm[0].dtype != torch.float32):
-        raise ValueError(f"int4_linear_native: norm weight must be float32 [{k}], got {norm[0].dtype} "
-                         f"{list(norm[0].shape)}")
+    check_linear_inputs("int4_linear_native", x, width, n, k, residual, norm)
     if x.stride(1) != 1:
         x = x.contiguous()
     return run_native_linear(x, w, residual, None if norm is None else norm[0].contiguous(),

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .. import cpu_native
+from ..linear_checks import check_linear_inputs
 from .reference import dequantized, q8_linear_reference, rms_norm
 from .weight import Q8Weight
 
@@ -82,16 +83,7 @@ def q8_linear_native(x: torch.Tensor, w: Q8Weight, residual: Optional[torch.Tens
     if not isinstance(w, Q8Weight) or not w.qweight.is_cpu:
         raise ValueError("q8_linear_native: w must be a Q8Weight on the CPU")
     n, k = w.shape
-    if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32 or not x.is_cpu:
-        raise ValueError(f"q8_linear_native: x must be a CPU float32 [M, {k}] tensor, got {x.dtype} "
-                         f"{list(x.shape)} on {x.device}")
-    m = x.shape[0]
-    if residual is not None and (tuple(residual.shape) != (m, n) or residual.dtype != torch.float32):
-        raise ValueError(f"q8_linear_native: residual must be float32 [{m}, {n}], got {residual.dtype} "
-                         f"{list(residual.shape)}")
-    if norm is not None and (tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float32):
-        raise ValueError(f"q8_linear_native: norm weight must be float32 [{k}], got {norm[0].dtype} "
-                         f"{list(norm[0].shape)}")
+    check_linear_inputs("q8_linear_native", x, k, n, k, residual, norm)
     if x.stride(1) != 1:
         x = x.contiguous()
     level = cpu_native.isa_level(isa)
