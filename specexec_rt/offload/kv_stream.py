@@ -23,6 +23,7 @@ offloaded KV equals resident), and ``trace = []`` records it.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -94,13 +95,17 @@ class StreamedKVCache(KVCache):
     def _stream(self):
         return torch.cuda.current_stream(self.compute_device) if self.is_cuda else None
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> int:
-        if self.is_cuda:
-            with torch.cuda.stream(self.copy_stream):
-                dst.copy_(src, non_blocking=True)
-        else:
-            dst.copy_(src)
-        return src.numel() * src.element_size()
+    def _copy_spans(self, spans: list, dst: KVView, src: KVView) -> int:
+        """Copy rows ``[a, b)`` of every tensor of ``src`` into ``dst`` for each span, on the copy
+        stream; returns the bytes copied."""
+        copied = 0
+        with torch.inference_mode(), (torch.cuda.stream(self.copy_stream) if self.is_cuda else nullcontext()):
+            for a, b in spans:
+                for d, t in zip(dst, src):
+                    if t is not None:
+                        d[a:b].copy_(t[a:b], non_blocking=self.is_cuda)
+                        copied += t[a:b].numel() * t.element_size()
+        return copied
 
     def _host(self, i: int) -> KVView:
         return super().layer(i)
@@ -111,12 +116,7 @@ class StreamedKVCache(KVCache):
         s = i % self.n_slots
         if self.is_cuda:
             self.copy_stream.wait_event(self.compute_done[s])   # the slot's last reader is done
-        host, slot = self._host(i), self.slots[s]
-        with torch.inference_mode():
-            for a, b in self._read:
-                for src, dst in zip(host, slot):
-                    if src is not None:
-                        self.bytes_copied += self._copy(dst[a:b], src[a:b])
+        self.bytes_copied += self._copy_spans(self._read, self.slots[s], self._host(i))
         self.copy_done[s].record(self.copy_stream)
         self._log("copy", i, s)
         self._issued = i + 1
@@ -147,12 +147,7 @@ class StreamedKVCache(KVCache):
         self.compute_done[s].record(self._stream())
         if self.is_cuda:
             self.copy_stream.wait_event(self.compute_done[s])
-        host, slot = self._host(i), self.slots[s]
-        with torch.inference_mode():
-            for a, b in self._write:
-                for dst, src in zip(host, slot):
-                    if src is not None:
-                        self.bytes_written += self._copy(dst[a:b], src[a:b])
+        self.bytes_written += self._copy_spans(self._write, self._host(i), self.slots[s])
         self._log("write", i, s)
         if self._issued < self.n_layers:
             self._issue()
