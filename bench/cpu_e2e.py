@@ -59,7 +59,8 @@ QUESTIONS = [
 LLAMA_WORKER = r"""
 import json, sys, time
 from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=1024, n_threads=int(sys.argv[2]), verbose=False)
+llm = Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[3]) if len(sys.argv) > 3 else 1024, n_threads=int(sys.argv[2]),
+            verbose=False)
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
@@ -92,8 +93,8 @@ def llama_python(arg):
 
 
 class LlamaWorker:
-    def __init__(self, python: str, gguf: str, threads: int):
-        self.proc = subprocess.Popen([python, "-c", LLAMA_WORKER, gguf, str(threads)], stdin=subprocess.PIPE,
+    def __init__(self, python: str, gguf: str, threads: int, n_ctx: int = 1024):
+        self.proc = subprocess.Popen([python, "-c", LLAMA_WORKER, gguf, str(threads), str(n_ctx)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         json.loads(self.proc.stdout.readline())
 

@@ -2,7 +2,11 @@
 per KV cache dtype, side by side in one process (rounds interleaved, medians).
 
 Rows: plain decoding of the float32 target, plain decoding of the target kept 4-bit
-(``quantize="int4"``), and ``budget="auto"`` with the default draft, each with each ``--kv-dtypes``.
+(``quantize="int4"``), and ``budget="auto"`` with the default draft, each with each ``--kv-dtypes``;
+and llama.cpp on the same GGUF (``llama-cpp-python`` in its own virtualenv, found as bench/cpu_e2e.py
+finds it; its own default float16 cache; the row is left out, and the table says so, without it),
+asked for as many tokens as the first plain row produced for each prompt (its token loop does not
+stop at EOS), so every engine decodes the same count.
 Prompts: the short one is a summarisation instruction alone; the long one is the same instruction
 after the first ``--long`` tokens of docs/DESIGN.md (a document to summarise).
 
@@ -14,7 +18,7 @@ after ~1500 prompt tokens (main before the float16 cache: 0.33 and 0.67-0.75), a
 1.5x plain decoding at the long context. Run it on a quiet machine: the numbers are wall time.
 
     python bench/long_context_cpu.py [--long 1500] [--new 64] [--rounds 3] [--kv-dtypes float32,float16,int8]
-        [--rows plain,int4,auto] [--threads N] [--out-md FILE]
+        [--rows plain,int4,auto] [--threads N] [--llama-python PY] [--out-md FILE]
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import argparse
 import datetime
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -43,6 +48,25 @@ def build(row: str, kv_dtype: str, max_len: int):
     if row == "plain":
         return Engine(target, None, method="autoregressive")
     return Engine(target, default_draft(target), method="specexec", budget="auto")
+
+
+LLAMA_ROW = ("llama.cpp", "f16 (its default)")
+
+
+def start_llama(python_arg, gguf: str, n_ctx: int):
+    """(a llama.cpp worker on ``gguf``, a sentence for the table) or (None, why not)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_e2e import LlamaWorker, llama_python
+
+    py = llama_python(python_arg)
+    if py is None:
+        return None, "llama.cpp: not run (no virtualenv with llama-cpp-python found)."
+    worker = LlamaWorker(py, gguf, torch.get_num_threads(), n_ctx)
+    version = subprocess.run([py, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True,
+                             text=True).stdout.strip()
+    return worker, f"llama.cpp: llama-cpp-python {version}, {torch.get_num_threads()} threads, same GGUF."
 
 
 def decode_rate(engine, ids: list, new: int) -> tuple[float, int]:
@@ -68,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-dtypes", default="float32,float16,int8")
     p.add_argument("--rows", default="plain,int4,auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--llama-python", default=None, help="python of a virtualenv with llama-cpp-python")
     p.add_argument("--out-md", default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -83,11 +108,21 @@ def main(argv=None) -> int:
     for eng in engines.values():
         for ids in prompts.values():
             decode_rate(eng, ids, 8)
-    rates: dict = {(key, which): [] for key in engines for which in prompts}
+    first = next(iter(engines.values()))
+    llama, llama_note = start_llama(a.llama_python, str(first.target.source.path), max_len)
+    counts = {which: decode_rate(first, ids, a.new)[1] + 1 for which, ids in prompts.items()}
+    rows = list(engines) + ([LLAMA_ROW] if llama else [])
+    rates: dict = {(key, which): [] for key in rows for which in prompts}
     for _ in range(a.rounds):
         for key, eng in engines.items():
             for which, ids in prompts.items():
                 rates[(key, which)].append(decode_rate(eng, ids, a.new)[0])
+        if llama:
+            for which, ids in prompts.items():
+                one, whole = llama.run(ids, 1)["seconds"], llama.run(ids, counts[which])["seconds"]
+                rates[(LLAMA_ROW, which)].append((counts[which] - 1) / (whole - one) if whole > one else float("nan"))
+    if llama:
+        llama.close()
     # A round whose two requests' wall times do not differ positively gives NaN; statistics.median
     # does not order NaN, so the median is over the rounds that measured something.
     med = {k: statistics.median([r for r in v if r == r] or [float("nan")]) for k, v in rates.items()}
@@ -96,9 +131,11 @@ def main(argv=None) -> int:
              f"({datetime.date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, {a.rounds} rounds, "
              f"{a.new} tokens)", "",
              f"Rounds without a measurement (NaN, left out of the medians): {dropped} of {len(rates) * a.rounds}.", "",
+             f"Tokens decoded per request: {counts['short']} after the short prompt, {counts['long']} after the long "
+             f"one (the first row's counts; every row decodes as many). {llama_note}", "",
              "| row | kv_dtype | short tok/s | long tok/s | kept | long / plain same kv |",
              "|---|---|---:|---:|---:|---:|"]
-    for (row, kv) in engines:
+    for (row, kv) in rows:
         s, lg = med[((row, kv), "short")], med[((row, kv), "long")]
         plain = med.get((("plain", kv), "long"))
         vs = f"{lg / plain:.2f}x" if plain else ""
