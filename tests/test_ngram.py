@@ -4,6 +4,8 @@ equals the target's, sampled output follows its distribution (chi-square, and a 
 fails it), and on text that repeats itself the lookup pays."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ from conftest import greedy_decode
 from specexec_rt.speculative import tree as tree_mod
 from specexec_rt.speculative.drafts import layer_dropped_draft
 from specexec_rt.speculative.engine import Engine
-from specexec_rt.speculative.ngram import BIN_BASE, Candidates, LookupSettings, NgramIndex, PromptLookup
+from specexec_rt.speculative.ngram import (BIN_BASE, Candidates, LookupSettings, NgramIndex, PromptLookup,
+                                           path_probabilities)
 from specexec_rt.speculative.request import Request
 from specexec_rt.speculative.sampling import SamplingParams, process_logits
 from specexec_rt.speculative.tree import DraftTree
@@ -111,7 +114,8 @@ ENGINES = {
     "ngram softmax": dict(draft="ngram", budget=8, tree="softmax", ngram_min=1, ngram_max=3, ngram_tokens=4),
     "draft b8": dict(budget=8, max_depth=6),
     "merged b8": dict(budget=8, max_depth=6, ngram=True),
-    "merged auto": dict(budget="auto", max_budget=16, max_depth=6, ngram=True),
+    "merged auto": dict(budget="auto", max_budget=16, max_depth=6, ngram=True),       # chains + lookup passes (CPU)
+    "merged auto trees": dict(budget="auto", max_budget=16, max_depth=6, ngram=True, auto_shapes="trees"),
     "merged shared": dict(budget=8, max_depth=6, ngram=True, shared=True),
     "merged static": dict(budget=8, max_depth=6, ngram=True, static_draft=True),
 }
@@ -168,6 +172,81 @@ def test_the_lookup_learns_its_acceptance(pair):
     assert agree and max(model.log_accept[b] for b in agree) > -0.2
 
 
+# ---------------------------------------------------------------------- auto: chains or the lookup
+def test_path_probabilities_multiply_along_the_path():
+    cand = Candidates([-1, 0, 1, 0], [5, 6, 7, 8], [-0.1, -0.2, -0.3, -1.0], [BIN_BASE] * 4)
+    want = [torch.tensor(x).exp().item() for x in (-0.1, -0.3, -0.6, -1.1)]
+    assert path_probabilities(cand) == pytest.approx(want)
+
+
+def test_shadow_evidence_is_what_verifying_the_trie_would_find():
+    lookup = PromptLookup(LookupSettings(min_n=2, max_n=2, max_matches=8, max_tokens=3))
+    text = [1, 2, 7, 8, 9, 0, 1, 2, 7, 8, 4, 0, 0, 0, 1, 2]      # the trie 7 -> 8 -> {4, 9}
+    params = SamplingParams(0.0)
+    cand = lookup.propose(_request(text), max_depth=10)
+    model = lookup.model(params)
+    lookup.shadow_update(params, cand, [7, 8, 4, 5])
+    # 7 and 8 seen and hit; under 8 both 4 (hit) and 9 (miss) seen: 4 observations, 3 hits
+    assert sum(model.counts) == pytest.approx(4) and sum(model.hits) == pytest.approx(3)
+    lookup.shadow_update(params, cand, [3])                       # the root's child missed: 1 more
+    assert sum(model.counts) == pytest.approx(0.97 * 4 + 1) and sum(model.hits) == pytest.approx(0.97 * 3)
+    lookup.shadow_update(params, cand, [7])                       # depth 2 not reached: 7 alone
+    assert sum(model.counts) == pytest.approx(0.97 * (0.97 * 4 + 1) + 1)
+
+
+def _fix_lookup_estimate(engine, p_accept, monkeypatch):
+    """Hold the lookup's acceptance estimate at ``p_accept`` for every bin (no learning)."""
+    lookup = engine.decoder.lookup
+    model = lookup.model(SamplingParams(0.0))
+    model.log_accept[:] = [math.log(p_accept)] * len(model.log_accept)
+    monkeypatch.setattr(lookup, "update", lambda params, packet: None)
+
+
+def _chain_cost(b, n, calls):
+    """Seconds of a pass as a CPU has them (draft calls a quarter of a one-row verification,
+    verification growing with its rows), the same on every run."""
+    return 0.25 * calls, 1.0 + 0.1 * b
+
+
+def test_auto_chains_take_the_lookup_where_it_promises_more(pair, expected, monkeypatch):
+    """budget="auto" with chains: a lookup pass (its trie alone, no draft call) replaces the
+    planned chain or plain pass exactly when the lookup's estimate beats it; the text stays the
+    target's either way."""
+    sure = _engine(pair, "merged auto")
+    assert sure.auto_shapes == "chains"
+    sure.budget_controller.cost_model = _chain_cost
+    _fix_lookup_estimate(sure, 0.999, monkeypatch)
+    results = [sure.generate(p, NEW) for p in PROMPTS]
+    assert [r.token_ids for r in results] == expected
+    modes = [m for r in results for m in r.stats.modes]
+    assert modes.count("lookup") > len(modes) // 2, modes
+    never = _engine(pair, "merged auto")
+    never.budget_controller.cost_model = _chain_cost
+    _fix_lookup_estimate(never, 1e-4, monkeypatch)
+    results = [never.generate(p, NEW) for p in PROMPTS]
+    assert [r.token_ids for r in results] == expected
+    assert "lookup" not in [m for r in results for m in r.stats.modes]
+
+
+def test_auto_chains_learn_the_lookup_from_passes_that_do_not_use_it(pair, expected):
+    """On cycling text the lookup's estimates start at their prior, grow from the chains'
+    committed tokens (shadow evidence), and auto then turns to lookup passes: fewer draft calls
+    per token than the chains alone, same text."""
+    merged, alone = _engine(pair, "merged auto"), Engine(pair[0], pair[1], budget="auto", max_budget=16, max_depth=6)
+    calls = {}
+    for name, engine in (("merged", merged), ("alone", alone)):
+        engine.budget_controller.cost_model = _chain_cost
+        for _ in range(2):
+            results = [engine.generate(p, NEW) for p in PROMPTS]
+            assert [r.token_ids for r in results] == expected
+        calls[name] = sum(r.stats.draft_calls for r in results) / sum(r.stats.new_tokens for r in results)
+        if name == "merged":
+            assert "lookup" in [m for r in results for m in r.stats.modes]
+            model = merged.decoder.lookup.model(SamplingParams(0.0))
+            assert max(model.log_accept) > math.log(0.9)
+    assert calls["merged"] < calls["alone"], calls
+
+
 # ---------------------------------------------------------------------- sampling
 VOCAB = 16
 PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]          # the lookup proposes 3 1 2 3 ... from the first pass on
@@ -198,6 +277,7 @@ SAMPLED = {
     "merged uncoupled": dict(budget=6, beams_per_step=4, branch_width=4, max_depth=3, ngram=True, ngram_min=1,
                              coupled=False),
     "merged shared": dict(budget=6, max_depth=3, ngram=True, ngram_min=1, shared=True),
+    "merged auto": dict(budget="auto", max_budget=6, max_depth=3, ngram=True, ngram_min=1),
 }
 
 
@@ -211,7 +291,7 @@ def _sampling_engine(pair, name, max_batch=1):
 
 
 @pytest.mark.parametrize("name,concurrent", [("ngram", 1), ("merged", 1), ("merged uncoupled", 1),
-                                             ("merged shared", 1), ("merged", 3)])
+                                             ("merged shared", 1), ("merged", 3), ("merged auto", 1)])
 def test_sampling_matches_the_target(sampling_pair, name, concurrent):
     params = SamplingParams(0.8, 0.9)
     engine = _sampling_engine(sampling_pair, name, concurrent)
@@ -247,8 +327,7 @@ def test_bad_settings_are_named(pair):
                       (dict(draft=draft, ngram=True, ngram_min=4, ngram_max=2), "ngram_min=4 > ngram_max=2"),
                       (dict(draft=draft, ngram=True, ngram_tokens=0), "ngram_tokens must be a positive int"),
                       (dict(draft=draft, ngram="yes"), "ngram must be True or False"),
-                      (dict(draft=draft, ngram=True, tree="sequoia"), "static shape"),
-                      (dict(draft=draft, ngram=True, budget="auto", auto_shapes="chains"), "auto_shapes='trees'")]:
+                      (dict(draft=draft, ngram=True, tree="sequoia"), "static shape")]:
         with pytest.raises(ValueError, match=match):
             Engine(target, kw.pop("draft"), **{"method": "specexec", **kw})
     with pytest.raises(TypeError, match="ngram"):

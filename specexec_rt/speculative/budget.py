@@ -408,6 +408,14 @@ class BudgetController:
             return self.cost_model(budget, n_verified, draft_calls, self.context)
         return self.cost_model(budget, n_verified, draft_calls)
 
+    def observe_lookup(self, size: int, n_verified: int, target_seconds: Optional[float]) -> None:
+        """Record a pass of prompt-lookup candidates alone, ``size`` nodes per request (auto.py):
+        no draft call, so only its verification time is news, on the chains' axis."""
+        if self.cost_model is not None:
+            target_seconds = self._model_costs(size, n_verified, 0)[1]
+        if target_seconds is not None:
+            self.own_costs.target_cost.add(size, target_seconds)
+
     def observe(self, budget: int, n_verified: int, draft_calls: int, draft_seconds: Optional[float],
                 target_seconds: Optional[float], points: Sequence[int], values: Sequence[float], accepted: float,
                 truncated: bool = False, catch_up: Optional[tuple] = None) -> None:

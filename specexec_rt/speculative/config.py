@@ -56,12 +56,6 @@ class EngineConfig:
             raise ValueError(f"auto_shapes={auto_shapes!r} needs budget='auto'")
         if auto_shapes is not None and auto_shapes not in AUTO_SHAPES:
             raise ValueError(f"auto_shapes must be 'trees' or 'chains', got {auto_shapes!r}")
-        if auto and method_params.get("ngram"):
-            # Lookup candidates are grafted into searched trees: auto sizes trees, not chains.
-            if AUTO_SHAPES.get(auto_shapes, False):
-                raise ValueError("auto_shapes='chains' cannot take prompt-lookup candidates (ngram=True): they are "
-                                 "grafted into SpecExec trees; use auto_shapes='trees'")
-            auto_shapes = "trees"
         if auto:
             if not method_cls.supports_auto:
                 raise ValueError(f"budget='auto' needs method='specexec', not {method!r}")

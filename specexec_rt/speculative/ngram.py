@@ -224,3 +224,37 @@ class PromptLookup:
 
     def update(self, params, packet: list) -> None:
         self.model(params).update(packet)
+
+    def shadow_update(self, params, cand: Candidates, continuation: list) -> None:
+        """Learn from a pass that verified another tree: ``continuation`` holds the tokens the
+        target committed after the root ``cand`` was proposed for. A node whose parent lies on
+        that path (or is the root) and whose depth it reaches is one observation, a hit when its
+        token is the committed one there: what verifying the trie would have found, for greedy
+        and for coupled sampling alike (the walk accepts a node only where it is the target's
+        own draw, ``sampling.PositionNoise``). So ``budget="auto"`` keeps measuring the lookup
+        while it runs draft chains, and turns to it when it starts to pay (auto.py)."""
+        if not continuation or not len(cand):
+            return
+        nb = self.n_bins
+        packet = [0] * (2 * nb)
+        depth, on_path = [], []
+        for i, par in enumerate(cand.parents):
+            d = 1 if par < 0 else depth[par] + 1
+            depth.append(d)
+            seen = d <= len(continuation) and (par < 0 or on_path[par])
+            hit = seen and cand.tokens[i] == continuation[d - 1]
+            on_path.append(hit)
+            if seen:
+                b = cand.bins[i] - BIN_BASE
+                packet[b] += 1
+                packet[nb + b] += FIXED_POINT if hit else 0
+        self.update(params, packet)
+
+
+def path_probabilities(cand: Candidates) -> list:
+    """Each trie node's estimated probability of being accepted: the product of the acceptance
+    estimates along its path (``exp`` of the score ``DraftTree.graft`` gives it), trie order."""
+    score = []
+    for i, par in enumerate(cand.parents):
+        score.append(cand.logq[i] + (score[par] if par >= 0 else 0.0))
+    return [math.exp(x) for x in score]

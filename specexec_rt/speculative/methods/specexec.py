@@ -1,7 +1,8 @@
 """SpecExec: a parallel best-first tree under a token budget (docs/ALGORITHM.md), one best-first
 search over all requests of the pass so the budget goes where acceptance is likely. Which tree
 the budget buys is the tree policy's (tree_policy.py); ``budget="auto"`` sizes every pass and may
-switch it to a coupled chain or to plain decoding (``auto_method``).
+switch it to a coupled chain, to plain decoding (``auto_method``) or, between chains, to a tree of
+prompt-lookup candidates alone (``lookup_pass``, auto.py).
 
 With ``ngram=True`` every tree also starts from the request's prompt-lookup trie (ngram.py),
 grafted under the root: the draft model's search then competes with it for the same budget
@@ -10,6 +11,8 @@ only when it ranks among the best), and without a draft model (``draft="ngram"``
 pruned to the budget is the tree.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -53,6 +56,7 @@ class SpecExec(Method):
                              f"'softmax', not {p['tree']!r} (a static shape)")
         self._plain = Autoregressive(1, {})
         self._chains: dict = {}           # k -> Chain (auto's chain passes)
+        self._lookup_pass = None          # auto's lookup passes (lookup_pass)
 
     def defaults(self, budget: int, p: dict) -> dict:
         p.setdefault("beams_per_step", min(budget, 32))
@@ -88,6 +92,16 @@ class SpecExec(Method):
             # auto picked, so a seed fixes the text.
             self._chains[budget] = Chain(budget, {"k": budget, "coupled": True})
         return self._chains[budget]
+
+    def lookup_pass(self) -> "SpecExec":
+        """The method of auto's lookup passes (auto.py): this one's trees of prompt-lookup
+        candidates alone, no draft call (``needs_draft`` False, so the runner makes no drafter),
+        sharing its lookup and what the lookup learns; named "lookup" in ``stats.modes``."""
+        if self._lookup_pass is None:
+            m = copy.copy(self)
+            m.name, m.needs_draft, m.auto = "lookup", False, False
+            self._lookup_pass = m
+        return self._lookup_pass
 
     def verify_rows(self, budget: int) -> int:
         return 1 + budget
