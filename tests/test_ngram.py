@@ -212,6 +212,7 @@ def test_auto_chains_take_the_lookup_where_it_promises_more(pair, expected, monk
     """budget="auto" with chains: a lookup pass (its trie alone, no draft call) replaces the
     planned chain or plain pass exactly when the lookup's estimate beats it; the text stays the
     target's either way."""
+    assert _engine(pair, "ngram auto").auto_shapes == "trees"       # no draft model to grow chains
     sure = _engine(pair, "merged auto")
     assert sure.auto_shapes == "chains"
     sure.budget_controller.cost_model = _chain_cost
@@ -327,7 +328,8 @@ def test_bad_settings_are_named(pair):
                       (dict(draft=draft, ngram=True, ngram_min=4, ngram_max=2), "ngram_min=4 > ngram_max=2"),
                       (dict(draft=draft, ngram=True, ngram_tokens=0), "ngram_tokens must be a positive int"),
                       (dict(draft=draft, ngram="yes"), "ngram must be True or False"),
-                      (dict(draft=draft, ngram=True, tree="sequoia"), "static shape")]:
+                      (dict(draft=draft, ngram=True, tree="sequoia"), "static shape"),
+                      (dict(draft="ngram", budget="auto", auto_shapes="chains"), "auto_shapes='trees'")]:
         with pytest.raises(ValueError, match=match):
             Engine(target, kw.pop("draft"), **{"method": "specexec", **kw})
     with pytest.raises(TypeError, match="ngram"):

@@ -56,6 +56,11 @@ class EngineConfig:
             raise ValueError(f"auto_shapes={auto_shapes!r} needs budget='auto'")
         if auto_shapes is not None and auto_shapes not in AUTO_SHAPES:
             raise ValueError(f"auto_shapes must be 'trees' or 'chains', got {auto_shapes!r}")
+        if auto and lookup_alone:
+            # No draft model to grow chains: auto sizes the lookup's trees.
+            if AUTO_SHAPES.get(auto_shapes, False):
+                raise ValueError(f"draft={LOOKUP_DRAFT!r} has no draft model to grow chains: use auto_shapes='trees'")
+            auto_shapes = "trees"
         if auto:
             if not method_cls.supports_auto:
                 raise ValueError(f"budget='auto' needs method='specexec', not {method!r}")
