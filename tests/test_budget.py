@@ -512,3 +512,18 @@ def test_mode_switches_keep_the_sampled_distribution(monkeypatch, shapes):
     params = SamplingParams(0.7, 0.9)
     counts = first_two_counts(eng, params, runs=600)
     assert chi2_pvalue(counts, exact_first_two(target, params)) > 1e-3
+
+
+def test_lookup_passes_are_fitted_apart_from_the_chains():
+    """A prompt-lookup pass's verification time goes to its own fit: the chains' line keeps its
+    points, and a lookup size not measured yet is priced by that line."""
+    ctrl = BudgetController(64, chains=True, max_chain=8)
+    for k in (1, 2, 4):
+        ctrl.observe(k, k + 1, k, 0.01 * k, 1.0 + 0.1 * k, [], [], float(k))
+    before = [ctrl.target_cost(b) for b in (1, 2, 4, 16, 32)]
+    ctrl.observe_lookup(32, 33, 9.0)
+    assert [ctrl.target_cost(b) for b in (1, 2, 4, 16, 32)] == before
+    assert ctrl.lookup_seconds(32) == 9.0
+    assert ctrl.lookup_seconds(16) == ctrl.target_cost(16)
+    ctrl.observe_lookup(16, 17, None)            # a pass that carried a prompt: not news
+    assert ctrl.lookup_seconds(16) == ctrl.target_cost(16)

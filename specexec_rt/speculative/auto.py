@@ -11,7 +11,8 @@ engine's ``max_budget`` after memory fitting, and per pass the smallest of the r
 With the prompt lookup on (``ngram=True``), trees take its candidates into their one budget
 (methods/specexec.py). Chains cannot, so with chains the lookup is a fourth kind of pass: its trie
 alone, no draft call (``SpecExec.lookup_pass``), run instead of the planned chain or plain pass
-when its expected tokens per second are higher. Its expected tokens come from the lookup's own
+when its expected tokens per second are higher (its verification times are fitted apart from the
+chains', budget.py). Its expected tokens come from the lookup's own
 acceptance estimates (ngram.py), which keep learning from the passes that do not use it
 (``PromptLookup.shadow_update``): the gate follows each text's measured lookup hit rate, so a
 summary that paraphrases keeps its draft chains and a code edit that copies switches to the
@@ -109,7 +110,7 @@ class AutoBudget:
             if size > cap:
                 break
             tokens = 1.0 + sum(probs[:size * n_req]) / n_req
-            t = ctl.target_cost(size) if measured else 0.0
+            t = ctl.lookup_seconds(size) if measured else 0.0
             score = tokens / t if t > 0 else tokens
             if score > best_score:
                 best, best_score = size, score

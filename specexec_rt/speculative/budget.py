@@ -124,6 +124,11 @@ class LinearCost:
         mt = sum(t for _, t in self.obs) / len(self.obs)
         return max(0.0, mt - c * mx), c
 
+    def measured(self, b: float) -> Optional[float]:
+        """The mean of the last (up to 4) times measured at ``b``, None when the window has none."""
+        at = [t for x, t in self.obs if x == b]
+        return sum(at[-4:]) / len(at[-4:]) if at else None
+
     def __call__(self, b: float) -> float:
         """Measured mean at ``b`` when the window has it (real costs are often superlinear:
         the CPU int4 path at 64 tokens costs far more than a line through 8 and 16 says), else
@@ -149,6 +154,9 @@ class PassCosts:
         self.call_seconds: Optional[float] = None
         self.token_seconds: Optional[float] = None
         self.chain_call_seconds: Optional[float] = None
+        # Verification times of prompt-lookup passes (auto.py), apart: their sizes (up to 32)
+        # lie past the chains' (up to 8), and the chains' line must not bend to them.
+        self.lookup_cost = LinearCost(window)
 
 
 class BudgetController:
@@ -410,11 +418,17 @@ class BudgetController:
 
     def observe_lookup(self, size: int, n_verified: int, target_seconds: Optional[float]) -> None:
         """Record a pass of prompt-lookup candidates alone, ``size`` nodes per request (auto.py):
-        no draft call, so only its verification time is news, on the chains' axis."""
+        no draft call, so only its verification time is news (kept apart from the chains')."""
         if self.cost_model is not None:
             target_seconds = self._model_costs(size, n_verified, 0)[1]
         if target_seconds is not None:
-            self.own_costs.target_cost.add(size, target_seconds)
+            self.own_costs.lookup_cost.add(size, target_seconds)
+
+    def lookup_seconds(self, size: int) -> float:
+        """A lookup pass of ``size`` nodes per request: its measured time at this context, else
+        the verification line of the planned passes at that size."""
+        t = self.costs.lookup_cost.measured(size)
+        return t if t is not None else self.target_cost(size)
 
     def observe(self, budget: int, n_verified: int, draft_calls: int, draft_seconds: Optional[float],
                 target_seconds: Optional[float], points: Sequence[int], values: Sequence[float], accepted: float,
