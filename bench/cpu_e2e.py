@@ -54,8 +54,9 @@ QUESTIONS = [
 ]
 
 # Runs inside the llama-cpp-python virtualenv: JSON lines in (prompt token ids, n), JSON lines
-# out (the n generated token ids). The token loop evaluates our ids and stops after exactly n
-# tokens (EOS does not stop it: the count is the one our autoregressive decoding produced).
+# out (the n generated token ids, and the request's seconds, its prefill included). The token
+# loop evaluates our ids and stops after exactly n tokens (EOS does not stop it: the count is
+# the one our autoregressive decoding produced).
 LLAMA_WORKER = r"""
 import json, sys, time
 from llama_cpp import Llama
@@ -71,6 +72,9 @@ for line in sys.stdin:
     else:
         sampling = dict(temp=0.0, top_k=1, top_p=1.0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
     out = []
+    # generate() would keep the KV of the longest common prefix with the last request and skip
+    # its prefill; ours prefill every request, so llama.cpp starts from an empty cache too.
+    llm.reset()
     t0 = time.perf_counter()
     if req["n"] > 0:
         for tok in llm.generate(req["ids"], reset=True, **sampling):

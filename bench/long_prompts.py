@@ -196,7 +196,9 @@ def lookup_lines(rows: dict, prompts: dict, engines: dict, n_new: int, rounds: i
              f"Greedy, {n_new} new tokens, medians of {rounds} interleaved rounds; decode tok/s = "
              f"(new - 1) / (T(new) - T(1)) (the prefill taken out). `ngram`: `draft=\"ngram\"` (no model); `draft`: "
              f"the default draft (reads the target's cache); `merged`: the default draft with `ngram=True` "
-             f"(one budget for both). Every engine's text equals plain decoding's (checked).", ""]
+             f"(at a fixed budget one tree budget for both; with auto on the CPU, per pass the draft's chain or the "
+             f"lookup's trie alone, by the lookup's measured hit rate). Every engine's text equals plain decoding's "
+             f"(checked).", ""]
     for pname, ids in prompts.items():
         plain = med(rows[("plain", pname)], "tok_s")
         lines += [f"### {pname} ({len(ids)} prompt tokens)", "", "| engine | tokens/pass | decode tok/s | vs plain |",
