@@ -50,7 +50,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=positive_int, default=None, help="specinfer: chain length per candidate")
     p.add_argument("--ngram", action="store_const", const=True, default=None,
                    help="specexec: also propose prompt-lookup candidates (n-gram matches in the prompt and the text "
-                        "so far) in the draft's trees, under the same budget")
+                        "so far): in the draft's trees under the same budget, or with --budget auto on a CPU, as "
+                        "passes of their own between the draft's chains when the lookup's hit rate pays")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights/activations dtype")
     p.add_argument("--max-len", type=positive_int, default=None,
