@@ -96,21 +96,17 @@ class AutoBudget:
         cands = [self.lookup.propose(r, r.remaining) for r in reqs]
         self._shadowed = [(r, c, len(r.committed)) for r, c in zip(reqs, cands) if len(c)]
         probs = sorted((p for c in cands for p in path_probabilities(c)), reverse=True)
-        if not probs:
+        # Not before a verification has been timed: a 32-node pass would look free.
+        if not probs or not len(ctl.target_cost):
             return 0
         n_req = len(reqs)
-        measured = len(ctl.target_cost) > 0
-        if budget > 0:
-            a = ctl.chain_accept
-            planned = ctl.score_chain(budget) if measured else (1.0 - a ** (budget + 1)) / (1.0 - a)
-        else:
-            planned = ctl.score(0) if measured else 1.0
+        planned = ctl.score_chain(budget) if budget > 0 else ctl.score(0)
         best, best_score = 0, LOOKUP_MARGIN * planned
         for size in LOOKUP_SIZES:
             if size > cap:
                 break
             tokens = 1.0 + sum(probs[:size * n_req]) / n_req
-            t = ctl.lookup_seconds(size) if measured else 0.0
+            t = ctl.lookup_seconds(size)
             score = tokens / t if t > 0 else tokens
             if score > best_score:
                 best, best_score = size, score
