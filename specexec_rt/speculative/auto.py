@@ -118,7 +118,7 @@ class AutoBudget:
         """Record the pass ``out`` (scheduler.SchedulerOutput) as ``run`` (runner.RunnerOutput)
         measured it; ``accepted``: the draft tokens each finite request accepted. Call after the
         requests' progress is counted (a pass cut short by the tokens left is not news)."""
-        if out.method is not self.method and out.method is getattr(self.method, "_lookup_pass", None):
+        if getattr(out.method, "lookup_only", False):
             # A lookup pass: only its verification cost is news (its acceptance went to the
             # lookup's own estimates); on the chains' axis, draft tokens per request.
             self.controller.at_context(out.context)

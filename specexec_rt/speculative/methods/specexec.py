@@ -43,6 +43,7 @@ class SpecExec(Method):
 
     supports_auto = True
     static_draft = True
+    lookup_only = False                   # True on lookup_pass()'s copy
 
     def __init__(self, budget: int, given: dict, auto: bool = False, device="cpu"):
         self.user_beams = "beams_per_step" in given
@@ -99,7 +100,7 @@ class SpecExec(Method):
         sharing its lookup and what the lookup learns; named "lookup" in ``stats.modes``."""
         if self._lookup_pass is None:
             m = copy.copy(self)
-            m.name, m.needs_draft, m.auto = "lookup", False, False
+            m.name, m.needs_draft, m.auto, m.lookup_only = "lookup", False, False, True
             self._lookup_pass = m
         return self._lookup_pass
 
