@@ -29,12 +29,15 @@ import datetime
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from attention_long_cpu import read_roofline_gbs  # noqa: E402
 INSTRUCTION = "Summarize the text above in three sentences."
 
 
@@ -55,11 +58,25 @@ def build(row: str, kv_dtype: str, max_len: int):
 LLAMA_ROW = ("llama.cpp", "f16 (its default)")
 
 
+def token_bytes(engine, plain_engine, context: int) -> int:
+    """Bytes one decoded token reads at ``context``: the target's layers and LM head as held (the
+    embedding table gives one row), plus K and V of ``context`` slots in its cache dtype (no
+    engine: llama.cpp, i.e. the GGUF file and a float16 cache of ``plain_engine``'s model)."""
+    from specexec_rt.model.kv_cache import kv_bytes_per_slot
+    from specexec_rt.model.weights import weights_nbytes
+
+    target = (engine or plain_engine).target
+    c = target.config
+    if engine is None:
+        weights, kv_dtype = Path(target.source.path).stat().st_size, torch.float16
+    else:
+        w = target.weights
+        weights, kv_dtype = weights_nbytes(w.layers) + weights_nbytes(w.lm_head), target.kv_dtype
+    return weights + context * kv_bytes_per_slot(c.n_layers, c.n_kv_heads, c.head_dim, kv_dtype)
+
+
 def start_llama(python_arg, gguf: str, n_ctx: int):
     """(a llama.cpp worker on ``gguf``, a sentence for the table) or (None, why not)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))
     from cpu_e2e import LlamaWorker, llama_python
 
     py = llama_python(python_arg)
@@ -127,6 +144,7 @@ def main(argv=None) -> int:
         llama.close()
     # A round whose two requests' wall times do not differ positively gives NaN; statistics.median
     # does not order NaN, so the median is over the rounds that measured something.
+    roof = read_roofline_gbs()
     med = {k: statistics.median([r for r in v if r == r] or [float("nan")]) for k, v in rates.items()}
     dropped = sum(r != r for v in rates.values() for r in v)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -138,13 +156,21 @@ def main(argv=None) -> int:
              f"Rounds without a measurement (NaN, left out of the medians): {dropped} of {len(rates) * a.rounds}.", "",
              f"Tokens decoded per request: {counts['short']} after the short prompt, {counts['long']} after the long "
              f"one (the first row's counts; every row decodes as many). {llama_note}", "",
-             "| row | kv_dtype | short tok/s | long tok/s | kept | long / plain same kv |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"Roofline: a plain multithreaded read of cold memory ran at {roof:.1f} GB/s in this run. \"MB/token\" "
+             f"is what one decoded token reads at the long context (layers and LM head as held, plus K and V of the "
+             f"mean context while decoding; llama.cpp: its GGUF file and a float16 cache); \"GB/s eq.\" is that times "
+             f"the long tok/s: plain decoding's achieved read rate, and for speculative rows the rate plain "
+             f"decoding would need to match them.", "",
+             "| row | kv_dtype | short tok/s | long tok/s | kept | long / plain same kv | MB/token | GB/s eq. |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    ctx = len(prompts["long"]) + a.new // 2
     for (row, kv) in rows:
         s, lg = med[((row, kv), "short")], med[((row, kv), "long")]
         plain = med.get((("plain", kv), "long"))
         vs = f"{lg / plain:.2f}x" if plain else ""
-        lines.append(f"| {row} | {kv} | {s:.1f} | {lg:.1f} | {lg / s:.2f} | {vs} |")
+        per_token = token_bytes(engines.get((row, kv)), first, ctx)
+        lines.append(f"| {row} | {kv} | {s:.1f} | {lg:.1f} | {lg / s:.2f} | {vs} | {per_token / 1e6:.0f} | "
+                     f"{lg * per_token / 1e9:.1f} |")
     print("\n".join(lines))
     if a.out_md:
         Path(a.out_md).write_text("\n".join(lines) + "\n")
