@@ -49,7 +49,9 @@
  * float16 for SmolLM2): 16 rows (6 KB) measured 10-15% faster than 4 on a decode step after
  * 1.5-4K keys (2-core Zen 4, same bits), 32 no better. Reading K and V straight from the cache
  * without the float32 copy was tried and was 15-45% slower (the loads stall the arithmetic), as
- * was loading one KV head at a time (strided reads). */
+ * were loading one KV head at a time (strided reads), P V in 32-column blocks (register
+ * pressure) and in 512-bit registers (16-35% slower on Zen 4, whose 512-bit ops are two 256-bit
+ * halves). */
 #define ATTN_PF_ROWS 16
 
 enum { SXC_KV_F32 = 0, SXC_KV_F16 = 1, SXC_KV_BF16 = 2, SXC_KV_I8 = 3 };
