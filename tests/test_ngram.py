@@ -194,6 +194,19 @@ def test_shadow_evidence_is_what_verifying_the_trie_would_find():
     assert sum(model.counts) == pytest.approx(0.97 * (0.97 * 4 + 1) + 1)
 
 
+def test_a_trie_is_built_once_per_text_and_rescored_with_what_was_learned():
+    lookup = PromptLookup(LookupSettings(min_n=2, max_n=2, max_matches=8, max_tokens=3))
+    params = SamplingParams(0.0)
+    r = _request([1, 2, 7, 8, 9, 0, 1, 2, 7, 8, 4, 0, 0, 0, 1, 2])
+    first = lookup.propose(r, max_depth=10)
+    lookup.shadow_update(params, first, [7, 8, 4])
+    again = lookup.propose(r, max_depth=10)
+    assert again.parents is first.parents and again.tokens == first.tokens
+    assert again.logq != first.logq                                 # the estimates moved
+    r.committed.append(7)
+    assert lookup.propose(r, max_depth=10).parents is not first.parents
+
+
 def _fix_lookup_estimate(engine, p_accept, monkeypatch):
     """Hold the lookup's acceptance estimate at ``p_accept`` for every bin (no learning)."""
     lookup = engine.decoder.lookup

@@ -108,6 +108,20 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def depths(self) -> list:
+        """Each node's depth below the trie's root (1 for the root's children)."""
+        depth: list = []
+        for par in self.parents:
+            depth.append(1 if par < 0 else depth[par] + 1)
+        return depth
+
+    def path_scores(self) -> list:
+        """Each node's log-probability of being accepted: its path's ``logq`` summed."""
+        score: list = []
+        for i, par in enumerate(self.parents):
+            score.append(self.logq[i] + (score[par] if par >= 0 else 0.0))
+        return score
+
 
 class NgramIndex:
     """End positions of every n-gram (``n = min_n .. max_n``) of a growing token list."""
@@ -115,6 +129,9 @@ class NgramIndex:
     def __init__(self, min_n: int, max_n: int):
         self.ends = {n: {} for n in range(min_n, max_n + 1)}
         self.indexed = 0
+        # The last trie built from this text: ((text length, max depth), parents, tokens, bins).
+        # budget="auto" scores a trie before the pass and the pass grafts it: built once.
+        self.trie: Optional[tuple] = None
 
     def extend(self, tokens: list) -> None:
         """Index the n-grams ending at positions ``indexed .. len(tokens) - 1``."""
@@ -187,10 +204,21 @@ class PromptLookup:
         return ((n - self.settings.min_n) * (len(SHARE_EDGES) + 1) + s) * self.n_depth + d
 
     def propose(self, request, max_depth: int) -> Candidates:
-        """The trie of ``request``'s continuations, at most ``max_depth`` deep (its tokens left)."""
+        """The trie of ``request``'s continuations, at most ``max_depth`` deep (its tokens left),
+        scored with what the lookup has learned so far."""
         st = self.settings
         if request.lookup is None:
             request.lookup = NgramIndex(st.min_n, st.max_n)
+        key = (len(request.committed), max_depth)
+        if request.lookup.trie is None or request.lookup.trie[0] != key:
+            request.lookup.trie = (key, *self._build(request, max_depth))
+        _, parents, tokens, bins = request.lookup.trie
+        table = self.model(request.params).log_accept
+        return Candidates(parents, tokens, [table[b - BIN_BASE] for b in bins], bins)
+
+    def _build(self, request, max_depth: int) -> tuple:
+        """(parents, tokens, bins) of the trie of ``request``'s continuations."""
+        st = self.settings
         text = request.committed
         n, ends = request.lookup.matches(text, st.max_matches)
         parents, tokens, counts, depths = [], [], [], []
@@ -207,14 +235,11 @@ class PromptLookup:
                     depths.append(1 if node < 0 else depths[node] + 1)
                 node = child[key]
                 counts[node] += 1
-        table = self.model(request.params).log_accept
-        bins, logq = [], []
+        bins = []
         for i, par in enumerate(parents):
             share = counts[i] / (counts[par] if par >= 0 else len(ends))
-            b = self._bin(n, share, depths[i])
-            bins.append(BIN_BASE + b)
-            logq.append(table[b])
-        return Candidates(parents, tokens, logq, bins)
+            bins.append(BIN_BASE + self._bin(n, share, depths[i]))
+        return parents, tokens, bins
 
     def observations(self, tree, p: Optional[torch.Tensor], draws: Optional[torch.Tensor]) -> torch.Tensor:
         """The pass's evidence of ``tree`` (a VerifyTree with ``proposed``): int64
@@ -237,10 +262,8 @@ class PromptLookup:
             return
         nb = self.n_bins
         packet = [0] * (2 * nb)
-        depth, on_path = [], []
-        for i, par in enumerate(cand.parents):
-            d = 1 if par < 0 else depth[par] + 1
-            depth.append(d)
+        on_path: list = []
+        for i, (par, d) in enumerate(zip(cand.parents, cand.depths())):
             seen = d <= len(continuation) and (par < 0 or on_path[par])
             hit = seen and cand.tokens[i] == continuation[d - 1]
             on_path.append(hit)
@@ -254,7 +277,4 @@ class PromptLookup:
 def path_probabilities(cand: Candidates) -> list:
     """Each trie node's estimated probability of being accepted: the product of the acceptance
     estimates along its path (``exp`` of the score ``DraftTree.graft`` gives it), trie order."""
-    score = []
-    for i, par in enumerate(cand.parents):
-        score.append(cand.logq[i] + (score[par] if par >= 0 else 0.0))
-    return [math.exp(x) for x in score]
+    return [math.exp(x) for x in cand.path_scores()]

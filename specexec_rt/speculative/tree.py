@@ -187,10 +187,8 @@ class DraftTree:
             return
         self._reserve(k)
         dev, a, b = self.device, self.n_nodes, self.n_nodes + k
-        depth, score, block = [], [], torch.zeros(k, k, dtype=torch.bool)
+        depth, score, block = cand.depths(), cand.path_scores(), torch.zeros(k, k, dtype=torch.bool)
         for i, p in enumerate(cand.parents):
-            depth.append(1 if p < 0 else depth[p] + 1)
-            score.append(cand.logq[i] + (0.0 if p < 0 else score[p]))
             if p >= 0:
                 block[i] = block[p]
             block[i, i] = True
