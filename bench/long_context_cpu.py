@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     lines = [f"# Decode speed after a {len(prompts['long'])}-token prompt vs a {len(prompts['short'])}-token one "
              f"({datetime.date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, {a.rounds} rounds, "
              f"{a.new} tokens)", "", f"Commit {commit}, torch {torch.__version__}: `python bench/long_context_cpu.py "
-             f"{' '.join(argv if argv is not None else __import__('sys').argv[1:])}`.", "",
+             f"{' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
              f"Rounds without a measurement (NaN, left out of the medians): {dropped} of {len(rates) * a.rounds}.", "",
              f"Tokens decoded per request: {counts['short']} after the short prompt, {counts['long']} after the long "
              f"one (the first row's counts; every row decodes as many). {llama_note}", "",

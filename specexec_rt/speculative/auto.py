@@ -66,13 +66,13 @@ class AutoBudget:
         costs are those of that context: budget.py)."""
         ctl = self.controller
         ctl.at_context(context)
-        cap = min(r.auto_cap for r in reqs)
+        tree_cap = min(r.auto_cap for r in reqs)
+        cap = tree_cap
         if ctl.chains:
             # A chain of k draft tokens takes k slots of the draft's cache after what it has yet
             # to read (a SpecExec tree just grows less near the end of it).
             cap = min([cap] + [self.draft_region_len - r.dp - len(r.pending) + 1 for r in reqs])
         self._learn_lookup()
-        tree_cap = min(r.auto_cap for r in reqs)
         budget, depth = ctl.plan(cap, catch_up) if cap >= 1 else (0, 0)
         if self.lookup is not None and tree_cap >= 1:
             size = self._lookup_size(reqs, budget, tree_cap)
@@ -120,10 +120,10 @@ class AutoBudget:
         requests' progress is counted (a pass cut short by the tokens left is not news)."""
         if getattr(out.method, "lookup_only", False):
             # A lookup pass: only its verification cost is news (its acceptance went to the
-            # lookup's own estimates); on the chains' axis, draft tokens per request.
+            # lookup's own estimates), at the size plan() chose and will price again.
             self.controller.at_context(out.context)
-            size = max(0, round(run.n_verified / max(1, len(out.tree_requests))) - 1)
-            self.controller.observe_lookup(size, run.n_verified, None if out.carries_prompt else run.target_seconds)
+            self.controller.observe_lookup(out.budget, run.n_verified,
+                                           None if out.carries_prompt else run.target_seconds)
             return
         # A pass that carried a prompt (or a draft's prompt prefill) says nothing about the cost
         # of a tree: its times are left out of the fits. Nor does a draft catching up on tokens

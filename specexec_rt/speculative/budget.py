@@ -133,9 +133,9 @@ class LinearCost:
         """Measured mean at ``b`` when the window has it (real costs are often superlinear:
         the CPU int4 path at 64 tokens costs far more than a line through 8 and 16 says), else
         the line, never below what a smaller measured budget costs."""
-        at = [t for x, t in self.obs if x == b]
-        if at:
-            return sum(at[-4:]) / len(at[-4:])
+        at = self.measured(b)
+        if at is not None:
+            return at
         a, c = self.fit()
         means: dict = {}
         for x, t in self.obs:
